@@ -1,0 +1,152 @@
+"""The model bundle: what one registered model version carries, and how to run it.
+
+A bundle is a directory::
+
+    model.onnx            fp32 graph: input ``image`` [N,1,S,S] -> ``logit`` [N], ``cam`` [N,h,w]
+    model.int8.onnx       optional static QDQ int8 graph (same inputs/outputs)
+    pneumoscope.json      preprocessing, threshold, temperature, metrics, int8 decision, sha256 of files
+
+No torch here: the serving path (transformer, predictor) imports this module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from model.preprocessing import PreprocessConfig, normalize
+
+BUNDLE_FILE = "pneumoscope.json"
+BUNDLE_FORMAT = 1
+INPUT_NAME = "image"
+OUTPUT_NAMES = ("logit", "cam")
+
+
+class BundleError(Exception):
+    """A model bundle that is missing, malformed, or whose files do not match their hashes."""
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_bundle(directory: str | Path, meta: dict) -> Path:
+    """Hash every ONNX file in ``directory`` and write ``pneumoscope.json``."""
+    root = Path(directory)
+    files = sorted(p.name for p in root.glob("*.onnx"))
+    meta = dict(meta, format=BUNDLE_FORMAT, files={name: sha256_file(root / name) for name in files})
+    # The bundle hash covers the ONNX files and every decision stored with them.
+    body = json.dumps({k: v for k, v in meta.items() if k != "bundle_sha256"}, sort_keys=True).encode()
+    meta["bundle_sha256"] = hashlib.sha256(body).hexdigest()
+    path = root / BUNDLE_FILE
+    path.write_text(json.dumps(meta, indent=2, sort_keys=True))
+    return path
+
+
+def find_bundle_dir(path: str | Path) -> Path:
+    """The bundle inside a downloaded MLflow model or a KServe ``/mnt/models`` mount."""
+    root = Path(path)
+    if (root / BUNDLE_FILE).is_file():
+        return root
+    found = sorted(root.rglob(BUNDLE_FILE))
+    if not found:
+        raise BundleError(f"no {BUNDLE_FILE} under {root}: not a pneumoscope model")
+    return found[0].parent
+
+
+@dataclass
+class Bundle:
+    root: Path
+    meta: dict
+
+    @classmethod
+    def load(cls, path: str | Path, verify: bool = True) -> "Bundle":
+        root = find_bundle_dir(path)
+        try:
+            meta = json.loads((root / BUNDLE_FILE).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise BundleError(f"cannot read {root / BUNDLE_FILE}: {exc}") from None
+        if meta.get("format") != BUNDLE_FORMAT:
+            raise BundleError(f"unsupported bundle format {meta.get('format')!r}")
+        bundle = cls(root, meta)
+        if verify:
+            bundle.verify()
+        return bundle
+
+    def verify(self) -> None:
+        body = json.dumps({k: v for k, v in self.meta.items() if k != "bundle_sha256"}, sort_keys=True).encode()
+        if hashlib.sha256(body).hexdigest() != self.meta.get("bundle_sha256"):
+            raise BundleError("pneumoscope.json does not match its bundle_sha256: the metadata was altered")
+        for name, expected in self.meta["files"].items():
+            path = self.root / name
+            if not path.is_file():
+                raise BundleError(f"bundle file missing: {name}")
+            if sha256_file(path) != expected:
+                raise BundleError(f"sha256 mismatch for {name}: the artifact is corrupt or was altered")
+
+    @property
+    def preprocess(self) -> PreprocessConfig:
+        return PreprocessConfig.from_dict(self.meta["preprocess"])
+
+    @property
+    def threshold(self) -> float:
+        return float(self.meta["threshold"])
+
+    @property
+    def temperature(self) -> float:
+        return float(self.meta.get("temperature", 1.0))
+
+    @property
+    def sha256(self) -> str:
+        return self.meta["bundle_sha256"]
+
+    def onnx_path(self, precision: str = "auto") -> Path:
+        """``auto`` takes int8 only when it passed its accuracy gate at export."""
+        if precision == "auto":
+            precision = "int8" if self.meta.get("int8", {}).get("accepted") else "fp32"
+        name = {"fp32": "model.onnx", "int8": "model.int8.onnx"}.get(precision)
+        if name is None:
+            raise BundleError(f"unknown precision {precision!r} (fp32, int8 or auto)")
+        if name not in self.meta["files"]:
+            raise BundleError(f"this model version has no {precision} graph")
+        return self.root / name
+
+    def probability(self, logits: np.ndarray) -> np.ndarray:
+        """Calibrated probability: sigmoid(logit / temperature)."""
+        return 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64) / self.temperature))
+
+
+def make_session(onnx_path: str | Path, threads: int | None = None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads or os.cpu_count() or 1
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+
+
+def run_images(session, images: np.ndarray, config: PreprocessConfig, batch_size: int = 32,
+               with_cam: bool = False):
+    """uint8 (N, S, S) at the model resolution -> logits [N] (and CAMs [N, h, w])."""
+    logits, cams = [], []
+    outputs = list(OUTPUT_NAMES) if with_cam else [OUTPUT_NAMES[0]]
+    for start in range(0, len(images), batch_size):
+        batch = normalize(np.asarray(images[start:start + batch_size]), config)
+        result = session.run(outputs, {INPUT_NAME: batch})
+        logits.append(result[0].reshape(-1))
+        if with_cam:
+            cams.append(result[1])
+    logit_arr = np.concatenate(logits) if logits else np.zeros(0, np.float32)
+    if with_cam:
+        return logit_arr, np.concatenate(cams)
+    return logit_arr

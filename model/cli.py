@@ -1,0 +1,190 @@
+"""``pneumoscope``: the command line.
+
+This module owns the data/train/evaluate commands. Other packages plug their commands in through
+the ``pneumoscope.commands`` entry-point group (``pipeline`` from ``pipelines``, ``serve`` and
+``predict`` from ``serving``), so ``model`` never imports kfp or kserve.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+log = logging.getLogger("pneumoscope")
+
+#: Errors that mean "the input is wrong": one line, exit 2, no traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError)
+
+
+class CommandError(Exception):
+    """Raised by commands for a one-line, user-facing failure."""
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("matplotlib", "PIL", "urllib3", "alembic", "botocore", "s3fs", "aiobotocore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from model.bundle import BundleError
+    from model.data import DataError
+    from model.preprocessing import InvalidImageError
+    from model.registry import RegistryError
+
+    return USER_ERRORS + (CommandError, DataError, RegistryError, BundleError, InvalidImageError)
+
+
+# ----------------------------------------------------------------------------------------------
+# data prepare
+
+def cmd_data_prepare(args) -> int:
+    from model.data import SplitFractions, prepare, resolve_source
+    from model.settings import SHARED_DATA, Settings
+    from model.training import get_profile
+
+    settings = Settings()
+    source = resolve_source(args.data or settings.data, settings.home / "downloads", SHARED_DATA)
+    image_size = args.image_size or get_profile(args.profile).image_size
+    out = args.out or settings.home / "cache" / f"{image_size}px"
+    result = prepare(source, out, image_size, SplitFractions(args.val_fraction, args.holdout_fraction, args.seed),
+                     workers=args.workers or settings.workers, limit_per_class=args.limit_per_class)
+    print(json.dumps({"cache": str(result.out_dir), "kept": result.summary["kept"],
+                      "excluded": result.summary["excluded"], "splits": result.summary["splits"],
+                      "manifest_sha256": result.manifest_sha256}))
+    return 0
+
+
+def cmd_train(args) -> int:
+    from model.settings import Settings
+    from model.training import get_profile, train
+
+    settings = Settings()
+    profile = get_profile(args.profile or settings.profile, epochs=args.epochs, lr=args.lr,
+                          batch_size=args.batch_size, image_size=args.image_size)
+    if not Path(args.cache).is_dir():
+        raise CommandError(f"cache folder not found: {args.cache} (run `pneumoscope data prepare` first)")
+    result = train(args.cache, args.out, profile, pretrained=args.pretrained, seed=args.seed or settings.seed,
+                   resume=not args.no_resume, device=args.device)
+    print(json.dumps({"checkpoint": str(result.checkpoint), "best_epoch": result.best_epoch,
+                      "best_val_auc": result.best_val_auc, "images_per_second": round(result.images_per_second, 2),
+                      "seconds": round(result.seconds, 1)}))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    import tempfile
+
+    from model.evaluation import evaluate_folder
+    from model.registry import fetch_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle, info = fetch_model(args.model, tmp, args.mlflow_uri)
+        result = evaluate_folder(bundle, args.data, args.split, args.precision, args.bootstrap)
+    result.update(model_uri=info["uri"], model_version=info["version"])
+    if args.json:
+        print(json.dumps(_finite(result)))
+    else:
+        print(f"{info['uri']} on {args.split} (n={result['n']}): AUC {result['auc']:.4f}  accuracy {result['accuracy']:.4f}  "
+              f"sensitivity {result['sensitivity']:.4f}  specificity {result['specificity']:.4f}  ECE {result['ece']:.4f}  "
+              f"threshold {result['threshold']:.4f}")
+    return 0
+
+
+def _finite(value):
+    """JSON has no NaN: undefined metrics (one class only) become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+# ----------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    from model.training import PROFILES
+
+    parser = argparse.ArgumentParser(prog="pneumoscope", description="Pneumonia detection on chest X-rays: "
+                                     "data, training, evaluation, pipelines and serving.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    profiles = ", ".join(f"{p.name} ({p.description})" for p in PROFILES.values())
+
+    data = commands.add_parser("data", help="data ingest").add_subparsers(dest="data_command", required=True)
+    prep = data.add_parser("prepare", help="quality-gate, split by patient and cache a data set",
+                           description="Decode, quality-gate, deduplicate and split images by patient; write a "
+                                       "uint8 cache and the split manifest.")
+    prep.add_argument("--data", help="Kaggle-layout folder, class folders, MedMNIST .npz folder, or s3:// URL "
+                                     "(default: $PNEUMOSCOPE_DATA, then ../shared/data/chest_xray_224)")
+    prep.add_argument("--out", type=Path, help="cache folder (default: $PNEUMOSCOPE_HOME/cache/<size>px)")
+    prep.add_argument("--profile", default="demo", choices=list(PROFILES), help="takes the image size from a profile")
+    prep.add_argument("--image-size", type=int, help="cache resolution in pixels (overrides the profile)")
+    prep.add_argument("--val-fraction", type=float, default=0.15, help="share of patients for validation")
+    prep.add_argument("--holdout-fraction", type=float, default=0.10, help="share of patients held out for reporting")
+    prep.add_argument("--seed", type=int, default=42)
+    prep.add_argument("--workers", type=int, help="decode processes (default: all cores)")
+    prep.add_argument("--limit-per-class", type=int, help="keep only about this many training images per class")
+    prep.set_defaults(func=cmd_data_prepare)
+
+    tr = commands.add_parser("train", help="train ResNet-50 on a prepared cache",
+                             description=f"Train a ResNet-50. Profiles: {profiles}.")
+    tr.add_argument("--cache", required=True, help="folder written by `data prepare`")
+    tr.add_argument("--out", required=True, help="checkpoint folder (resumed if it holds last.pt)")
+    tr.add_argument("--profile", choices=list(PROFILES), help="training budget (default: $PNEUMOSCOPE_PROFILE or demo)")
+    tr.add_argument("--epochs", type=int)
+    tr.add_argument("--lr", type=float)
+    tr.add_argument("--batch-size", type=int)
+    tr.add_argument("--image-size", type=int)
+    tr.add_argument("--pretrained", help="ImageNet ResNet-50 weights file (torchvision state dict)")
+    tr.add_argument("--seed", type=int)
+    tr.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    tr.add_argument("--no-resume", action="store_true", help="start over even if last.pt exists")
+    tr.set_defaults(func=cmd_train)
+
+    ev = commands.add_parser("evaluate", help="score a registered or local model on a data split",
+                             description="Score MODEL on one split of a Kaggle-layout folder with the threshold "
+                                         "stored with the model.")
+    ev.add_argument("model", metavar="MODEL", help="models:/NAME/VERSION, models:/NAME@ALIAS, or a bundle folder")
+    ev.add_argument("data", metavar="DATA", help="Kaggle-layout folder ({train,val,test}/{NORMAL,PNEUMONIA})")
+    ev.add_argument("--split", default="test", help="split folder to score (default: test)")
+    ev.add_argument("--json", action="store_true", help="print one JSON object")
+    ev.add_argument("--precision", default="fp32", choices=["fp32", "int8", "auto"])
+    ev.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs (0: none)")
+    ev.add_argument("--mlflow-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, then local SQLite)")
+    ev.set_defaults(func=cmd_evaluate)
+
+    for plugin in sorted(entry_points(group="pneumoscope.commands"), key=lambda e: e.name):
+        plugin.load()(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("pneumoscope: interrupted", file=sys.stderr)
+        return 130
+    except _user_errors() as exc:
+        log.debug("details", exc_info=True)
+        message = str(exc).strip() or exc.__class__.__name__
+        print(f"pneumoscope: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

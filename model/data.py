@@ -1,0 +1,426 @@
+"""Data ingest: find images, quality-gate them, split by patient, write the uint8 cache + manifest.
+
+Sources (local path, PVC mount or any fsspec URL such as ``s3://bucket/prefix``):
+- the Kaggle layout ``{train,val,test}/{NORMAL,PNEUMONIA}/*``;
+- class folders ``{NORMAL,PNEUMONIA}/*`` of PNG/JPEG/DICOM files (all treated as the training pool);
+- MedMNIST ``pneumoniamnist*.npz`` files.
+
+Splits in the manifest: ``train``/``val``/``holdout`` are carved from the official training pool,
+grouped by patient and stratified by class; ``sanity`` is the official 16-image val; ``test`` the
+official test split when present (never used for any choice).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import time
+from collections import Counter, defaultdict
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from model.preprocessing import InvalidImageError, PreprocessConfig, load_resized
+
+log = logging.getLogger(__name__)
+
+CLASSES = ("NORMAL", "PNEUMONIA")
+OFFICIAL_SPLITS = {"train": "train", "val": "sanity", "test": "test"}
+IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".dcm", ".dicom", ""}
+MANIFEST_FIELDS = ("index", "file", "sha256", "patient", "label", "subtype", "split", "width", "height")
+
+_PERSON = re.compile(r"(person\d+)_(bacteria|virus)", re.IGNORECASE)
+_IM = re.compile(r"((?:NORMAL2-)?IM-\d+)", re.IGNORECASE)
+
+
+class DataError(Exception):
+    """A problem with the data set as a whole (missing folder, empty class): stop with one line."""
+
+
+def parse_patient(file_name: str) -> tuple[str, str]:
+    """(patient id, subtype) from a Kaggle file name; unknown names are their own patient."""
+    stem = Path(file_name).stem
+    match = _PERSON.search(stem)
+    if match:
+        return match.group(1).lower(), match.group(2).lower()
+    match = _IM.search(stem)
+    if match:
+        return match.group(1).upper(), "normal"
+    return stem, "unknown"
+
+
+@dataclass
+class SourceImage:
+    key: str  # path relative to the source root (or "npz:<split>:<i>")
+    label: int  # 1 = PNEUMONIA
+    official_split: str  # train | val | test
+    patient: str
+    subtype: str
+
+
+@dataclass
+class PreparedData:
+    out_dir: Path
+    summary: dict
+    manifest_sha256: str
+
+
+@dataclass
+class SplitFractions:
+    val: float = 0.15
+    holdout: float = 0.10
+    seed: int = 42
+
+
+def open_source(uri: str):
+    """fsspec filesystem + root path for a local path or URL; raise DataError if it is not there."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(uri)
+    try:
+        exists = fs.isdir(root)
+    except Exception as exc:  # network/credential errors from remote stores
+        raise DataError(f"cannot read data source {uri}: {exc}") from None
+    if not exists:
+        raise DataError(f"data folder not found: {uri}")
+    return fs, root.rstrip("/")
+
+
+def discover(uri: str) -> tuple[object, str, list[SourceImage]]:
+    fs, root = open_source(uri)
+    entries = {Path(p).name: p for p in fs.ls(root, detail=False)}
+    npz = sorted(p for name, p in entries.items() if name.startswith("pneumoniamnist") and name.endswith(".npz"))
+    if npz:
+        return fs, root, _discover_npz(fs, npz[0])
+    splits = [s for s in OFFICIAL_SPLITS if s in entries and fs.isdir(entries[s])]
+    layouts = [(s, entries[s]) for s in splits] if splits else [("train", root)]
+    images: list[SourceImage] = []
+    for split, split_root in layouts:
+        for label, cls in enumerate(CLASSES):
+            cls_dir = f"{split_root}/{cls}"
+            if not fs.isdir(cls_dir):
+                if split == "train":
+                    raise DataError(f"class folder missing: {cls_dir} (expected {'/'.join(CLASSES)} under {split_root})")
+                continue
+            files = sorted(p for p in fs.find(cls_dir) if _is_image_name(p))
+            if not files and split == "train":
+                raise DataError(f"class folder is empty: {cls_dir}")
+            for path in files:
+                patient, subtype = parse_patient(Path(path).name)
+                images.append(SourceImage(path[len(root) + 1:], label, split, patient, subtype))
+    return fs, root, images
+
+
+def _is_image_name(path: str) -> bool:
+    name = Path(path).name
+    return not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES and name.upper() != "README"
+
+
+def _discover_npz(fs, path: str) -> list[SourceImage]:
+    with fs.open(path, "rb") as fh:
+        arrays = np.load(io.BytesIO(fh.read()))
+    images = []
+    for split in ("train", "val", "test"):
+        labels = arrays[f"{split}_labels"].reshape(-1)
+        for i, label in enumerate(labels):
+            # MedMNIST carries no patient ids: each image is its own group (said in the summary).
+            images.append(SourceImage(f"npz:{path}:{split}:{i}", int(label), split, f"{split}-{i}", "unknown"))
+    return images
+
+
+MEDMNIST_URL = "https://zenodo.org/records/10519652/files/pneumoniamnist_224.npz"
+KAGGLE_HELP = """no chest X-ray data found. Either:
+  - download the Kaggle data set "Chest X-Ray Images (Pneumonia)" (Kermany et al., CC BY 4.0),
+    unpack it so that chest_xray/{train,val,test}/{NORMAL,PNEUMONIA}/ exists, and set
+    PNEUMOSCOPE_DATA=/path/to/chest_xray (or pass --data);
+  - or put MedMNIST's pneumoniamnist_224.npz in a folder and point PNEUMOSCOPE_DATA at it."""
+
+
+def resolve_source(explicit: str | None, download_dir: Path, shared: Path) -> str:
+    """The data a demo uses: explicit/PNEUMOSCOPE_DATA, else ../shared/data, else MedMNIST."""
+    if explicit:
+        return explicit
+    if shared.is_dir():
+        return str(shared)
+    target = download_dir / "pneumoniamnist_224.npz"
+    if not target.exists():
+        import urllib.request
+
+        log.info("no local data: trying to download MedMNIST pneumoniamnist (224 px)")
+        download_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            with urllib.request.urlopen(MEDMNIST_URL, timeout=20) as response, open(f"{target}.part", "wb") as fh:
+                fh.write(response.read())
+            Path(f"{target}.part").replace(target)
+        except OSError as exc:
+            raise DataError(f"{KAGGLE_HELP}\n(MedMNIST download failed: {exc})") from None
+    return str(download_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# Quality gate (runs in worker processes)
+
+_worker_state: dict = {}
+
+
+def _init_worker(fs, root: str, config: PreprocessConfig) -> None:
+    _worker_state.update(fs=fs, root=root, config=config, npz={})
+
+
+def _read_bytes(key: str) -> bytes:
+    fs, root = _worker_state["fs"], _worker_state["root"]
+    if key.startswith("npz:"):
+        _, path, split, index = key.rsplit(":", 3)
+        cache = _worker_state["npz"]
+        if path not in cache:
+            with fs.open(path, "rb") as fh:
+                cache[path] = dict(np.load(io.BytesIO(fh.read())))
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.fromarray(cache[path][f"{split}_images"][int(index)]).save(buf, format="PNG")
+        return buf.getvalue()
+    with fs.open(f"{root}/{key}", "rb") as fh:
+        return fh.read()
+
+
+def _gate_one(key: str):
+    try:
+        data = _read_bytes(key)
+    except OSError as exc:
+        return key, None, None, None, "unreadable", str(exc)
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        image = load_resized(data, _worker_state["config"])
+    except InvalidImageError as exc:
+        return key, digest, None, None, exc.reason, str(exc)
+    return key, digest, image.pixels, image.original_size, None, None
+
+
+def gate_images(fs, root: str, images: list[SourceImage], config: PreprocessConfig, workers: int):
+    """Decode every image once. Returns {key: (sha, pixels, size)} and {key: (reason, detail)}."""
+    from tqdm import tqdm
+
+    accepted, rejected = {}, {}
+    keys = [img.key for img in images]
+    chunk = max(1, min(64, len(keys) // (workers * 8) or 1))
+    if workers <= 1:
+        _init_worker(fs, root, config)
+        results = map(_gate_one, keys)
+        pool = None
+    else:
+        pool = ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(fs, root, config))
+        results = pool.map(_gate_one, keys, chunksize=chunk)
+    try:
+        for key, digest, pixels, size, reason, detail in tqdm(results, total=len(keys), desc="decode", unit="img",
+                                                              mininterval=2, disable=None):
+            if reason:
+                rejected[key] = (reason, detail, digest)
+            else:
+                accepted[key] = (digest, pixels, size)
+    finally:
+        if pool:
+            pool.shutdown()
+    return accepted, rejected
+
+
+def deduplicate(images: list[SourceImage], accepted: dict, rejected: dict) -> list[SourceImage]:
+    """Keep one image per content hash; drop test duplicates from the training side (leakage)."""
+    by_hash: dict[str, list[SourceImage]] = defaultdict(list)
+    for img in images:
+        if img.key in accepted:
+            by_hash[accepted[img.key][0]].append(img)
+    kept = []
+    for group in by_hash.values():
+        group.sort(key=lambda i: i.key)
+        if len({i.label for i in group}) > 1:
+            for img in group:
+                rejected[img.key] = ("duplicate_conflicting_label", "same bytes filed under both classes", None)
+            continue
+        in_test = [i for i in group if i.official_split == "test"]
+        if in_test:
+            keep = in_test[0]
+            for img in group:
+                if img is keep:
+                    continue
+                reason = "leak_duplicate_of_test" if img.official_split != "test" else "duplicate"
+                rejected[img.key] = (reason, f"identical to {keep.key}", None)
+        else:
+            keep = group[0]
+            for img in group[1:]:
+                rejected[img.key] = ("duplicate", f"identical to {keep.key}", None)
+        kept.append(keep)
+    return sorted(kept, key=lambda i: i.key)
+
+
+def split_by_patient(pool: list[SourceImage], fractions: SplitFractions) -> dict[str, str]:
+    """Assign train/val/holdout to each image, grouped by patient and stratified by class."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    assignment = {img.key: "train" for img in pool}
+    remaining = list(pool)
+    for split, fraction in (("holdout", fractions.holdout), ("val", fractions.val)):
+        if fraction <= 0 or len(remaining) < 4:
+            continue
+        # fraction of the ORIGINAL pool, so holdout and val sizes do not depend on each other
+        share = fraction * len(pool) / len(remaining)
+        n_splits = max(2, round(1 / share))
+        labels = np.array([img.label for img in remaining])
+        groups = np.array([img.patient for img in remaining])
+        if min(Counter(labels.tolist()).values()) < n_splits or len(set(labels.tolist())) < 2:
+            raise DataError(f"too few images per class to carve a {split} split grouped by patient")
+        splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=fractions.seed)
+        _, picked = next(splitter.split(np.zeros(len(remaining)), labels, groups))
+        picked_set = set(picked.tolist())
+        for i in picked_set:
+            assignment[remaining[i].key] = split
+        remaining = [img for i, img in enumerate(remaining) if i not in picked_set]
+    return assignment
+
+
+def check_patient_leakage(rows: list[dict]) -> dict:
+    """Patients (and hashes) seen on both sides of train vs val/holdout/test."""
+    sides = defaultdict(set)
+    hashes = defaultdict(set)
+    for row in rows:
+        sides[row["split"]].add(row["patient"])
+        hashes[row["split"]].add(row["sha256"])
+    report = {}
+    for other in ("val", "holdout", "test"):
+        report[f"patients_train_and_{other}"] = len(sides["train"] & sides[other])
+        report[f"images_train_and_{other}"] = len(hashes["train"] & hashes[other])
+    return report
+
+
+def prepare(source: str, out_dir: str | Path, image_size: int, fractions: SplitFractions | None = None,
+            workers: int | None = None, limit_per_class: int | None = None) -> PreparedData:
+    """Ingest ``source`` and write ``images.npy``, ``manifest.csv``, ``excluded.csv``, ``summary.json``."""
+    fractions = fractions or SplitFractions()
+    workers = workers or os.cpu_count() or 1
+    started = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fs, root, images = discover(source)
+    if limit_per_class:
+        images = _subsample(images, limit_per_class, fractions.seed)
+    log.info("found %d images under %s", len(images), source)
+    config = PreprocessConfig(image_size=image_size)
+    accepted, rejected = gate_images(fs, root, images, config, workers)
+    kept = deduplicate(images, accepted, rejected)
+
+    pool = [img for img in kept if img.official_split == "train"]
+    for label, cls in enumerate(CLASSES):
+        if not any(img.label == label for img in pool):
+            raise DataError(f"no usable {cls} images in the training data of {source}")
+    assignment = split_by_patient(pool, fractions)
+    rows, arrays = [], []
+    for img in kept:
+        digest, pixels, (width, height) = accepted[img.key]
+        split = assignment.get(img.key) or OFFICIAL_SPLITS[img.official_split]
+        rows.append({"index": len(rows), "file": img.key, "sha256": digest, "patient": img.patient,
+                     "label": img.label, "subtype": img.subtype, "split": split, "width": width, "height": height})
+        arrays.append(pixels)
+    stack = np.stack(arrays).astype(np.uint8)
+    np.save(out / "images.npy", stack)
+
+    train_idx = [r["index"] for r in rows if r["split"] == "train"]
+    train_pixels = stack[train_idx].astype(np.float32) / 255.0
+    per_image_mean = stack[train_idx].reshape(len(train_idx), -1).mean(axis=1)
+    config = PreprocessConfig(image_size=image_size, mean=round(float(train_pixels.mean()), 6),
+                              std=round(float(train_pixels.std()), 6),
+                              train_intensity_mean=round(float(per_image_mean.mean()), 4),
+                              train_intensity_std=round(float(per_image_mean.std()), 4))
+    del train_pixels
+
+    manifest_path = out / "manifest.csv"
+    _write_csv(manifest_path, MANIFEST_FIELDS, rows)
+    _write_csv(out / "excluded.csv", ("file", "reason", "detail"),
+               [{"file": k, "reason": r, "detail": d} for k, (r, d, _) in sorted(rejected.items())])
+    manifest_sha = hashlib.sha256(manifest_path.read_bytes()).hexdigest()
+    summary = {
+        "source": source,
+        "found": len(images),
+        "kept": len(rows),
+        "excluded": dict(Counter(r for r, _, _ in rejected.values())),
+        "splits": {s: dict(Counter(CLASSES[r["label"]] for r in rows if r["split"] == s))
+                   for s in ("train", "val", "holdout", "sanity", "test")},
+        "patients": {s: len({r["patient"] for r in rows if r["split"] == s}) for s in ("train", "val", "holdout")},
+        "unparsed_patient_ids": sum(1 for img in kept if img.subtype == "unknown"),
+        "leakage": check_patient_leakage(rows),
+        "preprocess": config.to_dict(),
+        "manifest_sha256": manifest_sha,
+        "fractions": vars(fractions),
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    log.info("kept %d of %d images; excluded %s; splits %s", len(rows), len(images), summary["excluded"] or "none",
+             summary["splits"])
+    leaks = {k: v for k, v in summary["leakage"].items() if v}
+    if leaks:
+        log.warning("leakage between splits: %s", leaks)
+    return PreparedData(out, summary, manifest_sha)
+
+
+def _subsample(images: list[SourceImage], per_class: int, seed: int) -> list[SourceImage]:
+    """A small, patient-complete subset for smoke runs: whole patients until the quota is met."""
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for split in ("train", "val", "test"):
+        for label in (0, 1):
+            by_patient = defaultdict(list)
+            for img in images:
+                if img.official_split == split and img.label == label:
+                    by_patient[img.patient].append(img)
+            patients = sorted(by_patient)
+            rng.shuffle(patients)
+            quota = per_class if split == "train" else max(2, per_class // 8)
+            taken = 0
+            for patient in patients:
+                if taken >= quota:
+                    break
+                chosen.extend(by_patient[patient])
+                taken += len(by_patient[patient])
+    return chosen
+
+
+def _write_csv(path: Path, fields, rows) -> None:
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+@dataclass
+class CachedData:
+    """The preprocessed cache as written by ``prepare``."""
+
+    images: np.ndarray  # uint8 (N, S, S), memory-mapped
+    manifest: list[dict]
+    summary: dict
+    config: PreprocessConfig = field(init=False)
+
+    def __post_init__(self):
+        self.config = PreprocessConfig.from_dict(self.summary["preprocess"])
+
+    @classmethod
+    def load(cls, cache_dir: str | Path) -> "CachedData":
+        cache = Path(cache_dir)
+        if not (cache / "manifest.csv").exists():
+            raise DataError(f"no prepared data in {cache} (run `pneumoscope data prepare` first)")
+        with (cache / "manifest.csv").open() as fh:
+            manifest = [dict(r, index=int(r["index"]), label=int(r["label"])) for r in csv.DictReader(fh)]
+        summary = json.loads((cache / "summary.json").read_text())
+        return cls(np.load(cache / "images.npy", mmap_mode="r"), manifest, summary)
+
+    def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """(indices into images, labels) of one split."""
+        rows = [r for r in self.manifest if r["split"] == name]
+        return (np.array([r["index"] for r in rows], dtype=np.int64),
+                np.array([r["label"] for r in rows], dtype=np.int64))

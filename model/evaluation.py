@@ -1,0 +1,166 @@
+"""Evaluation: calibrate and pick the threshold on val, report every split with CIs, build the bundle.
+
+Everything is measured through the exported ONNX graph and the shared preprocessing, i.e. through
+what will be served, not through the PyTorch module.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from model.bundle import Bundle, make_session, run_images, write_bundle
+from model.data import CLASSES, CachedData, DataError, discover
+from model.metrics import (choose_threshold, fit_temperature, metrics_with_ci, roc_points, save_plots, sigmoid)
+from model.preprocessing import InvalidImageError, load_resized, normalize
+
+log = logging.getLogger(__name__)
+
+REPORT_SPLITS = ("val", "holdout", "sanity", "test")
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    threshold_method: str = "youden"
+    target_sensitivity: float = 0.95
+    n_bootstrap: int = 1000
+    int8: bool = True
+    int8_max_auc_drop: float = 0.003
+    calibration_images: int = 128
+    seed: int = 0
+
+
+def evaluate_checkpoint(checkpoint: str | Path, cache_dir: str | Path, out_dir: str | Path,
+                        settings: EvalSettings = EvalSettings(), model_name: str = "pneumonia") -> dict:
+    """Export the checkpoint, choose threshold + temperature on val, score every split.
+
+    Writes ``bundle/`` (the servable model), ``plots/`` and ``report.json``; returns the report.
+    """
+    from model.export import export_onnx, int8_gate, parity, quantize_int8
+    from model.training import load_checkpoint
+
+    started = time.perf_counter()
+    out = Path(out_dir)
+    bundle_dir, plots_dir = out / "bundle", out / "plots"
+    bundle_dir.mkdir(parents=True, exist_ok=True)
+    cache = CachedData.load(cache_dir)
+    config = cache.config
+    net, meta = load_checkpoint(checkpoint)
+    onnx_path = export_onnx(net, config.image_size, bundle_dir / "model.onnx")
+
+    val_idx, val_y = cache.split("val")
+    val_images = cache.images[val_idx]
+    parity_report = parity(net, onnx_path, val_images[:8], config)
+    if parity_report["max_abs_logit_diff"] > parity_report["tolerance"]:
+        raise RuntimeError(f"ONNX export differs from PyTorch by {parity_report['max_abs_logit_diff']:.2e}")
+    session = make_session(onnx_path)
+
+    val_logits = run_images(session, val_images, config)
+    temperature = fit_temperature(val_logits, val_y)
+    val_probs = sigmoid(val_logits / temperature)
+    threshold = choose_threshold(val_y, val_probs, settings.threshold_method, settings.target_sensitivity)
+    log.info("val: temperature %.3f, %s threshold %.4f", temperature, settings.threshold_method, threshold)
+
+    splits = {}
+    for split in REPORT_SPLITS:
+        idx, y = cache.split(split)
+        if len(idx) == 0:
+            continue
+        probs = val_probs if split == "val" else sigmoid(run_images(session, cache.images[idx], config) / temperature)
+        splits[split] = metrics_with_ci(y, probs, threshold, settings.n_bootstrap if len(idx) >= 20 else 0,
+                                        settings.seed)
+        m = splits[split]
+        log.info("%-8s n=%-5d AUC %.4f  acc %.4f  sens %.4f  spec %.4f  ECE %.4f", split, m["n"], m["auc"],
+                 m["accuracy"], m["sensitivity"], m["specificity"], m["ece"])
+    plots = {k: str(v) for k, v in save_plots(val_y, val_probs, threshold, plots_dir, "validation").items()}
+
+    int8_report = {"accepted": False, "reason": "disabled"}
+    if settings.int8:
+        train_idx, _ = cache.split("train")
+        rng = np.random.default_rng(settings.seed)
+        calib = np.sort(rng.choice(train_idx, min(settings.calibration_images, len(train_idx)), replace=False))
+        int8_path = quantize_int8(onnx_path, bundle_dir / "model.int8.onnx", cache.images[calib], config)
+        int8_report = int8_gate(session, make_session(int8_path), val_images, val_y, config,
+                                settings.int8_max_auc_drop)
+        int8_report["calibration_images"] = int(len(calib))
+        log.info("int8: val AUC %.4f vs fp32 %.4f (drop %.4f, limit %.4f): %s", int8_report["auc_int8"],
+                 int8_report["auc_fp32"], int8_report["auc_drop"], settings.int8_max_auc_drop,
+                 "accepted" if int8_report["accepted"] else "rejected, serving fp32")
+        if not int8_report["accepted"]:
+            int8_path.unlink()
+
+    bundle_meta = {
+        "model_name": model_name,
+        "arch": meta["arch"],
+        "preprocess": config.to_dict(),
+        "threshold": threshold,
+        "threshold_method": settings.threshold_method,
+        "temperature": temperature,
+        "metrics": {s: {k: v for k, v in m.items() if k != "ci95"} for s, m in splits.items() if s in ("val", "holdout")},
+        "int8": int8_report,
+        "onnx_parity": parity_report,
+        "manifest_sha256": cache.summary["manifest_sha256"],
+        "training": {"profile": meta["profile"]["name"], "epoch": meta["epoch"], "seed": meta["seed"]},
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    write_bundle(bundle_dir, bundle_meta)
+    report = {
+        "threshold": threshold, "threshold_method": settings.threshold_method, "temperature": temperature,
+        "splits": splits, "int8": int8_report, "onnx_parity": parity_report, "plots": plots,
+        "roc_val": roc_points(val_y, val_probs),
+        "val_predictions": {"index": val_idx.tolist(), "label": val_y.tolist(), "probability": val_probs.tolist()},
+        "manifest_sha256": cache.summary["manifest_sha256"],
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def score_bundle_on_images(bundle: Bundle, images: np.ndarray, precision: str = "fp32") -> np.ndarray:
+    """Calibrated probabilities of a bundle on uint8 images at ITS resolution."""
+    session = make_session(bundle.onnx_path(precision))
+    return bundle.probability(run_images(session, images, bundle.preprocess))
+
+
+def evaluate_folder(bundle: Bundle, data: str, split: str = "test", precision: str = "fp32",
+                    n_bootstrap: int = 1000, batch_size: int = 32) -> dict:
+    """Score a Kaggle-layout folder's split with the bundle's own preprocessing and threshold."""
+    fs, root, images = discover(data)
+    chosen = [img for img in images if img.official_split == split]
+    if not chosen:
+        raise DataError(f"no images in split {split!r} of {data} (expected {split}/{{{','.join(CLASSES)}}}/)")
+    config = bundle.preprocess
+    session = make_session(bundle.onnx_path(precision))
+    logits, labels, skipped = [], [], {}
+    batch, batch_labels = [], []
+
+    def flush():
+        if batch:
+            logits.append(session.run(["logit"], {"image": normalize(np.stack(batch), config)})[0].reshape(-1))
+            labels.extend(batch_labels)
+            batch.clear()
+            batch_labels.clear()
+
+    for img in chosen:
+        with fs.open(f"{root}/{img.key}", "rb") as fh:
+            data_bytes = fh.read()
+        try:
+            batch.append(load_resized(data_bytes, config).pixels)
+            batch_labels.append(img.label)
+        except InvalidImageError as exc:
+            skipped[exc.reason] = skipped.get(exc.reason, 0) + 1
+            continue
+        if len(batch) >= batch_size:
+            flush()
+    flush()
+    y = np.array(labels)
+    probs = bundle.probability(np.concatenate(logits))
+    result = metrics_with_ci(y, probs, bundle.threshold, n_bootstrap)
+    result.update(split=split, skipped=skipped, model_sha256=bundle.sha256, precision=precision)
+    return result

@@ -1,0 +1,247 @@
+"""MLflow tracking + Model Registry: log a pipeline run, register the bundle, manage aliases, fetch.
+
+Aliases: every new version becomes ``challenger``; it also becomes ``champion`` when there is none
+yet, or when it beats the champion's AUC on the same validation images by a one-sided paired
+bootstrap test (``promotion="auto"``). Fetching resolves an alias ONCE to an immutable version.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from model.bundle import Bundle, BundleError
+
+log = logging.getLogger(__name__)
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+DEFAULT_EXPERIMENT = "pneumoscope"
+_MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w-]+))$")
+
+
+class RegistryError(Exception):
+    """The tracking server cannot be reached, or a model/version/alias does not exist."""
+
+
+def default_tracking_uri() -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else a SQLite store under ``PNEUMOSCOPE_HOME`` (./.pneumoscope)."""
+    from model.settings import Settings
+
+    return Settings().tracking_uri()
+
+
+def connect(tracking_uri: str | None = None):
+    """Point MLflow at ``tracking_uri`` and check that it answers; return an MlflowClient."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    uri = tracking_uri or default_tracking_uri()
+    if not re.match(r"^(sqlite|postgresql|mysql|mssql|https?|file|databricks)(\+\w+)?:", uri):
+        raise RegistryError(f"unsupported MLflow tracking URI {uri!r} (use sqlite:///..., postgresql://... or http://...)")
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    client = MlflowClient(uri, uri)
+    previous = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "1"  # fail fast on a wrong URL instead of minutes of retries
+    try:
+        client.search_experiments(max_results=1)
+    except Exception as exc:
+        raise RegistryError(f"MLflow tracking server at {uri} does not answer: {str(exc).splitlines()[0][:200]}") from None
+    finally:
+        if previous is None:
+            os.environ.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES", None)
+        else:
+            os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = previous
+    return client
+
+
+def _ensure_experiment(client, name: str, uri: str) -> None:
+    """A SQLite store keeps artifacts beside the database, not in whatever the cwd happens to be."""
+    if client.get_experiment_by_name(name) is None and uri.startswith("sqlite:///"):
+        artifacts = Path(uri[len("sqlite:///"):]).parent / "mlartifacts"
+        client.create_experiment(name, artifact_location=artifacts.as_uri())
+
+
+def git_commit() -> str:
+    """The code version: baked into images as PNEUMOSCOPE_GIT_COMMIT, else asked of git."""
+    if os.environ.get("PNEUMOSCOPE_GIT_COMMIT"):
+        return os.environ["PNEUMOSCOPE_GIT_COMMIT"]
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _pyfunc_class():
+    import mlflow.pyfunc
+
+    class PneumoniaOnnxModel(mlflow.pyfunc.PythonModel):
+        """Generic MLflow entry point: encoded image bytes in, calibrated probability out."""
+
+        def load_context(self, context):
+            from model.bundle import make_session
+
+            self.bundle = Bundle.load(context.artifacts["bundle"])
+            self.session = make_session(self.bundle.onnx_path("auto"))
+
+        def predict(self, context, model_input, params=None):
+            from model.preprocessing import to_tensor
+
+            values = model_input.iloc[:, 0] if hasattr(model_input, "iloc") else model_input
+            x = np.concatenate([to_tensor(bytes(v), self.bundle.preprocess) for v in values])
+            probs = self.bundle.probability(self.session.run(["logit"], {"image": x})[0])
+            return [{"probability": float(p), "label": "PNEUMONIA" if p >= self.bundle.threshold else "NORMAL"}
+                    for p in probs]
+
+    return PneumoniaOnnxModel()
+
+
+@dataclass
+class Registration:
+    model_name: str
+    version: str
+    run_id: str
+    aliases: list[str]
+    promotion: dict
+    model_uri: str
+
+    def to_dict(self) -> dict:
+        return dict(vars(self))
+
+
+def log_and_register(bundle_dir: str | Path, report: dict, history: list[dict], params: dict, *,
+                     tracking_uri: str | None, model_name: str, plots_dir: str | Path | None = None,
+                     pipeline_run_id: str = "", experiment: str = DEFAULT_EXPERIMENT, promotion: str = "auto",
+                     alpha: float = 0.05, champion_val_images=None, n_bootstrap: int = 1000) -> Registration:
+    """One MLflow run per pipeline run: params, per-epoch metrics, eval metrics, plots, the model."""
+    import mlflow
+
+    client = connect(tracking_uri)
+    bundle = Bundle.load(bundle_dir)
+    _ensure_experiment(client, experiment, tracking_uri or default_tracking_uri())
+    mlflow.set_experiment(experiment)
+    tags = {"pneumoscope.manifest_sha256": report["manifest_sha256"], "pneumoscope.git_commit": git_commit(),
+            "pneumoscope.pipeline_run_id": pipeline_run_id or "local", "pneumoscope.bundle_sha256": bundle.sha256}
+    with mlflow.start_run(run_name=f"{model_name}-{pipeline_run_id or 'local'}"[:250], tags=tags) as run:
+        mlflow.log_params({k: v for k, v in params.items() if v is not None})
+        for record in history:
+            mlflow.log_metrics({k: float(v) for k, v in record.items() if k != "epoch"}, step=int(record["epoch"]))
+        for split, m in report["splits"].items():
+            mlflow.log_metrics({f"{split}_{k}": float(m[k]) for k in ("auc", "accuracy", "sensitivity",
+                                                                       "specificity", "f1", "brier", "ece")})
+            for k, (lo, hi) in m.get("ci95", {}).items():
+                mlflow.log_metrics({f"{split}_{k}_ci_low": lo, f"{split}_{k}_ci_high": hi})
+        mlflow.log_metrics({"threshold": report["threshold"], "temperature": report["temperature"]})
+        if report["int8"].get("auc_drop") is not None:
+            mlflow.log_metric("int8_auc_drop", report["int8"]["auc_drop"])
+        if plots_dir and Path(plots_dir).is_dir():
+            mlflow.log_artifacts(str(plots_dir), artifact_path="plots")
+        mlflow.log_dict(report, "evaluation/report.json")
+        model_info = mlflow.pyfunc.log_model(
+            name="model", python_model=_pyfunc_class(), artifacts={"bundle": str(Path(bundle_dir).resolve())},
+            code_paths=[str(Path(__file__).resolve().parent)],
+            pip_requirements=["onnxruntime", "numpy", "pillow", "pydicom"],
+            metadata={"pneumoscope": {"threshold": bundle.threshold, "temperature": bundle.temperature,
+                                      "preprocess": bundle.meta["preprocess"], "bundle_sha256": bundle.sha256}})
+        version = mlflow.register_model(model_info.model_uri, model_name, tags={"bundle_sha256": bundle.sha256,
+                                                                                 "run_id": run.info.run_id})
+        run_id = run.info.run_id
+    client.set_registered_model_alias(model_name, CHALLENGER, version.version)
+    decision = _decide_promotion(client, model_name, version.version, report, promotion, alpha,
+                                 champion_val_images, n_bootstrap)
+    if decision["promote"]:
+        client.set_registered_model_alias(model_name, CHAMPION, version.version)
+    client.set_model_version_tag(model_name, version.version, "promotion", decision["reason"])
+    aliases = client.get_model_version(model_name, version.version).aliases
+    log.info("registered %s version %s (aliases: %s): %s", model_name, version.version, ", ".join(aliases),
+             decision["reason"])
+    return Registration(model_name, str(version.version), run_id, list(aliases), decision,
+                        f"models:/{model_name}/{version.version}")
+
+
+def _decide_promotion(client, model_name: str, version: str, report: dict, promotion: str, alpha: float,
+                      champion_val_images, n_bootstrap: int) -> dict:
+    from model.evaluation import score_bundle_on_images
+    from model.metrics import paired_bootstrap_auc
+
+    if promotion not in ("auto", "always", "never"):
+        raise ValueError(f"unknown promotion policy {promotion!r} (auto, always or never)")
+    if promotion == "never":
+        return {"promote": False, "reason": "promotion disabled"}
+    try:
+        champion = client.get_model_version_by_alias(model_name, CHAMPION)
+    except Exception:
+        return {"promote": True, "reason": "no champion yet"}
+    if promotion == "always":
+        return {"promote": True, "reason": f"promotion forced over version {champion.version}"}
+    if champion_val_images is None:
+        return {"promote": False, "reason": "no validation images given for the champion comparison"}
+    with tempfile.TemporaryDirectory() as tmp:
+        champion_bundle, _ = fetch_model(f"models:/{model_name}/{champion.version}", tmp)
+        images = champion_val_images(champion_bundle.preprocess.image_size)
+        old = score_bundle_on_images(champion_bundle, images)
+    preds = report["val_predictions"]
+    test = paired_bootstrap_auc(np.array(preds["label"]), np.array(preds["probability"]), old, n_bootstrap)
+    test["champion_version"] = str(champion.version)
+    promote = test["delta"] > 0 and test["p_value"] < alpha
+    verdict = "beats" if promote else "does not beat"
+    test.update(promote=promote, reason=(f"{verdict} champion v{champion.version}: val AUC {test['auc_new']:.4f} vs "
+                                         f"{test['auc_old']:.4f}, paired bootstrap p={test['p_value']:.3f} (alpha {alpha})"))
+    return test
+
+
+def resolve_model_uri(model_uri: str, client=None) -> tuple[str, str, str]:
+    """``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` -> (name, version, immutable uri)."""
+    match = _MODEL_URI.match(model_uri)
+    if not match:
+        raise RegistryError(f"not a registry URI: {model_uri!r} (use models:/NAME/VERSION or models:/NAME@ALIAS)")
+    client = client or connect()
+    name = match["name"]
+    try:
+        if match["alias"]:
+            version = client.get_model_version_by_alias(name, match["alias"]).version
+        else:
+            version = client.get_model_version(name, match["version"]).version
+    except Exception as exc:
+        raise RegistryError(f"{model_uri} does not exist in the registry: {str(exc).splitlines()[0][:160]}") from None
+    return name, str(version), f"models:/{name}/{version}"
+
+
+def fetch_model(model_uri: str, dest: str | Path, tracking_uri: str | None = None) -> tuple[Bundle, dict]:
+    """Download one immutable version (or open a local path) and verify its hashes.
+
+    Returns the bundle and ``{"name", "version", "uri"}``; the version is fixed here, once.
+    """
+    local = Path(model_uri.removeprefix("file://"))
+    if not model_uri.startswith("models:/") and local.exists():
+        bundle = Bundle.load(local)
+        return bundle, {"name": bundle.meta.get("model_name", "pneumonia"), "version": bundle.meta.get("version", "local"),
+                        "uri": str(local)}
+    if not model_uri.startswith("models:/"):
+        raise RegistryError(f"model not found: {model_uri} is neither a local bundle nor a models:/ URI")
+    import mlflow
+
+    client = connect(tracking_uri)
+    name, version, pinned = resolve_model_uri(model_uri, client)
+    target = Path(dest)
+    target.mkdir(parents=True, exist_ok=True)
+    path = mlflow.artifacts.download_artifacts(artifact_uri=pinned, dst_path=str(target))
+    try:
+        bundle = Bundle.load(path)
+    except BundleError:
+        raise
+    expected = client.get_model_version(name, version).tags.get("bundle_sha256")
+    if expected and expected != bundle.sha256:
+        raise BundleError(f"{pinned}: bundle hash {bundle.sha256[:12]} does not match the registry's {expected[:12]}")
+    return bundle, {"name": name, "version": version, "uri": pinned}

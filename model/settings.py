@@ -1,0 +1,31 @@
+"""Typed settings for the training side: environment variables (PNEUMOSCOPE_*) under CLI flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "chest_xray_224"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PNEUMOSCOPE_", extra="ignore")
+
+    home: Path = Field(Path(".pneumoscope"), description="working folder: caches, runs, the local MLflow store")
+    data: str | None = Field(None, description="data folder or URL; default ../shared/data/chest_xray_224")
+    mlflow_tracking_uri: str | None = Field(
+        None, validation_alias=AliasChoices("MLFLOW_TRACKING_URI", "PNEUMOSCOPE_MLFLOW_TRACKING_URI"),
+        description="MLflow tracking/registry URI; default sqlite under home")
+    model_name: str = "pneumonia"
+    profile: str = "demo"
+    seed: int = 42
+    workers: int | None = None
+
+    def tracking_uri(self) -> str:
+        if self.mlflow_tracking_uri:
+            return self.mlflow_tracking_uri
+        home = self.home.resolve()
+        home.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{home / 'mlflow.db'}"
