@@ -28,11 +28,18 @@ class CommandError(Exception):
     """Raised by commands for a one-line, user-facing failure."""
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """Usage mistakes end in ONE line that says what is wrong (``--help`` shows the usage)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("matplotlib", "PIL", "urllib3", "alembic", "botocore", "s3fs", "aiobotocore"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+        logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -116,7 +123,7 @@ def _finite(value):
 def build_parser() -> argparse.ArgumentParser:
     from model.training import PROFILES
 
-    parser = argparse.ArgumentParser(prog="pneumoscope", description="Pneumonia detection on chest X-rays: "
+    parser = OneLineErrorParser(prog="pneumoscope", description="Pneumonia detection on chest X-rays: "
                                      "data, training, evaluation, pipelines and serving.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

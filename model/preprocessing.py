@@ -77,8 +77,8 @@ def is_dicom(data: bytes) -> bool:
 
 
 def decode(data: bytes, draft_size: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
-           min_side: int = DEFAULT_MIN_SIDE) -> DecodedImage:
-    """Decode JPEG/PNG/DICOM bytes to 8-bit grayscale.
+           min_side: int = DEFAULT_MIN_SIDE, config: PreprocessConfig | None = None) -> DecodedImage:
+    """Decode JPEG/PNG/DICOM bytes to 8-bit grayscale (resized to ``config`` when given).
 
     ``draft_size``: let the JPEG decoder downscale in the DCT domain to no less than this size
     (much faster for full-resolution radiographs; the result is still resized afterwards).
@@ -89,16 +89,18 @@ def decode(data: bytes, draft_size: int | None = None, max_pixels: int = DEFAULT
         from model.dicom import decode_dicom  # pydicom only when needed
 
         pixels = decode_dicom(data)
-        image = DecodedImage(pixels, "DICOM", (pixels.shape[1], pixels.shape[0]), 0.0)
+        image = DecodedImage(resize(pixels, config) if config else pixels, "DICOM",
+                             (pixels.shape[1], pixels.shape[0]), 0.0)
     else:
-        image = _decode_raster(data, draft_size, max_pixels)
+        image = _decode_raster(data, draft_size, max_pixels, config)
     width, height = image.original_size
     if min(width, height) < min_side:
         raise InvalidImageError("too_small", f"image is {width}x{height}; at least {min_side} px per side is needed")
     return image
 
 
-def _decode_raster(data: bytes, draft_size: int | None, max_pixels: int) -> DecodedImage:
+def _decode_raster(data: bytes, draft_size: int | None, max_pixels: int,
+                   config: PreprocessConfig | None) -> DecodedImage:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -130,8 +132,13 @@ def _decode_raster(data: bytes, draft_size: int | None, max_pixels: int) -> Deco
         colourfulness = float(np.mean(np.abs(sub[..., 0] - sub[..., 1]) + np.abs(sub[..., 1] - sub[..., 2])))
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         pixels = _rescale_to_uint8(np.asarray(img, dtype=np.float32))
+        if config:
+            pixels = resize(pixels, config)
     else:
-        pixels = np.asarray(img.convert("L"), dtype=np.uint8)
+        gray = img.convert("L")
+        if config and gray.size != (config.image_size, config.image_size):
+            gray = gray.resize((config.image_size, config.image_size), _RESAMPLE[config.resample])
+        pixels = np.asarray(gray, dtype=np.uint8)
     return DecodedImage(np.ascontiguousarray(pixels), fmt, (width, height), colourfulness)
 
 
@@ -153,9 +160,7 @@ def resize(pixels: np.ndarray, config: PreprocessConfig) -> np.ndarray:
 
 def load_resized(data: bytes, config: PreprocessConfig, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
     """Decode and resize to the model resolution: the uint8 image that the cache stores."""
-    image = decode(data, draft_size=config.image_size, max_pixels=max_pixels)
-    image.pixels = resize(image.pixels, config)
-    return image
+    return decode(data, draft_size=config.image_size, max_pixels=max_pixels, config=config)
 
 
 def normalize(batch: np.ndarray, config: PreprocessConfig) -> np.ndarray:

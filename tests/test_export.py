@@ -1,0 +1,65 @@
+"""ONNX export: dynamic batch, logit + CAM outputs, parity with PyTorch on real X-rays."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from model.bundle import Bundle, BundleError, make_session, run_images, write_bundle
+from model.export import export_onnx, parity
+from model.network import LogitAndCam, build_resnet50
+from model.preprocessing import PreprocessConfig, load_resized
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    torch.manual_seed(0)
+    net = build_resnet50(for_training=False).eval()
+    # Non-trivial BN statistics, as after training, so parity is not checked on a degenerate net.
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    path = export_onnx(net, 96, tmp_path_factory.mktemp("onnx") / "model.onnx")
+    return net, path
+
+
+def _real_images(folder, n, size):
+    files = sorted((folder / "train" / "PNEUMONIA").iterdir())[:n // 2] + sorted((folder / "train" / "NORMAL").iterdir())[:n - n // 2]
+    config = PreprocessConfig(image_size=size)
+    return np.stack([load_resized(f.read_bytes(), config).pixels for f in files]), config
+
+
+def test_onnx_matches_pytorch_within_1e_4_on_real_images(exported, shared_full):
+    net, path = exported
+    images, config = _real_images(shared_full, 6, 96)
+    report = parity(net, path, images, config)
+    assert report["max_abs_logit_diff"] <= 1e-4
+    assert report["max_abs_cam_diff"] <= 1e-3
+
+
+def test_batch_size_is_dynamic_and_cam_is_consistent(exported):
+    net, path = exported
+    session = make_session(path)
+    config = PreprocessConfig(image_size=96)
+    rng = np.random.default_rng(0)
+    for n in (1, 3, 5):
+        images = rng.integers(0, 255, (n, 96, 96), dtype=np.uint8)
+        logits, cams = run_images(session, images, config, batch_size=n, with_cam=True)
+        assert logits.shape == (n,) and cams.shape == (n, 3, 3)
+        bias = float(LogitAndCam(net).bias)
+        assert np.allclose(logits, cams.mean(axis=(1, 2)) + bias, atol=1e-4)
+
+
+def test_bundle_hash_detects_tampering(exported, tmp_path):
+    _, path = exported
+    (tmp_path / "model.onnx").write_bytes(path.read_bytes())
+    write_bundle(tmp_path, {"preprocess": PreprocessConfig(image_size=96).to_dict(), "threshold": 0.5, "temperature": 1.0})
+    bundle = Bundle.load(tmp_path)
+    assert bundle.onnx_path("auto").name == "model.onnx"
+    with (tmp_path / "model.onnx").open("r+b") as fh:
+        fh.seek(1000)
+        fh.write(b"\x00\x01\x02")
+    with pytest.raises(BundleError, match="sha256 mismatch"):
+        Bundle.load(tmp_path)

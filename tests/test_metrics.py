@@ -1,0 +1,66 @@
+"""Metrics, calibration and the threshold/champion statistics."""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import roc_auc_score
+
+from model.metrics import (auc, binary_metrics, choose_threshold, expected_calibration_error, fit_temperature,
+                           metrics_with_ci, paired_bootstrap_auc, sigmoid)
+
+
+def _data(n=600, seed=0, separation=1.5):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, n)
+    logits = rng.normal(0, 1, n) + separation * (2 * labels - 1)
+    return labels, logits
+
+
+def test_auc_matches_sklearn_including_ties():
+    labels, logits = _data()
+    assert abs(auc(labels, logits) - roc_auc_score(labels, logits)) < 1e-12
+    rounded = np.round(logits)
+    assert abs(auc(labels, rounded) - roc_auc_score(labels, rounded)) < 1e-12
+
+
+def test_confusion_based_metrics():
+    m = binary_metrics(np.array([1, 1, 0, 0]), np.array([0.9, 0.4, 0.6, 0.1]), 0.5)
+    assert (m["tp"], m["fn"], m["fp"], m["tn"]) == (1, 1, 1, 1)
+    assert m["sensitivity"] == 0.5 and m["specificity"] == 0.5 and m["accuracy"] == 0.5
+
+
+def test_temperature_scaling_recovers_the_true_temperature():
+    rng = np.random.default_rng(1)
+    true_logits = rng.normal(0, 2, 20000)
+    labels = (rng.random(20000) < sigmoid(true_logits)).astype(int)
+    assert abs(fit_temperature(true_logits * 3.0, labels) - 3.0) < 0.2
+    overconfident = sigmoid(true_logits * 3.0)
+    calibrated = sigmoid(true_logits * 3.0 / fit_temperature(true_logits * 3.0, labels))
+    assert expected_calibration_error(labels, calibrated) < expected_calibration_error(labels, overconfident)
+
+
+def test_youden_threshold_separates_separable_data():
+    labels = np.array([0] * 50 + [1] * 50)
+    probs = np.concatenate([np.linspace(0.05, 0.3, 50), np.linspace(0.6, 0.95, 50)])
+    t = choose_threshold(labels, probs, "youden")
+    assert 0.3 < t < 0.6
+    t_sens = choose_threshold(labels, probs, "sensitivity", 0.9)
+    assert binary_metrics(labels, probs, t_sens)["sensitivity"] >= 0.9
+
+
+def test_bootstrap_ci_contains_the_point_estimate():
+    labels, logits = _data()
+    m = metrics_with_ci(labels, sigmoid(logits), 0.5, n_boot=200)
+    for name in ("auc", "accuracy", "sensitivity", "specificity"):
+        low, high = m["ci95"][name]
+        assert low <= m[name] <= high and high - low < 0.2
+
+
+def test_paired_bootstrap_prefers_the_better_model_only():
+    labels, good = _data(seed=2, separation=1.5)
+    noise = np.random.default_rng(3).normal(0, 2.0, len(labels))
+    worse = good + noise
+    better = paired_bootstrap_auc(labels, sigmoid(good), sigmoid(worse), n_boot=300)
+    assert better["delta"] > 0 and better["p_value"] < 0.05
+    same = paired_bootstrap_auc(labels, sigmoid(good), sigmoid(good), n_boot=300)
+    assert same["p_value"] > 0.5
