@@ -1,0 +1,133 @@
+"""What the steps do inside the pipeline image besides calling ``model/``: KFP bookkeeping.
+
+Imported at run time from the components' bodies (the project is installed in the image). Artifacts
+are duck-typed (``.path``, ``.metadata``, ``log_metric``...), so nothing here imports kfp and the
+functions can be tested without a pipeline.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from dataclasses import asdict
+from pathlib import Path
+
+from model.data import CLASSES
+from model.metrics import METRIC_NAMES
+
+REPORT_SPLITS = ("val", "holdout", "sanity")
+PLOTS = (("roc.png", "ROC curve"), ("confusion_matrix.png", "Confusion matrix"), ("calibration.png", "Calibration"))
+
+
+def finite(values: dict) -> dict[str, float]:
+    """Only real numbers: KFP metrics and MLflow have no NaN (a split with one class has no AUC)."""
+    out = {}
+    for key, value in values.items():
+        if value is not None and math.isfinite(float(value)):
+            out[key] = float(value)
+    return out
+
+
+def write_train_params(out_dir: str | Path, profile, seed: int) -> Path:
+    """``params.json`` beside the checkpoint: the resolved training settings, for the registry."""
+    params = {k: v for k, v in asdict(profile).items() if k not in ("name", "description")}
+    params.update(profile=profile.name, seed=seed)
+    path = Path(out_dir) / "params.json"
+    path.write_text(json.dumps(params, indent=2, sort_keys=True))
+    return path
+
+
+def evaluation_metrics(report: dict) -> dict[str, float]:
+    """Flat scalar metrics of an evaluation report: ``val_auc``, ``holdout_sensitivity``, ..."""
+    values: dict = {}
+    for split in ("val", "holdout"):
+        m = report["splits"].get(split)
+        if m:
+            values.update({f"{split}_{k}": m[k] for k in METRIC_NAMES})
+            values[f"{split}_n"] = m["n"]
+    values.update(threshold=report["threshold"], temperature=report["temperature"])
+    if report["int8"].get("auc_drop") is not None:
+        values["int8_auc_drop"] = report["int8"]["auc_drop"]
+    return finite(values)
+
+
+def log_evaluation(report: dict, metrics, classification) -> None:
+    """Scalars into ``Metrics``; the val ROC curve and confusion matrix into ``ClassificationMetrics``."""
+    for name, value in evaluation_metrics(report).items():
+        metrics.log_metric(name, value)
+    roc = report["roc_val"]
+    classification.log_roc_curve(roc["fpr"], roc["tpr"], roc["thresholds"])
+    val = report["splits"]["val"]
+    classification.log_confusion_matrix(list(CLASSES), [[val["tn"], val["fp"]], [val["fn"], val["tp"]]])
+
+
+def report_html(report: dict, plots_dir: str | Path) -> str:
+    """A self-contained page (plots inlined) for the KFP UI's HTML viewer."""
+    def cell(value) -> str:
+        return "&ndash;" if value is None or (isinstance(value, float) and not math.isfinite(value)) else \
+            (f"{value:.4f}" if isinstance(value, float) else html.escape(str(value)))
+
+    rows = []
+    for split in REPORT_SPLITS:
+        m = report["splits"].get(split)
+        if m:
+            rows.append(f"<tr><th>{split}</th><td>{m['n']}</td>" + "".join(f"<td>{cell(m[k])}</td>" for k in METRIC_NAMES)
+                        + "</tr>")
+    images = []
+    for name, title in PLOTS:
+        path = Path(plots_dir) / name
+        if path.is_file():
+            data = base64.b64encode(path.read_bytes()).decode()
+            images.append(f'<figure><img alt="{title}" src="data:image/png;base64,{data}"><figcaption>{title}'
+                          "</figcaption></figure>")
+    int8 = report["int8"]
+    int8_line = ("int8: " + ("accepted" if int8.get("accepted") else "not used") +
+                 (f" (val AUC drop {int8['auc_drop']:.4f})" if int8.get("auc_drop") is not None else ""))
+    return "\n".join([
+        "<!doctype html><html><head><meta charset='utf-8'><title>pneumoscope evaluation</title>",
+        "<style>body{font-family:sans-serif}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
+        "padding:3px 8px;text-align:right}figure{display:inline-block;margin:8px}</style></head><body>",
+        "<h2>Evaluation (threshold and temperature chosen on val)</h2>",
+        f"<p>threshold {report['threshold']:.4f} ({html.escape(report['threshold_method'])}), temperature "
+        f"{report['temperature']:.3f}; {html.escape(int8_line)}; manifest {report['manifest_sha256'][:12]}</p>",
+        "<table><tr><th>split</th><th>n</th>" + "".join(f"<th>{k}</th>" for k in METRIC_NAMES) + "</tr>",
+        *rows, "</table>", *images, "</body></html>"])
+
+
+def champion_val_images(cache_dir: str | Path, index: list[int]):
+    """``champion_val_images`` for ``log_and_register``: the SAME val images the report scored, in its
+    order, at whatever resolution the champion was trained."""
+    import numpy as np
+
+    from model.data import CachedData
+    from model.preprocessing import PreprocessConfig, resize
+
+    def images(size: int):
+        cache = CachedData.load(cache_dir)
+        pixels = np.asarray(cache.images[np.asarray(index, dtype=np.int64)])
+        if size == cache.config.image_size:
+            return pixels
+        config = PreprocessConfig(image_size=size)
+        return np.stack([resize(px, config) for px in pixels])
+
+    return images
+
+
+def registration_params(dataset, checkpoint_dir: str | Path, report: dict, pipeline_run_name: str = "") -> dict:
+    """MLflow params of one pipeline run: data, resolved training settings, evaluation settings."""
+    summary = json.loads((Path(dataset.path) / "summary.json").read_text())
+    params = json.loads((Path(checkpoint_dir) / "params.json").read_text())
+    params.update({
+        "data_uri": summary["source"],
+        "limit_per_class": int(dataset.metadata.get("limit_per_class") or 0),
+        "val_fraction": summary["fractions"]["val"],
+        "holdout_fraction": summary["fractions"]["holdout"],
+        "split_seed": summary["fractions"]["seed"],
+        "images_kept": summary["kept"],
+        "threshold_method": report["threshold_method"],
+        "int8": bool(report["int8"].get("accepted")),
+        "kfp_run_name": pipeline_run_name or None,
+    })
+    return params

@@ -1,0 +1,113 @@
+"""The four pipeline steps as plain functions, turned into KFP lightweight components by ``build``.
+
+KFP embeds each function's SOURCE in the compiled pipeline and runs it in the project's image with
+``python -m kfp.dsl.executor_main``; nothing is pip-installed at run time. Hence the rules here:
+every import sits inside the function, the bodies stay thin (a call into ``model/``, then the KFP
+artifact bookkeeping, which lives in ``components.runtime``), and this module must not use
+``from __future__ import annotations`` (KFP reads the annotations when it builds the component).
+"""
+
+from typing import NamedTuple
+
+from kfp.dsl import HTML, ClassificationMetrics, Dataset, Input, Metrics, Model, Output
+
+
+def preprocess(data_uri: str, dataset: Output[Dataset], profile: str = "gpu", image_size: int = 0,
+               val_fraction: float = 0.15, holdout_fraction: float = 0.10, seed: int = 42,
+               limit_per_class: int = 0):
+    """Decode, quality-gate, deduplicate and split the images by patient into a uint8 cache.
+
+    ``image_size`` 0 takes the profile's resolution; ``limit_per_class`` 0 keeps every image.
+    """
+    from model.data import SplitFractions, prepare
+    from model.settings import Settings
+
+    if image_size <= 0:
+        from model.training import get_profile  # imports torch: only when the size is not given
+
+        image_size = get_profile(profile).image_size
+    result = prepare(data_uri, dataset.path, image_size, SplitFractions(val_fraction, holdout_fraction, seed),
+                     workers=Settings().workers, limit_per_class=limit_per_class or None)
+    dataset.metadata.update({"source": data_uri, "image_size": image_size, "images": result.summary["kept"],
+                             "splits": result.summary["splits"], "manifest_sha256": result.manifest_sha256,
+                             "limit_per_class": limit_per_class, "seconds": result.summary["seconds"]})
+
+
+def train(dataset: Input[Dataset], checkpoint: Output[Model], metrics: Output[Metrics], profile: str = "gpu",
+          epochs: int = 0, learning_rate: float = 0.0, batch_size: int = 0, seed: int = 42):
+    """Train ResNet-50 at the dataset's resolution; 0 for epochs/learning_rate/batch_size = profile default."""
+    from pathlib import Path
+
+    from components.runtime import finite, write_train_params
+    from model.data import CachedData
+    from model.training import get_profile
+    from model.training import train as fit
+
+    chosen = get_profile(profile, epochs=epochs or None, lr=learning_rate or None, batch_size=batch_size or None,
+                         image_size=CachedData.load(dataset.path).config.image_size)
+    result = fit(dataset.path, checkpoint.path, chosen, seed=seed)
+    # last.pt (weights + optimizer state, 4x the checkpoint) only serves a resume inside this step: a
+    # retried step starts with an empty output folder, so it would be uploaded for nothing.
+    (Path(checkpoint.path) / "last.pt").unlink(missing_ok=True)
+    write_train_params(checkpoint.path, chosen, seed)
+    values = {"best_val_auc": result.best_val_auc, "best_epoch": result.best_epoch, "epochs_run": len(result.history),
+              "images_per_second": result.images_per_second, "seconds": result.seconds}
+    for name, value in finite(values).items():
+        metrics.log_metric(name, value)
+    checkpoint.metadata.update({"framework": "pytorch", "arch": "resnet50-gray-1logit", "profile": chosen.name,
+                                "image_size": chosen.image_size, "best_val_auc": finite(values).get("best_val_auc"),
+                                "seconds": round(result.seconds, 2)})
+
+
+def evaluate(dataset: Input[Dataset], checkpoint: Input[Model], model: Output[Model], metrics: Output[Metrics],
+             classification: Output[ClassificationMetrics], report: Output[HTML], model_name: str = "pneumonia",
+             threshold_method: str = "youden", target_sensitivity: float = 0.95, n_bootstrap: int = 1000,
+             int8: bool = True):
+    """Export to ONNX, calibrate, pick the threshold on val, score every split; ``model`` holds
+    ``bundle/`` (the servable model), ``plots/`` and ``report.json``."""
+    from pathlib import Path
+
+    from components.runtime import log_evaluation, report_html
+    from model.evaluation import EvalSettings, evaluate_checkpoint
+
+    settings = EvalSettings(threshold_method=threshold_method, target_sensitivity=target_sensitivity,
+                            n_bootstrap=n_bootstrap, int8=int8)
+    result = evaluate_checkpoint(Path(checkpoint.path) / "checkpoint.pt", dataset.path, model.path, settings,
+                                 model_name)
+    log_evaluation(result, metrics, classification)
+    Path(report.path).write_text(report_html(result, Path(model.path) / "plots"))
+    model.metadata.update({"framework": "onnx", "threshold": result["threshold"],
+                           "temperature": result["temperature"], "int8": bool(result["int8"].get("accepted")),
+                           "manifest_sha256": result["manifest_sha256"], "seconds": result["seconds"]})
+
+
+def register(dataset: Input[Dataset], checkpoint: Input[Model], model: Input[Model], mlflow_uri: str = "",
+             model_name: str = "pneumonia", promotion: str = "auto", n_bootstrap: int = 1000,
+             pipeline_run_id: str = "", pipeline_run_name: str = "",
+             ) -> NamedTuple("Registered", [("model_uri", str), ("version", str), ("registration", str)]):
+    """Log the run to MLflow, register the bundle, set ``challenger`` (and ``champion`` if it wins).
+
+    ``mlflow_uri`` empty: the image's ``MLFLOW_TRACKING_URI``. ``registration`` is a JSON object.
+    """
+    import json
+    import os
+    from pathlib import Path
+
+    from components.runtime import champion_val_images, registration_params
+    from model.registry import log_and_register
+
+    tracking_uri = mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not tracking_uri:
+        raise ValueError("no MLflow tracking URI: set the pipeline parameter mlflow_uri "
+                         "(or MLFLOW_TRACKING_URI in the step's environment)")
+    evaluation = Path(model.path)
+    report = json.loads((evaluation / "report.json").read_text())
+    history = json.loads((Path(checkpoint.path) / "history.json").read_text())
+    registration = log_and_register(
+        evaluation / "bundle", report, history,
+        registration_params(dataset, checkpoint.path, report, pipeline_run_name),
+        tracking_uri=tracking_uri, model_name=model_name, plots_dir=evaluation / "plots",
+        pipeline_run_id=pipeline_run_id, promotion=promotion, n_bootstrap=n_bootstrap,
+        champion_val_images=champion_val_images(dataset.path, report["val_predictions"]["index"]))
+    info = dict(registration.to_dict(), pipeline_run_id=pipeline_run_id, pipeline_run_name=pipeline_run_name)
+    return registration.model_uri, registration.version, json.dumps(info, default=str, sort_keys=True)
