@@ -1,5 +1,134 @@
-"""`pneumoscope serve` / `pneumoscope predict` (placeholder registration; filled in by the serving work)."""
+"""``pneumoscope serve`` and ``pneumoscope predict`` (plugged into ``model.cli`` by entry point).
+
+Nothing heavy is imported here: ``model.cli`` builds every command's parser on each invocation.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+from pathlib import Path
 
 
 def add_commands(commands) -> None:
-    commands.add_parser("serve", help="serve a model locally (transformer + predictor)")
+    serve = commands.add_parser(
+        "serve", help="serve a model locally (transformer + predictor)",
+        description="Start the predictor (ONNX Runtime) and the transformer (decode, gate, heatmap) as two "
+                    "processes on 127.0.0.1: the transformer's REST API on PORT, its gRPC API on PORT+1, the "
+                    "predictor on free ports. Prints one line `READY {json}` when everything answers; Ctrl-C or "
+                    "SIGTERM stops both. Defaults come from PNEUMOSCOPE_* environment variables.")
+    serve.add_argument("--model", required=True, help="models:/NAME/VERSION, models:/NAME@ALIAS (resolved once, at "
+                                                      "start) or a bundle folder")
+    serve.add_argument("--port", type=int, default=8080, help="transformer REST port; gRPC uses PORT+1 (default 8080)")
+    serve.add_argument("--precision", choices=["auto", "fp32", "int8"], help="engine graph (default: auto)")
+    serve.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
+    serve.add_argument("--max-batch-size", type=int, help="dynamic batching: most images per engine call")
+    serve.add_argument("--max-batch-delay-ms", type=float, help="dynamic batching: wait for company (default 0)")
+    serve.add_argument("--predictor-protocol", choices=["grpc-v2", "v2"], help="transformer -> predictor")
+    serve.add_argument("--max-payload-bytes", type=int, help="largest request accepted")
+    serve.add_argument("--max-image-pixels", type=int, help="largest width*height decoded")
+    serve.add_argument("--mlflow-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, then local SQLite)")
+    serve.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for readiness")
+    serve.add_argument("--log-file", help="write the servers' logs here instead of stderr")
+    serve.set_defaults(func=cmd_serve)
+
+    predict = commands.add_parser(
+        "predict", help="classify an image with a running server",
+        description="Send IMAGE (JPEG, PNG or DICOM) to a pneumoscope transformer and print the result.")
+    predict.add_argument("image", metavar="IMAGE", help="image file")
+    predict.add_argument("--url", default="http://127.0.0.1:8080",
+                         help="server address: http://HOST:PORT for v1/v2, HOST:PORT (the gRPC port) for grpc")
+    predict.add_argument("--protocol", choices=["v1", "v2", "grpc"], default="v2")
+    predict.add_argument("--model-name", default="pneumonia")
+    predict.add_argument("--heatmap", metavar="OUT_PNG", help="also fetch the heatmap and write it here")
+    predict.add_argument("--json", action="store_true", help="print one JSON object")
+    predict.add_argument("--timeout", type=float, default=60.0)
+    predict.set_defaults(func=cmd_predict)
+
+
+def _quiet_http_logs() -> None:
+    import logging
+
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _settings(args):
+    from pydantic import ValidationError
+
+    from model.cli import CommandError
+    from serving.settings import ServingSettings
+
+    overrides = {"precision": args.precision, "threads": args.threads, "max_batch_size": args.max_batch_size,
+                 "max_batch_delay_ms": args.max_batch_delay_ms, "predictor_protocol": args.predictor_protocol,
+                 "max_payload_bytes": args.max_payload_bytes, "max_image_pixels": args.max_image_pixels,
+                 "mlflow_tracking_uri": args.mlflow_uri}
+    try:
+        base = ServingSettings()
+        return ServingSettings.model_validate({**base.model_dump(), **{k: v for k, v in overrides.items()
+                                                                       if v is not None}})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise CommandError(f"invalid setting {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+
+
+def cmd_serve(args) -> int:
+    from model.cli import CommandError
+    from serving.stack import LocalStack, StackError, ready_line
+
+    _quiet_http_logs()
+    if not 1 <= args.port <= 65534:
+        raise CommandError(f"--port must be between 1 and 65534, not {args.port}")
+    stack = LocalStack(args.model, args.port, _settings(args), log_file=args.log_file, restart=True)
+    stopping = threading.Event()
+
+    def on_signal(signum, frame):
+        stopping.set()
+
+    previous = signal.signal(signal.SIGTERM, on_signal)
+    try:
+        try:
+            info = stack.start(timeout=args.startup_timeout, supervise_in_background=True)
+        except StackError as exc:
+            raise CommandError(str(exc)) from None
+        print(ready_line(info), flush=True)
+        while not stopping.wait(0.5):
+            pass
+        return 0
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        stack.stop()
+        signal.signal(signal.SIGTERM, previous)
+
+
+def cmd_predict(args) -> int:
+    from model.cli import CommandError
+    from serving.client import ClientError, predict
+
+    _quiet_http_logs()
+    path = Path(args.image)
+    if not path.is_file():
+        raise CommandError(f"image not found: {path}")
+    try:
+        result = predict(args.url, path.read_bytes(), args.protocol, args.model_name, bool(args.heatmap),
+                         args.timeout)
+    except ClientError as exc:
+        raise CommandError(str(exc)) from None
+    png = result.pop("heatmap_png", None)
+    if args.heatmap:
+        if png is None:
+            raise CommandError("the server returned no heatmap")
+        Path(args.heatmap).write_bytes(png)
+        result["heatmap"] = str(args.heatmap)
+    result["file"] = str(path)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        extra = f"  heatmap -> {args.heatmap}" if args.heatmap else ""
+        print(f"{path.name}: {result['label']}  probability {result['probability']:.4f}  (threshold "
+              f"{result['threshold']:.4f}; {result['model_name']} version {result['model_version']}){extra}")
+    sys.stdout.flush()
+    return 0

@@ -1,0 +1,109 @@
+"""``pneumoscope predict``: send one image to a running transformer over REST v1, REST v2 or gRPC v2.
+
+REST v2 uses the binary tensor extension (the file travels as raw bytes, not base64); gRPC uses
+``raw_input_contents`` (through tritonclient: importing kserve parses the importing program's argv). Every call returns the same dict: probability, label, threshold,
+model_name, model_version and, when asked, the heatmap PNG bytes.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import struct
+
+import numpy as np
+
+
+class ClientError(Exception):
+    """The server refused the request or could not be reached; the message is one line."""
+
+
+def _bytes_tensor(items: list[bytes]) -> bytes:
+    return b"".join(struct.pack("<I", len(item)) + item for item in items)
+
+
+def _http_error(response) -> ClientError:
+    try:
+        message = response.json().get("error") or response.text
+    except ValueError:
+        message = response.text
+    return ClientError(f"HTTP {response.status_code}: {str(message).strip()[:300]}")
+
+
+def predict_v1(url: str, data: bytes, model: str = "pneumonia", heatmap: bool = False, timeout: float = 60.0) -> dict:
+    import httpx
+
+    verb = "explain" if heatmap else "predict"
+    body = {"instances": [{"image": {"b64": base64.b64encode(data).decode("ascii")}}]}
+    try:
+        response = httpx.post(f"{url.rstrip('/')}/v1/models/{model}:{verb}", json=body, timeout=timeout)
+    except httpx.HTTPError as exc:
+        raise ClientError(f"cannot reach {url}: {exc}") from None
+    if response.status_code != 200:
+        raise _http_error(response)
+    result = dict(response.json()["predictions"][0])
+    if "heatmap_png" in result:
+        result["heatmap_png"] = base64.b64decode(result["heatmap_png"])
+    return result
+
+
+def predict_v2(url: str, data: bytes, model: str = "pneumonia", heatmap: bool = False, timeout: float = 60.0) -> dict:
+    import httpx
+
+    raw = _bytes_tensor([data])
+    header = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
+                          "parameters": {"binary_data_size": len(raw)}}],
+              "parameters": {"heatmap": bool(heatmap)}}
+    head = json.dumps(header).encode()
+    try:
+        response = httpx.post(f"{url.rstrip('/')}/v2/models/{model}/infer", content=head + raw, timeout=timeout,
+                              headers={"content-type": "application/octet-stream",
+                                       "inference-header-content-length": str(len(head))})
+    except httpx.HTTPError as exc:
+        raise ClientError(f"cannot reach {url}: {exc}") from None
+    if response.status_code != 200:
+        raise _http_error(response)
+    reply = response.json()
+    outputs = {o["name"]: o["data"] for o in reply["outputs"]}
+    return _result(reply.get("model_name", model), reply.get("model_version"), outputs["probability"][0],
+                   outputs["label"][0], outputs["threshold"][0],
+                   outputs["heatmap_png"][0] if "heatmap_png" in outputs else None)
+
+
+def predict_grpc(target: str, data: bytes, model: str = "pneumonia", heatmap: bool = False,
+                 timeout: float = 60.0) -> dict:
+    """gRPC v2 through NVIDIA's tritonclient (kserve's client would parse this program's argv on import)."""
+    import tritonclient.grpc as triton
+    from tritonclient.utils import InferenceServerException
+
+    target = target.split("://", 1)[-1].rstrip("/")
+    tensor = triton.InferInput("image", [1], "BYTES")
+    tensor.set_data_from_numpy(np.array([data], dtype=np.object_))
+    try:
+        client = triton.InferenceServerClient(target)
+        reply = client.infer(model, [tensor], parameters={"heatmap": bool(heatmap)}, client_timeout=timeout)
+    except InferenceServerException as exc:
+        raise ClientError(f"gRPC {exc.status() or ''} {exc.message()}".strip()) from None
+    response = reply.get_response()
+    png = reply.as_numpy("heatmap_png")
+    return _result(response.model_name, response.model_version, reply.as_numpy("probability")[0],
+                   reply.as_numpy("label")[0].decode(), reply.as_numpy("threshold")[0],
+                   png[0].decode("ascii") if png is not None else None)
+
+
+def _result(model_name, model_version, probability, label, threshold, heatmap_b64) -> dict:
+    result = {"probability": float(probability), "label": str(label), "threshold": float(threshold),
+              "model_name": model_name, "model_version": model_version}
+    if heatmap_b64 is not None:
+        result["heatmap_png"] = base64.b64decode(heatmap_b64)
+    return result
+
+
+PROTOCOLS = {"v1": predict_v1, "v2": predict_v2, "grpc": predict_grpc}
+
+
+def predict(url: str, data: bytes, protocol: str = "v2", model: str = "pneumonia", heatmap: bool = False,
+            timeout: float = 60.0) -> dict:
+    if protocol not in PROTOCOLS:
+        raise ClientError(f"unknown protocol {protocol!r} (v1, v2 or grpc)")
+    return PROTOCOLS[protocol](url, data, model=model, heatmap=heatmap, timeout=timeout)

@@ -1,0 +1,40 @@
+"""Prometheus metrics of the transformer and the predictor.
+
+They live in prometheus_client's default registry, which kserve's ``/metrics`` endpoint exposes next
+to its own stage histograms (``request_preprocess_seconds``, ``request_predict_seconds``,
+``request_postprocess_seconds``, ``request_explain_seconds``). One worker per process: with
+``--workers 2`` each worker would own half of the counts.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+PREDICTIONS = Counter("pneumoscope_predictions_total", "images classified, by predicted label",
+                      ["model_name", "label"])
+PROBABILITY = Histogram("pneumoscope_probability", "calibrated pneumonia probability of classified images",
+                        ["model_name"], buckets=[i / 10 for i in range(1, 11)])
+REJECTIONS = Counter("pneumoscope_input_rejections_total", "requests refused before inference, by reason",
+                     ["reason"])
+MODEL_INFO = Gauge("pneumoscope_model_info", "the model version this process serves (value 1)",
+                   ["model_name", "model_version", "model_uri", "bundle_sha256", "role", "precision"])
+PREDICTOR_ERRORS = Counter("pneumoscope_predictor_errors_total", "failed calls from the transformer to the "
+                           "predictor, by cause", ["cause"])
+
+BATCH_SIZE = Histogram("pneumoscope_batch_size", "images per engine call (dynamic batching)",
+                       buckets=[1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64])
+BATCH_WAIT = Histogram("pneumoscope_batch_queue_seconds", "time a request waited in the batching queue",
+                       buckets=[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5])
+ENGINE_TIME = Histogram("pneumoscope_engine_seconds", "ONNX Runtime time per engine call",
+                        buckets=[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10])
+WARMUP_SECONDS = Gauge("pneumoscope_warmup_seconds", "duration of the warm-up inference run before the "
+                       "predictor reported ready")
+
+
+def set_model_info(name: str, version: str, uri: str, sha256: str, role: str, precision: str = "") -> None:
+    MODEL_INFO.labels(model_name=name, model_version=str(version), model_uri=uri, bundle_sha256=sha256,
+                      role=role, precision=precision).set(1)
+
+
+def reject_count(reason: str) -> None:
+    REJECTIONS.labels(reason=reason).inc()

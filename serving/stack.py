@@ -1,0 +1,275 @@
+"""The local serving stack: a predictor and a transformer as two processes on loopback.
+
+``pneumoscope serve`` runs it in the foreground; tests and benchmarks use :class:`LocalStack` directly.
+The transformer listens on ``port`` (REST) and ``port + 1`` (gRPC); the predictor on free ports.
+A ``models:/NAME@ALIAS`` URI is resolved to a version once, here, and both processes load that
+pinned version. Like a kubelet, the stack restarts a process that dies (with a short back-off);
+stopping sends SIGTERM to both children by PID, then SIGKILL to whatever still runs.
+
+No kserve import here: a test process may also want tritonclient, whose protobuf package clashes
+with kserve's in one interpreter.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from serving.settings import ServingSettings
+
+log = logging.getLogger(__name__)
+
+LOOPBACK = "127.0.0.1"
+
+
+class StackError(Exception):
+    """The stack cannot start: a port in use, a bad model URI, a child that died while starting."""
+
+
+def port_free(port: int, host: str = LOOPBACK) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(avoid: set[int] = frozenset()) -> int:
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((LOOPBACK, 0))
+            port = sock.getsockname()[1]
+        if port not in avoid and port_free(port):
+            return port
+
+
+def resolve_model(model_uri: str, tracking_uri: str | None = None) -> tuple[str, str, str]:
+    """(pinned uri, model name, version). Aliases are resolved here, once; folders are checked."""
+    if model_uri.startswith("models:/"):
+        from model.registry import connect, resolve_model_uri
+
+        name, version, pinned = resolve_model_uri(model_uri, connect(tracking_uri))
+        return pinned, name, version
+    from model.bundle import Bundle
+
+    path = Path(model_uri.removeprefix("file://")).expanduser()
+    if not path.exists():
+        raise StackError(f"model not found: {model_uri} is neither a bundle folder nor a models:/ URI")
+    bundle = Bundle.load(path, verify=False)  # the children verify every hash
+    return str(path.resolve()), bundle.meta.get("model_name", "pneumonia"), str(bundle.meta.get("version", "local"))
+
+
+def _load_libc():
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6", use_errno=True)
+    except (OSError, ImportError):
+        return None
+
+
+_LIBC = _load_libc() if sys.platform == "linux" else None
+
+
+def _die_with_parent() -> None:
+    """Runs in the child between fork and exec: no imports, no locks, one syscall."""
+    _LIBC.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: the children go when the stack goes
+
+
+@dataclass
+class _Child:
+    role: str
+    argv: list[str]
+    process: subprocess.Popen | None = None
+    restarts: int = 0
+    started: float = 0.0
+
+
+@dataclass
+class LocalStack:
+    model_uri: str
+    port: int
+    settings: ServingSettings = field(default_factory=ServingSettings)
+    predictor_protocol: str | None = None
+    log_file: str | Path | None = None  # children's output; default: this process's stderr
+    restart: bool = True
+    extra_env: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.predictor_protocol = self.predictor_protocol or self.settings.predictor_protocol
+        self.children: dict[str, _Child] = {}
+        self.info: dict = {}
+        self._stopping = threading.Event()
+        self._lock = threading.RLock()
+        self._workdir: str | None = None
+        self._log = None
+        self._monitor: threading.Thread | None = None
+
+    # -- start -------------------------------------------------------------------------------------
+    def start(self, timeout: float = 240.0, supervise_in_background: bool = True) -> dict:
+        for port in (self.port, self.port + 1):
+            if not port_free(port):
+                raise StackError(f"port {port} on {LOOPBACK} is in use (the transformer needs {self.port} for REST "
+                                 f"and {self.port + 1} for gRPC); choose another --port")
+        pinned, name_in_registry, version = resolve_model(self.model_uri, self.settings.mlflow_tracking_uri)
+        name = self.settings.model_name
+        p_http = free_port({self.port, self.port + 1})
+        p_grpc = free_port({self.port, self.port + 1, p_http})
+        self._workdir = tempfile.mkdtemp(prefix="pneumoscope-stack-")
+        self._log = open(self.log_file, "ab", buffering=0) if self.log_file else None
+        s = self.settings
+        predictor = [sys.executable, "-m", "serving.predictor_main", "--model_uri", pinned, "--model_name", name,
+                     "--http_port", str(p_http), "--grpc_port", str(p_grpc), "--bind", LOOPBACK,
+                     "--precision", s.precision, "--max_batch_size", str(s.max_batch_size),
+                     "--max_batch_delay_ms", str(s.max_batch_delay_ms)]
+        if s.threads:
+            predictor += ["--threads", str(s.threads)]
+        target = f"{LOOPBACK}:{p_grpc if self.predictor_protocol == 'grpc-v2' else p_http}"
+        transformer = [sys.executable, "-m", "serving.transformer_main", "--model_uri", pinned, "--model_name", name,
+                       "--http_port", str(self.port), "--grpc_port", str(self.port + 1), "--bind", LOOPBACK,
+                       "--predictor_host", target, "--predictor_protocol", self.predictor_protocol,
+                       "--max_payload_bytes", str(s.max_payload_bytes), "--max_image_pixels", str(s.max_image_pixels)]
+        self.children = {"predictor": _Child("predictor", predictor), "transformer": _Child("transformer", transformer)}
+        try:
+            self._spawn(self.children["predictor"])
+            self._wait_ready(self.children["predictor"], f"http://{LOOPBACK}:{p_http}/v2/models/{name}/ready", timeout)
+            self._spawn(self.children["transformer"])
+            self._wait_ready(self.children["transformer"], f"http://{LOOPBACK}:{self.port}/v2/models/{name}/ready",
+                             timeout, grpc_port=self.port + 1)
+        except BaseException:
+            self.stop()
+            raise
+        self.info = {"rest": f"http://{LOOPBACK}:{self.port}", "grpc": f"{LOOPBACK}:{self.port + 1}",
+                     "model_name": name, "model_version": version, "model_uri": pinned,
+                     "requested_uri": self.model_uri, "predictor_rest": f"http://{LOOPBACK}:{p_http}",
+                     "predictor_grpc": f"{LOOPBACK}:{p_grpc}", "predictor_protocol": self.predictor_protocol,
+                     "precision": s.precision, "pids": self.pids()}
+        if name_in_registry and name_in_registry != name and self.model_uri.startswith("models:/"):
+            self.info["registered_name"] = name_in_registry
+        if supervise_in_background and self.restart:
+            self._monitor = threading.Thread(target=self.supervise, name="stack-supervisor", daemon=True)
+            self._monitor.start()
+        return self.info
+
+    def pids(self) -> dict:
+        return {role: c.process.pid for role, c in self.children.items() if c.process}
+
+    def _env(self) -> dict:
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **{k: str(v) for k, v in self.extra_env.items()})
+        env["PNEUMOSCOPE_MODEL_CACHE"] = ""  # set per child below
+        if self.settings.mlflow_tracking_uri:
+            env["MLFLOW_TRACKING_URI"] = self.settings.mlflow_tracking_uri
+        # Every engine knob travels as a flag; the rest of the settings as environment variables.
+        for key, value in self.settings.model_dump(exclude_none=True).items():
+            if key not in ("mlflow_tracking_uri", "model_cache"):
+                env[f"PNEUMOSCOPE_{key.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
+        return env
+
+    def _spawn(self, child: _Child) -> None:
+        env = self._env()
+        cache = Path(self._workdir) / child.role
+        cache.mkdir(parents=True, exist_ok=True)
+        env["PNEUMOSCOPE_MODEL_CACHE"] = str(cache)
+        out = self._log if self._log else sys.stderr
+        child.process = subprocess.Popen(child.argv, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                         preexec_fn=_die_with_parent if _LIBC is not None else None)
+        child.started = time.monotonic()
+        log.info("started %s (pid %d)", child.role, child.process.pid)
+
+    def _wait_ready(self, child: _Child, url: str, timeout: float, grpc_port: int | None = None) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            code = child.process.poll()
+            if code is not None:
+                raise StackError(f"the {child.role} exited with code {code} while starting: {self._last_error()}")
+            try:
+                if httpx.get(url, timeout=2.0).status_code == 200 and (grpc_port is None or not port_free(grpc_port)):
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.25)
+        raise StackError(f"the {child.role} did not become ready within {timeout:.0f} s: {self._last_error()}")
+
+    def _last_error(self) -> str:
+        if not self.log_file:
+            return "see its log above"
+        try:
+            lines = Path(self.log_file).read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return "no log"
+        errors = [line for line in lines if "error" in line.lower()]
+        return (errors or lines or ["no output"])[-1].strip()[:300]
+
+    # -- run ---------------------------------------------------------------------------------------
+    def supervise(self, poll_s: float = 0.5) -> None:
+        """Restart children that die, until :meth:`stop` (back-off doubles up to 10 s, like a kubelet)."""
+        while not self._stopping.wait(poll_s):
+            with self._lock:
+                if self._stopping.is_set():
+                    return
+                for child in self.children.values():
+                    if child.process is not None and child.process.poll() is not None:
+                        delay = min(10.0, 0.5 * 2 ** min(child.restarts, 5))
+                        if time.monotonic() - child.started < delay:
+                            continue
+                        log.warning("%s exited with code %s; restarting it (restart %d)", child.role,
+                                    child.process.returncode, child.restarts + 1)
+                        child.restarts += 1
+                        self._spawn(child)
+
+    def kill(self, role: str) -> int:
+        """SIGKILL one child (tests: the predictor goes down). Returns its PID."""
+        with self._lock:
+            process = self.children[role].process
+            process.kill()
+            process.wait()
+            self.children[role].started = time.monotonic()
+            return process.pid
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        self._stopping.set()
+        with self._lock:
+            processes = [c.process for c in self.children.values() if c.process and c.process.poll() is None]
+            for process in processes:
+                process.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + grace_s
+            for process in processes:
+                try:
+                    process.wait(max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+        if self._monitor is not None and self._monitor is not threading.current_thread():
+            self._monitor.join(timeout=2)
+        if self._log:
+            self._log.close()
+            self._log = None
+        if self._workdir:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None
+
+    def __enter__(self) -> "LocalStack":
+        if not self.info:
+            self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def ready_line(info: dict) -> str:
+    return "READY " + json.dumps(info, sort_keys=True)

@@ -1,0 +1,60 @@
+"""``python -m serving.transformer_main``: parse arguments, load the model card, start kserve's ModelServer.
+
+Uses kserve's own ``--predictor_host`` and ``--predictor_protocol`` (``grpc-v2`` or ``v2``); the model is
+registered under ``--model_name`` (default ``pneumonia``), the name it forwards under, so the
+predictor must use the same name.
+"""
+
+import argparse
+import sys
+
+from kserve import model_server
+
+from model.bundle import BundleError
+from model.registry import RegistryError
+from serving.server import PneumoscopeModelServer, configure_logging
+from serving.settings import ServingSettings
+from serving.transformer import PneumoniaTransformer
+
+
+def parse_args(argv=None):
+    settings = ServingSettings()
+    parser = argparse.ArgumentParser(parents=[model_server.parser], description="pneumoscope transformer")
+    parser.set_defaults(model_name=settings.model_name, predictor_protocol=settings.predictor_protocol)
+    parser.add_argument("--model_uri", required=True, help="the same pinned model version as the predictor")
+    parser.add_argument("--max_payload_bytes", type=int, default=settings.max_payload_bytes)
+    parser.add_argument("--max_image_pixels", type=int, default=settings.max_image_pixels)
+    parser.add_argument("--max_images_per_request", type=int, default=settings.max_images_per_request)
+    parser.add_argument("--predictor_timeout_s", type=float, default=settings.predictor_timeout_s)
+    parser.add_argument("--mlflow_tracking_uri", default=settings.mlflow_tracking_uri)
+    parser.add_argument("--bind", default="0.0.0.0", help="listen address (the local stack uses 127.0.0.1)")
+    args = parser.parse_args(argv)
+    if not args.predictor_host:
+        parser.error("--predictor_host is required (host:port of the predictor's gRPC or REST endpoint)")
+    if args.predictor_protocol not in ("grpc-v2", "v2"):
+        parser.error("--predictor_protocol must be grpc-v2 or v2 (the predictor speaks Open Inference Protocol v2)")
+    settings = settings.model_copy(update={k: getattr(args, k) for k in (
+        "max_payload_bytes", "max_image_pixels", "max_images_per_request", "predictor_timeout_s",
+        "mlflow_tracking_uri")})
+    return args, settings
+
+
+def main(argv=None) -> int:
+    args, settings = parse_args(argv)
+    configure_logging()
+    model = PneumoniaTransformer(args.model_name, args.model_uri, args.predictor_host, args.predictor_protocol,
+                                 settings)
+    try:
+        model.load()
+    except (RegistryError, BundleError, FileNotFoundError) as exc:
+        print(f"pneumoscope transformer: error: {exc}", file=sys.stderr)
+        return 2
+    server = PneumoscopeModelServer(http_port=args.http_port, grpc_port=args.grpc_port, workers=args.workers,
+                                    enable_grpc=args.enable_grpc, max_body_bytes=settings.max_payload_bytes,
+                                    grpc_max_message_bytes=settings.max_payload_bytes, access_log=settings.access_log, bind=args.bind)
+    server.start([model])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""Fixtures for the serving tests: a small real-weights-free bundle, real X-rays, a running stack.
+
+The bundle is a randomly initialised ResNet-50 exported exactly like a trained one (ONNX with logit +
+CAM, static int8, ``pneumoscope.json`` with hashes); serving behaviour does not depend on the weights.
+Its temperature and threshold are set so that the test X-rays get both labels.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+XRAY_224 = SHARED_DATA / "chest_xray_224"
+XRAY_FULL = SHARED_DATA / "chest_xray_full"
+TEST_IMAGE_SIZE = 128  # a 4x4 CAM: enough structure to compare heatmaps, cheap on 2 cores
+
+
+def require_data() -> Path:
+    if not (XRAY_224 / "train" / "NORMAL").is_dir():
+        pytest.skip(f"real chest X-rays not found at {XRAY_224} (the shared data folder is not mounted); "
+                    "serving tests need them")
+    return SHARED_DATA
+
+
+def xray_files(per_class: int = 4, root: Path = XRAY_224, split: str = "train", offset: int = 0) -> list[Path]:
+    files = []
+    for cls in ("NORMAL", "PNEUMONIA"):
+        names = sorted((root / split / cls).iterdir())
+        files += names[offset:offset + per_class]
+    return files
+
+
+def free_port_pair(start: int = 18000, stop: int = 19990) -> int:
+    """A port P with P and P+1 free on loopback, from the unusual range 18000-19999."""
+    rng = np.random.default_rng(os.getpid())
+    for _ in range(200):
+        port = int(rng.integers(start, stop))
+        if all(_free(p) for p in (port, port + 1)):
+            return port
+    raise RuntimeError("no free port pair in 18000-19999")
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def build_bundle(dest: Path, image_size: int = TEST_IMAGE_SIZE, seed: int = 0, calibration: int = 16,
+                 int8_accepted: bool = False):
+    """Export a random ResNet-50 as a complete bundle; returns (bundle dir, torch module)."""
+    import torch
+
+    from model.bundle import make_session, run_images, write_bundle
+    from model.export import export_onnx, quantize_int8
+    from model.network import build_resnet50
+    from model.preprocessing import PreprocessConfig, load_resized
+
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    files = xray_files(per_class=calibration // 2, offset=100)
+    raw = PreprocessConfig(image_size=image_size)
+    images = np.stack([load_resized(f.read_bytes(), raw).pixels for f in files])
+    per_image = images.reshape(len(images), -1).mean(axis=1)
+    config = PreprocessConfig(image_size=image_size, mean=round(float(images.mean() / 255), 6),
+                              std=round(float((images / 255.0).std()), 6),
+                              train_intensity_mean=round(float(per_image.mean()), 4),
+                              train_intensity_std=round(float(per_image.std()), 4))
+    torch.manual_seed(seed)
+    net = build_resnet50(for_training=False).eval()
+    export_onnx(net, image_size, dest / "model.onnx")
+    quantize_int8(dest / "model.onnx", dest / "model.int8.onnx", images, config)
+    logits = run_images(make_session(dest / "model.onnx", threads=2), images, config)
+    temperature = float(max(np.std(logits), 1e-3))
+    probs = 1 / (1 + np.exp(-logits / temperature))
+    write_bundle(dest, {"model_name": "pneumonia", "arch": "resnet50", "preprocess": config.to_dict(),
+                        "threshold": float(np.median(probs)), "threshold_method": "test-median",
+                        "temperature": temperature, "metrics": {},
+                        "int8": {"accepted": int8_accepted, "reason": "test bundle"}})
+    return dest, net
+
+
+def register(bundle_dir: Path, tracking_uri: str, name: str = "pneumonia", alias: str | None = "champion") -> str:
+    """Register the bundle folder as a new version of ``name`` (no MLflow run needed); returns the version."""
+    from model.bundle import Bundle
+    from model.registry import connect
+
+    client = connect(tracking_uri)
+    try:
+        client.get_registered_model(name)
+    except Exception:  # MlflowException: RESOURCE_DOES_NOT_EXIST
+        client.create_registered_model(name)
+    version = client.create_model_version(name, source=str(bundle_dir),
+                                          tags={"bundle_sha256": Bundle.load(bundle_dir).sha256}).version
+    if alias:
+        client.set_registered_model_alias(name, alias, version)
+    return str(version)
+
