@@ -22,6 +22,12 @@ def preprocess(data_uri: str, dataset: Output[Dataset], profile: str = "gpu", im
     from model.data import SplitFractions, prepare
     from model.settings import Settings
 
+    if "://" in data_uri and not data_uri.startswith("file://"):
+        import multiprocessing
+
+        # Remote filesystems (s3fs, gcsfs) are not fork-safe: prepare()'s decode workers must be spawned
+        # so that the filesystem object is pickled and rebuilt in each worker.
+        multiprocessing.set_start_method("spawn", force=True)
     if image_size <= 0:
         from model.training import get_profile  # imports torch: only when the size is not given
 

@@ -1,0 +1,80 @@
+"""Integration: the whole pipeline on kfp.local (smoke profile, a subset of the real X-rays) against a
+fresh SQLite MLflow store, twice; then the registry is read back with MlflowClient."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from model.cli import main
+from tests.test_pipeline_fixtures import shared_xrays
+
+pytestmark = pytest.mark.integration
+
+# int8 quantisation (~10 s a run here) is left to model's tests; the pipeline exposes it as a parameter.
+SMOKE = ["--profile", "smoke", "--limit-per-class", "40", "--n-bootstrap", "200", "--no-int8"]
+
+
+def run_pipeline(capsys, *extra: str) -> dict:
+    code = main(["pipeline", "run", "--local", "--data", str(shared_xrays()), *SMOKE, *extra])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err[-3000:]
+    lines = captured.out.strip().splitlines()
+    assert len(lines) == 1, "stdout holds only the result; the steps' logs go to stderr"
+    return json.loads(lines[0])
+
+
+def step_outputs(pipeline_root, run_name: str, step: str) -> dict:
+    return json.loads((pipeline_root / run_name / step / "executor_output.json").read_text())
+
+
+def test_two_local_runs_register_versions_with_metrics_params_tags_and_aliases(tmp_path, monkeypatch, capsys):
+    from mlflow import MlflowClient
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("PNEUMOSCOPE_HOME", str(home))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
+
+    first = run_pipeline(capsys, "--mlflow-uri", uri)
+    assert first["model_uri"] == "models:/pneumonia/1" and first["version"] == "1"
+    assert set(first["aliases"]) == {"challenger", "champion"}
+    assert first["pipeline_root"] == str(home / "pipeline_root")
+
+    client = MlflowClient(uri, uri)
+    version = client.get_model_version("pneumonia", "1")
+    assert set(version.aliases) == {"challenger", "champion"}
+    run = client.get_run(version.run_id)
+    for metric in ("val_auc", "val_sensitivity", "val_specificity", "val_ece", "holdout_auc", "threshold",
+                   "temperature", "train_loss"):
+        assert metric in run.data.metrics, metric
+    params = run.data.params
+    assert params["profile"] == "smoke" and params["image_size"] == "64" and params["limit_per_class"] == "40"
+    assert params["data_uri"] == str(shared_xrays()) and params["int8"] == "False"
+    tags = run.data.tags
+    assert len(tags["pneumoscope.manifest_sha256"]) == 64
+    assert tags["pneumoscope.git_commit"] not in ("", "unknown")
+    # kfp.local resolves dsl.PIPELINE_JOB_ID_PLACEHOLDER to a random 8-digit id (a UUID on a cluster)
+    assert tags["pneumoscope.pipeline_run_id"] == first["pipeline_run_id"] and first["pipeline_run_id"].isdigit()
+    assert params["kfp_run_name"] == first["pipeline_run_name"]
+
+    # what the KFP UI shows: metrics, ROC + confusion matrix, the HTML report
+    evaluate = step_outputs(home / "pipeline_root", first["pipeline_run_name"], "evaluate")["artifacts"]
+    classification = evaluate["classification"]["artifacts"][0]["metadata"]
+    assert classification["confidenceMetrics"] and classification["confusionMatrix"]["annotationSpecs"] == [
+        {"displayName": "NORMAL"}, {"displayName": "PNEUMONIA"}]
+    assert "val_auc" in evaluate["metrics"]["artifacts"][0]["metadata"]
+    report = home / "pipeline_root" / first["pipeline_run_name"] / "evaluate" / "report"
+    assert report.read_text().count("data:image/png;base64,") == 3
+    assert not list((home / "pipeline_root").rglob("last.pt")), "the resume state is not kept as an artifact"
+
+    second = run_pipeline(capsys, "--mlflow-uri", uri, "--seed", "7")
+    assert second["version"] == "2" and "challenger" in second["aliases"]
+    assert second["pipeline_run_id"] != first["pipeline_run_id"]
+    v2 = client.get_model_version("pneumonia", "2")
+    assert "challenger" in v2.aliases and "challenger" not in client.get_model_version("pneumonia", "1").aliases
+    assert v2.tags["promotion"] == second["promotion"]["reason"]
+    assert "champion v1" in v2.tags["promotion"]  # the paired bootstrap test against the champion ran
+    champion = client.get_model_version_by_alias("pneumonia", "champion").version
+    assert str(champion) == ("2" if second["promotion"]["promote"] else "1")
