@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from components.image import DEFAULT_IMAGE
+from model.cli import main
 from pipelines.pneumonia_training import DEFAULT_YAML, build_pipeline, compile_pipeline
 from tests.test_pipeline_fixtures import one_error_line, pneumoscope
 
@@ -114,6 +115,8 @@ def test_compile_command_writes_the_yaml_for_an_image(tmp_path):
     spec, _ = load(out)
     assert {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()} == {"example.org/p:2"}
 
-    bad = pneumoscope("pipeline", "compile", "--output", str(out), "--image", "Not An Image")
-    assert bad.returncode == 2
-    assert "not a container image reference" in one_error_line(bad.stderr)
+
+def test_compile_command_refuses_a_bad_image_in_one_line(tmp_path, capsys):
+    assert main(["pipeline", "compile", "--output", str(tmp_path / "p.yaml"), "--image", "Not An Image"]) == 2
+    assert "not a container image reference" in one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "p.yaml").exists()
