@@ -32,13 +32,13 @@ class PredictorUnavailable(ModelNotReady):
 
 def install_handlers(app) -> None:
     """REST handlers for our errors (more specific than kserve's, so they win)."""
-    from fastapi.responses import ORJSONResponse
+    from fastapi.responses import JSONResponse
 
     async def rejected(_, exc: RequestRejected):
-        return ORJSONResponse(status_code=exc.status, content={"error": str(exc), "reason": exc.code})
+        return JSONResponse(status_code=exc.status, content={"error": str(exc), "reason": exc.code})
 
     async def unavailable(_, exc: PredictorUnavailable):
-        return ORJSONResponse(status_code=503, content={"error": str(exc), "reason": "predictor_unavailable"},
+        return JSONResponse(status_code=503, content={"error": str(exc), "reason": "predictor_unavailable"},
                               headers={"retry-after": "1"})
 
     app.add_exception_handler(RequestRejected, rejected)

@@ -20,27 +20,13 @@ from kserve.protocol.infer_type import InferRequest, InferResponse
 from model.bundle import INPUT_NAME, OUTPUT_NAMES
 from model.registry import fetch_model
 from serving.batching import DynamicBatcher
+from serving.engine import create_session
 from serving.errors import RequestRejected
 from serving.metrics import WARMUP_SECONDS, reject_count, set_model_info
 from serving.protocol import tensor_output
 from serving.settings import ServingSettings
 
 log = logging.getLogger(__name__)
-
-
-def create_session(onnx_path: str | Path, threads: int, spinning: bool = False):
-    """An ORT CPU session tuned for serving: ``threads`` intra-op threads, no busy-waiting by default."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    # Spinning threads burn the cores the HTTP/gRPC event loops need between batches.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    options.add_session_config_entry("session.inter_op.allow_spinning", "1" if spinning else "0")
-    return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
 
 
 def _refuse(message: str) -> RequestRejected:

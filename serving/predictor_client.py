@@ -8,7 +8,6 @@ resumes by itself once the predictor is back.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import uuid
@@ -110,13 +109,3 @@ class PredictorClient:
             raise PredictorUnavailable(self.model_name, f"HTTP {reply.status_code}: {detail}")
         length = int(reply.headers.get("inference-header-content-length", len(reply.content)))
         return InferResponse.from_bytes(reply.content, length)
-
-    def close_soon(self) -> None:
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return
-        if self._channel is not None:
-            loop.create_task(self._channel.close())
-        if self._http is not None:
-            loop.create_task(self._http.aclose())

@@ -147,7 +147,18 @@ class _DropGrpcMethodLines(logging.Filter):
 
 
 def configure_logging(level: int = logging.INFO) -> None:
-    """Our own loggers (``serving.*``, ``model.*``) in kserve's format; kserve configures its own."""
+    """Our own loggers (``serving.*``, ``model.*``) in kserve's format; kserve configures its own.
+
+    FastAPI warns about kserve's ORJSONResponse on every request: per-request stderr writes we drop.
+    """
+    import warnings
+
+    try:
+        from fastapi.exceptions import FastAPIDeprecationWarning
+
+        warnings.filterwarnings("ignore", category=FastAPIDeprecationWarning)
+    except ImportError:
+        pass
     logging.basicConfig(level=level, format="%(asctime)s.%(msecs)03d %(process)s %(name)s %(levelname)s %(message)s",
                         datefmt="%Y-%m-%d %H:%M:%S")
 
@@ -163,7 +174,7 @@ def quiet_request_logging(access_log: bool) -> None:
 def prepare_app(max_body_bytes: int) -> None:
     """Adjust kserve's module-level FastAPI app before ModelServer.start() builds on it."""
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import ORJSONResponse
+    from fastapi.responses import JSONResponse
     from kserve.model_server import app
 
     install_handlers(app)
@@ -172,7 +183,7 @@ def prepare_app(max_body_bytes: int) -> None:
         reject_count("invalid_request")
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()))
-        return ORJSONResponse(status_code=422, content={"error": f"malformed request: {where}: {first.get('msg', '')}",
+        return JSONResponse(status_code=422, content={"error": f"malformed request: {where}: {first.get('msg', '')}",
                                                         "reason": "invalid_request"})
 
     app.add_exception_handler(RequestValidationError, invalid_request)
@@ -267,5 +278,19 @@ class PneumoscopeModelServer(ModelServer):
         self.register_signal_handler()
         try:
             loop.run_until_complete(self._serve())
+            _finish_pending(loop)
         finally:
             loop.close()
+
+
+def _finish_pending(loop: asyncio.AbstractEventLoop, timeout_s: float = 5.0) -> None:
+    """Let kserve's shutdown task (gRPC server stop) finish, as ``asyncio.run`` would; cancel stragglers."""
+    pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+    if pending:
+        loop.run_until_complete(asyncio.wait(pending, timeout=timeout_s))
+    for task in asyncio.all_tasks(loop):
+        task.cancel()
+    leftovers = [t for t in asyncio.all_tasks(loop) if not t.done()]
+    if leftovers:
+        loop.run_until_complete(asyncio.gather(*leftovers, return_exceptions=True))
+    loop.run_until_complete(loop.shutdown_asyncgens())

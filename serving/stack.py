@@ -38,7 +38,9 @@ class StackError(Exception):
 
 
 def port_free(port: int, host: str = LOOPBACK) -> bool:
+    """Nobody listens there. SO_REUSEADDR, as the servers use it: connections in TIME_WAIT do not count."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:
@@ -183,7 +185,9 @@ class LocalStack:
         cache.mkdir(parents=True, exist_ok=True)
         env["PNEUMOSCOPE_MODEL_CACHE"] = str(cache)
         out = self._log if self._log else sys.stderr
+        # A session of its own: a terminal's Ctrl-C reaches only the stack, which stops the children by PID.
         child.process = subprocess.Popen(child.argv, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                         start_new_session=True,
                                          preexec_fn=_die_with_parent if _LIBC is not None else None)
         child.started = time.monotonic()
         log.info("started %s (pid %d)", child.role, child.process.pid)

@@ -259,7 +259,3 @@ class PneumoniaTransformer(Model):
                                                          self.settings.heatmap_max_side)).decode("ascii")
                 for img, cam in zip(images, cams)]
 
-    def stop(self):
-        if self.client is not None:
-            self.client.close_soon()
-        super().stop()

@@ -49,6 +49,15 @@ def test_settings_from_environment(monkeypatch):
         ServingSettings()
 
 
+def test_one_worker_per_process():
+    """Several uvicorn workers would each keep a Prometheus registry: /metrics would show one worker's share."""
+    from serving.server import check_workers
+
+    check_workers(1)
+    with pytest.raises(SystemExit, match="workers must be 1"):
+        check_workers(2)
+
+
 # ---------------------------------------------------------------------------------------------------
 # heatmap
 

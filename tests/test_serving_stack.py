@@ -1,0 +1,582 @@
+"""Serving, end to end: REAL predictor and transformer processes started by ``pneumoscope serve``.
+
+One stack serves the whole module: a registered model (``models:/pneumonia@champion`` in a throw-away
+MLflow registry) is resolved once, both processes load version 1, and the tests talk to it over
+REST v1, REST v2 (JSON and binary), gRPC (kserve's client, tritonclient) and the CLI client. The
+tests near the end kill the predictor (503, then recovery) and stop the stack with SIGTERM.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from serving_fixtures import (XRAY_FULL, build_bundle, free_port_pair, register, require_data,
+                              xray_files)
+
+pytestmark = pytest.mark.integration
+
+MAX_PAYLOAD = 8_000_000
+TESTS = Path(__file__).resolve().parent
+
+
+@dataclass
+class Served:
+    info: dict
+    process: subprocess.Popen
+    log: Path
+    tracking_uri: str
+    bundle: Path
+    net: object
+
+    @property
+    def rest(self) -> str:
+        return self.info["rest"]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    require_data()
+    root = tmp_path_factory.mktemp("serving")
+    bundle, net = build_bundle(root / "bundle")
+    tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
+    assert register(bundle, tracking_uri) == "1"
+    port = free_port_pair()
+    log = root / "stack.log"
+    env = dict(os.environ, MLFLOW_TRACKING_URI=tracking_uri, PNEUMOSCOPE_MAX_PAYLOAD_BYTES=str(MAX_PAYLOAD),
+               PNEUMOSCOPE_MAX_BATCH_SIZE="8", PNEUMOSCOPE_THREADS="2", PYTHONUNBUFFERED="1")
+    process = subprocess.Popen([sys.executable, "-m", "model.cli", "serve", "--model", "models:/pneumonia@champion",
+                                "--port", str(port), "--log-file", str(log)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=env, cwd=root)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()
+    try:
+        line = lines.get(timeout=300)
+    except queue.Empty:
+        line = ""
+    if not line.startswith("READY "):
+        process.kill()
+        tail = log.read_text()[-3000:] if log.exists() else ""
+        pytest.fail(f"no READY line (got {line!r}); stderr: {process.stderr.read()[-2000:]}\nlog: {tail}")
+    served = Served(json.loads(line[len("READY "):]), process, log, tracking_uri, bundle, net)
+    yield served
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+@pytest.fixture(scope="module")
+def images() -> list[bytes]:
+    require_data()
+    return [f.read_bytes() for f in xray_files(per_class=3)] + [f.read_bytes() for f in xray_files(1, XRAY_FULL)]
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def v1(served, data, verb="predict", timeout=60, **body):
+    payload = body or {"instances": [{"image": {"b64": b64(data)}}]}
+    return httpx.post(f"{served.rest}/v1/models/pneumonia:{verb}", json=payload, timeout=timeout)
+
+
+def v2_json(served, items, parameters=None):
+    body = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [len(items)], "data": [b64(i) for i in items]}]}
+    if parameters:
+        body["parameters"] = parameters
+    return httpx.post(f"{served.rest}/v2/models/pneumonia/infer", json=body, timeout=60)
+
+
+def v2_binary(url, items, datatype="BYTES", parameters=None, extra=None):
+    raw = b"".join(len(i).to_bytes(4, "little") + i for i in items) if datatype == "BYTES" else items
+    header = {"inputs": [{"name": "image", "datatype": datatype, "shape": [len(items)] if datatype == "BYTES" else extra,
+                          "parameters": {"binary_data_size": len(raw)}}], "parameters": parameters or {}}
+    head = json.dumps(header).encode()
+    return httpx.post(f"{url}/v2/models/pneumonia/infer", content=head + raw, timeout=60,
+                      headers={"content-type": "application/octet-stream",
+                               "inference-header-content-length": str(len(head))})
+
+
+def outputs(response) -> dict:
+    assert response.status_code == 200, response.text
+    return {o["name"]: o for o in response.json()["outputs"]}
+
+
+def assert_good(served, images):
+    response = v1(served, images[0])
+    assert response.status_code == 200, f"a good request failed after a bad one: {response.text}"
+
+
+# ---------------------------------------------------------------------------------------------------
+
+def test_ready_line_pins_the_alias_to_a_version(served):
+    info = served.info
+    assert info["model_version"] == "1" and info["model_uri"] == "models:/pneumonia/1"
+    assert info["requested_uri"] == "models:/pneumonia@champion" and info["model_name"] == "pneumonia"
+    assert info["rest"].startswith("http://127.0.0.1:") and info["grpc"].startswith("127.0.0.1:")
+    assert int(info["grpc"].rsplit(":", 1)[1]) == int(info["rest"].rsplit(":", 1)[1]) + 1
+    for pid in info["pids"].values():
+        os.kill(pid, 0)  # both alive
+    assert httpx.get(f"{info['predictor_rest']}/v2/models/pneumonia/ready").status_code == 200
+
+
+def test_rest_v1_predict_and_explain(served, images):
+    body = {"instances": [{"image": {"b64": b64(images[0])}}, {"image": {"b64": b64(images[-1])}}]}
+    response = v1(served, None, **body)
+    assert response.status_code == 200, response.text
+    predictions = response.json()["predictions"]
+    assert len(predictions) == 2
+    for p in predictions:
+        assert set(p) == {"probability", "label", "threshold", "model_name", "model_version"}
+        assert 0 <= p["probability"] <= 1 and p["label"] in ("NORMAL", "PNEUMONIA") and p["model_version"] == "1"
+        assert p["label"] == ("PNEUMONIA" if p["probability"] >= p["threshold"] else "NORMAL")
+    explained = v1(served, images[-1], verb="explain").json()["predictions"][0]
+    assert explained["probability"] == pytest.approx(predictions[1]["probability"], abs=1e-6)
+    heatmap = Image.open(io.BytesIO(base64.b64decode(explained["heatmap_png"])))
+    assert heatmap.format == "PNG" and max(heatmap.size) <= 512
+
+
+def test_rest_v2_json_binary_and_heatmap(served, images):
+    as_json = outputs(v2_json(served, images[:3]))
+    assert as_json["probability"]["datatype"] == "FP32" and as_json["probability"]["shape"] == [3]
+    assert as_json["label"]["datatype"] == "BYTES" and len(as_json["threshold"]["data"]) == 3
+    binary = outputs(v2_binary(served.rest, images[:3]))
+    np.testing.assert_allclose(binary["probability"]["data"], as_json["probability"]["data"], atol=1e-6)
+    labels = set(outputs(v2_json(served, images))["label"]["data"])
+    assert labels == {"NORMAL", "PNEUMONIA"}, "the test bundle's threshold should split the test X-rays"
+    with_heatmap = outputs(v2_json(served, images[:2], {"heatmap": True}))
+    assert with_heatmap["cam"]["shape"][0] == 2 and len(with_heatmap["heatmap_png"]["data"]) == 2
+    Image.open(io.BytesIO(base64.b64decode(with_heatmap["heatmap_png"]["data"][0]))).verify()
+    reply = v2_json(served, images[:1]).json()
+    assert reply["model_name"] == "pneumonia" and reply["model_version"] == "1"
+
+
+def _dicom_from(data: bytes) -> bytes:
+    """A real X-ray wrapped as an 8-bit MONOCHROME2 DICOM file."""
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    pixels = np.asarray(Image.open(io.BytesIO(data)).convert("L"))
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds = FileDataset("xray.dcm", {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.Modality, ds.PhotometricInterpretation, ds.SamplesPerPixel = "CR", "MONOCHROME2", 1
+    ds.Rows, ds.Columns = pixels.shape
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.WindowCenter, ds.WindowWidth = 127.5, 256
+    ds.PixelData = pixels.tobytes()
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def test_dicom_and_raw_image_bodies(served, images):
+    dicom = _dicom_from(images[-1])
+    as_json = v1(served, dicom)
+    assert as_json.status_code == 200, as_json.text
+    raw = httpx.post(f"{served.rest}/v1/models/pneumonia:predict", content=dicom, timeout=60,
+                     headers={"content-type": "application/dicom"})
+    assert raw.status_code == 200, raw.text
+    assert raw.json()["predictions"][0]["probability"] == pytest.approx(
+        as_json.json()["predictions"][0]["probability"], abs=1e-6)
+    jpeg = httpx.post(f"{served.rest}/v1/models/pneumonia:explain", content=images[0], timeout=60,
+                      headers={"content-type": "image/jpeg"})
+    assert jpeg.status_code == 200 and "heatmap_png" in jpeg.json()["predictions"][0]
+
+
+def test_v2_metadata_describes_inputs_and_outputs(served):
+    meta = httpx.get(f"{served.rest}/v2/models/pneumonia").json()
+    assert meta["inputs"] == [{"name": "image", "datatype": "BYTES", "shape": [-1]}]
+    described = {o["name"]: o for o in meta["outputs"]}
+    assert described["probability"] == {"name": "probability", "datatype": "FP32", "shape": [-1]}
+    assert described["label"]["datatype"] == "BYTES" and "heatmap_png" in described
+    assert meta["versions"] == ["1"]
+    predictor = httpx.get(f"{served.info['predictor_rest']}/v2/models/pneumonia").json()
+    assert predictor["inputs"] == [{"name": "image", "datatype": "FP32", "shape": [-1, 1, 128, 128]}]
+    assert [o["name"] for o in predictor["outputs"]] == ["logit", "cam"]
+    assert predictor["outputs"][1]["shape"] == [-1, 4, 4]
+
+
+def test_grpc_with_kserve_client(served, images):
+    import asyncio
+
+    from kserve import InferenceGRPCClient, InferInput, InferRequest
+
+    async def call():
+        client = InferenceGRPCClient(served.info["grpc"], timeout=60)
+        raw = InferInput("image", [2], "BYTES")
+        raw.set_data_from_numpy(np.array(images[:2], dtype=np.object_))
+        first = await client.infer(InferRequest("pneumonia", [raw]))
+        contents = InferInput("image", [1], "BYTES", data=[b64(images[0])])
+        second = await client.infer(InferRequest("pneumonia", [contents], parameters={"heatmap": True}))
+        ready = await client.is_model_ready("pneumonia")
+        await client.close()
+        return first, second, ready
+
+    first, second, ready = asyncio.run(call())
+    assert ready and first.model_version == "1"
+    probs = first.get_output_by_name("probability").as_numpy()
+    rest = outputs(v2_json(served, images[:2]))["probability"]["data"]
+    np.testing.assert_allclose(probs, rest, atol=1e-6)
+    assert [o.name for o in second.outputs] == ["probability", "label", "threshold", "heatmap_png", "cam"]
+    assert second.get_output_by_name("probability").as_numpy()[0] == pytest.approx(rest[0], abs=1e-6)
+
+
+def test_tritonclient_http_and_grpc(served, images, tmp_path):
+    paths = []
+    for i, data in enumerate(images[:2]):
+        paths.append(tmp_path / f"x{i}.jpeg")
+        paths[-1].write_bytes(data)
+    http = served.rest.removeprefix("http://")
+    result = subprocess.run([sys.executable, str(TESTS / "serving_triton_client.py"), http, served.info["grpc"],
+                             *map(str, paths)], capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = json.loads(result.stdout)
+    rest = outputs(v2_json(served, images[:2]))["probability"]["data"]
+    assert out["http_ready"] and out["grpc_ready"]
+    np.testing.assert_allclose(out["http"]["probability"], rest, atol=1e-6)
+    np.testing.assert_allclose(out["grpc"]["probability"], rest, atol=1e-6)
+    assert out["grpc"]["model_version"] == "1" and out["http"]["model_version"] == "1"
+    assert out["grpc"]["heatmap_formats"] == ["PNG", "PNG"] and out["grpc"]["cam_shape"] == [2, 4, 4]
+    assert out["http_metadata"]["inputs"][0]["datatype"] == "BYTES"
+    assert out["grpc_bad"] == "StatusCode.INVALID_ARGUMENT"
+
+
+def test_cli_predict_all_protocols(served, images, tmp_path, capsys):
+    from model.cli import main
+
+    image = tmp_path / "xray.jpeg"
+    image.write_bytes(images[0])
+    reference = v1(served, images[0]).json()["predictions"][0]["probability"]
+    for protocol in ("v1", "v2"):
+        heatmap = tmp_path / f"{protocol}.png"
+        assert main(["predict", str(image), "--url", served.rest, "--protocol", protocol, "--json",
+                     "--heatmap", str(heatmap)]) == 0
+        result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert result["probability"] == pytest.approx(reference, abs=1e-6) and result["model_version"] == "1"
+        assert Image.open(heatmap).format == "PNG"
+    # gRPC goes through tritonclient, which cannot share this (kserve-importing) interpreter
+    heatmap = tmp_path / "grpc.png"
+    done = subprocess.run([sys.executable, "-m", "model.cli", "predict", str(image), "--url", served.info["grpc"],
+                           "--protocol", "grpc", "--json", "--heatmap", str(heatmap)], capture_output=True,
+                          text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-1500:]
+    assert json.loads(done.stdout)["probability"] == pytest.approx(reference, abs=1e-6)
+    assert Image.open(heatmap).format == "PNG"
+    assert main(["predict", str(tmp_path / "missing.jpeg"), "--url", served.rest]) == 2
+    bad = tmp_path / "bad.jpeg"
+    bad.write_bytes(b"not an image at all")
+    assert main(["predict", str(bad), "--url", served.rest, "--protocol", "v1"]) == 2
+    assert "not a JPEG, PNG or DICOM" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------
+# numerical checks against the PyTorch model
+
+def _torch_reference(net, config, files):
+    import torch
+
+    from model.preprocessing import load_resized, normalize
+
+    x = torch.from_numpy(normalize(np.stack([load_resized(b, config).pixels for b in files]), config))
+    activations = {}
+    hook = net.layer4.register_forward_hook(lambda _m, _i, out: activations.__setitem__("a", out))
+    try:
+        x.requires_grad_(False)
+        logits = net(x).reshape(-1)
+        features = activations["a"]
+        grads = torch.autograd.grad(logits.sum(), features)[0]  # each logit depends only on its own image
+    finally:
+        hook.remove()
+    alpha = grads.mean(dim=(2, 3), keepdim=True)
+    gradcam = torch.relu((alpha * features).sum(dim=1))
+    return logits.detach().numpy(), gradcam.detach().numpy()
+
+
+def test_onnx_matches_pytorch_on_real_xrays(served, images):
+    from model.bundle import Bundle
+    from model.preprocessing import load_resized, normalize
+
+    bundle = Bundle.load(served.bundle)
+    config = bundle.preprocess
+    torch_logits, _ = _torch_reference(served.net, config, images)
+    x = normalize(np.stack([load_resized(b, config).pixels for b in images]), config)
+    served_logits = np.array(outputs(v2_binary(served.info["predictor_rest"], x.tobytes(), "FP32",
+                                               extra=list(x.shape)))["logit"]["data"])
+    np.testing.assert_allclose(served_logits, torch_logits, rtol=1e-4, atol=1e-3)
+    probs = outputs(v2_json(served, images))["probability"]["data"]
+    np.testing.assert_allclose(probs, bundle.probability(torch_logits), atol=1e-4)
+
+
+def test_heatmap_matches_gradcam_reference(served, images):
+    """Grad-CAM by autograd on layer4 of the PyTorch model vs the CAM the stack serves: r >= 0.99."""
+    import torch
+    import torch.nn.functional as F
+
+    from model.bundle import Bundle
+    from serving.heatmap import heatmap
+
+    config = Bundle.load(served.bundle).preprocess
+    _, gradcam = _torch_reference(served.net, config, images)
+    served_cam = np.array(outputs(v2_json(served, images, {"heatmap": True}))["cam"]["data"], dtype=np.float32)
+    served_cam = served_cam.reshape(len(images), *gradcam.shape[1:])
+    size = config.image_size
+    compared = 0
+    for reference, cam in zip(gradcam, served_cam):
+        if reference.max() <= 0 or np.ptp(reference) == 0:
+            continue  # nothing positive: both maps are empty
+        ref = F.interpolate(torch.from_numpy(reference / reference.max())[None, None], size=(size, size),
+                            mode="bilinear", align_corners=False)[0, 0].numpy()
+        mine = heatmap(cam, size, size)
+        r = np.corrcoef(ref.ravel(), mine.ravel())[0, 1]
+        assert r >= 0.99, f"served heatmap correlates {r:.4f} with Grad-CAM"
+        compared += 1
+    assert compared >= 3
+
+
+# ---------------------------------------------------------------------------------------------------
+# metrics and batching
+
+def _metric(text: str, name: str, **labels) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            if line[len(name)] in "{ ":
+                total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_dynamic_batching_groups_concurrent_requests(served, images):
+    url = f"{served.info['predictor_rest']}/metrics"
+    before = httpx.get(url).text
+    with ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(lambda i: v2_binary(served.rest, [images[i % len(images)]]), range(8)))
+    assert all(r.status_code == 200 for r in replies)
+    after = httpx.get(url).text
+    calls = _metric(after, "pneumoscope_batch_size_count") - _metric(before, "pneumoscope_batch_size_count")
+    rows = _metric(after, "pneumoscope_batch_size_sum") - _metric(before, "pneumoscope_batch_size_sum")
+    assert rows == 8 and calls < 8, f"8 concurrent requests took {calls:.0f} engine calls"
+
+
+def test_metrics_on_both_processes(served, images):
+    v1(served, b"definitely not an image")
+    transformer = httpx.get(f"{served.rest}/metrics").text
+    for name in ("request_preprocess_seconds_count", "request_predict_seconds_count",
+                 "request_postprocess_seconds_count", "request_explain_seconds_count"):
+        assert _metric(transformer, name, model_name="pneumonia") > 0, name
+    assert _metric(transformer, "pneumoscope_predictions_total", label="PNEUMONIA") > 0
+    assert _metric(transformer, "pneumoscope_predictions_total", label="NORMAL") > 0
+    assert _metric(transformer, "pneumoscope_probability_count") > 0
+    assert _metric(transformer, "pneumoscope_probability_bucket", le="1.0") > 0
+    assert _metric(transformer, "pneumoscope_input_rejections_total", reason="not_an_image") >= 1
+    assert _metric(transformer, "pneumoscope_model_info", model_version="1", role="transformer") == 1
+    predictor = httpx.get(f"{served.info['predictor_rest']}/metrics").text
+    assert _metric(predictor, "request_predict_seconds_count", model_name="pneumonia") > 0
+    assert _metric(predictor, "pneumoscope_model_info", model_version="1", role="predictor", precision="fp32") == 1
+    assert _metric(predictor, "pneumoscope_warmup_seconds") > 0
+    assert _metric(predictor, "pneumoscope_engine_seconds_count") > 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# bad input: a 4xx with a message, never a 500, and the next good request succeeds
+
+def _png(array) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _bomb() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("L", (20000, 20000)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _dicom_without_pixels() -> bytes:
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds = FileDataset("empty.dcm", {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.PatientName, ds.Modality = "Test^NoPixels", "CR"
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def _colour_photo() -> bytes:
+    rng = np.random.default_rng(1)
+    yy, xx = np.mgrid[0:300, 0:400]
+    photo = np.stack([xx * 255 // 400, yy * 255 // 300, 255 - xx * 255 // 400], axis=2).astype(np.uint8)
+    photo = np.clip(photo.astype(int) + rng.integers(-20, 20, photo.shape), 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(photo).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def _v1_image(data):
+    return lambda served: v1(served, data)
+
+
+BAD_INPUTS = {
+    "not_an_image": (_v1_image(b"GIF? no. Just some text that is not an image." * 5), 400, "not_an_image"),
+    "truncated_jpeg": (lambda s: v1(s, (XRAY_FULL / "train" / "NORMAL").glob("*").__next__().read_bytes()[:5000]),
+                       400, "corrupt"),
+    "decompression_bomb": (lambda s: v1(s, _bomb()), 413, "too_large"),
+    "empty_body_v1": (lambda s: httpx.post(f"{s.rest}/v1/models/pneumonia:predict", content=b""), 400, "empty"),
+    "empty_body_v2": (lambda s: httpx.post(f"{s.rest}/v2/models/pneumonia/infer", content=b""), 400, "empty"),
+    "empty_image": (_v1_image(b""), 400, "empty"),
+    "invalid_base64": (lambda s: v1(s, None, instances=[{"image": {"b64": "@@@ not base64 @@@"}}]), 400,
+                       "invalid_base64"),
+    "invalid_json": (lambda s: httpx.post(f"{s.rest}/v1/models/pneumonia:predict", content=b"{not json",
+                                          headers={"content-type": "application/json"}), 400, None),
+    "no_instances": (lambda s: v1(s, None, instances="nope"), 400, "invalid_request"),
+    "v2_wrong_datatype": (lambda s: httpx.post(f"{s.rest}/v2/models/pneumonia/infer", json={"inputs": [
+        {"name": "image", "datatype": "FP32", "shape": [1], "data": [0.5]}]}), 400, "invalid_tensor"),
+    "v2_wrong_shape": (lambda s: httpx.post(f"{s.rest}/v2/models/pneumonia/infer", json={"inputs": [
+        {"name": "image", "datatype": "BYTES", "shape": [3], "data": ["aGVsbG8="]}]}), 400, "invalid_tensor"),
+    "v2_2d_shape": (lambda s: httpx.post(f"{s.rest}/v2/models/pneumonia/infer", json={"inputs": [
+        {"name": "image", "datatype": "BYTES", "shape": [1, 1], "data": ["aGVsbG8="]}]}), 400, "invalid_tensor"),
+    "v2_wrong_name": (lambda s: httpx.post(f"{s.rest}/v2/models/pneumonia/infer", json={"inputs": [
+        {"name": "picture", "datatype": "BYTES", "shape": [1], "data": ["aGVsbG8="]}]}), 400, "invalid_tensor"),
+    "v2_malformed": (lambda s: httpx.post(f"{s.rest}/v2/models/pneumonia/infer", json={"inputs": [{"x": 1}]}),
+                     422, "invalid_request"),
+    "v2_binary_overrun": (lambda s: httpx.post(f"{s.rest}/v2/models/pneumonia/infer", content=b'{"inputs":[]}xx',
+                                               headers={"inference-header-content-length": "999"}), 400,
+                          "invalid_request"),
+    "payload_over_limit": (lambda s: httpx.post(f"{s.rest}/v1/models/pneumonia:predict",
+                                                content=b"x" * (MAX_PAYLOAD + 1)), 413, "too_large"),
+    "too_many_images": (lambda s: v1(s, None, instances=[{"image": {"b64": "aGVsbG8="}}] * 33), 413,
+                        "too_many_images"),
+    "dicom_without_pixels": (lambda s: v1(s, _dicom_without_pixels()), 400, "no_pixel_data"),
+    "colour_photograph": (lambda s: v1(s, _colour_photo()), 422, "not_grayscale"),
+    "blank_frame": (lambda s: v1(s, _png(np.full((256, 256), 30, np.uint8))), 422, "low_contrast"),
+    "unknown_model": (lambda s: httpx.post(f"{s.rest}/v1/models/other:predict", json={"instances": []}), 404, None),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_refused_and_service_continues(served, images, case):
+    send, status, reason = BAD_INPUTS[case]
+    response = send(served)
+    assert response.status_code == status, f"{case}: {response.status_code} {response.text[:300]}"
+    body = response.json()
+    message = body.get("error") or body.get("detail")
+    assert message, f"{case}: no error message in {body}"
+    if reason:
+        assert body.get("reason") == reason, body
+    assert_good(served, images)
+
+
+def test_bad_input_over_grpc_is_invalid_argument(served, images):
+    import asyncio
+
+    import grpc
+    from kserve import InferenceGRPCClient, InferInput, InferRequest
+
+    async def call():
+        client = InferenceGRPCClient(served.info["grpc"], timeout=30, retries=0)
+        tensor = InferInput("image", [1], "BYTES")
+        tensor.set_data_from_numpy(np.array([b"not an image"], dtype=np.object_))
+        try:
+            await client.infer(InferRequest("pneumonia", [tensor]))
+        except grpc.aio.AioRpcError as exc:
+            return exc.code(), exc.details()
+        finally:
+            await client.close()
+
+    code, details = asyncio.run(call())
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "not a JPEG" in details
+    assert_good(served, images)
+
+
+# ---------------------------------------------------------------------------------------------------
+# configuration errors, precision, outages, shutdown
+
+def test_serve_refuses_bad_model_uri_and_busy_port(served, capsys, monkeypatch):
+    from model.cli import main
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", served.tracking_uri)
+    port = free_port_pair()
+    assert main(["serve", "--model", "models:/pneumonia@nosuchalias", "--port", str(port)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("pneumoscope: error:") and "does not exist" in err[-1]
+    assert main(["serve", "--model", "/no/such/bundle", "--port", str(port)]) == 2
+    assert "model not found" in capsys.readouterr().err
+    busy = int(served.rest.rsplit(":", 1)[1])
+    assert main(["serve", "--model", str(served.bundle), "--port", str(busy)]) == 2
+    assert "is in use" in capsys.readouterr().err
+
+
+def test_precision_flag_selects_the_graph(served):
+    from serving.predictor import PneumoniaPredictor
+    from serving.settings import ServingSettings
+
+    chosen = {}
+    for precision in ("auto", "fp32", "int8"):
+        model = PneumoniaPredictor("pneumonia", str(served.bundle), ServingSettings(precision=precision, threads=1,
+                                                                                      max_batch_size=2))
+        assert model.load() and model.ready
+        chosen[precision] = model.precision
+    # the test bundle's int8 graph did not pass its gate, so "auto" serves fp32
+    assert chosen == {"auto": "fp32", "fp32": "fp32", "int8": "int8"}
+
+
+def test_predictor_down_gives_503_then_recovers_on_the_pinned_version(served, images):
+    # the alias moves on; the running stack keeps serving the version it resolved at start
+    assert register(served.bundle, served.tracking_uri) == "2"
+    os.kill(served.info["pids"]["predictor"], signal.SIGKILL)
+    time.sleep(0.2)
+    started = time.perf_counter()
+    response = v1(served, images[0], timeout=30)
+    elapsed = time.perf_counter() - started
+    assert response.status_code == 503, response.text
+    assert "predictor unavailable" in response.json()["error"] and elapsed < 3.0, elapsed
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:  # the stack restarts the predictor; the transformer reconnects
+        response = v1(served, images[0], timeout=30)
+        if response.status_code == 200:
+            break
+        assert response.status_code == 503, response.text
+        time.sleep(0.5)
+    assert response.status_code == 200, "the transformer did not recover"
+    assert response.json()["predictions"][0]["model_version"] == "1"
+
+
+def test_sigterm_stops_both_processes(served):
+    from serving.stack import port_free
+
+    pids = served.info["pids"]
+    served.process.send_signal(signal.SIGTERM)
+    assert served.process.wait(60) == 0
+    ports = [int(served.rest.rsplit(":", 1)[1]), int(served.info["predictor_rest"].rsplit(":", 1)[1])]
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not all(port_free(p) for p in ports):
+        time.sleep(0.2)
+    assert all(port_free(p) for p in ports)
+    with pytest.raises(ProcessLookupError):
+        os.kill(pids["transformer"], 0)
