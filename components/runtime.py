@@ -30,6 +30,20 @@ def finite(values: dict) -> dict[str, float]:
     return out
 
 
+def exit_quickly() -> None:
+    """Let the step's process end in a fraction of a second instead of ~2 s.
+
+    KFP runs every step in a process of its own, and at exit CPython's final garbage collection walks
+    every object torch, onnx and mlflow created (1.5-2 s per step on 2 cores). Collect the real garbage
+    now, so that finalizers run as usual, then freeze the survivors: the shutdown collection skips
+    them. Call it last in a step; objects created afterwards are collected normally.
+    """
+    import gc
+
+    gc.collect()
+    gc.freeze()
+
+
 def write_train_params(out_dir: str | Path, profile, seed: int) -> Path:
     """``params.json`` beside the checkpoint: the resolved training settings, for the registry."""
     params = {k: v for k, v in asdict(profile).items() if k not in ("name", "description")}

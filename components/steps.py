@@ -44,7 +44,7 @@ def train(dataset: Input[Dataset], checkpoint: Output[Model], metrics: Output[Me
     """Train ResNet-50 at the dataset's resolution; 0 for epochs/learning_rate/batch_size = profile default."""
     from pathlib import Path
 
-    from components.runtime import finite, write_train_params
+    from components.runtime import exit_quickly, finite, write_train_params
     from model.data import CachedData
     from model.training import get_profile
     from model.training import train as fit
@@ -63,6 +63,7 @@ def train(dataset: Input[Dataset], checkpoint: Output[Model], metrics: Output[Me
     checkpoint.metadata.update({"framework": "pytorch", "arch": "resnet50-gray-1logit", "profile": chosen.name,
                                 "image_size": chosen.image_size, "best_val_auc": finite(values).get("best_val_auc"),
                                 "seconds": round(result.seconds, 2)})
+    exit_quickly()
 
 
 def evaluate(dataset: Input[Dataset], checkpoint: Input[Model], model: Output[Model], metrics: Output[Metrics],
@@ -73,7 +74,7 @@ def evaluate(dataset: Input[Dataset], checkpoint: Input[Model], model: Output[Mo
     ``bundle/`` (the servable model), ``plots/`` and ``report.json``."""
     from pathlib import Path
 
-    from components.runtime import log_evaluation, report_html
+    from components.runtime import exit_quickly, log_evaluation, report_html
     from model.evaluation import EvalSettings, evaluate_checkpoint
 
     settings = EvalSettings(threshold_method=threshold_method, target_sensitivity=target_sensitivity,
@@ -85,6 +86,7 @@ def evaluate(dataset: Input[Dataset], checkpoint: Input[Model], model: Output[Mo
     model.metadata.update({"framework": "onnx", "threshold": result["threshold"],
                            "temperature": result["temperature"], "int8": bool(result["int8"].get("accepted")),
                            "manifest_sha256": result["manifest_sha256"], "seconds": result["seconds"]})
+    exit_quickly()
 
 
 def register(dataset: Input[Dataset], checkpoint: Input[Model], model: Input[Model], mlflow_uri: str = "",
@@ -99,7 +101,7 @@ def register(dataset: Input[Dataset], checkpoint: Input[Model], model: Input[Mod
     import os
     from pathlib import Path
 
-    from components.runtime import champion_val_images, registration_params
+    from components.runtime import champion_val_images, exit_quickly, registration_params
     from model.registry import log_and_register
 
     tracking_uri = mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
@@ -116,4 +118,5 @@ def register(dataset: Input[Dataset], checkpoint: Input[Model], model: Input[Mod
         pipeline_run_id=pipeline_run_id, promotion=promotion, n_bootstrap=n_bootstrap,
         champion_val_images=champion_val_images(dataset.path, report["val_predictions"]["index"]))
     info = dict(registration.to_dict(), pipeline_run_id=pipeline_run_id, pipeline_run_name=pipeline_run_name)
+    exit_quickly()
     return registration.model_uri, registration.version, json.dumps(info, default=str, sort_keys=True)

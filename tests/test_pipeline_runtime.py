@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from kfp.dsl import ClassificationMetrics, Dataset, Metrics
 
-from components.runtime import (champion_val_images, evaluation_metrics, finite, log_evaluation,
+from components.runtime import (champion_val_images, evaluation_metrics, exit_quickly, finite, log_evaluation,
                                 registration_params, report_html)
 from model.preprocessing import PreprocessConfig
 
@@ -82,3 +82,13 @@ def test_registration_params(tmp_path, report):
     assert params == {"profile": "smoke", "epochs": 1, "seed": 42, "data_uri": "s3://b/p", "limit_per_class": 40,
                       "val_fraction": 0.15, "holdout_fraction": 0.1, "split_seed": 42, "images_kept": 2,
                       "threshold_method": "youden", "int8": True, "kfp_run_name": "run-x"}
+
+
+def test_exit_quickly_freezes_what_survives_a_collection():
+    import gc
+
+    try:
+        exit_quickly()
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()  # this test process goes on
