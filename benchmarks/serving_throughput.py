@@ -128,6 +128,37 @@ def raw_engine(bundle_dir: Path, precision: str, tensors: np.ndarray, batch: int
     return dict(stats(latencies, images, wall), batch=batch, cpu_ms_per_image=round(cpu_ms, 1))
 
 
+def raw_parallel(bundle_dir: Path, precision: str, tensors: np.ndarray, streams: int, seconds: float) -> dict:
+    """``streams`` single-threaded runs side by side (one shared session): the engine's best throughput."""
+    from model.bundle import Bundle
+    from serving.engine import create_session
+
+    session = create_session(Bundle.load(bundle_dir, verify=False).onnx_path(precision), 1)
+    session.run(None, {"image": tensors[:1]})
+    latencies: list[list[float]] = [[] for _ in range(streams)]
+    stop_at = time.perf_counter() + seconds
+
+    def worker(k: int):
+        i = k
+        while time.perf_counter() < stop_at:
+            t = time.perf_counter()
+            session.run(None, {"image": tensors[i % len(tensors)][None]})
+            latencies[k].append(time.perf_counter() - t)
+            i += streams
+
+    cpu0 = sum(os.times()[:2])
+    started = time.perf_counter()
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(streams)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - started
+    flat = [x for lat in latencies for x in lat]
+    return dict(stats(flat, len(flat), wall), streams=streams,
+                cpu_ms_per_image=round(1000 * (sum(os.times()[:2]) - cpu0) / len(flat), 1))
+
+
 # ---------------------------------------------------------------------------------------------------
 # served
 
@@ -216,9 +247,11 @@ def drive(make_client, encoded: list[bytes], concurrency: int, seconds: float, w
 
 def cpu_seconds(pids: dict) -> dict:
     """user+system CPU seconds of the server processes and of this (client) process."""
-    import psutil
-
     out = {"client": sum(os.times()[:2])}
+    try:
+        import psutil  # present with the pinned dependencies (transitively); optional here
+    except ImportError:
+        return out
     for role, pid in pids.items():
         try:
             times = psutil.Process(pid).cpu_times()
@@ -244,7 +277,8 @@ def served(bundle_dir: Path, encoded: list[bytes], tensors: np.ndarray, args, pr
     from serving.settings import ServingSettings
     from serving.stack import LocalStack
 
-    settings = ServingSettings(precision=precision, threads=args.threads, max_batch_size=args.max_batch_size,
+    settings = ServingSettings(precision=precision, threads=args.threads, engine_streams=args.engine_streams,
+                               max_batch_size=args.max_batch_size,
                                max_batch_delay_ms=args.max_batch_delay_ms, spinning=args.spinning,
                                predictor_protocol=args.predictor_protocol)
     log_file = Path(args.log_dir) / f"stack-{precision}.log"
@@ -252,7 +286,8 @@ def served(bundle_dir: Path, encoded: list[bytes], tensors: np.ndarray, args, pr
     stack = LocalStack(str(bundle_dir), port, settings, log_file=log_file, restart=False)
     info = stack.start(timeout=300, supervise_in_background=False)
     results = {"settings": {k: v for k, v in settings.model_dump().items()
-                            if k in ("precision", "threads", "max_batch_size", "max_batch_delay_ms", "spinning",
+                            if k in ("precision", "threads", "engine_streams", "max_batch_size", "max_batch_delay_ms",
+                                     "spinning",
                                      "predictor_protocol")}, "log": str(log_file)}
     try:
         for name, make in (("rest_v2", lambda: RestV2Client(info["rest"])), ("grpc", lambda: GrpcClient(info["grpc"]))):
@@ -295,6 +330,7 @@ def main() -> int:
     parser.add_argument("--raw-batch", type=int, default=8, help="batched raw-engine point")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="ORT intra-op threads")
     parser.add_argument("--spinning", action="store_true")
+    parser.add_argument("--engine-streams", type=int, default=None, help="served: parallel narrow engine runs")
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--max-batch-delay-ms", type=float, default=0.0)
     parser.add_argument("--predictor-protocol", default="grpc-v2", choices=["grpc-v2", "v2"])
@@ -323,6 +359,12 @@ def main() -> int:
                 point = raw_engine(bundle_dir, precision, tensors, batch, args.seconds, args.threads, args.spinning)
                 report["raw"].setdefault(precision, {})[f"{tag}_b{batch}"] = point
                 log(f"raw {precision} batch {batch} ({tag}): {point['img_per_s']} img/s, p50 {point['p50_ms']} ms")
+            streams = args.threads
+            if streams > 1:
+                point = raw_parallel(bundle_dir, precision, tensors, streams, args.seconds)
+                report["raw"][precision][f"{tag}_p{streams}"] = point
+                log(f"raw {precision} {streams} single-threaded streams ({tag}): {point['img_per_s']} img/s, "
+                    f"p50 {point['p50_ms']} ms")
 
     raw_pass("before")
     for k, precision in enumerate(args.precisions):
@@ -346,7 +388,7 @@ def summarize(report: dict, args) -> dict:
     out = {}
     for precision, raw in report["raw"].items():
         b1 = [raw[k] for k in raw if k.endswith("_b1")]
-        bn = [raw[k] for k in raw if not k.endswith("_b1")]
+        bn = [raw[k] for k in raw if not k.endswith("_b1")]  # batched, and parallel single-threaded streams
         raw_best = max(p["img_per_s"] for p in b1 + bn)
         raw_b1_p50 = float(np.median([p["p50_ms"] for p in b1]))
         raw_b1_p99 = float(np.median([p["p99_ms"] for p in b1]))

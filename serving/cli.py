@@ -24,6 +24,8 @@ def add_commands(commands) -> None:
     serve.add_argument("--port", type=int, default=8080, help="transformer REST port; gRPC uses PORT+1 (default 8080)")
     serve.add_argument("--precision", choices=["auto", "fp32", "int8"], help="engine graph (default: auto)")
     serve.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
+    serve.add_argument("--engine-streams", type=int, help="parallel single-threaded engine runs under load "
+                                                          "(default: = threads; 1 = always all threads on one run)")
     serve.add_argument("--max-batch-size", type=int, help="dynamic batching: most images per engine call")
     serve.add_argument("--max-batch-delay-ms", type=float, help="dynamic batching: wait for company (default 0)")
     serve.add_argument("--predictor-protocol", choices=["grpc-v2", "v2"], help="transformer -> predictor")
@@ -61,7 +63,8 @@ def _settings(args):
     from model.cli import CommandError
     from serving.settings import ServingSettings
 
-    overrides = {"precision": args.precision, "threads": args.threads, "max_batch_size": args.max_batch_size,
+    overrides = {"precision": args.precision, "threads": args.threads, "engine_streams": args.engine_streams,
+                 "max_batch_size": args.max_batch_size,
                  "max_batch_delay_ms": args.max_batch_delay_ms, "predictor_protocol": args.predictor_protocol,
                  "max_payload_bytes": args.max_payload_bytes, "max_image_pixels": args.max_image_pixels,
                  "mlflow_tracking_uri": args.mlflow_uri}

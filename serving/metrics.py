@@ -25,6 +25,8 @@ BATCH_SIZE = Histogram("pneumoscope_batch_size", "images per engine call (dynami
                        buckets=[1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64])
 BATCH_WAIT = Histogram("pneumoscope_batch_queue_seconds", "time a request waited in the batching queue",
                        buckets=[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5])
+ENGINE_RUNS = Counter("pneumoscope_engine_runs_total", "engine calls: wide (all threads, a lone request) or "
+                      "narrow (one thread, one of several parallel streams)", ["mode"])
 ENGINE_TIME = Histogram("pneumoscope_engine_seconds", "ONNX Runtime time per engine call",
                         buckets=[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10])
 WARMUP_SECONDS = Gauge("pneumoscope_warmup_seconds", "duration of the warm-up inference run before the "

@@ -60,13 +60,17 @@ class PneumoniaPredictor(Model):
         path = self.bundle.onnx_path(s.precision)
         self.precision = "int8" if path.name == "model.int8.onnx" else "fp32"
         self.session = create_session(path, s.engine_threads(), s.spinning)
+        # Under load, single-threaded runs side by side (one shared session: ORT runs are thread-safe).
+        self.narrow = create_session(path, 1, s.spinning) if s.streams() > 1 else None
         self.image_size = self.bundle.preprocess.image_size
-        self.batcher = DynamicBatcher(self.run_engine, s.max_batch_size, s.max_batch_delay_ms / 1000.0)
+        self.batcher = DynamicBatcher(self.run_narrow if self.narrow else self.run_engine, s.max_batch_size,
+                                      s.max_batch_delay_ms / 1000.0, streams=s.streams(),
+                                      run_wide=self.run_engine if self.narrow else None)
         self._warm_up()
         set_model_info(self.name, self.model_version, self.pinned_uri, self.bundle.sha256, "predictor", self.precision)
-        log.info("predictor ready: %s (version %s, %s, %d threads, batches of up to %d, delay %.1f ms)",
-                 self.pinned_uri, self.model_version, self.precision, s.engine_threads(), s.max_batch_size,
-                 s.max_batch_delay_ms)
+        log.info("predictor ready: %s (version %s, %s, %d threads, %d streams, batches of up to %d, delay %.1f ms)",
+                 self.pinned_uri, self.model_version, self.precision, s.engine_threads(), s.streams(),
+                 s.max_batch_size, s.max_batch_delay_ms)
         self.ready = True
         return self.ready
 
@@ -75,13 +79,24 @@ class PneumoniaPredictor(Model):
         size, started = self.image_size, time.perf_counter()
         for n in sorted({1, self.settings.max_batch_size}):
             logits, cams = self.run_engine(np.zeros((n, 1, size, size), dtype=np.float32))
+            if self.narrow is not None:
+                self.run_narrow(np.zeros((n, 1, size, size), dtype=np.float32))
         if logits.shape != (n,) or cams.ndim != 3 or not np.all(np.isfinite(logits)):
             raise RuntimeError(f"warm-up inference returned logit {logits.shape}, cam {cams.shape}")
         self.cam_shape = tuple(int(d) for d in cams.shape[1:])
         WARMUP_SECONDS.set(time.perf_counter() - started)
 
     def run_engine(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        logits, cams = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: x})
+        """All intra-op threads on one batch."""
+        return self._run(self.session, x)
+
+    def run_narrow(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One thread; several of these run in parallel under load."""
+        return self._run(self.narrow, x)
+
+    @staticmethod
+    def _run(session, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        logits, cams = session.run(list(OUTPUT_NAMES), {INPUT_NAME: x})
         return logits.reshape(-1).astype(np.float32, copy=False), cams.astype(np.float32, copy=False)
 
     def stop(self):

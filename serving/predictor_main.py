@@ -26,13 +26,15 @@ def parse_args(argv=None):
                         "once, now) or a bundle folder such as /mnt/models")
     parser.add_argument("--precision", default=settings.precision, choices=["auto", "fp32", "int8"])
     parser.add_argument("--threads", type=int, default=settings.threads, help="ORT intra-op threads")
+    parser.add_argument("--engine_streams", type=int, default=settings.engine_streams,
+                        help="parallel single-threaded engine runs under load (default: = threads)")
     parser.add_argument("--max_batch_size", type=int, default=settings.max_batch_size)
     parser.add_argument("--max_batch_delay_ms", type=float, default=settings.max_batch_delay_ms)
     parser.add_argument("--mlflow_tracking_uri", default=settings.mlflow_tracking_uri)
     parser.add_argument("--bind", default="0.0.0.0", help="listen address (the local stack uses 127.0.0.1)")
     args = parser.parse_args(argv)
     settings = settings.model_copy(update={k: getattr(args, k) for k in (
-        "precision", "threads", "max_batch_size", "max_batch_delay_ms", "mlflow_tracking_uri")})
+        "precision", "threads", "engine_streams", "max_batch_size", "max_batch_delay_ms", "mlflow_tracking_uri")})
     return args, settings
 
 

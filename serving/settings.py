@@ -51,6 +51,9 @@ class ServingSettings(BaseSettings):
     # --- engine (predictor) ---
     precision: Literal["auto", "fp32", "int8"] = Field("auto", description="auto: int8 when it passed its gate")
     threads: int | None = Field(None, ge=1, description="ONNX Runtime intra-op threads (default: all cores)")
+    engine_streams: int | None = Field(
+        None, ge=1, description="parallel single-threaded engine runs under load (default: = threads); a lone "
+        "request still uses all threads. 1 = one engine run at a time with all threads")
     spinning: bool = Field(False, description="let ORT threads busy-wait between ops (steals CPU from the servers)")
     max_batch_size: int = Field(8, ge=1, description="dynamic batching: most images per engine call")
     max_batch_delay_ms: float = Field(
@@ -63,3 +66,6 @@ class ServingSettings(BaseSettings):
 
     def engine_threads(self) -> int:
         return self.threads or os.cpu_count() or 1
+
+    def streams(self) -> int:
+        return self.engine_streams or self.engine_threads()

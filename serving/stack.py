@@ -138,6 +138,8 @@ class LocalStack:
                      "--max_batch_delay_ms", str(s.max_batch_delay_ms)]
         if s.threads:
             predictor += ["--threads", str(s.threads)]
+        if s.engine_streams:
+            predictor += ["--engine_streams", str(s.engine_streams)]
         target = f"{LOOPBACK}:{p_grpc if self.predictor_protocol == 'grpc-v2' else p_http}"
         transformer = [sys.executable, "-m", "serving.transformer_main", "--model_uri", pinned, "--model_name", name,
                        "--http_port", str(self.port), "--grpc_port", str(self.port + 1), "--bind", LOOPBACK,

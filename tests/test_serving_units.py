@@ -222,6 +222,40 @@ def test_dynamic_batcher_groups_concurrent_requests():
     assert max(calls) <= 4 and len(calls) < len(inputs)  # batched, never above the maximum
 
 
+def test_dynamic_batcher_streams_wide_when_alone_narrow_in_parallel_under_load():
+    import threading
+
+    from serving.batching import DynamicBatcher
+
+    active, peak, modes = [0], [0], []
+    lock = threading.Lock()
+
+    def engine(mode):
+        def run(x):
+            with lock:
+                active[0] += 1
+                peak[0] = max(peak[0], active[0])
+                modes.append((mode, len(x)))
+            time.sleep(0.05)
+            with lock:
+                active[0] -= 1
+            return (x[:, 0] + (100 if mode == "wide" else 0),)
+        return run
+
+    async def scenario():
+        batcher = DynamicBatcher(engine("narrow"), max_batch_size=4, streams=2, run_wide=engine("wide"))
+        alone = await batcher.submit(np.zeros((1, 1), np.float32))
+        burst = await asyncio.gather(*(batcher.submit(np.full((1, 1), i, np.float32)) for i in range(8)))
+        batcher.close()
+        return alone, burst
+
+    alone, burst = asyncio.run(scenario())
+    assert modes[0] == ("wide", 1) and alone[0][0] == 100  # a lone request gets all threads
+    assert [float(b[0][0]) % 100 for b in burst] == list(range(8))  # every caller gets its own row
+    assert peak[0] == 2 and ("narrow", 4) in modes  # under load: two narrow runs side by side
+    assert sum(n for _, n in modes) == 9
+
+
 def test_dynamic_batcher_delay_and_errors():
     from serving.batching import DynamicBatcher
 
