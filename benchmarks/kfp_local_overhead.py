@@ -38,8 +38,9 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "chest_xray_2
 
 
 def pipeline_arguments(args, mlflow_uri: str) -> dict:
-    return {"data_uri": str(args.data), "mlflow_uri": mlflow_uri, "profile": args.profile, "image_size": args.image_size,
-            "limit_per_class": args.limit_per_class, "n_bootstrap": args.n_bootstrap, "int8": args.int8}
+    return {"data_uri": str(args.data), "mlflow_uri": mlflow_uri, "profile": args.profile,
+            "image_size": args.image_size, "limit_per_class": args.limit_per_class, "n_bootstrap": args.n_bootstrap,
+            "int8": args.int8}
 
 
 def run_direct(arguments: dict, work: Path) -> dict:

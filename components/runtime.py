@@ -87,8 +87,8 @@ def report_html(report: dict, plots_dir: str | Path) -> str:
     for split in REPORT_SPLITS:
         m = report["splits"].get(split)
         if m:
-            rows.append(f"<tr><th>{split}</th><td>{m['n']}</td>" + "".join(f"<td>{cell(m[k])}</td>" for k in METRIC_NAMES)
-                        + "</tr>")
+            cells = "".join(f"<td>{cell(m[k])}</td>" for k in METRIC_NAMES)
+            rows.append(f"<tr><th>{split}</th><td>{m['n']}</td>{cells}</tr>")
     images = []
     for name, title in PLOTS:
         path = Path(plots_dir) / name

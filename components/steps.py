@@ -1,4 +1,4 @@
-"""The four pipeline steps as plain functions, turned into KFP lightweight components by ``build``.
+"""The four pipeline steps as plain functions; ``components.factory.build_components`` makes them KFP components.
 
 KFP embeds each function's SOURCE in the compiled pipeline and runs it in the project's image with
 ``python -m kfp.dsl.executor_main``; nothing is pip-installed at run time. Hence the rules here:
@@ -56,12 +56,13 @@ def train(dataset: Input[Dataset], checkpoint: Output[Model], metrics: Output[Me
     # retried step starts with an empty output folder, so it would be uploaded for nothing.
     (Path(checkpoint.path) / "last.pt").unlink(missing_ok=True)
     write_train_params(checkpoint.path, chosen, seed)
-    values = {"best_val_auc": result.best_val_auc, "best_epoch": result.best_epoch, "epochs_run": len(result.history),
-              "images_per_second": result.images_per_second, "seconds": result.seconds}
-    for name, value in finite(values).items():
+    values = finite({"best_val_auc": result.best_val_auc, "best_epoch": result.best_epoch,
+                     "epochs_run": len(result.history), "images_per_second": result.images_per_second,
+                     "seconds": result.seconds})
+    for name, value in values.items():
         metrics.log_metric(name, value)
     checkpoint.metadata.update({"framework": "pytorch", "arch": "resnet50-gray-1logit", "profile": chosen.name,
-                                "image_size": chosen.image_size, "best_val_auc": finite(values).get("best_val_auc"),
+                                "image_size": chosen.image_size, "best_val_auc": values.get("best_val_auc"),
                                 "seconds": round(result.seconds, 2)})
     exit_quickly()
 

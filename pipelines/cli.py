@@ -6,7 +6,6 @@ every bad input ends with one line on stderr and exit status 2 (``model.cli.main
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -32,7 +31,8 @@ def add_commands(commands) -> None:
     comp = sub.add_parser("compile", help="write the pipeline YAML",
                           description="Compile the pipeline to KFP v2 YAML (deterministic: the same code and "
                                       "image give the same bytes).")
-    comp.add_argument("--output", type=Path, help="YAML file (default: the checked-in pipelines/pneumonia_training.yaml)")
+    comp.add_argument("--output", type=Path,
+                      help="YAML file (default: the checked-in pipelines/pneumonia_training.yaml)")
     _add_image(comp)
     comp.set_defaults(func=cmd_compile)
 
@@ -80,7 +80,8 @@ def _add_training_args(parser, default_profile: str | None) -> None:
     default = default_profile or "$PNEUMOSCOPE_PROFILE, then demo"
     parser.add_argument("--profile", default=default_profile, help=f"{PROFILE_NAMES} (default: {default})")
     parser.add_argument("--epochs", type=int, help="override the profile's epochs")
-    parser.add_argument("--lr", "--learning-rate", dest="lr", type=float, help="override the profile's peak learning rate")
+    parser.add_argument("--lr", "--learning-rate", dest="lr", type=float,
+                        help="override the profile's peak learning rate")
     parser.add_argument("--batch-size", type=int, help="override the profile's batch size")
     parser.add_argument("--image-size", type=int, help="override the profile's resolution")
     parser.add_argument("--seed", type=int, help="split and training seed (default: $PNEUMOSCOPE_SEED, then 42)")
@@ -228,9 +229,11 @@ def cmd_submit(args) -> int:
 
     settings = Settings()
     if not args.host:
-        raise CommandError("--host is required (the KFP API URL, e.g. http://localhost:8080), or set KF_PIPELINES_ENDPOINT")
+        raise CommandError("--host is required (the KFP API URL, e.g. http://localhost:8080), "
+                           "or set KF_PIPELINES_ENDPOINT")
     if not args.data:
-        raise CommandError("--data is required: the data URI as the pipeline's pods see it (e.g. s3://bucket/chest_xray)")
+        raise CommandError("--data is required: the data URI as the pipeline's pods see it "
+                           "(e.g. s3://bucket/chest_xray)")
     if not args.mlflow_uri:
         raise CommandError("--mlflow-uri is required (or MLFLOW_TRACKING_URI): the MLflow server the register step "
                            "reaches from inside the cluster")

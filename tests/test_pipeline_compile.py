@@ -46,7 +46,8 @@ def test_train_requests_one_gpu_shared_memory_and_resources(compiled):
     assert resources["resourceMemoryRequest"] and resources["resourceMemoryLimit"]
     shm = platform["exec-train"]["emptyDirMounts"]
     assert shm == [{"volumeName": "dshm", "mountPath": "/dev/shm", "medium": "Memory", "sizeLimit": "16Gi"}]
-    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in platform["exec-train"]["tolerations"]
+    gpu_toleration = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    assert gpu_toleration in platform["exec-train"]["tolerations"]
 
 
 def test_every_step_has_requests_and_limits_and_only_train_a_gpu(compiled):
