@@ -121,14 +121,11 @@ class PneumoniaTransformer(Model):
         elif isinstance(payload, (bytes, bytearray)) and (headers or {}).get("content-type", "").startswith(
                 _RAW_IMAGE_TYPES):
             encoded, heatmap, protocol, request = [bytes(payload)], False, "v1", None
+            if not encoded[0]:
+                raise reject("empty", "the request body is empty")
         else:
             raise reject("invalid_request", 'send JSON {"instances": [{"image": {"b64": "..."}}]} (v1) or a v2 '
                                             "inference request")
-        if not encoded:
-            raise reject("invalid_request", "the request holds no image")
-        if len(encoded) > self.settings.max_images_per_request:
-            raise reject("too_many_images", f"{len(encoded)} images in one request; at most "
-                                            f"{self.settings.max_images_per_request}", 413)
         if sum(len(e) for e in encoded) > INLINE_DECODE_BYTES:
             images = await asyncio.to_thread(self._decode_all, encoded)
         else:
@@ -146,10 +143,18 @@ class PneumoniaTransformer(Model):
 
         return np.ascontiguousarray(normalize(pixels, self.config))
 
+    def _check_count(self, n: int) -> None:
+        if n < 1:
+            raise reject("invalid_request", "the request holds no image")
+        if n > self.settings.max_images_per_request:
+            raise reject("too_many_images", f"{n} images in one request; at most "
+                                            f"{self.settings.max_images_per_request}", 413)
+
     def _v1_elements(self, payload: dict) -> tuple[list[bytes], bool]:
         instances = payload.get("instances")
         if not isinstance(instances, list):
             raise reject("invalid_request", 'the v1 body needs an "instances" list')
+        self._check_count(len(instances))
         parameters = payload.get("parameters") or {}
         heatmap = isinstance(parameters, dict) and _truthy(parameters.get("heatmap", False))
         encoded = []
@@ -195,6 +200,7 @@ class PneumoniaTransformer(Model):
                 raise reject("invalid_tensor", f"input {INPUT!r} has no data")
         if len(elements) != shape[0]:
             raise reject("invalid_tensor", f"input {INPUT!r} has shape {shape} but {len(elements)} elements")
+        self._check_count(len(elements))
         return [element_bytes(v, f"{INPUT}[{i}]") for i, v in enumerate(elements)], heatmap
 
     # -- predict / explain ------------------------------------------------------------------------
