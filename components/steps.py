@@ -22,14 +22,8 @@ def preprocess(data_uri: str, dataset: Output[Dataset], profile: str = "gpu", im
     from model.data import SplitFractions, prepare
     from model.settings import Settings
 
-    if "://" in data_uri and not data_uri.startswith("file://"):
-        import multiprocessing
-
-        # Remote filesystems (s3fs, gcsfs) are not fork-safe: prepare()'s decode workers must be spawned
-        # so that the filesystem object is pickled and rebuilt in each worker.
-        multiprocessing.set_start_method("spawn", force=True)
     if image_size <= 0:
-        from model.training import get_profile  # imports torch: only when the size is not given
+        from model.profiles import get_profile
 
         image_size = get_profile(profile).image_size
     result = prepare(data_uri, dataset.path, image_size, SplitFractions(val_fraction, holdout_fraction, seed),
@@ -46,7 +40,7 @@ def train(dataset: Input[Dataset], checkpoint: Output[Model], metrics: Output[Me
 
     from components.runtime import exit_quickly, finite, write_train_params
     from model.data import CachedData
-    from model.training import get_profile
+    from model.profiles import get_profile
     from model.training import train as fit
 
     chosen = get_profile(profile, epochs=epochs or None, lr=learning_rate or None, batch_size=batch_size or None,

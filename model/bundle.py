@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,7 +129,9 @@ def make_session(onnx_path: str | Path, threads: int | None = None):
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = threads or os.cpu_count() or 1
+    from model.settings import available_cpus
+
+    options.intra_op_num_threads = threads or available_cpus()
     options.inter_op_num_threads = 1
     return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
 

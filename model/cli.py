@@ -56,8 +56,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def cmd_data_prepare(args) -> int:
     from model.data import SplitFractions, prepare, resolve_source
+    from model.profiles import get_profile
     from model.settings import SHARED_DATA, Settings
-    from model.training import get_profile
 
     settings = Settings()
     source = resolve_source(args.data or settings.data, settings.home / "downloads", SHARED_DATA)
@@ -72,8 +72,9 @@ def cmd_data_prepare(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from model.profiles import get_profile
     from model.settings import Settings
-    from model.training import get_profile, train
+    from model.training import train
 
     settings = Settings()
     profile = get_profile(args.profile or settings.profile, epochs=args.epochs, lr=args.lr,
@@ -121,7 +122,7 @@ def _finite(value):
 # ----------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    from model.training import PROFILES
+    from model.profiles import PROFILES
 
     parser = OneLineErrorParser(prog="pneumoscope", description="Pneumonia detection on chest X-rays: "
                                      "data, training, evaluation, pipelines and serving.")

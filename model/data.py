@@ -17,7 +17,7 @@ import hashlib
 import io
 import json
 import logging
-import os
+import multiprocessing
 import re
 import time
 from collections import Counter, defaultdict
@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from model.preprocessing import InvalidImageError, PreprocessConfig, load_resized
+from model.settings import available_cpus
 
 log = logging.getLogger(__name__)
 
@@ -136,11 +137,10 @@ def _discover_npz(fs, path: str) -> list[SourceImage]:
 
 
 MEDMNIST_URL = "https://zenodo.org/records/10519652/files/pneumoniamnist_224.npz"
-KAGGLE_HELP = """no chest X-ray data found. Either:
-  - download the Kaggle data set "Chest X-Ray Images (Pneumonia)" (Kermany et al., CC BY 4.0),
-    unpack it so that chest_xray/{train,val,test}/{NORMAL,PNEUMONIA}/ exists, and set
-    PNEUMOSCOPE_DATA=/path/to/chest_xray (or pass --data);
-  - or put MedMNIST's pneumoniamnist_224.npz in a folder and point PNEUMOSCOPE_DATA at it."""
+KAGGLE_HELP = ("no chest X-ray data found: download the Kaggle data set 'Chest X-Ray Images (Pneumonia)' "
+               "(Kermany et al., CC BY 4.0), unpack it so that chest_xray/{train,val,test}/{NORMAL,PNEUMONIA}/ "
+               "exists and set PNEUMOSCOPE_DATA=/path/to/chest_xray (or pass --data), or point PNEUMOSCOPE_DATA "
+               "at a folder holding MedMNIST's pneumoniamnist_224.npz")
 
 
 def resolve_source(explicit: str | None, download_dir: Path, shared: Path) -> str:
@@ -160,7 +160,7 @@ def resolve_source(explicit: str | None, download_dir: Path, shared: Path) -> st
                 fh.write(response.read())
             Path(f"{target}.part").replace(target)
         except OSError as exc:
-            raise DataError(f"{KAGGLE_HELP}\n(MedMNIST download failed: {exc})") from None
+            raise DataError(f"{KAGGLE_HELP} (the MedMNIST download failed: {exc})") from None
     return str(download_dir)
 
 
@@ -216,7 +216,11 @@ def gate_images(fs, root: str, images: list[SourceImage], config: PreprocessConf
         results = map(_gate_one, keys)
         pool = None
     else:
-        pool = ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(fs, root, config))
+        # Remote filesystems (s3fs...) are not fork-safe: their workers are spawned, and the pickled
+        # filesystem object reconnects in each one. Local files keep the cheaper fork.
+        local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+        context = multiprocessing.get_context("fork" if local else "spawn")
+        pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(fs, root, config))
         results = pool.map(_gate_one, keys, chunksize=chunk)
     try:
         for key, digest, pixels, size, reason, detail in tqdm(results, total=len(keys), desc="decode", unit="img",
@@ -303,7 +307,7 @@ def prepare(source: str, out_dir: str | Path, image_size: int, fractions: SplitF
             workers: int | None = None, limit_per_class: int | None = None) -> PreparedData:
     """Ingest ``source`` and write ``images.npy``, ``manifest.csv``, ``excluded.csv``, ``summary.json``."""
     fractions = fractions or SplitFractions()
-    workers = workers or os.cpu_count() or 1
+    workers = workers or available_cpus()
     started = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from pydantic import AliasChoices, Field
@@ -29,3 +30,15 @@ class Settings(BaseSettings):
         home = self.home.resolve()
         home.mkdir(parents=True, exist_ok=True)
         return f"sqlite:///{home / 'mlflow.db'}"
+
+
+def available_cpus() -> int:
+    """CPUs this process may use: the cgroup quota (a pod's CPU limit) and affinity, not the node's count."""
+    count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            count = min(count, max(1, int(int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, count)

@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,50 +16,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from model.data import CachedData, DataError
+from model.settings import available_cpus
 from model.metrics import auc
 from model.network import build_resnet50
-from model.transforms import EvalTransform, TrainTransform
+from model.profiles import PROFILES, Profile, get_profile  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Profile:
-    """A named training budget. Every field can be overridden from the CLI or the pipeline."""
-
-    name: str
-    image_size: int
-    epochs: int
-    batch_size: int
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    warmup_epochs: float = 0.5
-    patience: int = 4
-    aug_strength: float = 1.0
-    ema_decay: float = 0.998
-    dropout: float = 0.2
-    max_steps_per_epoch: int | None = None
-    num_workers: int | None = None  # None: picked from the device and core count
-    description: str = ""
-
-
-PROFILES: dict[str, Profile] = {
-    "smoke": Profile("smoke", image_size=64, epochs=1, batch_size=8, max_steps_per_epoch=3, patience=1,
-                     description="a few steps at 64 px; for tests, seconds"),
-    "demo": Profile("demo", image_size=96, epochs=2, batch_size=32, lr=1e-3, patience=2, ema_decay=0.99,
-                    description="96 px, 2 epochs: about 10 minutes on 2 CPU cores; a demo, not a clinical model"),
-    "cpu": Profile("cpu", image_size=128, epochs=8, batch_size=32, lr=1e-3, patience=3, ema_decay=0.995,
-                   description="128 px, up to 8 epochs: the best a 2-core AVX2 CPU does in about an hour"),
-    "gpu": Profile("gpu", image_size=224, epochs=30, batch_size=64, lr=5e-4, patience=6,
-                   description="224 px, up to 30 epochs with early stopping on one GPU"),
-}
-
-
-def get_profile(name: str, **overrides) -> Profile:
-    if name not in PROFILES:
-        raise ValueError(f"unknown profile {name!r}; choose one of {', '.join(PROFILES)}")
-    changes = {k: v for k, v in overrides.items() if v is not None}
-    return replace(PROFILES[name], **changes)
 
 
 class CacheDataset(Dataset):
@@ -115,7 +76,7 @@ def _device_setup(device: str | None):
         torch.backends.cudnn.benchmark = True
         amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     else:
-        torch.set_num_threads(os.cpu_count() or 1)
+        torch.set_num_threads(available_cpus())
         # bf16 autocast pays off only with native bf16 (AVX512-BF16/AMX: ~2.5x fp32); on an AVX2-only
         # CPU it is emulated and ~6x SLOWER than fp32, so fp32 + channels_last is used there.
         amp_dtype = torch.bfloat16 if cpu_has_native_bf16() else None
@@ -163,12 +124,15 @@ def train(cache_dir: str | Path, out_dir: str | Path, profile: Profile, pretrain
 
     workers = profile.num_workers
     if workers is None:
-        workers = min(12, (os.cpu_count() or 2) - 1) if dev.type == "cuda" else min(2, os.cpu_count() or 1)
+        cpus = available_cpus()
+        workers = min(12, max(1, cpus - 1)) if dev.type == "cuda" else min(2, cpus)
     loader_args = dict(num_workers=workers, pin_memory=dev.type == "cuda", worker_init_fn=_worker_seed,
                        persistent_workers=workers > 0)
     if workers > 0:
         loader_args["prefetch_factor"] = 4
     generator = torch.Generator().manual_seed(seed)
+    from model.transforms import EvalTransform, TrainTransform  # albumentations/cv2 only when training
+
     train_loader = DataLoader(CacheDataset(cache.images, train_idx, train_y, TrainTransform(config, profile.aug_strength)),
                               batch_size=profile.batch_size, shuffle=True, drop_last=len(train_idx) > profile.batch_size,
                               generator=generator, **loader_args)

@@ -17,9 +17,10 @@ import warnings
 from pathlib import Path
 
 from model.cli import CommandError
+from model.profiles import PROFILES
 
 IMAGE_ENV = "PNEUMOSCOPE_PIPELINE_IMAGE"
-PROFILE_NAMES = "smoke, demo, cpu, gpu"  # listed in --help without importing torch; checked by get_profile
+PROFILE_NAMES = ", ".join(PROFILES)
 
 
 def add_commands(commands) -> None:
@@ -118,7 +119,7 @@ def _check_numbers(args) -> None:
 
 def pipeline_arguments(args, settings, data_uri: str, mlflow_uri: str) -> dict:
     """Pipeline parameters from the command line; raises one-line errors for bad values."""
-    from model.training import get_profile
+    from model.profiles import get_profile
 
     _check_numbers(args)
     profile = get_profile(args.profile or settings.profile, epochs=args.epochs, lr=args.lr,
