@@ -1,7 +1,8 @@
 """``pneumoscope predict``: send one image to a running transformer over REST v1, REST v2 or gRPC v2.
 
 REST v2 uses the binary tensor extension (the file travels as raw bytes, not base64); gRPC uses
-``raw_input_contents`` (through tritonclient: importing kserve parses the importing program's argv). Every call returns the same dict: probability, label, threshold,
+``raw_input_contents`` (through tritonclient: importing kserve parses the importing program's argv).
+Every call returns the same dict: probability, label, threshold,
 model_name, model_version and, when asked, the heatmap PNG bytes.
 """
 

@@ -11,7 +11,6 @@ import logging
 import tempfile
 import time
 import uuid
-from pathlib import Path
 
 import numpy as np
 from kserve import Model

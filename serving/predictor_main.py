@@ -49,7 +49,8 @@ def main(argv=None) -> int:
         return 2
     server = PneumoscopeModelServer(http_port=args.http_port, grpc_port=args.grpc_port, workers=args.workers,
                                     enable_grpc=args.enable_grpc, max_body_bytes=PREDICTOR_MAX_MESSAGE_BYTES,
-                                    grpc_max_message_bytes=PREDICTOR_MAX_MESSAGE_BYTES, access_log=settings.access_log, bind=args.bind)
+                                    grpc_max_message_bytes=PREDICTOR_MAX_MESSAGE_BYTES, access_log=settings.access_log,
+                                    bind=args.bind)
     server.start([model])
     return 0
 

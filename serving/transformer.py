@@ -216,7 +216,8 @@ class PneumoniaTransformer(Model):
         n = len(prepared.tensor)
         if logits.shape != (n,) or cams.ndim != 3 or len(cams) != n:
             PREDICTOR_ERRORS.labels(cause="bad_response").inc()
-            raise PredictorUnavailable(self.name, f"unexpected predictor outputs logit {logits.shape}, cam {cams.shape}")
+            raise PredictorUnavailable(self.name, f"unexpected predictor outputs: logit {logits.shape}, "
+                                                  f"cam {cams.shape}")
         if version and version != self.model_version:
             PREDICTOR_ERRORS.labels(cause="version_mismatch").inc()
             raise PredictorUnavailable(self.name, f"the predictor serves version {version}, this transformer "

@@ -108,7 +108,8 @@ def v2_json(served, items, parameters=None):
 
 def v2_binary(url, items, datatype="BYTES", parameters=None, extra=None):
     raw = b"".join(len(i).to_bytes(4, "little") + i for i in items) if datatype == "BYTES" else items
-    header = {"inputs": [{"name": "image", "datatype": datatype, "shape": [len(items)] if datatype == "BYTES" else extra,
+    shape = [len(items)] if datatype == "BYTES" else extra
+    header = {"inputs": [{"name": "image", "datatype": datatype, "shape": shape,
                           "parameters": {"binary_data_size": len(raw)}}], "parameters": parameters or {}}
     head = json.dumps(header).encode()
     return httpx.post(f"{url}/v2/models/pneumonia/infer", content=head + raw, timeout=60,
