@@ -61,7 +61,8 @@ def evaluation_metrics(report: dict) -> dict[str, float]:
         if m:
             values.update({f"{split}_{k}": m[k] for k in METRIC_NAMES})
             values[f"{split}_n"] = m["n"]
-    values.update(threshold=report["threshold"], temperature=report["temperature"])
+    values.update(threshold=report["threshold"], temperature=report["temperature"],
+                  logit_bias=report.get("logit_bias", 0.0))
     if report["int8"].get("auc_drop") is not None:
         values["int8_auc_drop"] = report["int8"]["auc_drop"]
     return finite(values)

@@ -4,7 +4,7 @@ A bundle is a directory::
 
     model.onnx            fp32 graph: input ``image`` [N,1,S,S] -> ``logit`` [N], ``cam`` [N,h,w]
     model.int8.onnx       optional static QDQ int8 graph (same inputs/outputs)
-    pneumoscope.json      preprocessing, threshold, temperature, metrics, int8 decision, sha256 of files
+    pneumoscope.json      preprocessing, threshold, temperature + logit bias, metrics, int8 decision, sha256 of files
 
 No torch here: the serving path (transformer, predictor) imports this module.
 """
@@ -119,9 +119,14 @@ class Bundle:
             raise BundleError(f"this model version has no {precision} graph")
         return self.root / name
 
+    @property
+    def logit_bias(self) -> float:
+        return float(self.meta.get("logit_bias", 0.0))
+
     def probability(self, logits: np.ndarray) -> np.ndarray:
-        """Calibrated probability: sigmoid(logit / temperature)."""
-        return 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64) / self.temperature))
+        """Calibrated probability: sigmoid(logit / temperature + logit_bias), both fitted on val."""
+        z = np.asarray(logits, dtype=np.float64) / self.temperature + self.logit_bias
+        return 1.0 / (1.0 + np.exp(-z))
 
 
 def make_session(onnx_path: str | Path, threads: int | None = None):

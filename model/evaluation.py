@@ -17,7 +17,7 @@ import numpy as np
 
 from model.bundle import Bundle, make_session, run_images, write_bundle
 from model.data import CLASSES, CachedData, DataError, discover
-from model.metrics import (choose_threshold, fit_temperature, metrics_with_ci, roc_points, save_plots, sigmoid)
+from model.metrics import choose_threshold, fit_calibration, metrics_with_ci, roc_points, save_plots, sigmoid
 from model.preprocessing import InvalidImageError, load_resized, normalize
 
 log = logging.getLogger(__name__)
@@ -62,17 +62,18 @@ def evaluate_checkpoint(checkpoint: str | Path, cache_dir: str | Path, out_dir: 
     session = make_session(onnx_path)
 
     val_logits = run_images(session, val_images, config)
-    temperature = fit_temperature(val_logits, val_y)
-    val_probs = sigmoid(val_logits / temperature)
+    temperature, bias = fit_calibration(val_logits, val_y)
+    val_probs = sigmoid(val_logits / temperature + bias)
     threshold = choose_threshold(val_y, val_probs, settings.threshold_method, settings.target_sensitivity)
-    log.info("val: temperature %.3f, %s threshold %.4f", temperature, settings.threshold_method, threshold)
+    log.info("val: temperature %.3f, logit bias %.3f, %s threshold %.4f", temperature, bias,
+             settings.threshold_method, threshold)
 
     splits = {}
     for split in REPORT_SPLITS:
         idx, y = cache.split(split)
         if len(idx) == 0:
             continue
-        probs = val_probs if split == "val" else sigmoid(run_images(session, cache.images[idx], config) / temperature)
+        probs = val_probs if split == "val" else sigmoid(run_images(session, cache.images[idx], config) / temperature + bias)
         splits[split] = metrics_with_ci(y, probs, threshold, settings.n_bootstrap if len(idx) >= 20 else 0,
                                         settings.seed)
         m = splits[split]
@@ -102,6 +103,7 @@ def evaluate_checkpoint(checkpoint: str | Path, cache_dir: str | Path, out_dir: 
         "threshold": threshold,
         "threshold_method": settings.threshold_method,
         "temperature": temperature,
+        "logit_bias": bias,
         "metrics": {s: {k: v for k, v in m.items() if k != "ci95"} for s, m in splits.items() if s in ("val", "holdout")},
         "int8": int8_report,
         "onnx_parity": parity_report,
@@ -112,7 +114,7 @@ def evaluate_checkpoint(checkpoint: str | Path, cache_dir: str | Path, out_dir: 
     write_bundle(bundle_dir, bundle_meta)
     report = {
         "threshold": threshold, "threshold_method": settings.threshold_method, "temperature": temperature,
-        "splits": splits, "int8": int8_report, "onnx_parity": parity_report, "plots": plots,
+        "logit_bias": bias, "splits": splits, "int8": int8_report, "onnx_parity": parity_report, "plots": plots,
         "roc_val": roc_points(val_y, val_probs),
         "val_predictions": {"index": val_idx.tolist(), "label": val_y.tolist(), "probability": val_probs.tolist()},
         "manifest_sha256": cache.summary["manifest_sha256"],

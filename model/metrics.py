@@ -100,6 +100,26 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(math.exp(result.x))
 
 
+def fit_calibration(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """Temperature T and bias b minimising the NLL of sigmoid(logit / T + b) (Platt scaling).
+
+    Temperature alone cannot undo a prior shift, and ``pos_weight`` in the training loss shifts every
+    logit by about log(pos_weight); the bias absorbs that, T fixes over/under-confidence.
+    """
+    from scipy.optimize import minimize
+
+    logits = np.asarray(logits, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.float64)
+
+    def nll(params: np.ndarray) -> float:
+        z = logits * math.exp(-params[0]) + params[1]
+        return float(np.mean(np.logaddexp(0.0, z) - labels * z))
+
+    result = minimize(nll, x0=np.array([0.0, 0.0]), method="L-BFGS-B",
+                      bounds=[(math.log(0.05), math.log(20.0)), (-10.0, 10.0)])
+    return float(math.exp(result.x[0])), float(result.x[1])
+
+
 def choose_threshold(labels: np.ndarray, probs: np.ndarray, method: str = "youden",
                      target_sensitivity: float = 0.95) -> float:
     """Operating threshold from validation data only.

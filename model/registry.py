@@ -142,7 +142,8 @@ def log_and_register(bundle_dir: str | Path, report: dict, history: list[dict], 
                                                                        "specificity", "f1", "brier", "ece")})
             for k, (lo, hi) in m.get("ci95", {}).items():
                 mlflow.log_metrics({f"{split}_{k}_ci_low": lo, f"{split}_{k}_ci_high": hi})
-        mlflow.log_metrics({"threshold": report["threshold"], "temperature": report["temperature"]})
+        mlflow.log_metrics({"threshold": report["threshold"], "temperature": report["temperature"],
+                            "logit_bias": report.get("logit_bias", 0.0)})
         if report["int8"].get("auc_drop") is not None:
             mlflow.log_metric("int8_auc_drop", report["int8"]["auc_drop"])
         if plots_dir and Path(plots_dir).is_dir():
@@ -153,6 +154,7 @@ def log_and_register(bundle_dir: str | Path, report: dict, history: list[dict], 
             code_paths=[str(Path(__file__).resolve().parent)],
             pip_requirements=["onnxruntime", "numpy", "pillow", "pydicom"],
             metadata={"pneumoscope": {"threshold": bundle.threshold, "temperature": bundle.temperature,
+                                      "logit_bias": bundle.logit_bias,
                                       "preprocess": bundle.meta["preprocess"], "bundle_sha256": bundle.sha256}})
         version = mlflow.register_model(model_info.model_uri, model_name, tags={"bundle_sha256": bundle.sha256,
                                                                                  "run_id": run.info.run_id})

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from model.metrics import (auc, binary_metrics, choose_threshold, expected_calibration_error, fit_temperature,
+from model.metrics import (auc, binary_metrics, choose_threshold, expected_calibration_error, fit_calibration,
+                           fit_temperature,
                            metrics_with_ci, paired_bootstrap_auc, sigmoid)
 
 
@@ -37,6 +38,18 @@ def test_temperature_scaling_recovers_the_true_temperature():
     overconfident = sigmoid(true_logits * 3.0)
     calibrated = sigmoid(true_logits * 3.0 / fit_temperature(true_logits * 3.0, labels))
     assert expected_calibration_error(labels, calibrated) < expected_calibration_error(labels, overconfident)
+
+
+def test_platt_calibration_undoes_a_prior_shift():
+    """pos_weight in the loss shifts logits; temperature alone cannot fix that, T + bias does."""
+    rng = np.random.default_rng(5)
+    true_logits = rng.normal(0.8, 2, 20000)
+    labels = (rng.random(20000) < sigmoid(true_logits)).astype(int)
+    shifted = (true_logits - 1.2) * 1.5
+    temperature, bias = fit_calibration(shifted, labels)
+    assert abs(temperature - 1.5) < 0.1 and abs(bias - 1.2) < 0.1
+    assert expected_calibration_error(labels, sigmoid(shifted / temperature + bias)) < 0.02
+    assert expected_calibration_error(labels, sigmoid(shifted / fit_temperature(shifted, labels))) > 0.03
 
 
 def test_youden_threshold_separates_separable_data():
