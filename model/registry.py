@@ -239,10 +239,7 @@ def fetch_model(model_uri: str, dest: str | Path, tracking_uri: str | None = Non
     target = Path(dest)
     target.mkdir(parents=True, exist_ok=True)
     path = mlflow.artifacts.download_artifacts(artifact_uri=pinned, dst_path=str(target))
-    try:
-        bundle = Bundle.load(path)
-    except BundleError:
-        raise
+    bundle = Bundle.load(path)
     expected = client.get_model_version(name, version).tags.get("bundle_sha256")
     if expected and expected != bundle.sha256:
         raise BundleError(f"{pinned}: bundle hash {bundle.sha256[:12]} does not match the registry's {expected[:12]}")

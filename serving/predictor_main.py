@@ -9,10 +9,8 @@ import sys
 
 from kserve import model_server
 
-from model.bundle import BundleError
-from model.registry import RegistryError
 from serving.predictor import PneumoniaPredictor
-from serving.server import PneumoscopeModelServer, configure_logging
+from serving.server import configure_logging, load_and_serve
 from serving.settings import ServingSettings
 
 PREDICTOR_MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # N x 1 x S x S float32 tensors
@@ -42,17 +40,7 @@ def main(argv=None) -> int:
     args, settings = parse_args(argv)
     configure_logging()
     model = PneumoniaPredictor(args.model_name, args.model_uri, settings)
-    try:
-        model.load()
-    except (RegistryError, BundleError, FileNotFoundError) as exc:
-        print(f"pneumoscope predictor: error: {exc}", file=sys.stderr)
-        return 2
-    server = PneumoscopeModelServer(http_port=args.http_port, grpc_port=args.grpc_port, workers=args.workers,
-                                    enable_grpc=args.enable_grpc, max_body_bytes=PREDICTOR_MAX_MESSAGE_BYTES,
-                                    grpc_max_message_bytes=PREDICTOR_MAX_MESSAGE_BYTES, access_log=settings.access_log,
-                                    bind=args.bind)
-    server.start([model])
-    return 0
+    return load_and_serve(model, "predictor", args, PREDICTOR_MAX_MESSAGE_BYTES, settings.access_log)
 
 
 if __name__ == "__main__":

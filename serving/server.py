@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from typing import Any
 
 import orjson
@@ -294,3 +295,20 @@ def _finish_pending(loop: asyncio.AbstractEventLoop, timeout_s: float = 5.0) -> 
     if leftovers:
         loop.run_until_complete(asyncio.gather(*leftovers, return_exceptions=True))
     loop.run_until_complete(loop.shutdown_asyncgens())
+
+
+def load_and_serve(model, role: str, args, max_body_bytes: int, access_log: bool) -> int:
+    """Load ``model`` (exit 2 with one line if its version cannot be had), then serve it until stopped."""
+    from model.bundle import BundleError
+    from model.registry import RegistryError
+
+    try:
+        model.load()
+    except (RegistryError, BundleError, FileNotFoundError) as exc:
+        print(f"pneumoscope {role}: error: {exc}", file=sys.stderr)
+        return 2
+    server = PneumoscopeModelServer(http_port=args.http_port, grpc_port=args.grpc_port, workers=args.workers,
+                                    enable_grpc=args.enable_grpc, max_body_bytes=max_body_bytes,
+                                    grpc_max_message_bytes=max_body_bytes, access_log=access_log, bind=args.bind)
+    server.start([model])
+    return 0

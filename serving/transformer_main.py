@@ -10,9 +10,7 @@ import sys
 
 from kserve import model_server
 
-from model.bundle import BundleError
-from model.registry import RegistryError
-from serving.server import PneumoscopeModelServer, configure_logging
+from serving.server import configure_logging, load_and_serve
 from serving.settings import ServingSettings
 from serving.transformer import PneumoniaTransformer
 
@@ -44,17 +42,7 @@ def main(argv=None) -> int:
     configure_logging()
     model = PneumoniaTransformer(args.model_name, args.model_uri, args.predictor_host, args.predictor_protocol,
                                  settings)
-    try:
-        model.load()
-    except (RegistryError, BundleError, FileNotFoundError) as exc:
-        print(f"pneumoscope transformer: error: {exc}", file=sys.stderr)
-        return 2
-    server = PneumoscopeModelServer(http_port=args.http_port, grpc_port=args.grpc_port, workers=args.workers,
-                                    enable_grpc=args.enable_grpc, max_body_bytes=settings.max_payload_bytes,
-                                    grpc_max_message_bytes=settings.max_payload_bytes, access_log=settings.access_log,
-                                    bind=args.bind)
-    server.start([model])
-    return 0
+    return load_and_serve(model, "transformer", args, settings.max_payload_bytes, settings.access_log)
 
 
 if __name__ == "__main__":

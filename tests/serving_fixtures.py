@@ -12,18 +12,15 @@ import socket
 from pathlib import Path
 
 import numpy as np
-import pytest
+from conftest import SHARED_DATA, require_shared
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 XRAY_224 = SHARED_DATA / "chest_xray_224"
 XRAY_FULL = SHARED_DATA / "chest_xray_full"
 TEST_IMAGE_SIZE = 128  # a 4x4 CAM: enough structure to compare heatmaps, cheap on 2 cores
 
 
 def require_data() -> Path:
-    if not (XRAY_224 / "train" / "NORMAL").is_dir():
-        pytest.skip(f"real chest X-rays not found at {XRAY_224} (the shared data folder is not mounted); "
-                    "serving tests need them")
+    require_shared("chest_xray_224/train/NORMAL")
     return SHARED_DATA
 
 

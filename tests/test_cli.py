@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from model.evaluation import EvalSettings, evaluate_checkpoint
-from tests.conftest import make_kaggle_subset
+from conftest import make_kaggle_subset
 
 ENV = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", PYTHONUNBUFFERED="1")
 

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from model.data import DataError, SplitFractions, SourceImage, parse_patient, prepare, split_by_patient
-from tests.conftest import make_kaggle_subset
+from conftest import make_kaggle_subset
 
 
 @pytest.mark.parametrize("name, patient, subtype", [

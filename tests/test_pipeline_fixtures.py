@@ -9,22 +9,18 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
+from conftest import SHARED_DATA, require_shared
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 CHEST_XRAY_224 = SHARED_DATA / "chest_xray_224"
 VENV_BIN = Path(sys.executable).parent
 
 
 def shared_xrays() -> Path:
     """The real 224 px chest X-rays in ../shared/data, or skip saying where they were looked for."""
-    if not CHEST_XRAY_224.is_dir():
-        pytest.skip(f"real X-rays not found at {CHEST_XRAY_224} (../shared/data is missing on this machine); "
-                    "this test needs them")
-    return CHEST_XRAY_224
+    return require_shared("chest_xray_224")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
