@@ -147,7 +147,8 @@ def write_component(out: Path, base: list[dict], variant: list[dict], comment: s
     for k, obj in sorted(before.items()):
         if k not in after:
             patches.append({"patch": _dump({"$patch": "delete", "apiVersion": obj["apiVersion"], "kind": obj["kind"],
-                                            "metadata": {"name": obj["metadata"]["name"]}})})
+                                            "metadata": {k: obj["metadata"][k] for k in ("name", "namespace")
+                                                         if k in obj["metadata"]}})})
     component = {"apiVersion": "kustomize.config.k8s.io/v1alpha1", "kind": "Component"}
     if resources:
         component["resources"] = sorted(resources)

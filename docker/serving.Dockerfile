@@ -7,7 +7,7 @@
 # Build with docker/build.sh (or `make images`), which passes the host's CA bundle and pip index
 # settings as build secrets; they never end up in a layer.
 
-ARG BASE_IMAGE=python:3.11-slim-bookworm
+ARG BASE_IMAGE=python:3.11.14-slim-bookworm
 
 FROM ${BASE_IMAGE} AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -16,14 +16,16 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
-# Dependencies first, in their own layer: rebuilt only when pyproject.toml changes.
-COPY pyproject.toml README.md ./
+# Dependencies first, in their own layer: rebuilt only when pyproject.toml changes (README.md, which
+# pyproject.toml names, is a stub here and comes with the code).
+COPY pyproject.toml ./
 RUN --mount=type=secret,id=hostca --mount=type=secret,id=pipconf --mount=type=cache,target=/root/.cache/pip \
     if [ -s /run/secrets/hostca ]; then export PIP_CERT=/run/secrets/hostca; fi; \
     if [ -s /run/secrets/pipconf ]; then export PIP_CONFIG_FILE=/run/secrets/pipconf; fi; \
-    mkdir -p model serving && touch model/__init__.py serving/__init__.py \
+    mkdir -p model serving && touch README.md model/__init__.py serving/__init__.py \
     && pip install './[serve]' \
     && pip uninstall --yes pneumoscope
+COPY README.md ./
 COPY model/ model/
 COPY serving/ serving/
 # Test suites shipped inside wheels (pandas alone: ~50 MB) are never imported; bytecode is compiled
