@@ -202,4 +202,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m model.cli` runs this file as __main__; the commands raise model.cli.CommandError, which
+    # only the imported module's main() catches.
+    from model.cli import main as _main
+
+    sys.exit(_main())
