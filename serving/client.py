@@ -91,8 +91,11 @@ def predict_v2(url: str, data: bytes, model: str = "pneumonia", heatmap: bool = 
 def predict_grpc(target: str, data: bytes, model: str = "pneumonia", heatmap: bool = False,
                  timeout: float = 60.0, host: str | None = None) -> dict:
     """gRPC v2 through NVIDIA's tritonclient (kserve's client would parse this program's argv on import)."""
-    import tritonclient.grpc as triton
-    from tritonclient.utils import InferenceServerException
+    try:
+        import tritonclient.grpc as triton
+        from tritonclient.utils import InferenceServerException
+    except ImportError:  # not in the serve extra: the servers never need it
+        raise ClientError("--protocol grpc needs tritonclient: pip install 'tritonclient[grpc]==2.73.0'") from None
 
     target = target.split("://", 1)[-1].rstrip("/")
     tensor = triton.InferInput("image", [1], "BYTES")
