@@ -123,6 +123,12 @@ def test_serving_image_is_small_labelled_non_root_and_has_no_torch(serving_image
     assert labels["org.opencontainers.image.source"].startswith("https://")
     assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", labels["org.opencontainers.image.revision"])
     assert info["Size"] < 600_000_000, f"serving image is {info['Size'] / 1e6:.0f} MB (goal: under 600 MB)"
+    # The build's secrets (CA bundle, pip settings) reach no layer and no history entry.
+    history = docker("history", "--no-trunc", "--format", "{{.CreatedBy}}", serving_image).stdout
+    assert "BEGIN CERTIFICATE" not in history and "index-url" not in history
+    probe = docker("run", "--rm", "--entrypoint", "sh", serving_image, "-c",
+                   "test ! -e /run/secrets/hostca && test ! -e /etc/pip.conf && echo clean")
+    assert probe.stdout.strip() == "clean"
     probe = docker("run", "--rm", "--entrypoint", "python3", serving_image, "-c",
                    "import importlib.util as u, serving.predictor_main, serving.transformer_main; "
                    "print([m for m in ('torch', 'torchvision', 'kfp') if u.find_spec(m)])")
