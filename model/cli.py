@@ -174,7 +174,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_evaluate)
 
     for plugin in sorted(entry_points(group="pneumoscope.commands"), key=lambda e: e.name):
-        plugin.load()(commands)
+        try:
+            add_commands = plugin.load()
+        except ModuleNotFoundError as exc:
+            # Each image installs one part (the web image has no pipelines/): its commands are absent.
+            if exc.name != plugin.module.partition(".")[0]:
+                raise
+            continue
+        add_commands(commands)
     return parser
 
 
@@ -195,4 +202,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m model.cli` runs this file as __main__; the commands raise model.cli.CommandError, which
+    # only the imported module's main() catches.
+    from model.cli import main as _main
+
+    sys.exit(_main())

@@ -43,6 +43,8 @@ def add_commands(commands) -> None:
     predict.add_argument("--url", default="http://127.0.0.1:8080",
                          help="server address: http://HOST:PORT for v1/v2, HOST:PORT (the gRPC port) for grpc")
     predict.add_argument("--protocol", choices=["v1", "v2", "grpc"], default="v2")
+    predict.add_argument("--host", help="Host header (gRPC: :authority) for an ingress that routes by host name, "
+                                        "e.g. pneumonia.NAMESPACE.example.com")
     predict.add_argument("--model-name", default="pneumonia")
     predict.add_argument("--heatmap", metavar="OUT_PNG", help="also fetch the heatmap and write it here")
     predict.add_argument("--json", action="store_true", help="print one JSON object")
@@ -117,7 +119,7 @@ def cmd_predict(args) -> int:
         raise CommandError(f"image not found: {path}")
     try:
         result = predict(args.url, path.read_bytes(), args.protocol, args.model_name, bool(args.heatmap),
-                         args.timeout)
+                         args.timeout, host=args.host)
     except ClientError as exc:
         raise CommandError(str(exc)) from None
     png = result.pop("heatmap_png", None)
