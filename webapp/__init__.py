@@ -1,0 +1,1 @@
+"""pneumoscope web app."""
