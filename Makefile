@@ -8,7 +8,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export PYTHONUNBUFFERED := 1
 DEMO_PORT ?= 8480
 
-.PHONY: setup demo test test-fast compile bench clean
+.PHONY: setup deps-web demo test test-fast compile bench clean
 
 setup: $(VENV)/.installed
 
@@ -25,7 +25,15 @@ demo: setup
 	@echo "== serving the champion on http://127.0.0.1:$(DEMO_PORT) (Ctrl-C stops it)"
 	$(BIN)/pneumoscope serve --model models:/pneumonia@champion --port $(DEMO_PORT)
 
-test: setup
+# The web app's tests start a real PostgreSQL 15 (initdb + pg_ctl as an unprivileged user) and drive
+# Debian's Chromium with Playwright; install both with apt when missing (CI machines start bare).
+deps-web:
+	@if [ ! -x /usr/lib/postgresql/15/bin/initdb ] || [ ! -x /usr/bin/chromium ]; then \
+	  echo "== installing postgresql-15 and chromium (apt)"; \
+	  flock /tmp/apt.lock sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql-15 chromium fonts-dejavu-core >/dev/null'; \
+	fi
+
+test: setup deps-web
 	$(BIN)/python -m pytest -q -rs
 
 compile: setup
