@@ -56,6 +56,14 @@ def _too_large(limit: int) -> UploadRejected:
 async def read_upload_form(request: Request):
     """Parse the multipart body, counting bytes as they arrive: an oversized upload is refused after at
     most limit + envelope bytes, never read whole. Returns (file bytes, content type, file name, form)."""
+    try:
+        return await _read_upload_form(request)
+    except UploadRejected as exc:
+        UPLOADS.labels(exc.code).inc()
+        raise
+
+
+async def _read_upload_form(request: Request):
     limit = ctx(request).settings.max_upload_bytes
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit + FORM_OVERHEAD_BYTES:
