@@ -157,7 +157,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(UploadRejected)
     async def upload_rejected(request: Request, exc: UploadRejected):
-        return error_response(request, exc.status, str(exc), exc.code)
+        # Too large: close the connection, or the server would go on reading (and discarding) the rest.
+        headers = {"connection": "close"} if exc.code == "too_large" else None
+        return error_response(request, exc.status, str(exc), exc.code, headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError):
