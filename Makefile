@@ -7,6 +7,8 @@ BIN := $(VENV)/bin
 export NO_ALBUMENTATIONS_UPDATE := 1
 export PYTHONUNBUFFERED := 1
 DEMO_PORT ?= 8480
+DEMO_WEB_PORT ?= 8482
+DEMO_USER ?= demo
 
 .PHONY: setup deps-web demo test test-fast compile bench clean
 
@@ -22,8 +24,11 @@ demo: setup
 	@echo "== pneumoscope demo: the training pipeline on kfp.local with the 'demo' profile"
 	@echo "   (96 px, 2 epochs: about 10 minutes on 2 CPU cores; a demonstration, not a clinical model)"
 	$(BIN)/pneumoscope pipeline run --local --profile demo
-	@echo "== serving the champion on http://127.0.0.1:$(DEMO_PORT) (Ctrl-C stops it)"
-	$(BIN)/pneumoscope serve --model models:/pneumonia@champion --port $(DEMO_PORT)
+	@echo "== a demo login for the web app on this machine (its password is printed only when it is created)"
+	$(BIN)/pneumoscope users add $(DEMO_USER) --generate-password --if-missing
+	@echo "== serving the champion: transformer http://127.0.0.1:$(DEMO_PORT), doctor's web app" \
+	  "http://127.0.0.1:$(DEMO_WEB_PORT) (sign in as '$(DEMO_USER)'; Ctrl-C stops everything)"
+	$(BIN)/pneumoscope serve --model models:/pneumonia@champion --port $(DEMO_PORT) --web-port $(DEMO_WEB_PORT)
 
 # The web app's tests start a real PostgreSQL 15 (initdb + pg_ctl as an unprivileged user) and drive
 # Debian's Chromium with Playwright; install both with apt when missing (CI machines start bare).

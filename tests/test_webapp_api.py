@@ -24,7 +24,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select, update
 
 from webapp_fixtures import (PHI, colour_photo_png, full_res_xrays, make_bucket, make_dicom, pneumoscope,
-                             s3_environment, wait_for_status)
+                             s3_environment)
 
 pytestmark = pytest.mark.integration
 
@@ -292,7 +292,8 @@ def test_bad_uploads_get_a_clear_4xx_and_leave_nothing_behind(backend):
     assert "colour" in gate.lower(), gate  # the transformer's own message reaches the doctor
     no_file = alice.post("/api/studies", files={"note": (None, "no file")})
     assert no_file.status_code == 400 and "multipart field 'file'" in no_file.json()["error"]
-    for body in ({"data": {"note": "a form without a file"}}, {"content": b"raw", "headers": {"content-type": "image/jpeg"}}):
+    for body in ({"data": {"note": "a form without a file"}},
+                 {"content": b"raw", "headers": {"content-type": "image/jpeg"}}):
         response = alice.post("/api/studies", **body)
         assert response.status_code == 415 and "multipart/form-data" in response.json()["error"]
     assert backend.count_studies() == studies and backend.stored_files() == files
@@ -473,9 +474,9 @@ def test_feedback_confirm_and_correct(backend, scored):
     alice = backend.api("alice")
     study, label = scored["id"], scored["result"]["label"]
     other = "NORMAL" if label == "PNEUMONIA" else "PNEUMONIA"
-    bad = [({"verdict": "maybe"}, 422), ({"verdict": "corrected"}, 400), ({"verdict": "corrected", "label": label}, 400),
-           ({"verdict": "confirmed", "label": other}, 400), ({"verdict": "corrected", "label": "CAT"}, 422),
-           ({"verdict": "confirmed", "note": "x" * 2001}, 422)]
+    bad = [({"verdict": "maybe"}, 422), ({"verdict": "corrected"}, 400),
+           ({"verdict": "corrected", "label": label}, 400), ({"verdict": "confirmed", "label": other}, 400),
+           ({"verdict": "corrected", "label": "CAT"}, 422), ({"verdict": "confirmed", "note": "x" * 2001}, 422)]
     for body, status in bad:
         response = alice.post(f"/api/studies/{study}/feedback", json=body)
         assert response.status_code == status, (body, response.text)
@@ -561,8 +562,8 @@ def test_export_writes_reviewed_studies_in_the_kaggle_layout(backend, scored, tm
     original = backend.api("alice").get(f"/api/studies/{scored['id']}/image").content
     assert hashlib.sha256(exported.read_bytes()).hexdigest() == hashlib.sha256(original).hexdigest()
     manifest = json.loads((tmp_path / "export" / "pneumoscope-export.json").read_text())["studies"]
-    assert {"review": "corrected", "label": other, "model_label": label} .items() <= next(
-        m for m in manifest if m["study"] == scored["id"]).items()
+    entry = next(m for m in manifest if m["study"] == scored["id"])
+    assert entry["review"] == "corrected" and entry["label"] == other and entry["model_label"] == label
     if summary["NORMAL"] and summary["PNEUMONIA"]:
         _, _, images = discover(str(tmp_path / "export"))  # the training ingest reads the export as it is
         assert len(images) == summary["exported"]
@@ -576,3 +577,24 @@ def test_readyz_is_503_for_a_database_without_the_schema(backend, tmp_path):
     with contextlib.suppress(Exception):
         ready, why = check_ready(make_engine("postgresql+psycopg://nobody@127.0.0.1:1/none"))
     assert not ready and "unreachable" in why
+
+
+def test_the_transformers_quality_flags_are_kept_when_it_sends_them():
+    """The v2 answer as the transformer sends it once it reports image quality (a JSON list per image)."""
+    from webapp.inference import _parse
+    from webapp.models import Study
+    from webapp.report import quality_warnings
+
+    reply = {"model_name": "pneumonia", "model_version": "7", "outputs": [
+        {"name": "probability", "datatype": "FP32", "shape": [1], "data": [0.81]},
+        {"name": "label", "datatype": "BYTES", "shape": [1], "data": ["PNEUMONIA"]},
+        {"name": "threshold", "datatype": "FP32", "shape": [1], "data": [0.5]},
+        {"name": "quality_flags", "datatype": "BYTES", "shape": [1], "data": ['["blurred", "text_overlay"]']}]}
+    result = _parse(reply, 0.1)
+    assert result.quality_flags == ["blurred", "text_overlay"] and result.model_version == "7"
+    assert result.heatmap_png is None and result.label == "PNEUMONIA"
+    assert quality_warnings(Study(quality_flags=result.quality_flags)) == ["blurred", "text overlay"]
+    without = _parse({**reply, "outputs": reply["outputs"][:3]}, 0.1)
+    assert without.quality_flags is None
+    with pytest.raises(ValueError):
+        _parse({**reply, "outputs": [{**reply["outputs"][0], "data": [1.5]}] + reply["outputs"][1:]}, 0.1)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 
@@ -112,9 +113,42 @@ def test_an_oversized_upload_is_refused_while_it_streams(web_stack):
     assert api.get("/api/studies").json()["total"] == before and httpx.get(f"{web_stack.web}/healthz").is_success
 
 
+def one_error(result) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("pneumoscope: error: "), result.stderr
+    return lines[0]
+
+
+def test_users_and_tokens_from_the_command_line(tmp_path):
+    env = {"PNEUMOSCOPE_HOME": str(tmp_path)}
+    made = pneumoscope("users", "add", "demo", "--generate-password", "--if-missing", env=env)
+    password = re.search(r"with password: (\S+)", made.stdout).group(1)
+    assert made.returncode == 0 and len(password) >= 16
+    again = pneumoscope("users", "add", "demo", "--generate-password", "--if-missing", env=env)
+    assert again.returncode == 0 and "exists already" in again.stdout and password not in again.stdout
+    assert "already exists" in one_error(pneumoscope("users", "add", "demo", env=env, stdin="another-password\n"))
+    assert "too short" in one_error(pneumoscope("users", "add", "shorty", env=env, stdin="short\n"))
+    assert "invalid user name" in one_error(pneumoscope("users", "add", "../x", env=env, stdin="long-enough-pw\n"))
+    assert "no user named 'ghost'" in one_error(pneumoscope("users", "token", "ghost", env=env))
+    token = pneumoscope("users", "token", "demo", "--label", "script", env=env).stdout.strip()
+    assert token.startswith("pns_")
+    listed = pneumoscope("users", "tokens", "demo", env=env).stdout
+    assert "active" in listed and "script" in listed
+    token_id = listed.split()[0]
+    assert pneumoscope("users", "revoke-token", token_id, env=env).stdout.strip() == f"revoked token {token_id}"
+    assert "revoked" in pneumoscope("users", "tokens", "demo", env=env).stdout
+    assert "no such token" in one_error(pneumoscope("users", "revoke-token", "pns_unknown", env=env))
+    changed = pneumoscope("users", "set-password", "demo", "--password-stdin", env=env, stdin="a-new-password!\n")
+    assert changed.returncode == 0 and "changed" in changed.stdout
+    assert "demo\tuser" in pneumoscope("users", "list", env=env).stdout
+    assert pneumoscope("db", "upgrade", env=env).stdout.strip() == "database at revision 0001"
+
+
 def test_the_cli_reports_config_errors_in_one_line(tmp_path):
     env = {"PNEUMOSCOPE_HOME": str(tmp_path)}
     bad_db = pneumoscope("web", "--port", "21999", "--database-url", "postgresql://nobody@127.0.0.1:1/none", env=env)
     lines = [line for line in bad_db.stderr.splitlines() if line.startswith("pneumoscope: error:")]
     assert bad_db.returncode == 2 and len(lines) == 1 and "cannot reach the database" in lines[0], bad_db.stderr
+    assert "cannot reach the database" in one_error(pneumoscope("db", "upgrade", "--database-url",
+                                                                "postgresql://nobody@127.0.0.1:1/none", env=env))
     assert json.loads(pneumoscope("studies", "export", str(tmp_path / "out"), env=env).stdout)["exported"] == 0

@@ -7,6 +7,7 @@ temporary folder, on a free port), a real ``moto_server`` for S3, and the real s
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -165,33 +166,48 @@ def _ensure_pg_user() -> None:
                        check=True, capture_output=True)
 
 
-@pytest.fixture(scope="session")
-def postgres():
-    """A throw-away PostgreSQL 15 server; it needs Debian's postgresql-15 (`make deps-web` installs it)."""
+@contextlib.contextmanager
+def running_postgres():
+    """Start a throw-away PostgreSQL 15 in a temporary folder on a free port; stop and remove it after."""
     if not (PG_BIN / "initdb").exists():
-        pytest.fail(f"PostgreSQL 15 not found at {PG_BIN}: run `make deps-web` (apt-get install postgresql-15)")
+        raise RuntimeError(f"PostgreSQL 15 not found at {PG_BIN}: run `make deps-web` (apt-get install postgresql-15)")
     _ensure_pg_user()
     root = Path(tempfile.mkdtemp(prefix="pneumoscope-pg-"))  # under /tmp: pytest's tmp is root-only
     data, log = root / "data", root / "postgres.log"
     if os.geteuid() == 0:
         shutil.chown(root, PG_USER)
-    subprocess.run(_as_pg_user([str(PG_BIN / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust",
-                                "--no-sync", "-E", "UTF8"]), check=True, capture_output=True)
-    port = free_port()
-    options = f"-p {port} -k {data} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off " \
-              f"-c full_page_writes=off -c max_connections=200"
-    started = subprocess.run(_as_pg_user([str(PG_BIN / "pg_ctl"), "-D", str(data), "-l", str(log), "-o", options,
-                                          "-w", "-t", "60", "start"]), capture_output=True, text=True)
-    if started.returncode != 0:
-        tail = log.read_text()[-2000:] if log.exists() else ""
-        shutil.rmtree(root, ignore_errors=True)
-        pytest.fail(f"PostgreSQL did not start: {started.stderr}\n{tail}")
     try:
-        yield Postgres(port, data, log)
+        subprocess.run(_as_pg_user([str(PG_BIN / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust",
+                                    "--no-sync", "-E", "UTF8"]), check=True, capture_output=True)
+        port = free_port()
+        options = f"-p {port} -k {data} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off " \
+                  f"-c full_page_writes=off -c max_connections=200"
+        started = subprocess.run(_as_pg_user([str(PG_BIN / "pg_ctl"), "-D", str(data), "-l", str(log), "-o",
+                                              options, "-w", "-t", "60", "start"]), capture_output=True, text=True)
+        if started.returncode != 0:
+            tail = log.read_text()[-2000:] if log.exists() else ""
+            raise RuntimeError(f"PostgreSQL did not start: {started.stderr}\n{tail}")
+        try:
+            yield Postgres(port, data, log)
+        finally:
+            subprocess.run(_as_pg_user([str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"]),
+                           capture_output=True)
     finally:
-        subprocess.run(_as_pg_user([str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"]),
-                       capture_output=True)
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL 15 for the session; it needs Debian's postgresql-15 (`make deps-web`)."""
+    try:
+        server = running_postgres()
+        started = server.__enter__()
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+    try:
+        yield started
+    finally:
+        server.__exit__(None, None, None)
 
 
 # -- S3 (moto) ----------------------------------------------------------------------------------------

@@ -116,7 +116,7 @@ def create_app(settings: WebSettings | None = None, start_worker: bool = True) -
                   description="The doctor's app: upload a chest X-ray, see the probability of pneumonia and the "
                               "heatmap, keep studies, give feedback. API calls take `Authorization: Bearer "
                               "<token>` (`pneumoscope users token NAME`).",
-                  docs_url="/api/docs", redoc_url=None)
+                  docs_url=None, redoc_url=None)  # Swagger UI loads scripts from a CDN; the CSP forbids it
     app.add_middleware(SecurityHeaders)
     app.add_middleware(MetricsMiddleware)
 

@@ -24,6 +24,14 @@ def when(moment) -> str:
     return moment.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M UTC") if moment else "-"
 
 
+def quality_warnings(study: Study) -> list[str]:
+    """The transformer's image-quality flags (a list like ["blurred"], or a dict of booleans) as words."""
+    flags = study.quality_flags
+    if isinstance(flags, dict):
+        flags = [name for name, value in flags.items() if value]
+    return [str(flag).replace("_", " ") for flag in flags or []]
+
+
 def facts(study: Study) -> list[tuple[str, str]]:
     rows = [("Study", f"#{study.id}"), ("Uploaded", when(study.created_at))]
     if study.status == "done":
@@ -32,6 +40,8 @@ def facts(study: Study) -> list[tuple[str, str]]:
                  ("Decision threshold", f"{study.threshold * 100:.1f} %"),
                  ("Model", f"{study.model_name} version {study.model_version}"),
                  ("Scored", when(study.scored_at))]
+        if quality_warnings(study):
+            rows.append(("Image quality warnings", ", ".join(quality_warnings(study))))
     else:
         rows.append(("Status", study.status))
     if study.feedback:

@@ -309,7 +309,8 @@ def study_json(study: Study, owner_name: str | None = None) -> dict:
     if study.status == "done":
         result = {"probability": study.probability, "label": study.label, "threshold": study.threshold,
                   "model_name": study.model_name, "model_version": study.model_version,
-                  "quality_flags": study.quality_flags, "scored_at": _iso(study.scored_at)}
+                  "quality_flags": study.quality_flags, "scored_at": _iso(study.scored_at),
+                  "inference_ms": study.inference_ms}
     feedback = None
     if study.feedback:
         feedback = {"verdict": study.feedback, "label": study.feedback_label, "at": _iso(study.feedback_at)}

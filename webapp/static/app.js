@@ -114,6 +114,15 @@ function showResult(study) {
   document.getElementById("threshold").textContent = percent(r.threshold);
   document.getElementById("model").textContent = r.model_name + " version " + r.model_version;
   document.getElementById("scored-at").textContent = formatWhen(r.scored_at);
+  const flags = Array.isArray(r.quality_flags) ? r.quality_flags
+    : Object.keys(r.quality_flags || {}).filter((k) => r.quality_flags[k]);
+  const list = document.getElementById("quality-flags");
+  list.replaceChildren(...flags.map((flag) => {
+    const item = document.createElement("li");
+    item.textContent = "Image quality: " + String(flag).replace(/_/g, " ");
+    return item;
+  }));
+  list.hidden = flags.length === 0;
   if (study.links.heatmap) {
     const overlay = document.getElementById("heatmap");
     overlay.src = study.links.heatmap;
