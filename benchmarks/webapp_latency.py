@@ -7,11 +7,13 @@
    on the weights) unless ``--model`` names a real one. SQLite and images in a temporary home.
 2. For each of N full-resolution X-rays from ``../shared/data/chest_xray_full`` (interleaved, so drift
    hits all three alike):
-   - transformer: one REST v2 request with the heatmap, straight to the transformer;
+   - transformer: the app's own client (``webapp.inference.InferenceClient``, the same v2 request with the
+     heatmap, a kept-alive connection) straight to the transformer, without the app;
    - API: ``POST /api/studies`` with a bearer token (store, score, answer), and the app's own record of
      its round trip to the transformer (``result.inference_ms``);
    - browser: Chromium (Playwright) on the upload page: click "Upload and analyse" -> the result and the
-     heatmap drawn on the study page (upload, scoring, redirect, page, image and heatmap downloads).
+     heatmap drawn on the study page (upload, scoring, redirect, page, image and heatmap downloads);
+     split into "until the study page's URL" and "page shown with both images".
 3. Medians and p95; "app adds" = median(path) - median(transformer).
 
 Three warm-up uploads are not counted. Results: one JSON document (``--out``, and stdout).
@@ -20,9 +22,12 @@ Three warm-up uploads are not counted. Results: one JSON document (``--out``, an
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import re
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -59,7 +64,7 @@ class Deployment:
     def __enter__(self):
         from serving.settings import ServingSettings
         from serving.stack import LocalStack
-        from webapp_fixtures import free_port
+        from webapp_fixtures import api_token, free_port
 
         self.tmp = tempfile.TemporaryDirectory(prefix="pneumoscope-bench-")
         home = Path(self.tmp.name)
@@ -68,29 +73,12 @@ class Deployment:
         while not all(_free(p) for p in (port, port + 1, port + 2)):
             port = free_port()
         self.env = {"PNEUMOSCOPE_HOME": str(home), "PNEUMOSCOPE_SECRET_KEY": "bench", **self.env}
-        self.token = self.add_user(self.env)
+        self.token = api_token(self.env, "bench", PASSWORD)
         self.stack = LocalStack(model, port, ServingSettings(), log_file=home / "stack.log",
                                 web_port=port + 2 if self.web else None, extra_env=self.env)
         log(f"starting the stack on {port} (web app on {port + 2})" if self.web else f"starting the stack on {port}")
         self.info = self.stack.start(timeout=300)
         return self
-
-    @staticmethod
-    def add_user(env: dict) -> str:
-        """Create the benchmark user in the database ``env`` names; return an API token."""
-        from webapp import accounts
-        from webapp.db import make_engine, session_factory, transaction, upgrade
-        from webapp.settings import WebSettings
-
-        settings = WebSettings(home=Path(env["PNEUMOSCOPE_HOME"]), database_url=env.get("PNEUMOSCOPE_DATABASE_URL"))
-        engine = make_engine(settings.resolved_database_url())
-        upgrade(engine)
-        with transaction(session_factory(engine)) as db:
-            if accounts.find_user(db, "bench") is None:
-                accounts.add_user(db, "bench", PASSWORD)
-            token = accounts.issue_token(db, "bench", "benchmark")[0]
-        engine.dispose()
-        return token
 
     def __exit__(self, *exc):
         self.stack.stop()
@@ -107,13 +95,21 @@ def run(uploads: int, model: str | None) -> dict:
     import httpx
     from playwright.sync_api import sync_playwright
 
-    from serving.client import predict_v2
+    from webapp.inference import InferenceClient
     from webapp_fixtures import CHROMIUM, CHROMIUM_FLAGS
 
     files = full_res(uploads + 3)
-    times = {"transformer": [], "api": [], "api_inference": [], "browser": []}
+    times = {"transformer": [], "api": [], "api_inference": [], "browser": [], "browser_to_study_url": [],
+             "browser_study_page_shown": []}
+    loop = asyncio.new_event_loop()  # in a thread of its own: Playwright's sync API holds this thread's loop
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+
+    def call(coroutine):
+        return asyncio.run_coroutine_threadsafe(coroutine, loop).result()
+
     with Deployment(model) as deployment, sync_playwright() as playwright:
         web, rest = deployment.info["web"], deployment.info["rest"]
+        direct = InferenceClient(rest, timeout_s=120)
         api = httpx.Client(base_url=web, headers={"authorization": f"Bearer {deployment.token}"}, timeout=120)
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
         page = browser.new_page(viewport={"width": 1280, "height": 900})
@@ -125,7 +121,7 @@ def run(uploads: int, model: str | None) -> dict:
         for i, path in enumerate(files):
             data = path.read_bytes()
             started = time.perf_counter()
-            predict_v2(rest, data, heatmap=True, timeout=120)
+            call(direct.infer(data))
             transformer_ms = (time.perf_counter() - started) * 1000
 
             started = time.perf_counter()
@@ -138,6 +134,8 @@ def run(uploads: int, model: str | None) -> dict:
             page.set_input_files("#file", str(path))
             started = time.perf_counter()
             page.click("#upload-button")
+            page.wait_for_url(re.compile(r".*/studies/\d+$"), timeout=120_000)
+            navigated_ms = (time.perf_counter() - started) * 1000
             page.wait_for_selector("#state-done", state="visible", timeout=120_000)
             page.wait_for_function("() => ['xray', 'heatmap'].every((id) => { const i = document.getElementById(id);"
                                    " return i.complete && i.naturalWidth > 0; })", timeout=120_000)
@@ -148,13 +146,19 @@ def run(uploads: int, model: str | None) -> dict:
             times["api"].append(api_ms)
             times["api_inference"].append(reply.json()["result"]["inference_ms"])
             times["browser"].append(browser_ms)
+            times["browser_to_study_url"].append(navigated_ms)
+            times["browser_study_page_shown"].append(browser_ms - navigated_ms)
             if (i - 2) % 10 == 0:
                 log(f"{i - 2}/{uploads}: transformer {transformer_ms:.0f} ms, API {api_ms:.0f} ms, "
                     f"browser {browser_ms:.0f} ms")
         browser.close()
+        call(direct.aclose())
+    loop.call_soon_threadsafe(loop.stop)
     result = {name: summary(values) for name, values in times.items()}
     base = result["transformer"]["median_ms"]
     result["app_adds_median_ms"] = {"api": round(result["api"]["median_ms"] - base, 1),
+                                    "browser_until_study_url": round(
+                                        result["browser_to_study_url"]["median_ms"] - base, 1),
                                     "browser": round(result["browser"]["median_ms"] - base, 1),
                                     "api_over_its_own_inference_call": round(float(np.median(
                                         np.asarray(times["api"]) - np.asarray(times["api_inference"]))), 1)}

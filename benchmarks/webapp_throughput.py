@@ -26,7 +26,7 @@ from pathlib import Path
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from webapp_latency import Deployment, full_res, summary  # noqa: E402  (also puts the repo on sys.path)
+from webapp_latency import PASSWORD, Deployment, full_res, summary  # noqa: E402  (puts tests/ on sys.path)
 from serving_throughput import cpu_info, log  # noqa: E402
 
 
@@ -74,20 +74,28 @@ def api_sender(url: str, token: str):
 
 
 def transformer_sender(rest: str):
-    from serving.client import ClientError, predict_v2
+    """The app's own transformer client (same request, kept-alive connection), one per thread."""
+    import asyncio
+
+    from webapp.inference import InferenceClient, InferenceRejected, InferenceUnavailable
+
+    local = threading.local()
 
     def send(name: str, data: bytes) -> int:
+        if not hasattr(local, "loop"):
+            local.loop = asyncio.new_event_loop()
+            local.client = InferenceClient(rest, timeout_s=300)
         try:
-            predict_v2(rest, data, heatmap=True, timeout=300)
+            local.loop.run_until_complete(local.client.infer(data))
             return 200
-        except ClientError:
+        except (InferenceRejected, InferenceUnavailable):
             return 500
 
     return send
 
 
 def run(clients: int, seconds: float, model: str | None) -> dict:
-    from webapp_fixtures import free_port, running_postgres, start_web
+    from webapp_fixtures import api_token, free_port, running_postgres, start_web
 
     files = full_res(40)
     out: dict = {}
@@ -100,7 +108,7 @@ def run(clients: int, seconds: float, model: str | None) -> dict:
                 database = postgres.create_database("bench") if backend == "postgresql" else None
                 env = {"PNEUMOSCOPE_HOME": home, "PNEUMOSCOPE_SECRET_KEY": "bench",
                        **({"PNEUMOSCOPE_DATABASE_URL": database} if database else {})}
-                token = Deployment.add_user(env)
+                token = api_token(env, "bench", PASSWORD)
                 for mode, url in (("scored", rest), ("stored", f"http://127.0.0.1:{free_port()}")):
                     web = start_web({**env, "PNEUMOSCOPE_INFERENCE_URL": url, "PNEUMOSCOPE_RETRY_INITIAL_S": "3600"},
                                     Path(home) / f"web-{mode}.log")

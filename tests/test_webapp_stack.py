@@ -5,6 +5,7 @@ while it streams in."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -14,15 +15,9 @@ import time
 import httpx
 import pytest
 
-from webapp_fixtures import full_res_xrays, pneumoscope, start_web, wait_for_status
+from webapp_fixtures import api_token, full_res_xrays, pneumoscope, start_web, wait_for_status
 
 pytestmark = pytest.mark.integration
-
-
-def api_token(env: dict, user: str = "doctor") -> str:
-    issued = pneumoscope("users", "token", user, "--label", "stack tests", env=env)
-    assert issued.returncode == 0, issued.stderr
-    return issued.stdout.strip()
 
 
 def client(url: str, token: str) -> httpx.Client:
@@ -67,9 +62,7 @@ def test_pending_studies_are_scored_after_the_app_restarts(web_stack, tmp_path, 
     env = {"PNEUMOSCOPE_HOME": str(tmp_path), "PNEUMOSCOPE_DATABASE_URL": postgres.create_database("restart"),
            "PNEUMOSCOPE_SECRET_KEY": "restart-test", "PNEUMOSCOPE_RETRY_INITIAL_S": "0.5",
            "PNEUMOSCOPE_WORKER_POLL_S": "0.25"}
-    assert pneumoscope("users", "add", "doctor", "--password-stdin", env=env,
-                       stdin="a-long-test-password\n").returncode == 0
-    token = api_token(env)
+    token = api_token(env, password="a-long-test-password")
     from webapp_fixtures import free_port
 
     down = start_web({**env, "PNEUMOSCOPE_INFERENCE_URL": f"http://127.0.0.1:{free_port()}"}, tmp_path / "a.log")
@@ -113,42 +106,67 @@ def test_an_oversized_upload_is_refused_while_it_streams(web_stack):
     assert api.get("/api/studies").json()["total"] == before and httpx.get(f"{web_stack.web}/healthz").is_success
 
 
-def one_error(result) -> str:
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("pneumoscope: error: "), result.stderr
+def run_cli(capsys, monkeypatch, *argv: str, stdin: str = "") -> tuple[int, str, str]:
+    """``pneumoscope ARGV`` in this process (as fast as a function call); (exit code, stdout, stderr)."""
+    from model.cli import main
+
+    monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def one_error(result: tuple[int, str, str]) -> str:
+    code, _, err = result
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("pneumoscope: error: "), err
     return lines[0]
 
 
-def test_users_and_tokens_from_the_command_line(tmp_path):
-    env = {"PNEUMOSCOPE_HOME": str(tmp_path)}
-    made = pneumoscope("users", "add", "demo", "--generate-password", "--if-missing", env=env)
-    password = re.search(r"with password: (\S+)", made.stdout).group(1)
-    assert made.returncode == 0 and len(password) >= 16
-    again = pneumoscope("users", "add", "demo", "--generate-password", "--if-missing", env=env)
-    assert again.returncode == 0 and "exists already" in again.stdout and password not in again.stdout
-    assert "already exists" in one_error(pneumoscope("users", "add", "demo", env=env, stdin="another-password\n"))
-    assert "too short" in one_error(pneumoscope("users", "add", "shorty", env=env, stdin="short\n"))
-    assert "invalid user name" in one_error(pneumoscope("users", "add", "../x", env=env, stdin="long-enough-pw\n"))
-    assert "no user named 'ghost'" in one_error(pneumoscope("users", "token", "ghost", env=env))
-    token = pneumoscope("users", "token", "demo", "--label", "script", env=env).stdout.strip()
+def test_users_and_tokens_from_the_command_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PNEUMOSCOPE_HOME", str(tmp_path))
+    monkeypatch.delenv("PNEUMOSCOPE_DATABASE_URL", raising=False)
+
+    def cli(*argv, stdin=""):
+        return run_cli(capsys, monkeypatch, *argv, stdin=stdin)
+
+    code, out, _ = cli("users", "add", "demo", "--generate-password", "--if-missing")
+    password = re.search(r"with password: (\S+)", out).group(1)
+    assert code == 0 and len(password) >= 16
+    code, out, _ = cli("users", "add", "demo", "--generate-password", "--if-missing")
+    assert code == 0 and "exists already" in out and password not in out
+    assert "already exists" in one_error(cli("users", "add", "demo", stdin="another-password\n"))
+    assert "too short" in one_error(cli("users", "add", "shorty", stdin="short\n"))
+    assert "invalid user name" in one_error(cli("users", "add", "../x", stdin="long-enough-pw\n"))
+    assert "no password on stdin" in one_error(cli("users", "add", "quiet", "--password-stdin"))
+    assert "no user named 'ghost'" in one_error(cli("users", "token", "ghost"))
+    token = cli("users", "token", "demo", "--label", "script")[1].strip()
     assert token.startswith("pns_")
-    listed = pneumoscope("users", "tokens", "demo", env=env).stdout
+    listed = cli("users", "tokens", "demo")[1]
     assert "active" in listed and "script" in listed
     token_id = listed.split()[0]
-    assert pneumoscope("users", "revoke-token", token_id, env=env).stdout.strip() == f"revoked token {token_id}"
-    assert "revoked" in pneumoscope("users", "tokens", "demo", env=env).stdout
-    assert "no such token" in one_error(pneumoscope("users", "revoke-token", "pns_unknown", env=env))
-    changed = pneumoscope("users", "set-password", "demo", "--password-stdin", env=env, stdin="a-new-password!\n")
-    assert changed.returncode == 0 and "changed" in changed.stdout
-    assert "demo\tuser" in pneumoscope("users", "list", env=env).stdout
-    assert pneumoscope("db", "upgrade", env=env).stdout.strip() == "database at revision 0001"
+    assert cli("users", "revoke-token", token_id)[1].strip() == f"revoked token {token_id}"
+    assert "revoked" in cli("users", "tokens", "demo")[1]
+    assert "no such token" in one_error(cli("users", "revoke-token", "pns_unknown"))
+    assert "give one TOKEN_OR_ID, or --all NAME" in one_error(cli("users", "revoke-token"))
+    cli("users", "token", "demo")
+    assert cli("users", "revoke-token", "--all", "demo")[1].strip() == "revoked 1 token of demo"
+    code, out, _ = cli("users", "set-password", "demo", "--password-stdin", stdin="a-new-password!\n")
+    assert code == 0 and "changed" in out
+    assert "demo\tuser" in cli("users", "list")[1]
+    # the installed console script, once, as an operator runs it
+    upgraded = pneumoscope("db", "upgrade", env={"PNEUMOSCOPE_HOME": str(tmp_path)})
+    assert upgraded.returncode == 0 and upgraded.stdout.strip() == "database at revision 0001"
 
 
-def test_the_cli_reports_config_errors_in_one_line(tmp_path):
-    env = {"PNEUMOSCOPE_HOME": str(tmp_path)}
-    bad_db = pneumoscope("web", "--port", "21999", "--database-url", "postgresql://nobody@127.0.0.1:1/none", env=env)
-    lines = [line for line in bad_db.stderr.splitlines() if line.startswith("pneumoscope: error:")]
-    assert bad_db.returncode == 2 and len(lines) == 1 and "cannot reach the database" in lines[0], bad_db.stderr
-    assert "cannot reach the database" in one_error(pneumoscope("db", "upgrade", "--database-url",
-                                                                "postgresql://nobody@127.0.0.1:1/none", env=env))
-    assert json.loads(pneumoscope("studies", "export", str(tmp_path / "out"), env=env).stdout)["exported"] == 0
+def test_the_cli_reports_config_errors_in_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PNEUMOSCOPE_HOME", str(tmp_path))
+    unreachable = "postgresql://nobody@127.0.0.1:1/none"
+    for argv in (("web", "--port", "21999", "--database-url", unreachable), ("db", "upgrade", "--database-url",
+                                                                              unreachable)):
+        assert "cannot reach the database" in one_error(run_cli(capsys, monkeypatch, *argv))
+    (tmp_path / "a-file").write_text("not a folder")
+    assert "cannot open the image store" in one_error(run_cli(
+        capsys, monkeypatch, "web", "--image-store", str(tmp_path / "a-file" / "studies"), "--port", "21999"))
+    code, out, _ = run_cli(capsys, monkeypatch, "studies", "export", str(tmp_path / "out"))
+    assert code == 0 and json.loads(out)["exported"] == 0

@@ -316,6 +316,23 @@ def _free(port: int) -> bool:
     return True
 
 
+def api_token(env: dict, user: str = "doctor", password: str | None = None) -> str:
+    """A token for ``user`` in the database ``env`` names (the user is created when a password is given)."""
+    from webapp import accounts
+    from webapp.db import make_engine, session_factory, transaction, upgrade
+    from webapp.settings import WebSettings
+
+    settings = WebSettings(home=Path(env["PNEUMOSCOPE_HOME"]), database_url=env.get("PNEUMOSCOPE_DATABASE_URL"))
+    engine = make_engine(settings.resolved_database_url())
+    upgrade(engine)
+    with transaction(session_factory(engine)) as db:
+        if password and accounts.find_user(db, user) is None:
+            accounts.add_user(db, user, password)
+        token = accounts.issue_token(db, user, "tests")[0]
+    engine.dispose()
+    return token
+
+
 # -- a web app process of its own ----------------------------------------------------------------------
 
 @dataclass

@@ -160,11 +160,16 @@ def cmd_web(args) -> int:
     from model.cli import CommandError
     from webapp.app import create_app
     from webapp.db import DatabaseError
-    from webapp.storage import StorageError
+    from webapp.storage import ImageStore, StorageError
 
     settings = settings_from(args)
     for name in ("httpx", "httpcore"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    _engine(args)[0].dispose()  # fail fast, in one line, on a database that cannot be reached or migrated
+    try:
+        ImageStore(settings.resolved_image_store()).check()
+    except StorageError as exc:
+        raise CommandError(str(exc)) from None
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=args.log_level,
                             access_log=settings.access_log, proxy_headers=True,

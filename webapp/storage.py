@@ -25,7 +25,10 @@ class ImageStore:
         protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
         self.local = "file" in protocols
         if self.local:
-            os.makedirs(self.root, exist_ok=True)
+            try:
+                os.makedirs(self.root, exist_ok=True)
+            except OSError as exc:
+                raise StorageError(f"cannot open the image store {self.url}: {exc.strerror}") from None
 
     @staticmethod
     def new_prefix() -> str:

@@ -104,11 +104,14 @@ class StudyService:
             await asyncio.to_thread(self.store.delete_prefix, prefix)
             raise
 
-    async def score(self, study_id: int, timeout_s: float, discard_rejected: bool = False) -> Scoring:
+    async def score(self, study_id: int, timeout_s: float, discard_rejected: bool = False,
+                    data: bytes | None = None) -> Scoring:
         """Score a study the caller holds the lease of. A refused image is deleted (``discard_rejected``:
-        the uploader is still waiting and gets the message) or kept as ``rejected`` (retry worker)."""
+        the uploader is still waiting and gets the message) or kept as ``rejected`` (retry worker).
+        ``data``: the stored file's bytes when the caller has them (the upload), else read from the store."""
         study = await asyncio.to_thread(self._load, study_id)
-        data = await asyncio.to_thread(self.store.get, study.image_key())
+        if data is None:
+            data = await asyncio.to_thread(self.store.get, study.image_key())
         started = time.perf_counter()
         try:
             result = await self.client.infer(data, timeout_s)

@@ -109,7 +109,8 @@ async def accept_upload(request: Request, principal: Principal, data: bytes, con
         raise AppError(str(exc)) from None
     service = context.service
     study = await service.create(principal.user, checked, note)
-    scoring = await service.score(study.id, context.settings.inline_wait_s, discard_rejected=True)
+    scoring = await service.score(study.id, context.settings.inline_wait_s, discard_rejected=True,
+                                  data=checked.data)
     if scoring.outcome == "rejected":
         UPLOADS.labels("rejected_by_model").inc()
         raise UploadRejected("rejected_by_model", f"the image was not accepted for analysis: {scoring.message}",
