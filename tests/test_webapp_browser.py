@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from webapp_fixtures import ARTIFACTS, CHROMIUM, CHROMIUM_FLAGS, PASSWORD, full_res_xrays
+from webapp_fixtures import ARTIFACTS, CHROMIUM, CHROMIUM_FLAGS, PASSWORD, full_res_xrays, predictor_pid
 
 pytestmark = pytest.mark.integration
 
@@ -103,22 +103,6 @@ def tab_to(page, element_id: str, most: int = 30) -> None:
             return
         page.keyboard.press("Tab")
     raise AssertionError(f"#{element_id} cannot be reached with the Tab key")
-
-
-def predictor_pid(stack) -> int:
-    """The predictor's PID now (the stack restarts it with a new one after a kill)."""
-    serve = stack.process.pid
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            cmdline = (entry / "cmdline").read_bytes()
-        except (OSError, IndexError, ValueError):
-            continue
-        if ppid == serve and b"serving.predictor_main" in cmdline:
-            return int(entry.name)
-    raise AssertionError("no predictor process under the stack")
 
 
 def expect_result(page) -> None:

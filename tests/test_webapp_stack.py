@@ -15,7 +15,7 @@ import time
 import httpx
 import pytest
 
-from webapp_fixtures import api_token, full_res_xrays, pneumoscope, start_web, wait_for_status
+from webapp_fixtures import api_token, full_res_xrays, pneumoscope, predictor_pid, start_web, wait_for_status
 
 pytestmark = pytest.mark.integration
 
@@ -42,7 +42,7 @@ def test_a_real_xray_is_scored_and_a_study_waits_while_the_predictor_is_down(web
     done = upload(api, first)
     assert done.status_code == 201, done.text
     assert done.json()["result"]["model_version"] == "local"
-    os.kill(web_stack.info["pids"]["predictor"], signal.SIGKILL)  # the stack restarts it, like a kubelet
+    os.kill(predictor_pid(web_stack), signal.SIGKILL)  # the stack restarts it, like a kubelet
     time.sleep(0.3)
     waiting = upload(api, second)
     assert waiting.status_code == 202, waiting.text

@@ -262,6 +262,22 @@ class WebStack:
             return False
 
 
+def predictor_pid(stack) -> int:
+    """The predictor's PID now (the stack restarts it with a new one after a kill)."""
+    serve = stack.process.pid
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (entry / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == serve and b"serving.predictor_main" in cmdline:
+            return int(entry.name)
+    raise AssertionError("no predictor process under the stack")
+
+
 def pneumoscope(*args: str, env: dict | None = None, stdin: str | None = None, timeout: float = 120):
     return subprocess.run([str(VENV_BIN / "pneumoscope"), *args], capture_output=True, text=True, timeout=timeout,
                           input=stdin, env={**os.environ, **(env or {})})

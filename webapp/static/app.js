@@ -67,7 +67,7 @@ function setupUpload() {
       });
       const reply = await response.json().catch(() => ({}));
       if (response.status === 201 || response.status === 202) {
-        window.location.assign("/studies/" + reply.id);
+        await showStudyInPlace(reply, file);
         return;
       }
       if (response.status === 401) { window.location.assign("/login?reason=expired&next=/"); return; }
@@ -79,6 +79,32 @@ function setupUpload() {
     }
   });
 }
+
+// After an upload: swap in the study page without a navigation, showing the picked file from memory
+// (no second download of a large image); the address bar and history still name the study.
+async function showStudyInPlace(study, file) {
+  const url = "/studies/" + study.id;
+  try {
+    const response = await fetch(url, { credentials: "same-origin" });
+    if (!response.ok) throw new Error("HTTP " + response.status);
+    const doc = new DOMParser().parseFromString(await response.text(), "text/html");
+    const main = doc.getElementById("main");
+    if (study.image_format !== "dicom") {
+      main.querySelector("#xray").src = URL.createObjectURL(file);  // browsers draw JPEG/PNG themselves
+    }
+    document.getElementById("main").replaceWith(document.adoptNode(main));
+    document.title = doc.title;
+    history.pushState({ study: study.id }, "", url);
+    setupHeatmapControls();
+    setupLiveStudy();
+    const heading = document.querySelector("#main h1");
+    if (heading) { heading.tabIndex = -1; heading.focus(); }  // screen readers announce the new page
+  } catch (err) {
+    window.location.assign(url);
+  }
+}
+
+window.addEventListener("popstate", () => window.location.reload());
 
 // -- study page: heatmap controls, live update of a pending study -----------------------------------
 function setupHeatmapControls() {
