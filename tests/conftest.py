@@ -45,3 +45,7 @@ def make_kaggle_subset(dest: Path, per_class: int = 20, source: Path | None = No
             for f in files:
                 shutil.copy(f, target / f.name)
     return dest
+
+
+# The web app's session-wide services (PostgreSQL, moto, the serving stack) live in a plugin module.
+pytest_plugins = ["webapp_fixtures"]

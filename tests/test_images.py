@@ -475,9 +475,7 @@ def test_an_unrouted_host_is_named_in_one_line(ingress, reference, protocol):
     assert "Traceback" not in result.stderr
 
 
-# -- the web image (needs webapp/, built by its own work stream) -------------------------------------------------
-@pytest.mark.skipif(importlib.util.find_spec("webapp") is None,
-                    reason="webapp/ is not in this tree yet: the web image cannot be built without it")
+# -- the web image --------------------------------------------------------------------------------------------
 def test_web_image_runs_as_the_dev_overlay_declares(base_image, tmp_path):
     objects = dev_objects()
     deployment = next(o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"].endswith("-web"))
