@@ -78,14 +78,31 @@ def cmd_train(args) -> int:
 
     settings = Settings()
     profile = get_profile(args.profile or settings.profile, epochs=args.epochs, lr=args.lr,
-                          batch_size=args.batch_size, image_size=args.image_size)
+                          batch_size=args.batch_size, image_size=args.image_size, erase_borders=args.erase_borders,
+                          field_mask=args.field_mask, sync_bn=args.sync_bn or None,
+                          num_workers=args.workers if args.workers is not None else settings.workers)
     if not Path(args.cache).is_dir():
         raise CommandError(f"cache folder not found: {args.cache} (run `pneumoscope data prepare` first)")
-    result = train(args.cache, args.out, profile, pretrained=args.pretrained, seed=args.seed or settings.seed,
+    seed = args.seed if args.seed is not None else settings.seed
+    if args.folds:
+        from model.folds import cross_validate
+
+        report = cross_validate(args.cache, args.out, profile, k=args.folds, seed=seed, device=args.device,
+                                pretrained=args.pretrained, resume=not args.no_resume)
+        if report:  # rank 0 under torchrun
+            print(json.dumps(_finite({"cv": str(Path(args.out) / "cv.json"), "k": report["k"],
+                                      "mean_sd": report["mean_sd"],
+                                      "abstention_coverage": report["abstention"]["coverage_mean"],
+                                      "sanity": {k: report["sanity"].get(k) for k in
+                                                 ("n", "auc", "sensitivity", "specificity", "ece")}})))
+        return 0
+    result = train(args.cache, args.out, profile, pretrained=args.pretrained, seed=seed,
                    resume=not args.no_resume, device=args.device)
-    print(json.dumps({"checkpoint": str(result.checkpoint), "best_epoch": result.best_epoch,
-                      "best_val_auc": result.best_val_auc, "images_per_second": round(result.images_per_second, 2),
-                      "seconds": round(result.seconds, 1)}))
+    if os.environ.get("RANK", "0") == "0":  # one answer per torchrun job
+        print(json.dumps({"checkpoint": str(result.checkpoint), "best_epoch": result.best_epoch,
+                          "best_val_auc": result.best_val_auc,
+                          "images_per_second": round(result.images_per_second, 2),
+                          "seconds": round(result.seconds, 1)}))
     return 0
 
 
@@ -147,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     prep.set_defaults(func=cmd_data_prepare)
 
     tr = commands.add_parser("train", help="train ResNet-50 on a prepared cache",
-                             description=f"Train a ResNet-50. Profiles: {profiles}.")
+                             description=f"Train a ResNet-50 (several GPUs: `torchrun --nproc-per-node N -m "
+                                         f"model.cli train ...`). Profiles: {profiles}.")
     tr.add_argument("--cache", required=True, help="folder written by `data prepare`")
     tr.add_argument("--out", required=True, help="checkpoint folder (resumed if it holds last.pt)")
     tr.add_argument("--profile", choices=list(PROFILES), help="training budget (default: $PNEUMOSCOPE_PROFILE or demo)")
@@ -159,6 +177,16 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--seed", type=int)
     tr.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     tr.add_argument("--no-resume", action="store_true", help="start over even if last.pt exists")
+    tr.add_argument("--folds", type=int, metavar="K",
+                    help="patient-grouped stratified K-fold cross-validation of the recipe on the training pool "
+                         "(out-of-fold calibration, thresholds and refer band; the sanity set every time); writes "
+                         "OUT/cv.json and one model per fold")
+    tr.add_argument("--erase-borders", type=float, metavar="P",
+                    help="candidate: erase random patches in the border band (markers, text) with probability P")
+    tr.add_argument("--field-mask", choices=["none", "ellipse"],
+                    help="candidate: blank everything outside a fixed elliptical lung-field prior (train + serve)")
+    tr.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across GPUs under torchrun (CUDA only)")
+    tr.add_argument("--workers", type=int, help="DataLoader workers per process (default: from the cores)")
     tr.set_defaults(func=cmd_train)
 
     ev = commands.add_parser("evaluate", help="score a registered or local model on a data split",

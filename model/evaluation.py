@@ -18,7 +18,7 @@ import numpy as np
 from model.bundle import Bundle, make_session, run_images, write_bundle
 from model.data import CLASSES, CachedData, DataError, discover
 from model.metrics import choose_threshold, fit_calibration, metrics_with_ci, roc_points, save_plots, sigmoid
-from model.preprocessing import InvalidImageError, load_resized, normalize
+from model.preprocessing import InvalidImageError, PreprocessConfig, load_resized, normalize
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +50,9 @@ def evaluate_checkpoint(checkpoint: str | Path, cache_dir: str | Path, out_dir: 
     bundle_dir, plots_dir = out / "bundle", out / "plots"
     bundle_dir.mkdir(parents=True, exist_ok=True)
     cache = CachedData.load(cache_dir)
-    config = cache.config
     net, meta = load_checkpoint(checkpoint)
+    # The checkpoint's preprocessing: the cache's, plus what the recipe added (e.g. a field mask).
+    config = PreprocessConfig.from_dict(meta.get("preprocess") or cache.config.to_dict())
     onnx_path = export_onnx(net, config.image_size, bundle_dir / "model.onnx")
 
     val_idx, val_y = cache.split("val")
