@@ -44,10 +44,10 @@ def exit_quickly() -> None:
     gc.freeze()
 
 
-def write_train_params(out_dir: str | Path, profile, seed: int) -> Path:
+def write_train_params(out_dir: str | Path, profile, seed: int, num_gpus: int = 1) -> Path:
     """``params.json`` beside the checkpoint: the resolved training settings, for the registry."""
     params = {k: v for k, v in asdict(profile).items() if k not in ("name", "description")}
-    params.update(profile=profile.name, seed=seed)
+    params.update(profile=profile.name, seed=seed, num_gpus=num_gpus)
     path = Path(out_dir) / "params.json"
     path.write_text(json.dumps(params, indent=2, sort_keys=True))
     return path
@@ -141,6 +141,7 @@ def registration_params(dataset, checkpoint_dir: str | Path, report: dict, pipel
         "holdout_fraction": summary["fractions"]["holdout"],
         "split_seed": summary["fractions"]["seed"],
         "images_kept": summary["kept"],
+        **{f"quality_{k}": v for k, v in summary.get("quality", {}).items() if k != "thumbnails"},
         "threshold_method": report["threshold_method"],
         "int8": bool(report["int8"].get("accepted")),
         "kfp_run_name": pipeline_run_name or None,

@@ -64,23 +64,30 @@ def cmd_data_prepare(args) -> int:
     image_size = args.image_size or get_profile(args.profile).image_size
     out = args.out or settings.home / "cache" / f"{image_size}px"
     result = prepare(source, out, image_size, SplitFractions(args.val_fraction, args.holdout_fraction, args.seed),
-                     workers=args.workers or settings.workers, limit_per_class=args.limit_per_class)
+                     workers=args.workers or settings.workers, limit_per_class=args.limit_per_class,
+                     exclude_blurred=args.exclude_blurred, mask_text=args.mask_text, resize_mode=args.resize)
+    quality = result.summary["quality"]
     print(json.dumps({"cache": str(result.out_dir), "kept": result.summary["kept"],
                       "excluded": result.summary["excluded"], "splits": result.summary["splits"],
+                      "quality": {k: quality[k] for k in ("sharpness_cutoff", "blurred", "text_overlay",
+                                                          "excluded_blurred", "masked_text")},
                       "manifest_sha256": result.manifest_sha256}))
     return 0
 
 
 def cmd_train(args) -> int:
-    from model.profiles import get_profile
+    from model.profiles import Profile, customise, get_profile
     from model.settings import Settings
     from model.training import train
 
     settings = Settings()
-    profile = get_profile(args.profile or settings.profile, epochs=args.epochs, lr=args.lr,
-                          batch_size=args.batch_size, image_size=args.image_size, erase_borders=args.erase_borders,
-                          field_mask=args.field_mask, sync_bn=args.sync_bn or None,
-                          num_workers=args.workers if args.workers is not None else settings.workers)
+    overrides = dict(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, image_size=args.image_size,
+                     erase_borders=args.erase_borders, field_mask=args.field_mask, sync_bn=args.sync_bn or None,
+                     num_workers=args.workers if args.workers is not None else settings.workers)
+    if args.profile_file:  # a resolved profile handed over by `model.training.launch` (torchrun)
+        profile = customise(Profile(**json.loads(Path(args.profile_file).read_text())), **overrides)
+    else:
+        profile = get_profile(args.profile or settings.profile, **overrides)
     if not Path(args.cache).is_dir():
         raise CommandError(f"cache folder not found: {args.cache} (run `pneumoscope data prepare` first)")
     seed = args.seed if args.seed is not None else settings.seed
@@ -161,6 +168,15 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--seed", type=int, default=42)
     prep.add_argument("--workers", type=int, help="decode processes (default: all cores)")
     prep.add_argument("--limit-per-class", type=int, help="keep only about this many training images per class")
+    prep.add_argument("--exclude-blurred", action="store_true",
+                      help="leave training films out whose sharpness (variance of the Laplacian) lies far below "
+                           "the training distribution (they are always reported)")
+    prep.add_argument("--mask-text", action="store_true",
+                      help="paint detected burned-in text and markers over in the cached training pixels "
+                           "(serving reports them, it does not mask: pair with `train --erase-borders`)")
+    prep.add_argument("--resize", choices=["squash", "pad"], default="squash",
+                      help="squash to a square (default, like the public 224 px copies) or keep the aspect ratio "
+                           "and pad; it travels with the model")
     prep.set_defaults(func=cmd_data_prepare)
 
     tr = commands.add_parser("train", help="train ResNet-50 on a prepared cache",
@@ -187,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="candidate: blank everything outside a fixed elliptical lung-field prior (train + serve)")
     tr.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across GPUs under torchrun (CUDA only)")
     tr.add_argument("--workers", type=int, help="DataLoader workers per process (default: from the cores)")
+    tr.add_argument("--profile-file", help="a resolved profile as JSON (written by the pipeline for torchrun)")
     tr.set_defaults(func=cmd_train)
 
     ev = commands.add_parser("evaluate", help="score a registered or local model on a data split",

@@ -52,12 +52,17 @@ FIELD_MASKS = ("none", "ellipse")
 def get_profile(name: str, **overrides) -> Profile:
     if name not in PROFILES:
         raise ValueError(f"unknown profile {name!r}; choose one of {', '.join(PROFILES)}")
+    return customise(PROFILES[name], **overrides)
+
+
+def customise(base: Profile, **overrides) -> Profile:
+    """``base`` with the overrides that are not None, checked."""
     known = {f.name for f in fields(Profile)}
     unknown = set(overrides) - known
     if unknown:
         raise ValueError(f"unknown profile field(s): {', '.join(sorted(unknown))}")
     changes = {k: v for k, v in overrides.items() if v is not None}
-    profile = replace(PROFILES[name], **changes)
+    profile = replace(base, **changes)
     if profile.field_mask not in FIELD_MASKS:
         raise ValueError(f"unknown field mask {profile.field_mask!r}; choose one of {', '.join(FIELD_MASKS)}")
     if not 0.0 <= profile.erase_borders <= 1.0:

@@ -452,6 +452,8 @@ def train(cache_dir: str | Path, out_dir: str | Path, profile: Profile, pretrain
                              time.perf_counter() - started)
         log.info("best val AUC %.4f at epoch %d; %.1f img/s; %.0f s", best_auc, best_epoch + 1, throughput,
                  result.seconds)
+        (out / "result.json").write_text(json.dumps(dict(asdict(result), checkpoint=str(result.checkpoint),
+                                                         world_size=ctx.world_size), indent=2))
     if ctx.active:
         import torch.distributed as dist
 
@@ -460,6 +462,30 @@ def train(cache_dir: str | Path, out_dir: str | Path, profile: Profile, pretrain
         result = TrainResult(out / "checkpoint.pt", [], 0, float("nan"), seen_images / max(train_seconds, 1e-9),
                              time.perf_counter() - started)
     return result
+
+
+def launch(cache_dir: str | Path, out_dir: str | Path, profile: Profile, seed: int = 42, nproc: int = 1,
+           pretrained: str | None = None) -> TrainResult:
+    """``train`` in ``nproc`` processes on this node, one per GPU, through torchrun (``torch.distributed.run``);
+    rank 0's result. ``nproc`` 1 trains in this process."""
+    if nproc <= 1:
+        return train(cache_dir, out_dir, profile, pretrained=pretrained, seed=seed)
+    import subprocess
+    import sys
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "profile.json").write_text(json.dumps(asdict(profile)))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "model.cli", "train", "--cache", str(cache_dir), "--out", str(out),
+               "--profile-file", str(out / "profile.json"), "--seed", str(seed)]
+    if pretrained:
+        command += ["--pretrained", pretrained]
+    log.info("launching %d training processes: %s", nproc, " ".join(command))
+    subprocess.run(command, check=True)
+    data = json.loads((out / "result.json").read_text())
+    return TrainResult(Path(data["checkpoint"]), data["history"], data["best_epoch"], data["best_val_auc"],
+                       data["images_per_second"], data["seconds"])
 
 
 def _broadcast_parameters(net: nn.Module) -> None:

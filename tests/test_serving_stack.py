@@ -240,7 +240,8 @@ def test_grpc_with_kserve_client(served, images):
     probs = first.get_output_by_name("probability").as_numpy()
     rest = outputs(v2_json(served, images[:2]))["probability"]["data"]
     np.testing.assert_allclose(probs, rest, atol=1e-6)
-    assert [o.name for o in second.outputs] == ["probability", "label", "threshold", "heatmap_png", "cam"]
+    assert [o.name for o in second.outputs] == ["probability", "label", "threshold", "heatmap_png", "cam",
+                                                "quality_flags"]
     assert second.get_output_by_name("probability").as_numpy()[0] == pytest.approx(rest[0], abs=1e-6)
 
 
