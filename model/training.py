@@ -51,7 +51,7 @@ class CacheDataset(Dataset):
     def __getitem__(self, i: int):
         pixels = self.transform.pixels(np.asarray(self.images[self.indices[i]]))
         # a copy: the cache is a read-only memory map, and the augmentations may hand it through unchanged
-        return torch.from_numpy(np.array(pixels, dtype=np.uint8)[None]), torch.tensor(float(self.labels[i]))
+        return torch.from_numpy(np.array(pixels)[None]), torch.tensor(float(self.labels[i]))
 
 
 class DeviceNormalize:
