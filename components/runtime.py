@@ -63,6 +63,10 @@ def evaluation_metrics(report: dict) -> dict[str, float]:
             values[f"{split}_n"] = m["n"]
     values.update(threshold=report["threshold"], temperature=report["temperature"],
                   logit_bias=report.get("logit_bias", 0.0))
+    for split, m in report.get("abstention", {}).items():  # the refer band fitted on val, its coverage
+        if isinstance(m, dict):
+            values.update({f"{split}_refer_coverage": m["coverage"], f"{split}_refer_sensitivity": m["sensitivity"],
+                           f"{split}_refer_specificity": m["specificity"]})
     if report["int8"].get("auc_drop") is not None:
         values["int8_auc_drop"] = report["int8"]["auc_drop"]
     return finite(values)

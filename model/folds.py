@@ -55,10 +55,12 @@ def inner_val(labels: np.ndarray, patients: np.ndarray, fraction: float, seed: i
     from sklearn.model_selection import StratifiedGroupKFold
 
     splitter = StratifiedGroupKFold(n_splits=max(2, round(1 / fraction)), shuffle=True, random_state=seed)
-    _, picked = next(splitter.split(np.zeros(len(labels)), labels, patients))
-    mask = np.zeros(len(labels), dtype=bool)
-    mask[picked] = True
-    return mask
+    for _, picked in splitter.split(np.zeros(len(labels)), labels, patients):
+        if len(set(labels[picked].tolist())) == 2 and len(set(labels.tolist()) - set(np.delete(labels, picked))) == 0:
+            mask = np.zeros(len(labels), dtype=bool)
+            mask[picked] = True
+            return mask
+    raise DataError("too few patients per class to carve an inner validation split with both classes from a fold")
 
 
 def _predict(checkpoint: Path, cache: CachedData, indices: np.ndarray, device: str | None) -> np.ndarray:

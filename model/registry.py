@@ -148,6 +148,9 @@ def log_and_register(bundle_dir: str | Path, report: dict, history: list[dict], 
                             "logit_bias": report.get("logit_bias", 0.0)})
         if report["int8"].get("auc_drop") is not None:
             mlflow.log_metric("int8_auc_drop", report["int8"]["auc_drop"])
+        for split, m in report.get("abstention", {}).items():  # the refer band's coverage per split
+            if isinstance(m, dict) and np.isfinite(m["coverage"]):
+                mlflow.log_metric(f"{split}_refer_coverage", m["coverage"])
         if plots_dir and Path(plots_dir).is_dir():
             mlflow.log_artifacts(str(plots_dir), artifact_path="plots")
         if data_quality_dir and Path(data_quality_dir).is_dir():

@@ -146,7 +146,8 @@ def _synthetic_cache(tmp: Path, per_class: int = 20) -> Path:
             pixels = np.clip(rng.normal(value, 40, (64, 64)), 0, 255).astype(np.uint8)
             buf = io.BytesIO()
             Image.fromarray(pixels).save(buf, format="PNG")
-            (folder / f"{stem.format(p=i % 8 + (0 if cls == 'NORMAL' else 500), i=i)}.png").write_bytes(buf.getvalue())
+            patient = i % max(4, per_class // 2) + (0 if cls == "NORMAL" else 500)
+            (folder / f"{stem.format(p=patient, i=i)}.png").write_bytes(buf.getvalue())
     prepare(str(tmp / "data"), tmp / "cache", 32, SplitFractions(0.25, 0.0, 0), workers=1)
     return tmp / "cache"
 
