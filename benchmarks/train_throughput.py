@@ -179,7 +179,8 @@ def main() -> None:
         if args.compare_main:
             row["main"] = measure(args, images, labels, config, "main")
         rounds.append(row)
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else (platform.processor() or platform.machine())
+    device_name = (torch.cuda.get_device_name() if args.device == "cuda"
+                   else (platform.processor() or platform.machine()))
     print(json.dumps({"device": args.device, "device_name": device_name, "image_size": args.image_size,
                       "batch_size": args.batch_size, "steps": args.steps, "threads": torch.get_num_threads(),
                       "cpus": os.cpu_count(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),

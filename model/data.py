@@ -206,7 +206,8 @@ def _gate_one(key: str):
         image = load_resized(data, config)
         # Blur and text are measured at one analysis resolution, whatever the cache's, as serving does.
         same = config.image_size == quality.ANALYSIS_SIZE and config.resize_mode == "squash"
-        analysis = image.pixels if same else load_resized(data, PreprocessConfig(image_size=quality.ANALYSIS_SIZE)).pixels
+        analysis = image.pixels if same else \
+            load_resized(data, PreprocessConfig(image_size=quality.ANALYSIS_SIZE)).pixels
     except InvalidImageError as exc:
         return key, digest, None, None, exc.reason, str(exc), None
     return key, digest, image.pixels, image.original_size, None, None, quality.assess(analysis)
@@ -385,9 +386,10 @@ def prepare(source: str, out_dir: str | Path, image_size: int, fractions: SplitF
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     log.info("kept %d of %d images; excluded %s; splits %s", len(rows), len(images), summary["excluded"] or "none",
              summary["splits"])
-    log.info("quality: %d blurred (sharpness < %.1f%s), %d with burned-in text or markers%s", quality_summary["blurred"],
-             quality_summary["sharpness_cutoff"], ", excluded from training" if exclude_blurred else ", kept",
-             quality_summary["text_overlay"], ", masked in the cache" if mask_text else "")
+    log.info("quality: %d blurred (sharpness < %.1f%s), %d with burned-in text or markers%s",
+             quality_summary["blurred"], quality_summary["sharpness_cutoff"],
+             ", excluded from training" if exclude_blurred else ", kept", quality_summary["text_overlay"],
+             ", masked in the cache" if mask_text else "")
     leaks = {k: v for k, v in summary["leakage"].items() if v}
     if leaks:
         log.warning("leakage between splits: %s", leaks)
@@ -418,9 +420,9 @@ def _quality_gate(kept: list[SourceImage], accepted: dict, rejected: dict, out: 
     if exclude_blurred:
         for img in blurred:
             if img.official_split == "train":
-                rejected[img.key] = ("blurred", f"sharpness {accepted[img.key][3].sharpness:.1f} < cut-off "
-                                                f"{cutoff:.1f} (variance of the Laplacian at {quality.ANALYSIS_SIZE} px)",
-                                     accepted[img.key][0])
+                detail = (f"sharpness {accepted[img.key][3].sharpness:.1f} < cut-off {cutoff:.1f} "
+                          f"(variance of the Laplacian at {quality.ANALYSIS_SIZE} px)")
+                rejected[img.key] = ("blurred", detail, accepted[img.key][0])
                 excluded += 1
         kept = [img for img in kept if img.key not in rejected]
     thumbnails = _write_thumbnails(out / "quality", {"blurred": blurred, "text_overlay": texts}, accepted)

@@ -45,7 +45,7 @@ class PreprocessConfig:
     # aspect-preserving with black padding ("pad").
     resample: str = "bilinear"
     resize_mode: str = "squash"
-    # "ellipse": pixels outside a fixed elliptical lung-field prior are set to the mean (0 after
+    # "ellipse": pixels outside a fixed elliptical lung-field prior are set to the mean (~0 after
     # normalisation) before the network sees them, in training and serving alike.
     field_mask: str = "none"
     # Per-image mean intensity (0-255) of the training images: the serving gate rejects inputs far
@@ -189,7 +189,7 @@ def field_mask(height: int, width: int, kind: str = "ellipse") -> np.ndarray:
 
 
 def apply_field_mask(pixels: np.ndarray, config: PreprocessConfig) -> np.ndarray:
-    """uint8 (..., H, W): outside the field set to the normalisation mean (0 after ``normalize``)."""
+    """uint8 (..., H, W): outside the field set to the uint8 nearest the normalisation mean (~0 after ``normalize``)."""
     if config.field_mask == "none":
         return pixels
     inside = field_mask(pixels.shape[-2], pixels.shape[-1], config.field_mask)

@@ -101,7 +101,8 @@ def text_components(pixels: np.ndarray, t: QualityThresholds = QualityThresholds
     band = int(round(t.border_band * size))
     border = np.ones(pixels.shape, dtype=bool)
     border[band:size - band, band:size - band] = False
-    candidates = border & (pixels >= t.min_brightness) & (pixels.astype(np.float32) - local_mean >= t.min_local_contrast)
+    contrast = pixels.astype(np.float32) - local_mean
+    candidates = border & (pixels >= t.min_brightness) & (contrast >= t.min_local_contrast)
     if not candidates.any() or candidates.sum() > MAX_CANDIDATES:  # bounded cost on any input
         return []
     boxes = []

@@ -344,7 +344,8 @@ def train(cache_dir: str | Path, out_dir: str | Path, profile: Profile, pretrain
             ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        start_epoch, best_auc, best_epoch, stale = state["epoch"] + 1, state["best_auc"], state["best_epoch"], state["stale"]
+        start_epoch, best_auc = state["epoch"] + 1, state["best_auc"]
+        best_epoch, stale = state["best_epoch"], state["stale"]
         history = state["history"]
         torch.set_rng_state(state["rng"])
         if ctx.is_main:

@@ -55,8 +55,8 @@ def build_pipeline(image: str = DEFAULT_IMAGE, retries: bool = True):
     steps = build_components(image)
 
     @dsl.pipeline(name=PIPELINE_NAME,
-                  description="Pneumonia detection on chest X-rays: quality-gated patient-level split, ResNet-50 "
-                              "training on num_gpus GPUs (torchrun), calibrated evaluation with CIs and ONNX export, MLflow "
+                  description="Pneumonia detection on chest X-rays: quality-gated patient-level split, "
+                              "ResNet-50 training on num_gpus GPUs (torchrun), calibrated evaluation with CIs and ONNX export, MLflow "
                               "registration with champion/challenger aliases.")
     def pneumonia_training(
         data_uri: str,

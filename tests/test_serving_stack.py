@@ -147,7 +147,7 @@ def test_rest_v1_predict_and_explain(served, images):
     predictions = response.json()["predictions"]
     assert len(predictions) == 2
     for p in predictions:
-        assert set(p) == {"probability", "label", "threshold", "model_name", "model_version"}
+        assert set(p) == {"probability", "label", "threshold", "model_name", "model_version", "quality_flags"}
         assert 0 <= p["probability"] <= 1 and p["label"] in ("NORMAL", "PNEUMONIA") and p["model_version"] == "1"
         assert p["label"] == ("PNEUMONIA" if p["probability"] >= p["threshold"] else "NORMAL")
     explained = v1(served, images[-1], verb="explain").json()["predictions"][0]

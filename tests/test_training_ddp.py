@@ -83,7 +83,8 @@ def test_one_ddp_step_on_2x16_equals_one_step_on_32(tmp_path):
     torch.set_num_threads(1)
     x, y = _batch()
     state, grads = _one_step(DistributedContext(), x, y)
-    worst_grad = max(float((distributed["grads"][k] - g).abs().max() / (g.abs().max() + 1e-12)) for k, g in grads.items())
+    worst_grad = max(float((distributed["grads"][k] - g).abs().max() / (g.abs().max() + 1e-12))
+                     for k, g in grads.items())
     assert worst_grad < 1e-4, f"DDP gradient differs from the batch-32 gradient by {worst_grad:.2e} (relative)"
     moved = max(float((state[k].float() - v.float()).abs().max()) for k, v in _one_step_initial().items())
     worst = max(float((distributed["state"][k].float() - v.float()).abs().max()) for k, v in state.items())
@@ -167,7 +168,8 @@ def test_torchrun_trains_on_rank_0_only_and_resumes_with_another_world_size(tmp_
     # The same run continued by ONE process: it picks up at epoch 2 with the schedule where it was.
     resumed = train(cache, out, get_profile("smoke", image_size=32, batch_size=8, epochs=2, num_workers=0), seed=3)
     assert [h["epoch"] for h in resumed.history] == [1, 2]
-    assert torch.load(out / "last.pt", weights_only=False)["scheduler"]["last_epoch"] == 2 * last["scheduler"]["last_epoch"]
+    steps_after = torch.load(out / "last.pt", weights_only=False)["scheduler"]["last_epoch"]
+    assert steps_after == 2 * last["scheduler"]["last_epoch"]
 
 
 def test_batch_size_must_split_across_processes(monkeypatch, tmp_path):
@@ -184,3 +186,21 @@ def test_profiles_say_what_they_buy_without_claiming_a_cpu_feature():
     assert get_profile("gpu").batch_size == 256
     with pytest.raises(ValueError, match="field mask"):
         get_profile("cpu", field_mask="circle")
+
+
+def test_bf16_autocast_trains_where_the_cpu_has_native_bf16(monkeypatch):
+    """On a CPU with AMX/AVX512-BF16 the step runs under bf16 autocast (emulated here, so only a tiny batch);
+    the weights stay fp32 and move."""
+    from model.training import _device_setup
+
+    monkeypatch.setattr("model.training.cpu_has_native_bf16", lambda: True)
+    dev, amp_dtype = _device_setup("cpu")
+    assert amp_dtype == torch.bfloat16
+    torch.manual_seed(0)
+    net, model, _, criterion, optimizer, scheduler = build_training(STEP_PROFILE, dev, None, 2, 2, 10)
+    before = net.fc[1].weight.detach().clone()
+    x, y = _batch(4)
+    loss = train_step(model, DeviceNormalize(PreprocessConfig(image_size=32), dev)(x), y, criterion, optimizer,
+                      scheduler, torch.amp.GradScaler("cuda", enabled=False), amp_dtype, dev)
+    assert torch.isfinite(loss) and loss.dtype == torch.float32
+    assert net.fc[1].weight.dtype == torch.float32 and not torch.equal(net.fc[1].weight, before)

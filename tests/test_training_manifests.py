@@ -46,7 +46,8 @@ def crd_validator(kind: str) -> jsonschema.Draft202012Validator:
 
 
 def errors(document: dict) -> list[str]:
-    return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in crd_validator(document["kind"]).iter_errors(document)]
+    validator = crd_validator(document["kind"])
+    return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(document)]
 
 
 @pytest.fixture(scope="module")
