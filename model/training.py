@@ -356,10 +356,11 @@ def train(cache_dir: str | Path, out_dir: str | Path, profile: Profile, pretrain
         _broadcast_parameters(net)
 
     if ctx.is_main:
-        log.info("training ResNet-50 on %d images (%d pneumonia, %d normal), validating on %d; profile %s: %s; "
-                 "device %s x %d, batch %d (%d per process), %d loader workers per process, autocast %s, "
-                 "channels_last", len(train_idx), n_pos, n_neg, len(val_idx), profile.name, profile.description,
-                 dev.type, ctx.world_size, profile.batch_size, per_rank_batch, workers,
+        log.info("training ResNet-50 on %d images (%d pneumonia, %d normal), validating on %d; profile %s "
+                 "(%d px, %d epochs, lr %g); device %s x %d, batch %d (%d per process), %d loader workers per "
+                 "process, autocast %s, channels_last", len(train_idx), n_pos, n_neg, len(val_idx), profile.name,
+                 profile.image_size, profile.epochs, profile.lr, dev.type, ctx.world_size, profile.batch_size,
+                 per_rank_batch, workers,
                  str(amp_dtype).replace("torch.", "") if amp_dtype else "off (fp32)")
     from tqdm import tqdm
 

@@ -166,3 +166,37 @@ def test_cli_prepare_prints_the_quality_counts(tmp_path, shared_224):
     printed = json.loads(result.stdout)["quality"]
     assert set(printed) == {"sharpness_cutoff", "blurred", "text_overlay", "excluded_blurred", "masked_text"}
     assert "quality:" in result.stderr and "blurred" in result.stderr
+
+
+def test_the_transformer_reports_flags_beside_an_unchanged_decision(shared_224):
+    """The KServe transformer's own preprocess/postprocess (no processes): v1 and v2 answers carry the flags;
+    the label is still exactly probability >= threshold, whatever the flags say."""
+    import asyncio
+    import base64
+
+    from kserve.protocol.infer_type import InferInput, InferRequest
+
+    from serving.settings import ServingSettings
+    from serving.transformer import PneumoniaTransformer, Scored
+
+    transformer = PneumoniaTransformer("pneumonia", "unused", "unused")
+    transformer.config, transformer.settings, transformer.threshold = PreprocessConfig(image_size=64), \
+        ServingSettings(), 0.5
+    transformer.model_version = "1"
+    transformer.bundle = type("Calibrated", (), {"probability": staticmethod(lambda z: 1 / (1 + np.exp(-z)))})()
+    plain = real_xrays(shared_224, 1)[0].read_bytes()
+    batch = [plain, blurred(plain), stamped(plain, "R")]
+    logits = np.array([2.0, -2.0, 0.3], dtype=np.float32)  # the predictor's answer, flags or not
+
+    def answer(payload):
+        prepared = asyncio.run(transformer.preprocess(payload))
+        return asyncio.run(transformer.postprocess(Scored(prepared, logits, np.zeros((3, 2, 2), np.float32))))
+
+    v1 = answer({"instances": [{"image": {"b64": base64.b64encode(x).decode()}} for x in batch]})["predictions"]
+    assert [p["quality_flags"] for p in v1] == [[], ["blurred"], ["text_overlay"]]
+    assert [p["label"] for p in v1] == ["PNEUMONIA", "NORMAL", "PNEUMONIA"]  # sigmoid(logit) vs 0.5, nothing else
+    tensor = InferInput("image", [3], "BYTES", data=[base64.b64encode(x).decode() for x in batch])
+    v2 = answer(InferRequest("pneumonia", [tensor])).outputs
+    flags = next(o for o in v2 if o.name == "quality_flags")
+    assert [json.loads(f) for f in flags.as_numpy()] == [[], ["blurred"], ["text_overlay"]]
+    assert flags.datatype == "BYTES" and flags.shape == [3]
