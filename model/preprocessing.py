@@ -9,6 +9,7 @@ No torch import here: the serving image does not ship torch.
 
 from __future__ import annotations
 
+import functools
 import io
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -40,8 +41,13 @@ class PreprocessConfig:
     # Intensity normalisation of [0, 1] pixels; set from the training cache by ``data prepare``.
     mean: float = 0.5
     std: float = 0.25
-    # Resize is a squash to a square, as in the public 224 px copies of the data set.
+    # Resize is a squash to a square, as in the public 224 px copies of the data set ("squash"), or
+    # aspect-preserving with black padding ("pad").
     resample: str = "bilinear"
+    resize_mode: str = "squash"
+    # "ellipse": pixels outside a fixed elliptical lung-field prior are set to the mean (~0 after
+    # normalisation) before the network sees them, in training and serving alike.
+    field_mask: str = "none"
     # Per-image mean intensity (0-255) of the training images: the serving gate rejects inputs far
     # outside it (a photograph of a cat, an all-black frame).
     train_intensity_mean: float = 120.0
@@ -137,7 +143,7 @@ def _decode_raster(data: bytes, draft_size: int | None, max_pixels: int,
     else:
         gray = img.convert("L")
         if config and gray.size != (config.image_size, config.image_size):
-            gray = gray.resize((config.image_size, config.image_size), _RESAMPLE[config.resample])
+            gray = _fit_square(gray, config)
         pixels = np.asarray(gray, dtype=np.uint8)
     return DecodedImage(np.ascontiguousarray(pixels), fmt, (width, height), colourfulness)
 
@@ -150,12 +156,44 @@ def _rescale_to_uint8(values: np.ndarray) -> np.ndarray:
 
 
 def resize(pixels: np.ndarray, config: PreprocessConfig) -> np.ndarray:
-    """Squash uint8 (H, W) to (size, size)."""
+    """uint8 (H, W) to (size, size): squashed, or fitted and padded (``config.resize_mode``)."""
     size = config.image_size
     if pixels.shape == (size, size):
         return pixels
-    resized = Image.fromarray(pixels).resize((size, size), _RESAMPLE[config.resample])
-    return np.asarray(resized, dtype=np.uint8)
+    return np.asarray(_fit_square(Image.fromarray(pixels), config), dtype=np.uint8)
+
+
+def _fit_square(gray: Image.Image, config: PreprocessConfig) -> Image.Image:
+    size, resample = config.image_size, _RESAMPLE[config.resample]
+    if config.resize_mode == "squash":
+        return gray.resize((size, size), resample)
+    if config.resize_mode != "pad":
+        raise ValueError(f"unknown resize mode {config.resize_mode!r} (squash or pad)")
+    width, height = gray.size
+    scale = size / max(width, height)
+    fitted = gray.resize((max(1, round(width * scale)), max(1, round(height * scale))), resample)
+    canvas = Image.new("L", (size, size), 0)
+    canvas.paste(fitted, ((size - fitted.width) // 2, (size - fitted.height) // 2))
+    return canvas
+
+
+@functools.lru_cache(maxsize=16)
+def field_mask(height: int, width: int, kind: str = "ellipse") -> np.ndarray:
+    """bool (H, W), True inside a fixed elliptical lung-field prior: the chest of a centred frontal film,
+    without the corners and edges where side markers, text and the shoulders sit. A prior, not a segmentation."""
+    if kind != "ellipse":
+        raise ValueError(f"unknown field mask {kind!r} (none or ellipse)")
+    y, x = np.mgrid[0:height, 0:width]
+    cy, cx, ry, rx = 0.53 * height, 0.5 * width, 0.47 * height, 0.47 * width
+    return ((y + 0.5 - cy) / ry) ** 2 + ((x + 0.5 - cx) / rx) ** 2 <= 1.0
+
+
+def apply_field_mask(pixels: np.ndarray, config: PreprocessConfig) -> np.ndarray:
+    """uint8 (..., H, W): outside the field set to the uint8 nearest the normalisation mean (~0 after ``normalize``)."""
+    if config.field_mask == "none":
+        return pixels
+    inside = field_mask(pixels.shape[-2], pixels.shape[-1], config.field_mask)
+    return np.where(inside, pixels, np.uint8(round(255 * config.mean)))
 
 
 def load_resized(data: bytes, config: PreprocessConfig, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
@@ -167,6 +205,7 @@ def normalize(batch: np.ndarray, config: PreprocessConfig) -> np.ndarray:
     """uint8 (N, H, W) or (H, W) -> float32 (N, 1, H, W) network input."""
     if batch.ndim == 2:
         batch = batch[None]
+    batch = apply_field_mask(batch, config)
     scale = np.float32(1.0 / (255.0 * config.std))
     offset = np.float32(config.mean / config.std)
     return (batch.astype(np.float32) * scale - offset)[:, None]

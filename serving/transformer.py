@@ -9,6 +9,8 @@ Requests (model name ``pneumonia``):
   one encoded file per element (raw bytes, or base64 text in JSON). Outputs ``probability`` FP32 [N],
   ``label`` BYTES [N], ``threshold`` FP32 [N]; with the request parameter ``heatmap: true`` also
   ``heatmap_png`` BYTES [N] (base64 text of a PNG) and ``cam`` FP32 [N,h,w] (ReLU'd, scaled to [0, 1]).
+  ``quality_flags`` BYTES [N]: per image a JSON list, e.g. ``["blurred", "text_overlay"]`` (v1: a list per
+  prediction) from :mod:`model.quality`; reported beside the answer, never part of it.
 
 Decoding is ``model.preprocessing`` (the training code path) plus the X-ray gate of
 :mod:`serving.inputs`; the tensor goes to the predictor over gRPC v2 (default) or REST v2.
@@ -18,16 +20,18 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import logging
 import tempfile
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from kserve import Model
 from kserve.protocol.infer_type import (InferInput, InferRequest, InferResponse, deserialize_bytes_tensor,
                                         to_http_parameters)
 
+from model.quality import quality_flags
 from model.registry import fetch_model
 from serving import heatmap as heatmaps
 from serving.errors import PredictorUnavailable, RequestRejected
@@ -41,7 +45,7 @@ log = logging.getLogger(__name__)
 
 LABELS = ("NORMAL", "PNEUMONIA")
 INPUT = "image"
-OUTPUTS = ("probability", "label", "threshold", "heatmap_png", "cam")
+OUTPUTS = ("probability", "label", "threshold", "heatmap_png", "cam", "quality_flags")
 #: Decode in a worker thread above this many bytes, so large uploads do not stall the event loop.
 INLINE_DECODE_BYTES = 256 * 1024
 _RAW_IMAGE_TYPES = ("image/", "application/dicom")
@@ -54,6 +58,7 @@ class Prepared:
     tensor: np.ndarray
     heatmap: bool
     request: InferRequest | None = None
+    quality: list[list[str]] = field(default_factory=list)  # flags per image; they never change the decision
 
 
 @dataclass
@@ -108,7 +113,8 @@ class PneumoniaTransformer(Model):
                 {"name": "label", "datatype": "BYTES", "shape": [-1]},
                 {"name": "threshold", "datatype": "FP32", "shape": [-1]},
                 {"name": "heatmap_png", "datatype": "BYTES", "shape": [-1]},
-                {"name": "cam", "datatype": "FP32", "shape": [-1, -1, -1]}]
+                {"name": "cam", "datatype": "FP32", "shape": [-1, -1, -1]},
+                {"name": "quality_flags", "datatype": "BYTES", "shape": [-1]}]
 
     # -- preprocess --------------------------------------------------------------------------------
     async def preprocess(self, payload, headers=None) -> Prepared:
@@ -131,7 +137,12 @@ class PneumoniaTransformer(Model):
         else:
             images = self._decode_all(encoded)
         tensor = self._normalize(np.stack([im.pixels for im in images]))
-        return Prepared(protocol, images, tensor, heatmap, request)
+        flags = await asyncio.to_thread(self._quality_flags, images)
+        return Prepared(protocol, images, tensor, heatmap, request, flags)
+
+    def _quality_flags(self, images: list[PreparedImage]) -> list[list[str]]:
+        # Measured at the quality module's own resolution, on the display decode (>= the model's size).
+        return [quality_flags(display_pixels(img, self.config, self.settings)) for img in images]
 
     def _decode_all(self, encoded: list[bytes]) -> list[PreparedImage]:
         many = len(encoded) > 1
@@ -245,7 +256,8 @@ class PneumoniaTransformer(Model):
             predictions = []
             for i, (p, label) in enumerate(zip(probs, labels)):
                 item = {"probability": float(p), "label": label, "threshold": self.threshold,
-                        "model_name": self.name, "model_version": self.model_version}
+                        "model_name": self.name, "model_version": self.model_version,
+                        "quality_flags": prepared.quality[i]}
                 if pngs is not None:
                     item["heatmap_png"] = pngs[i]
                 predictions.append(item)
@@ -256,6 +268,8 @@ class PneumoniaTransformer(Model):
         if pngs is not None:
             outputs.append(tensor_output("heatmap_png", "BYTES", np.array(pngs, dtype=np.object_)))
             outputs.append(tensor_output("cam", "FP32", cams))
+        outputs.append(tensor_output("quality_flags", "BYTES",
+                                     np.array([json.dumps(f) for f in prepared.quality], dtype=np.object_)))
         request = prepared.request
         return InferResponse(response_id=request.id or str(uuid.uuid4()), model_name=self.name,
                              model_version=self.model_version, infer_outputs=outputs,

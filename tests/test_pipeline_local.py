@@ -58,6 +58,11 @@ def test_two_local_runs_register_versions_with_metrics_params_tags_and_aliases(t
     # kfp.local resolves dsl.PIPELINE_JOB_ID_PLACEHOLDER to a random 8-digit id (a UUID on a cluster)
     assert tags["pneumoscope.pipeline_run_id"] == first["pipeline_run_id"] and first["pipeline_run_id"].isdigit()
     assert params["kfp_run_name"] == first["pipeline_run_name"]
+    # the data-quality gate's counts and thumbnails reach the run
+    assert int(params["quality_text_overlay"]) >= 0 and float(params["quality_sharpness_cutoff"]) > 0
+    assert params["num_gpus"] == "1"
+    thumbnails = [a.path for a in client.list_artifacts(run.info.run_id, "data_quality")]
+    assert thumbnails and all(p.endswith(".png") for p in thumbnails)
 
     # what the KFP UI shows: metrics, ROC + confusion matrix, the HTML report
     evaluate = step_outputs(home / "pipeline_root", first["pipeline_run_name"], "evaluate")["artifacts"]

@@ -147,7 +147,7 @@ def test_rest_v1_predict_and_explain(served, images):
     predictions = response.json()["predictions"]
     assert len(predictions) == 2
     for p in predictions:
-        assert set(p) == {"probability", "label", "threshold", "model_name", "model_version"}
+        assert set(p) == {"probability", "label", "threshold", "model_name", "model_version", "quality_flags"}
         assert 0 <= p["probability"] <= 1 and p["label"] in ("NORMAL", "PNEUMONIA") and p["model_version"] == "1"
         assert p["label"] == ("PNEUMONIA" if p["probability"] >= p["threshold"] else "NORMAL")
     explained = v1(served, images[-1], verb="explain").json()["predictions"][0]
@@ -219,6 +219,27 @@ def test_v2_metadata_describes_inputs_and_outputs(served):
     assert predictor["outputs"][1]["shape"] == [-1, 4, 4]
 
 
+def test_quality_flags_are_reported_and_never_change_the_decision(served, images):
+    """A film blurred and one stamped with a marker on purpose: flagged in v1 and v2, and each label is still
+    exactly probability >= threshold."""
+    from PIL import Image
+
+    from tests.test_quality_gate import blurred, stamped
+
+    plain = images[-1]  # the full-resolution upload
+    width = Image.open(io.BytesIO(plain)).width
+    batch = [plain, blurred(plain, width / 60), stamped(plain, "R")]
+    predictions = v1(served, b"", instances=[{"image": {"b64": b64(x)}} for x in batch]).json()["predictions"]
+    flags = [p["quality_flags"] for p in predictions]
+    assert "blurred" not in flags[0] and "blurred" in flags[1] and "text_overlay" in flags[2], flags
+    for p in predictions:
+        assert p["label"] == ("PNEUMONIA" if p["probability"] >= p["threshold"] else "NORMAL")
+    v2 = outputs(v2_json(served, batch))
+    assert [json.loads(f) for f in v2["quality_flags"]["data"]] == flags
+    assert v2["quality_flags"]["datatype"] == "BYTES" and v2["quality_flags"]["shape"] == [3]
+    np.testing.assert_allclose(v2["probability"]["data"], [p["probability"] for p in predictions], atol=1e-6)
+
+
 def test_grpc_with_kserve_client(served, images):
     import asyncio
 
@@ -240,7 +261,8 @@ def test_grpc_with_kserve_client(served, images):
     probs = first.get_output_by_name("probability").as_numpy()
     rest = outputs(v2_json(served, images[:2]))["probability"]["data"]
     np.testing.assert_allclose(probs, rest, atol=1e-6)
-    assert [o.name for o in second.outputs] == ["probability", "label", "threshold", "heatmap_png", "cam"]
+    assert [o.name for o in second.outputs] == ["probability", "label", "threshold", "heatmap_png", "cam",
+                                                "quality_flags"]
     assert second.get_output_by_name("probability").as_numpy()[0] == pytest.approx(rest[0], abs=1e-6)
 
 
