@@ -13,6 +13,8 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
+# setuptools builds the project offline in the next stage (--no-build-isolation); unlike the serving
+# extra (grpcio-tools), nothing in the web extra brings it.
 # Dependencies first, in their own layer: rebuilt only when pyproject.toml changes (README.md, which
 # pyproject.toml names, is a stub here and comes with the code).
 COPY pyproject.toml ./
@@ -20,7 +22,7 @@ RUN --mount=type=secret,id=hostca --mount=type=secret,id=pipconf --mount=type=ca
     if [ -s /run/secrets/hostca ]; then export PIP_CERT=/run/secrets/hostca; fi; \
     if [ -s /run/secrets/pipconf ]; then export PIP_CONFIG_FILE=/run/secrets/pipconf; fi; \
     mkdir -p model webapp && touch README.md model/__init__.py webapp/__init__.py \
-    && pip install './[web]' \
+    && pip install './[web]' setuptools==84.2.1 \
     && pip uninstall --yes pneumoscope
 # model/ carries the `pneumoscope` command line (and the preprocessing definition, imported by nothing here).
 COPY README.md ./

@@ -35,6 +35,7 @@ import httpx
 import pytest
 from conftest import REPO
 from serving_fixtures import XRAY_FULL, build_bundle, free_port_pair, require_data, xray_files
+from webapp_fixtures import make_bucket, stop, wait_http
 
 from deploy.manifests import MANIFESTS, kustomize
 
@@ -495,8 +496,18 @@ def test_web_image_runs_as_the_dev_overlay_declares(base_image, tmp_path):
             item["value"] = secrets.get(ref["key"], "test")
     network = f"pneumoscope-web-{uuid.uuid4().hex[:8]}"
     docker("network", "create", network)
-    container = None
+    container = moto = None
     try:
+        # The cluster's S3 (s3.endpointUrl, e.g. MinIO) is a moto server on the network's gateway here.
+        store = next(item["value"] for item in spec["env"] if item["name"] == "PNEUMOSCOPE_IMAGE_STORE")
+        gateway = docker("network", "inspect", "-f", "{{(index .IPAM.Config 0).Gateway}}", network).stdout.strip()
+        moto_port = free_port()
+        moto = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", gateway, "-p", str(moto_port)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        endpoint = f"http://{gateway}:{moto_port}"
+        wait_http(f"{endpoint}/moto-api/", moto, timeout=60)
+        make_bucket(endpoint, store.removeprefix("s3://").split("/")[0])
+        spec["env"].append({"name": "AWS_ENDPOINT_URL_S3", "value": endpoint})
         container = run_declared(spec, pod, name=network, network=network, namespace=namespace, configmaps={},
                                  bundle=tmp_path, args=spec.get("args", []))
         wait_ready(container, spec)
@@ -504,4 +515,6 @@ def test_web_image_runs_as_the_dev_overlay_declares(base_image, tmp_path):
     finally:
         if container:
             docker("rm", "--force", container.id, check=False)
+        if moto:
+            stop(moto)
         docker("network", "rm", network, check=False)
