@@ -45,3 +45,7 @@ def make_kaggle_subset(dest: Path, per_class: int = 20, source: Path | None = No
             for f in files:
                 shutil.copy(f, target / f.name)
     return dest
+
+
+# Session fixtures of the method-claims tests (a tiny trained + evaluated model), shared across modules.
+from claims_fixtures import tiny_model  # noqa: E402,F401
