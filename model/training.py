@@ -25,15 +25,43 @@ log = logging.getLogger(__name__)
 
 
 class CacheDataset(Dataset):
-    def __init__(self, images: np.ndarray, indices: np.ndarray, labels: np.ndarray, transform):
+    """Items by position ``i``, or by ``(epoch, i)`` from :class:`EpochSampler`: then the augmentation of
+    image i in that epoch is seeded by (seed, epoch, i) alone."""
+
+    def __init__(self, images: np.ndarray, indices: np.ndarray, labels: np.ndarray, transform, seed: int = 0):
         self.images, self.indices, self.labels, self.transform = images, indices, labels, transform
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, key):
+        if isinstance(key, tuple):
+            epoch, i = key
+            self.transform.reseed(np.random.SeedSequence([self.seed, epoch, i]).generate_state(1)[0])
+        else:
+            i = key
         x = self.transform(self.images[self.indices[i]])
         return torch.from_numpy(x), torch.tensor(float(self.labels[i]))
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Shuffle by a generator seeded with (seed, epoch) and yield ``(epoch, i)``: the order and every
+    augmentation depend only on the seed and the epoch, so a run resumed from ``last.pt`` repeats the
+    uninterrupted one, with any number of DataLoader workers (persistent or not)."""
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+        return ((self.epoch, i) for i in order.tolist())
 
 
 def seed_everything(seed: int) -> None:
@@ -133,9 +161,10 @@ def train(cache_dir: str | Path, out_dir: str | Path, profile: Profile, pretrain
     generator = torch.Generator().manual_seed(seed)
     from model.transforms import EvalTransform, TrainTransform  # albumentations/cv2 only when training
 
-    train_loader = DataLoader(CacheDataset(cache.images, train_idx, train_y, TrainTransform(config, profile.aug_strength)),
-                              batch_size=profile.batch_size, shuffle=True, drop_last=len(train_idx) > profile.batch_size,
-                              generator=generator, **loader_args)
+    sampler = EpochSampler(len(train_idx), seed)
+    train_loader = DataLoader(CacheDataset(cache.images, train_idx, train_y, TrainTransform(config, profile.aug_strength),
+                                           seed), batch_size=profile.batch_size, sampler=sampler,
+                              drop_last=len(train_idx) > profile.batch_size, generator=generator, **loader_args)
     val_loader = DataLoader(CacheDataset(cache.images, val_idx, val_y, EvalTransform(config)),
                             batch_size=profile.batch_size * 2, shuffle=False, **loader_args)
 
@@ -180,6 +209,7 @@ def train(cache_dir: str | Path, out_dir: str | Path, profile: Profile, pretrain
     started = time.perf_counter()
     seen_images, train_seconds = 0, 0.0
     for epoch in range(start_epoch, profile.epochs):
+        sampler.set_epoch(epoch)
         net.train()
         epoch_start = time.perf_counter()
         running, n_batches = 0.0, 0

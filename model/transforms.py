@@ -29,11 +29,19 @@ def train_augmentation(strength: float = 1.0) -> A.Compose:
 
 
 class TrainTransform:
-    """uint8 (S, S) -> float32 (1, S, S), augmented."""
+    """uint8 (S, S) -> float32 (1, S, S), augmented.
 
-    def __init__(self, config: PreprocessConfig, strength: float = 1.0):
+    Albumentations draws from its own generators, not from ``np.random``/``random``: without ``seed`` (or
+    :meth:`reseed`) every run augments differently whatever ``seed_everything`` did.
+    """
+
+    def __init__(self, config: PreprocessConfig, strength: float = 1.0, seed: int | None = None):
         self.config = config
         self.augment = train_augmentation(strength)
+        self.augment.set_random_seed(seed)
+
+    def reseed(self, seed: int) -> None:
+        self.augment.set_random_seed(int(seed))
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         augmented = self.augment(image=np.ascontiguousarray(pixels))["image"]
