@@ -287,9 +287,10 @@ def split_by_patient(pool: list[SourceImage], fractions: SplitFractions) -> dict
         raise DataError(f"val ({fractions.val}) and holdout ({fractions.holdout}) fractions leave nothing to train on")
     labels = np.array([img.label for img in pool])
     groups = np.array([img.patient for img in pool])
-    per_class = Counter(labels.tolist())
-    folds = min(SPLIT_FOLDS, min(per_class.values()), len(set(groups.tolist())))
-    if len(per_class) < 2 or folds < len(wanted) + 1:
+    # every fold needs patients of both classes: no more folds than the rarer class has patients
+    patients_per_class = Counter(label for label, _ in set(zip(labels.tolist(), groups.tolist())))
+    folds = min(SPLIT_FOLDS, min(patients_per_class.values()))
+    if len(patients_per_class) < 2 or folds < len(wanted) + 1:
         raise DataError(f"too few images per class to carve a {'/'.join(s for s, _ in wanted)} split grouped by patient")
     counts = [max(1, round(fraction * folds)) for _, fraction in wanted]
     while sum(counts) >= folds:  # keep at least one fold for training
