@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,7 +95,13 @@ def tiny_model(tmp_path_factory) -> TinyModel:
     from model.evaluation import EvalSettings, evaluate_checkpoint
     from model.training import train
 
-    root = tmp_path_factory.mktemp("tiny_model")
+    # PNEUMOSCOPE_TEST_TINY_MODEL: a folder kept between pytest sessions (the mutation benchmark runs the
+    # registry tests once per mutant); the model is built there once and reused.
+    kept = os.environ.get("PNEUMOSCOPE_TEST_TINY_MODEL")
+    root = Path(kept) if kept else tmp_path_factory.mktemp("tiny_model")
+    if kept and (root / "eval" / "report.json").is_file():
+        report = json.loads((root / "eval" / "report.json").read_text())
+        return TinyModel(root / "data", root / "cache", root / "train", root / "eval", report)
     # val and holdout >= 20 images each (they get CIs), the official val ("sanity") 8 (it does not)
     data = synthetic_kaggle(root / "data", {"NORMAL": 36, "PNEUMONIA": 36}, official={"test": 12, "val": 4})
     prepare(str(data), root / "cache", TINY_SIZE, SplitFractions(val=0.2, holdout=0.2, seed=0), workers=1)
