@@ -8,7 +8,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export PYTHONUNBUFFERED := 1
 DEMO_PORT ?= 8480
 
-.PHONY: setup demo test test-fast compile bench clean
+.PHONY: setup demo test test-fast compile bench clean mutation
 
 setup: $(VENV)/.installed
 
@@ -27,6 +27,11 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q -rs
+
+# Mutation testing of the method's core (a benchmark, not part of `make test`): per-module scores go to
+# benchmarks/mutation/*.json and BENCHMARKS.md. CPU-heavy, runs niced; MODULES=dicom export ... picks some.
+mutation: setup
+	$(BIN)/python benchmarks/mutation.py $(MODULES)
 
 compile: setup
 	$(BIN)/pneumoscope pipeline compile

@@ -1,0 +1,137 @@
+"""Mutation testing of the method's core with mutmut: how many injected faults do the fast tests catch?
+
+``make mutation`` (a benchmark, not part of ``make test``) runs, for each module below, ``mutmut run`` in a
+throw-away copy of the repository whose ``pyproject.toml`` gets a ``[tool.mutmut]`` section naming the
+module, the functions left out of scope, and ONLY the fast tests that exercise it. Results go to
+``benchmarks/mutation/<module>.json`` (counts and the surviving mutants' diffs); the score is
+killed / (all mutants - skipped). CPU-heavy: it runs under ``nice``, one module at a time.
+
+    python benchmarks/mutation.py                     # every module
+    python benchmarks/mutation.py metrics dicom       # some
+    python benchmarks/mutation.py --max-children 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "mutation"
+FAST = ["-m", "not integration"]
+#: Statements that only say things (log lines) are not the method: mutants there are left out everywhere.
+LOG_LINES = r"^\s*log\.(debug|info|warning|error)\("
+
+
+def functions_except(*names: str) -> list[str]:
+    return [rf"^def {name}\(" for name in names] + [LOG_LINES]
+
+
+@dataclass
+class Target:
+    path: str
+    tests: list[str]
+    out_of_scope: list[str] = field(default_factory=lambda: [LOG_LINES])
+    why_out_of_scope: str = ""
+
+
+TARGETS = {
+    "metrics": Target("model/metrics.py", ["tests/test_metrics.py", "tests/test_evaluation_claims.py", *FAST],
+                      functions_except("save_plots"), "save_plots draws the PNGs (presentation, checked by the "
+                      "registry test for existence only)"),
+    "data": Target("model/data.py", ["tests/test_data.py", "tests/test_split_claims.py", *FAST],
+                   functions_except("open_source", "discover", "_is_image_name", "_discover_npz", "resolve_source",
+                                    "_init_worker", "_read_bytes", "gate_images", "_subsample", "_write_csv") +
+                   [r"^class CachedData"],
+                   "the issue scopes data.py to the split and the gate: discovery, downloads, worker plumbing and "
+                   "the cache reader are out of scope"),
+    "dicom": Target("model/dicom.py", ["tests/test_dicom.py", "tests/test_preprocessing_claims.py", *FAST]),
+    "preprocessing": Target("model/preprocessing.py", ["tests/test_preprocessing.py", "tests/test_dicom.py",
+                                                       "tests/test_preprocessing_claims.py", *FAST]),
+    "export": Target("model/export.py", ["tests/test_export_claims.py", "-k", "int8_gate", *FAST],
+                     functions_except("export_onnx", "parity", "quantize_int8", "_cam_nodes") +
+                     [r"^class _CalibrationReader"],
+                     "the issue scopes export.py to the int8 gate; export and parity are covered by the integration "
+                     "tests (ONNX vs PyTorch on real X-rays)"),
+    "registry": Target("model/registry.py", ["tests/test_registry_claims.py", "-k", "promot"],
+                       functions_except("default_tracking_uri", "connect", "_ensure_experiment", "git_commit",
+                                        "_pyfunc_class", "log_and_register", "resolve_model_uri", "fetch_model") +
+                       [r"^class (RegistryError|Registration)"],
+                       "the issue scopes registry.py to the promotion decision (_decide_promotion)"),
+}
+
+STATUS = re.compile(r"^\s*(?P<name>[\w.]+__mutmut_\d+): (?P<status>[\w ]+)$")
+
+
+def config_section(target: Target) -> str:
+    def toml_list(items):
+        return "[" + ", ".join(json.dumps(i) for i in items) + "]"
+
+    return (f"\n[tool.mutmut]\nsource_paths = [\"model\"]\nonly_mutate = {toml_list([target.path])}\n"
+            f"do_not_mutate_patterns = {toml_list(target.out_of_scope)}\n"
+            f"pytest_add_cli_args_test_selection = {toml_list(target.tests)}\n"
+            "pytest_add_cli_args = [\"-p\", \"no:cacheprovider\", \"-q\", \"-x\", \"-p\", \"no:randomly\"]\n"
+            "process_isolation = \"forkserver\"\n")
+
+
+def run_module(name: str, target: Target, max_children: int, env: dict) -> dict:
+    mutmut = str(Path(sys.executable).parent / "mutmut")
+    with tempfile.TemporaryDirectory(prefix=f"mutation-{name}-") as tmp:
+        work = Path(tmp)
+        for item in ("model", "tests"):
+            shutil.copytree(REPO / item, work / item, ignore=shutil.ignore_patterns("__pycache__"))
+        (work / "pyproject.toml").write_text((REPO / "pyproject.toml").read_text() + config_section(target))
+        started = time.perf_counter()
+        run = subprocess.run(["nice", "-n", "15", mutmut, "run", "--max-children", str(max_children)], cwd=work,
+                             env=env, capture_output=True, text=True)
+        seconds = time.perf_counter() - started
+        listing = subprocess.run([mutmut, "results", "--all", "true"], cwd=work, env=env, capture_output=True,
+                                 text=True).stdout
+        statuses = {m["name"]: m["status"].strip() for m in map(STATUS.match, listing.splitlines()) if m}
+        if not statuses:
+            raise SystemExit(f"mutmut produced no results for {name}:\n{run.stdout[-2000:]}\n{run.stderr[-2000:]}")
+        counts: dict[str, int] = {}
+        for status in statuses.values():
+            counts[status] = counts.get(status, 0) + 1
+        survivors = {}
+        for mutant, status in sorted(statuses.items()):
+            if status not in ("killed", "skipped"):
+                survivors[mutant] = {"status": status, "diff": subprocess.run(
+                    [mutmut, "show", mutant], cwd=work, env=env, capture_output=True, text=True).stdout.strip()}
+    total = len(statuses) - counts.get("skipped", 0)
+    killed = counts.get("killed", 0)
+    return {"module": target.path, "tests": target.tests, "out_of_scope": target.why_out_of_scope,
+            "mutants": len(statuses), "counts": counts, "score": round(killed / total, 4) if total else None,
+            "seconds": round(seconds), "survivors": survivors}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("modules", nargs="*", choices=[[], *TARGETS], help="default: all")
+    parser.add_argument("--max-children", type=int, default=1, help="parallel mutant runs (default 1: shared CPU)")
+    args = parser.parse_args(argv)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for name in args.modules or list(TARGETS):
+        print(f"== mutation testing {TARGETS[name].path} ...", flush=True)
+        with tempfile.TemporaryDirectory(prefix="mutation-tiny-model-") as tiny:
+            # the registry tests' trained fixture model is built once, not once per mutant
+            env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", PYTHONDONTWRITEBYTECODE="1",
+                       PNEUMOSCOPE_TEST_TINY_MODEL=tiny)
+            result = run_module(name, TARGETS[name], args.max_children, env)
+        (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(f"{TARGETS[name].path}: {result['counts']} -> score {result['score']} ({result['seconds']} s)",
+              flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
