@@ -28,12 +28,16 @@ def decode_dicom(data: bytes) -> np.ndarray:
         raw = raw[0]  # multi-frame: the first frame is the radiograph
     if raw.ndim != 2:
         raise InvalidImageError("not_grayscale", "colour DICOM images are not chest radiographs")
-    values = apply_modality_lut(raw, ds).astype(np.float64)
-    has_window = "WindowCenter" in ds and "WindowWidth" in ds
-    if has_window or "VOILUTSequence" in ds:
-        values = apply_voi_lut(values, ds, prefer_lut=True).astype(np.float64)
-        low, high = _voi_range(ds)
-    else:
+    windowed = ("WindowCenter" in ds and "WindowWidth" in ds) or "VOILUTSequence" in ds
+    try:
+        values = apply_modality_lut(raw, ds).astype(np.float64)
+        if windowed:
+            values = apply_voi_lut(values, ds, prefer_lut=True).astype(np.float64)
+            low, high = _voi_range(ds)
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError) as exc:  # LUTs pydicom cannot apply
+        raise InvalidImageError("unsupported_dicom",
+                                f"the DICOM grey-scale transform could not be applied: {exc}") from None
+    if not windowed:
         # No window given: a robust min/max avoids a few hot pixels flattening the contrast.
         low, high = np.percentile(values, [0.5, 99.5])
     if high <= low:
