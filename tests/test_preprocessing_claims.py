@@ -24,8 +24,9 @@ from model.transforms import EvalTransform, TrainTransform
 
 
 def dicom(frames: np.ndarray, bits_stored: int, photometric: str = "MONOCHROME2", window=None, rescale=None,
-          voi_lut: tuple[list[int], np.ndarray] | None = None) -> bytes:
-    """A DX file holding ``frames`` ([rows, cols] or [n, rows, cols], unsigned)."""
+          voi_lut: tuple[list[int], np.ndarray] | None = None, modality_lut: tuple[list[int], np.ndarray] | None = None,
+          slope_only: float | None = None) -> bytes:
+    """A DX file holding ``frames`` ([rows, cols] or [n, rows, cols]; int16 frames are stored signed)."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
     meta.MediaStorageSOPInstanceUID = generate_uid()
@@ -38,12 +39,22 @@ def dicom(frames: np.ndarray, bits_stored: int, photometric: str = "MONOCHROME2"
     ds.Rows, ds.Columns = frames.shape[-2:]
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
     ds.BitsAllocated = 8 if frames.dtype == np.uint8 else 16
-    ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits_stored, bits_stored - 1, 0
+    ds.BitsStored, ds.HighBit = bits_stored, bits_stored - 1
+    ds.PixelRepresentation = 1 if frames.dtype == np.int16 else 0
     ds.PixelData = frames.tobytes()
     if window:
         ds.WindowCenter, ds.WindowWidth = window
     if rescale:
         ds.RescaleSlope, ds.RescaleIntercept = rescale
+    if slope_only is not None:
+        ds.RescaleSlope = slope_only  # without an intercept: not a modality rescale (both are required)
+    if modality_lut:
+        descriptor, data = modality_lut
+        item = Dataset()
+        item.LUTDescriptor = descriptor
+        item.ModalityLUTType = "US"
+        item.add_new(0x00283006, "OW", data.astype("<u2").tobytes())  # LUTData
+        ds.ModalityLUTSequence = Sequence([item])
     if voi_lut:
         descriptor, data = voi_lut
         item = Dataset()
@@ -95,6 +106,49 @@ def test_modality_lut_moves_a_window_given_in_modality_units():
     without = decode(dicom(stored, 12, window=(center, width))).pixels
     assert np.array_equal(without, to_8bit(linear_window(stored.astype(float), center, width)))
     assert not np.array_equal(with_lut, without), "the rescale must change what a modality-unit window shows"
+
+
+def test_signed_data_window_with_rescale_exact():
+    stored = (ramp_12bit(displays=[lambda v: linear_window((v - 2048) * 0.5 + 100, 0.0, 1201.0),
+                                   lambda v: linear_window(v - 2048, 0.0, 1201.0)]).astype(np.int32) - 2048)
+    stored = stored.astype(np.int16)
+    shown = decode(dicom(stored, 12, window=(0.0, 1201.0), rescale=(0.5, 100.0))).pixels
+    assert np.array_equal(shown, to_8bit(linear_window(stored * 0.5 + 100, 0.0, 1201.0)))
+    plain = decode(dicom(stored, 12, window=(0.0, 1201.0))).pixels
+    assert np.array_equal(plain, to_8bit(linear_window(stored.astype(float), 0.0, 1201.0)))
+
+
+def test_modality_lut_sequence_then_window_exact():
+    lut = np.round(np.linspace(0, 1023, 4096)).astype(np.uint16)  # 12-bit stored -> 0..1023 values
+    stored = ramp_12bit(displays=[lambda v: linear_window(lut[v.astype(int)].astype(float), 400.0, 301.0)])
+    shown = decode(dicom(stored, 12, window=(400.0, 301.0), modality_lut=([4096, 0, 16], lut))).pixels
+    assert np.array_equal(shown, to_8bit(linear_window(lut[stored].astype(float), 400.0, 301.0)))
+    without = decode(dicom(stored, 12, window=(400.0, 301.0))).pixels
+    assert not np.array_equal(shown, without)
+
+
+def test_a_lut_pydicom_cannot_apply_is_a_clear_error_not_a_crash():
+    from model.preprocessing import InvalidImageError
+
+    lut = np.arange(4096).astype(np.uint16) // 4
+    with pytest.raises(InvalidImageError) as err:  # a 10-bit LUT: pydicom only handles 8/16-bit LUT data
+        decode(dicom(ramp_12bit(), 12, window=(400.0, 301.0), modality_lut=([4096, 0, 10], lut)))
+    assert err.value.reason == "unsupported_dicom"
+
+
+def test_a_rescale_slope_without_intercept_is_ignored():
+    stored = ramp_12bit(displays=[lambda v: linear_window(v, 1024.0, 1501.0)])
+    shown = decode(dicom(stored, 12, window=(1024.0, 1501.0), slope_only=3.0)).pixels
+    assert np.array_equal(shown, to_8bit(linear_window(stored.astype(float), 1024.0, 1501.0)))
+
+
+def test_an_unreadable_dicom_is_reported_as_corrupt():
+    from model.preprocessing import InvalidImageError
+
+    good = dicom(ramp_12bit(), 12)
+    with pytest.raises(InvalidImageError) as err:
+        decode(good[:len(good) // 2])  # truncated in the pixel data
+    assert err.value.reason == "corrupt" and "could not be decoded" in str(err.value)
 
 
 def test_voi_lut_sequence_is_applied_at_the_luts_output_depth():
