@@ -270,3 +270,40 @@ def test_decode_resizes_by_squashing_to_the_configured_size(size):
     resized = decode(png(wide), config=PreprocessConfig(image_size=size)).pixels
     reference = np.asarray(Image.fromarray(wide).resize((size, size), Image.Resampling.BILINEAR))
     assert np.array_equal(resized, reference)
+
+
+def test_dicom_bad_inputs_say_what_is_wrong():
+    from model.preprocessing import InvalidImageError
+
+    rgb = dicom(np.zeros((64, 64), np.uint8), 8)
+    from pydicom import dcmread
+
+    ds = dcmread(io.BytesIO(rgb))
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+    ds.PixelData = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8).tobytes()
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    cases = {"colour": (buffer.getvalue(), "not_grayscale", "colour DICOM images are not chest radiographs"),
+             "truncated": (rgb[:len(rgb) - 2000], "corrupt", "the DICOM pixel data could not be decoded: ")}
+    ds = dcmread(io.BytesIO(rgb))
+    del ds.PixelData
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    cases["no pixels"] = (buffer.getvalue(), "no_pixel_data", "the DICOM file has no pixel data")
+    for name, (data, reason, message) in cases.items():
+        with pytest.raises(InvalidImageError) as err:
+            decode(data)
+        assert err.value.reason == reason and str(err.value).startswith(message), (name, str(err.value))
+
+
+def test_a_window_centre_without_width_is_no_window():
+    stored = ramp_12bit()
+    no_window = decode(dicom(stored, 12)).pixels
+    meta_only = dicom(stored, 12, window=None)
+    from pydicom import dcmread
+
+    ds = dcmread(io.BytesIO(meta_only))
+    ds.WindowCenter = 100  # centre alone: not a usable window
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    assert np.array_equal(decode(buffer.getvalue()).pixels, no_window)
