@@ -114,11 +114,32 @@ def run_module(name: str, target: Target, max_children: int, env: dict) -> dict:
             "seconds": round(seconds), "survivors": survivors}
 
 
+def markdown_table() -> str:
+    rows = ["| module (scope) | mutants | killed | survived | no test | timeout | other | score | minutes |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name in TARGETS:
+        path = RESULTS / f"{name}.json"
+        if not path.exists():
+            rows.append(f"| `{TARGETS[name].path}` | not run | | | | | | | |")
+            continue
+        r = json.loads(path.read_text())
+        c = dict(r["counts"])
+        known = {k: c.pop(k, 0) for k in ("killed", "survived", "no tests", "timeout", "skipped")}
+        scored = r["mutants"] - known["skipped"]
+        rows.append(f"| `{r['module']}` | {scored} | {known['killed']} | {known['survived']} | {known['no tests']} | "
+                    f"{known['timeout']} | {sum(c.values())} | **{100 * r['score']:.1f} %** | {r['seconds'] / 60:.0f} |")
+    return "\n".join(rows)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("modules", nargs="*", choices=[[], *TARGETS], help="default: all")
     parser.add_argument("--max-children", type=int, default=1, help="parallel mutant runs (default 1: shared CPU)")
+    parser.add_argument("--table", action="store_true", help="print the stored results as a Markdown table")
     args = parser.parse_args(argv)
+    if args.table:
+        print(markdown_table())
+        return 0
     RESULTS.mkdir(parents=True, exist_ok=True)
     for name in args.modules or list(TARGETS):
         print(f"== mutation testing {TARGETS[name].path} ...", flush=True)
