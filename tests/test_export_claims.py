@@ -125,3 +125,19 @@ def test_auto_serves_int8_exactly_when_it_passed(tiny_model, tmp_path, limit, ac
 
         with pytest.raises(BundleError, match="no int8 graph"):
             bundle.onnx_path("int8")
+
+
+def test_int8_gate_default_limit_and_logit_difference(tmp_path):
+    from model.preprocessing import normalize
+
+    config = PreprocessConfig(image_size=8)
+    labels = np.array([0] * 8 + [1] * 8)
+    fp32_scores = np.arange(16) * 10 + 5
+    int8_scores = fp32_scores.copy()
+    int8_scores[7] = fp32_scores[8] + 1  # one pair of 64 mis-ordered: a drop of 0.0156 > the default 0.003
+    images = _images(fp32_scores, int8_scores)
+    report = int8_gate(make_session(_pixel_graph(tmp_path / "a.onnx", 0, 8)),
+                       make_session(_pixel_graph(tmp_path / "b.onnx", 1, 8)), images, labels, config)
+    assert report["max_auc_drop"] == 0.003 and not report["accepted"]
+    x = normalize(images, config)[:, 0]
+    assert report["max_abs_logit_diff"] == pytest.approx(float(np.max(np.abs(x[:, 0, 0] - x[:, 0, 1]))), rel=1e-6)
