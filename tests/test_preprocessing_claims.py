@@ -307,3 +307,19 @@ def test_a_window_centre_without_width_is_no_window():
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
     assert np.array_equal(decode(buffer.getvalue()).pixels, no_window)
+
+
+def test_voi_lut_output_depth_comes_from_its_descriptor_not_the_stored_bits():
+    lut = np.round(np.linspace(0, 65535, 4096) ** 1.0).astype(np.uint16)  # 12-bit input, 16-bit output
+    stored = ramp_12bit(top=3000, displays=[lambda v: lut[v.astype(int)] / 65535.0])
+    shown = decode(dicom(stored, 12, voi_lut=([4096, 0, 16], lut))).pixels
+    assert np.array_equal(shown, to_8bit(lut[stored] / 65535.0))
+
+
+def test_a_flat_dicom_is_black_and_values_beyond_the_window_clip():
+    flat = decode(dicom(np.full((70, 70), 1234, np.uint16), 12)).pixels
+    assert flat.shape == (70, 70) and not flat.any()
+    stored = ramp_12bit(displays=[lambda v: linear_window(v, 2048.0, 1001.0)])
+    shown = decode(dicom(stored, 12, window=(2048.0, 1001.0))).pixels
+    assert shown.min() == 0 and shown.max() == 255
+    assert np.array_equal(shown, to_8bit(linear_window(stored.astype(float), 2048.0, 1001.0)))
