@@ -108,8 +108,10 @@ def run_module(name: str, target: Target, max_children: int, env: dict) -> dict:
         listing = subprocess.run([mutmut, "results", "--all", "true"], cwd=work, env=env, capture_output=True,
                                  text=True).stdout
         statuses = {m["name"]: m["status"].strip() for m in map(STATUS.match, listing.splitlines()) if m}
-        if not statuses:
-            raise SystemExit(f"mutmut produced no results for {name}:\n{run.stdout[-2000:]}\n{run.stderr[-2000:]}")
+        if not statuses or all(status == "not checked" for status in statuses.values()):
+            # e.g. the clean run of the selected tests failed: no score, and the stored result stays as it was
+            raise SystemExit(f"mutmut checked no mutant of {name} (exit {run.returncode}):\n"
+                             f"{run.stdout[-2000:]}\n{run.stderr[-2000:]}")
         result = summarise(target, statuses, lambda mutant: subprocess.run(
             [mutmut, "show", mutant], cwd=work, env=env, capture_output=True, text=True).stdout.strip())
     result["seconds"] = round(seconds)
