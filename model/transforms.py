@@ -72,11 +72,20 @@ def train_augmentation(strength: float = 1.0, erase_borders: float = 0.0) -> A.C
 
 
 class TrainTransform:
-    """uint8 (S, S) -> augmented uint8 (``pixels``, what the DataLoader ships) or float32 (1, S, S)."""
+    """uint8 (S, S) -> augmented uint8 (``pixels``, what the DataLoader ships) or float32 (1, S, S).
 
-    def __init__(self, config: PreprocessConfig, strength: float = 1.0, erase_borders: float = 0.0):
+    Albumentations draws from its own generators, not from ``np.random``/``random``: without ``seed`` (or
+    :meth:`reseed`) every run augments differently whatever ``seed_everything`` did.
+    """
+
+    def __init__(self, config: PreprocessConfig, strength: float = 1.0, erase_borders: float = 0.0,
+                 seed: int | None = None):
         self.config = config
         self.augment = train_augmentation(strength, erase_borders)
+        self.augment.set_random_seed(seed)
+
+    def reseed(self, seed: int) -> None:
+        self.augment.set_random_seed(int(seed))
 
     def pixels(self, pixels: np.ndarray) -> np.ndarray:
         augmented = self.augment(image=np.ascontiguousarray(pixels))["image"]

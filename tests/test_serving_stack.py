@@ -12,11 +12,9 @@ import base64
 import io
 import json
 import os
-import queue
 import signal
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,8 +25,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serving_fixtures import (XRAY_FULL, build_bundle, free_port_pair, register, require_data,
-                              xray_files)
+from test_pipeline_fixtures import stop_process
+from serving_fixtures import (XRAY_FULL, build_bundle, dicom_from_image, free_port_pair, register,
+                              require_data, serve_until_ready, xray_files)
 
 pytestmark = pytest.mark.integration
 
@@ -61,27 +60,10 @@ def served(tmp_path_factory):
     log = root / "stack.log"
     env = dict(os.environ, MLFLOW_TRACKING_URI=tracking_uri, PNEUMOSCOPE_MAX_PAYLOAD_BYTES=str(MAX_PAYLOAD),
                PNEUMOSCOPE_MAX_BATCH_SIZE="8", PNEUMOSCOPE_THREADS="2", PYTHONUNBUFFERED="1")
-    process = subprocess.Popen([sys.executable, "-m", "model.cli", "serve", "--model", "models:/pneumonia@champion",
-                                "--port", str(port), "--log-file", str(log)], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, env=env, cwd=root)
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()
-    try:
-        line = lines.get(timeout=300)
-    except queue.Empty:
-        line = ""
-    if not line.startswith("READY "):
-        process.kill()
-        tail = log.read_text()[-3000:] if log.exists() else ""
-        pytest.fail(f"no READY line (got {line!r}); stderr: {process.stderr.read()[-2000:]}\nlog: {tail}")
-    served = Served(json.loads(line[len("READY "):]), process, log, tracking_uri, bundle, net)
+    process, info = serve_until_ready(["--model", "models:/pneumonia@champion", "--port", str(port)], env, root, log)
+    served = Served(info, process, log, tracking_uri, bundle, net)
     yield served
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
+    stop_process(process, 30)
 
 
 @pytest.fixture(scope="module")
@@ -171,29 +153,8 @@ def test_rest_v2_json_binary_and_heatmap(served, images):
     assert reply["model_name"] == "pneumonia" and reply["model_version"] == "1"
 
 
-def _dicom_from(data: bytes) -> bytes:
-    """A real X-ray wrapped as an 8-bit MONOCHROME2 DICOM file."""
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    pixels = np.asarray(Image.open(io.BytesIO(data)).convert("L"))
-    meta = FileMetaDataset()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds = FileDataset("xray.dcm", {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.Modality, ds.PhotometricInterpretation, ds.SamplesPerPixel = "CR", "MONOCHROME2", 1
-    ds.Rows, ds.Columns = pixels.shape
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-    ds.WindowCenter, ds.WindowWidth = 127.5, 256
-    ds.PixelData = pixels.tobytes()
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
-
-
 def test_dicom_and_raw_image_bodies(served, images):
-    dicom = _dicom_from(images[-1])
+    dicom = dicom_from_image(images[-1])
     as_json = v1(served, dicom)
     assert as_json.status_code == 200, as_json.text
     raw = httpx.post(f"{served.rest}/v1/models/pneumonia:predict", content=dicom, timeout=60,
