@@ -340,7 +340,10 @@ def train(cache_dir: str | Path, out_dir: str | Path, profile: Profile, pretrain
     sampler = EpochSampler(train_set, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=seed,
                            drop_last=True)
     drop_last = len(train_idx) // ctx.world_size > per_rank_batch
-    train_loader = DataLoader(train_set, batch_size=per_rank_batch, sampler=sampler, drop_last=drop_last, **options)
+    # Its own generator: each iter() draws the workers' base seed from it, not from the global RNG whose state
+    # last.pt saves (the next epoch's iterator starts before the checkpoint, so a resumed run would diverge).
+    train_loader = DataLoader(train_set, batch_size=per_rank_batch, sampler=sampler, drop_last=drop_last,
+                              generator=torch.Generator().manual_seed(seed), **options)
     val_loader = None
     if ctx.is_main:
         val_loader = DataLoader(CacheDataset(cache.images, val_idx, val_y, EvalTransform(config)),
