@@ -11,6 +11,7 @@ on it through real processes:
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -75,11 +76,23 @@ def test_flags_win_over_environment_variables(stacks):
         assert info["model_uri"] == VERSION_URI and info["model_version"] == "1"
 
 
+def predict_in_a_fresh_process(url: str, images: list[bytes], protocol: str) -> list[dict]:
+    """``serving.client.predict`` in its own interpreter: its gRPC path imports tritonclient, whose protobufs
+    register the same ``inference.*`` symbols as kserve's, so importing it here would break every later test
+    that imports kserve in this pytest process."""
+    code = ("import base64, json, sys; from serving.client import predict; "
+            "url, protocol, *images = json.load(sys.stdin); "
+            "print(json.dumps([predict(url, base64.b64decode(i), protocol) for i in images]))")
+    payload = json.dumps([url, protocol, *(base64.b64encode(i).decode() for i in images)])
+    result = subprocess.run([sys.executable, "-c", code], input=payload, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads(result.stdout)
+
+
 def test_pipeline_version_over_rest_and_grpc_matches_the_pyfunc_model(stacks, images):
     import mlflow.pyfunc
     import pandas as pd
-
-    from serving.client import predict
 
     os.environ["MLFLOW_TRACKING_URI"] = stacks["tracking_uri"]
     try:
@@ -93,7 +106,7 @@ def test_pipeline_version_over_rest_and_grpc_matches_the_pyfunc_model(stacks, im
     for link in ("grpc", "rest"):
         info = stacks[link]
         for protocol, url in (("v2", info["rest"]), ("grpc", info["grpc"])):
-            results = [predict(url, image, protocol) for image in images]
+            results = predict_in_a_fresh_process(url, images, protocol)
             assert all(r["model_version"] == "1" and r["model_name"] == "pneumonia" for r in results)
             answers[(link, protocol)] = [r["probability"] for r in results]
             assert answers[(link, protocol)] == pytest.approx(expected, abs=1e-5), (link, protocol)
