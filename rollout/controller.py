@@ -78,12 +78,14 @@ class Rollout:
                                f"but not ready within the timeout: {exc}; run the command again to keep waiting "
                                "(and finish), `pneumoscope rollout status` to look, or `rollout rollback`") from None
 
-    def _start(self) -> dict:
+    def _start(self) -> tuple[dict, str | None, str | None]:
+        """The backend's state after finishing an earlier step; (state, its action, what was finished)."""
         current = self.backend.read()
+        record = isvc_.pending(current)
         current, finished = self.finish_pending(current)
         if finished:
             self.progress(f"finished earlier step: {finished}")
-        return current
+        return current, record["action"] if record else None, finished
 
     def _record(self, current: dict, action: str, frm: str | None, to: str, **extra) -> tuple[dict, dict]:
         entry = {"time": _now(), "user": self.backend.identity, "action": action, "from": frm, "to": to,
@@ -96,7 +98,7 @@ class Rollout:
     def canary(self, version: str, percent: int, force: bool = False) -> str:
         check_percent(percent)
         version = str(version)
-        current = self._start()
+        current, _, _ = self._start()
         running, running_percent = isvc_.canary(current)
         stable = isvc_.stable_version(current, self.model_name)
         if running is not None:
@@ -121,8 +123,10 @@ class Rollout:
         return f"canary of version {version} at {percent} % is serving (stable: version {stable})"
 
     def promote(self, analyze: Callable[[], object] | None = None) -> str:
-        current = self._start()
+        current, action, finished = self._start()
         running, percent = isvc_.canary(current)
+        if running is None and action == "promote":
+            return finished  # re-run after a failure: the earlier promote is now complete
         if running is None:
             raise RolloutError("no canary is running: nothing to promote (start one with `rollout canary`)")
         stable = isvc_.stable_version(current, self.model_name)
@@ -141,8 +145,10 @@ class Rollout:
         return f"version {running} is promoted: 100 % of the traffic, MLflow alias champion -> {running}"
 
     def rollback(self) -> str:
-        current = self._start()
+        current, action, finished = self._start()
         running, percent = isvc_.canary(current)
+        if running is None and action == "rollback":
+            return finished
         if running is None:
             raise RolloutError("no canary is running: nothing to roll back")
         stable = isvc_.stable_version(current, self.model_name)

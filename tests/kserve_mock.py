@@ -48,7 +48,7 @@ class KServeEmulator(kmock.KubernetesEmulator):
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
         self.forbidden = set()
-        self.revisions: dict[str, int] = {}
+        self.revisions: dict[tuple, int] = {}
 
     async def _handle(self, request):
         verb = VERBS.get(getattr(request.action, "name", ""), "")
@@ -69,10 +69,10 @@ class KServeEmulator(kmock.KubernetesEmulator):
                 namespace = request.namespace or request.data["metadata"].get("namespace")
                 await self._spec_changed((request.resource, namespace, name))
             elif request.action.name == "UPDATE" and before is not None and self.objects[key].raw.get("spec") != before:
-                await self._spec_changed(key)
+                await self._spec_changed(key, before)
         return response
 
-    async def _spec_changed(self, key) -> None:
+    async def _spec_changed(self, key, before: dict | None = None) -> None:
         async with self._lock:
             obj = self.objects[key]
             generation = int(obj.raw.get("metadata", {}).get("generation", 0)) + 1
@@ -81,8 +81,14 @@ class KServeEmulator(kmock.KubernetesEmulator):
             for name in ("predictor", "transformer"):
                 if name not in spec:
                     continue
-                n = self.revisions[f"{key[2]}-{name}"] = self.revisions.get(f"{key[2]}-{name}", 0) + 1
-                comps.setdefault(name, {})["latestCreatedRevision"] = f"{key[2]}-{name}-{n:05d}"
+                # As Knative: a new revision only when the pod template changes; canaryTrafficPercent alone
+                # only moves traffic between the existing revisions.
+                old = {k: v for k, v in ((before or {}).get(name) or {}).items() if k != "canaryTrafficPercent"}
+                new = {k: v for k, v in spec[name].items() if k != "canaryTrafficPercent"}
+                if before is None or old != new or "latestCreatedRevision" not in comps.get(name, {}):
+                    counter = (key[1], key[2], name)
+                    n = self.revisions[counter] = self.revisions.get(counter, 0) + 1
+                    comps.setdefault(name, {})["latestCreatedRevision"] = f"{key[2]}-{name}-{n:05d}"
             status["observedGeneration"] = generation
             status["conditions"] = self._conditions(spec, False, "RevisionMissing", "the new revision is starting")
             obj.patch({"metadata": {"generation": generation}, "status": status})
