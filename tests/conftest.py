@@ -11,7 +11,8 @@ import pytest
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+# PNEUMOSCOPE_SHARED_DATA points elsewhere (e.g. a git worktree whose parent has no shared/ folder).
+SHARED_DATA = Path(os.environ.get("PNEUMOSCOPE_SHARED_DATA") or REPO.parent / "shared" / "data")
 MISSING_DATA = (f"real X-rays not found at {SHARED_DATA} (the shared data folder is missing on this machine); "
                 "this test needs them")
 
