@@ -18,9 +18,12 @@ def add_commands(commands) -> None:
         description="Start the predictor (ONNX Runtime) and the transformer (decode, gate, heatmap) as two "
                     "processes on 127.0.0.1: the transformer's REST API on PORT, its gRPC API on PORT+1, the "
                     "predictor on free ports. Prints one line `READY {json}` when everything answers; Ctrl-C or "
-                    "SIGTERM stops both. Defaults come from PNEUMOSCOPE_* environment variables.")
+                    "SIGTERM drains and stops both, the transformer first. Defaults come from PNEUMOSCOPE_* "
+                    "environment variables.")
     serve.add_argument("--model", required=True, help="models:/NAME/VERSION, models:/NAME@ALIAS (resolved once, at "
-                                                      "start) or a bundle folder")
+                                                      "start) or a bundle folder (with --sha256)")
+    serve.add_argument("--sha256", help="expected bundle digest: required for a bundle folder (the registry's "
+                                        "bundle_sha256 tag of its version); checked against the tag for models:/")
     serve.add_argument("--port", type=int, default=8080, help="transformer REST port; gRPC uses PORT+1 (default 8080)")
     serve.add_argument("--precision", choices=["auto", "fp32", "int8"], help="engine graph (default: auto)")
     serve.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
@@ -30,7 +33,11 @@ def add_commands(commands) -> None:
     serve.add_argument("--max-batch-delay-ms", type=float, help="dynamic batching: wait for company (default 0)")
     serve.add_argument("--predictor-protocol", choices=["grpc-v2", "v2"], help="transformer -> predictor")
     serve.add_argument("--max-payload-bytes", type=int, help="largest request accepted")
-    serve.add_argument("--max-image-pixels", type=int, help="largest width*height decoded")
+    serve.add_argument("--max-image-pixels", type=int, help="largest width*height of one image, from its header")
+    serve.add_argument("--max-inflight", type=int, help="requests each process works on at once; more are refused "
+                                                        "at once with 503 (default 8)")
+    serve.add_argument("--drain-seconds", type=float, help="on stop, how long requests in flight may take to "
+                                                           "finish (default 20)")
     serve.add_argument("--mlflow-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, then local SQLite)")
     serve.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for readiness")
     serve.add_argument("--log-file", help="write the servers' logs here instead of stderr")
@@ -67,7 +74,8 @@ def _settings(args):
                  "max_batch_size": args.max_batch_size,
                  "max_batch_delay_ms": args.max_batch_delay_ms, "predictor_protocol": args.predictor_protocol,
                  "max_payload_bytes": args.max_payload_bytes, "max_image_pixels": args.max_image_pixels,
-                 "mlflow_tracking_uri": args.mlflow_uri}
+                 "max_inflight": args.max_inflight, "drain_timeout_s": args.drain_seconds,
+                 "model_sha256": args.sha256, "mlflow_tracking_uri": args.mlflow_uri}
     try:
         base = ServingSettings()
         return ServingSettings.model_validate({**base.model_dump(), **{k: v for k, v in overrides.items()

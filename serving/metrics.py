@@ -10,12 +10,15 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-PREDICTIONS = Counter("pneumoscope_predictions_total", "images classified, by predicted label",
-                      ["model_name", "label"])
+# Counted by the predictor, which decides: each side of a canary reports its own version's answers.
+PREDICTIONS = Counter("pneumoscope_predictions_total", "images classified, by model version and predicted label",
+                      ["model_name", "model_version", "label"])
 PROBABILITY = Histogram("pneumoscope_probability", "calibrated pneumonia probability of classified images",
-                        ["model_name"], buckets=[i / 10 for i in range(1, 11)])
-REJECTIONS = Counter("pneumoscope_input_rejections_total", "requests refused before inference, by reason",
-                     ["reason"])
+                        ["model_name", "model_version"], buckets=[i / 10 for i in range(1, 11)])
+REJECTIONS = Counter("pneumoscope_input_rejections_total", "requests refused before inference, by reason "
+                     "(bad input, overloaded, shutting_down, deadline_exceeded)", ["reason"])
+INFLIGHT = Gauge("pneumoscope_inflight_requests", "inference requests this process is working on")
+CANCELLED = Counter("pneumoscope_cancelled_requests_total", "requests dropped because the client went away")
 MODEL_INFO = Gauge("pneumoscope_model_info", "the model version this process serves (value 1)",
                    ["model_name", "model_version", "model_uri", "bundle_sha256", "role", "precision"])
 PREDICTOR_ERRORS = Counter("pneumoscope_predictor_errors_total", "failed calls from the transformer to the "
