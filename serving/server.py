@@ -73,9 +73,10 @@ def _known(exc: BaseException) -> bool:
 
 
 def log_refusal(status: int, reason: str, message: str, where: str) -> None:
-    """Each refusal once, without a traceback: INFO for the client's mistakes, WARNING for ours."""
-    log.log(logging.INFO if status < 500 else logging.WARNING, "%s refused (%d %s): %s", where, status, reason,
-            message[:300])
+    """Each refusal once, without a traceback: INFO for the client's mistakes, WARNING for ours (DEBUG for
+    readiness probes answered "not ready", which the kubelet asks every few seconds)."""
+    level = logging.DEBUG if reason == "not_ready" else logging.INFO if status < 500 else logging.WARNING
+    log.log(level, "%s refused (%d %s): %s", where, status, reason, message[:300])
 
 
 def request_id(value: str | None) -> str:
@@ -173,12 +174,21 @@ class PneumoscopeDataPlane(DataPlane):
             return parse_binary_request(body, headers.get("inference-header-content-length"), model_name)
         return super().decode_inference_request(body, headers, model_name)
 
+    def _draining(self) -> bool:
+        return self.admission is not None and self.admission.draining
+
     async def ready(self) -> bool:
         """Ready while every model is, and not while draining (KServe's DataPlane always says True)."""
-        if self.admission is not None and self.admission.draining:
+        if self._draining():
             return False
         models = self.model_registry.get_models().values()
         return bool(models) and all([await m.healthy() for m in models])
+
+    async def model_ready(self, model_name: str, disable_predictor_health_check: bool = False) -> bool:
+        """Readiness probes see False while draining. kserve's inference handlers ask with
+        ``disable_predictor_health_check=True``: requests already admitted must still run."""
+        ready = await super().model_ready(model_name, disable_predictor_health_check)
+        return ready and (disable_predictor_health_check or not self._draining())
 
     async def model_metadata(self, model_name: str) -> dict:
         metadata = await super().model_metadata(model_name)
@@ -290,7 +300,9 @@ class RequestGuard:
 
     async def _inference(self, scope, receive, send, headers, state: dict) -> None:
         budget = timeout_from_headers(headers, self.default_timeout_s)
-        self.admission.enter()  # before the body is read: an overloaded server refuses at once
+        me = asyncio.current_task()
+        self.admission.enter(me)  # before the body is read: an overloaded server refuses at once
+        work = watch = None
         try:
             body = await self._read_body(scope, receive, headers)
             if body is None:
@@ -299,34 +311,31 @@ class RequestGuard:
             work = asyncio.ensure_future(self.app(scope, _replay(body, None), send))
             self.admission.track(work)
             watch = asyncio.ensure_future(receive())  # completes when the client disconnects (or the reply ends)
-            try:
-                done, _ = await asyncio.wait({work, watch}, timeout=budget + DEADLINE_GRACE_S,
-                                             return_when=asyncio.FIRST_COMPLETED)
-                if work in done or state["complete"]:  # (a finished reply also ends the receive() wait)
-                    return await work
-                work.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await work
-                if watch in done:  # the client went away: its work is dropped
-                    CANCELLED.inc()
-                    return
-                reject_count("deadline_exceeded")
-                raise DeadlineExceeded("before the answer was ready")
-            except asyncio.CancelledError:
-                # Cancelled from outside (drain time up): answer 503 if nothing was sent yet.
-                if not work.done():
-                    work.cancel()
-                raise
-            finally:
-                watch.cancel()
+            done, _ = await asyncio.wait({work, watch}, timeout=budget + DEADLINE_GRACE_S,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if work in done or state["complete"]:  # (a finished reply also ends the receive() wait)
+                return await work
+            work.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await work
+            if watch in done:  # the client went away: its work is dropped
+                CANCELLED.inc()
+                return
+            reject_count("deadline_exceeded")
+            raise DeadlineExceeded("before the answer was ready")
         except asyncio.CancelledError:
-            if self.admission.draining:
+            if work is not None and not work.done():
+                work.cancel()
+            if self.admission.draining and not state["started"]:
+                # The drain time is up: a clean 503 rather than a dropped connection.
                 with contextlib.suppress(Exception):
                     await _send_json(send, 503, {"error": ShuttingDown().message, "reason": "shutting_down"}, 1)
                 return
             raise
         finally:
-            self.admission.leave()
+            if watch is not None:
+                watch.cancel()
+            self.admission.leave(me)
 
 
 def _replay(body: bytes, receive):
@@ -621,9 +630,7 @@ class PneumoscopeModelServer(ModelServer):
     async def shutdown(self, sig: int | None = None) -> None:
         """Readiness false, intake stopped, in-flight requests drained, servers and models stopped."""
         models = list(self.registered_models.get_models().values())
-        self.admission.draining = True
-        for model in models:
-            model.ready = False
+        self.admission.draining = True  # readiness reports False from now on; new requests get 503
         log.info("shutting down (signal %s): readiness false, new requests refused, %d in flight get up to %.0f s",
                  sig, self.admission.inflight, self.drain_timeout_s)
         cancelled = await self.admission.drain(self.drain_timeout_s)

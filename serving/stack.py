@@ -129,6 +129,7 @@ class LocalStack:
         self._workdir: str | None = None
         self._log = None
         self._monitor: threading.Thread | None = None
+        self.exit_codes: dict[str, int] = {}  # filled by stop(), in the order the children exited
 
     # -- start -------------------------------------------------------------------------------------
     def start(self, timeout: float = 240.0, supervise_in_background: bool = True) -> dict:
@@ -277,6 +278,7 @@ class LocalStack:
                     log.warning("%s did not exit within %.0f s of SIGTERM; killing it", role, grace_s)
                     process.kill()
                     process.wait()
+                self.exit_codes[role] = process.returncode
         if self._monitor is not None and self._monitor is not threading.current_thread():
             self._monitor.join(timeout=2)
         if self._log:

@@ -1,4 +1,4 @@
-"""Fixtures for the serving tests: a small real-weights-free bundle, real X-rays, a running stack.
+"""Fixtures for the serving tests: a small real-weights-free bundle, real X-rays, server processes.
 
 The bundle is a randomly initialised ResNet-50 exported exactly like a trained one (ONNX with logit +
 CAM, static int8, ``pneumoscope.json`` with hashes); serving behaviour does not depend on the weights.
@@ -51,8 +51,25 @@ def _free(port: int) -> bool:
     return True
 
 
+_BUILT: dict = {}
+
+
+def shared_bundle(image_size: int = TEST_IMAGE_SIZE, seed: int = 0, int8: bool = True):
+    """build_bundle once per test session and arguments (exporting a ResNet-50 costs about a minute here)."""
+    import atexit
+    import shutil
+    import tempfile
+
+    key = (image_size, seed, int8)
+    if key not in _BUILT:
+        root = Path(tempfile.mkdtemp(prefix="pneumoscope-test-bundle-"))
+        atexit.register(shutil.rmtree, root, True)
+        _BUILT[key] = build_bundle(root / "bundle", image_size=image_size, seed=seed, int8=int8)
+    return _BUILT[key]
+
+
 def build_bundle(dest: Path, image_size: int = TEST_IMAGE_SIZE, seed: int = 0, calibration: int = 16,
-                 int8_accepted: bool = False):
+                 int8_accepted: bool = False, int8: bool = True):
     """Export a random ResNet-50 as a complete bundle; returns (bundle dir, torch module)."""
     import torch
 
@@ -74,7 +91,8 @@ def build_bundle(dest: Path, image_size: int = TEST_IMAGE_SIZE, seed: int = 0, c
     torch.manual_seed(seed)
     net = build_resnet50(for_training=False).eval()
     export_onnx(net, image_size, dest / "model.onnx")
-    quantize_int8(dest / "model.onnx", dest / "model.int8.onnx", images, config)
+    if int8:
+        quantize_int8(dest / "model.onnx", dest / "model.int8.onnx", images, config)
     logits = run_images(make_session(dest / "model.onnx", threads=2), images, config)
     temperature = float(max(np.std(logits), 1e-3))
     probs = 1 / (1 + np.exp(-logits / temperature))
@@ -101,3 +119,49 @@ def register(bundle_dir: Path, tracking_uri: str, name: str = "pneumonia", alias
         client.set_registered_model_alias(name, alias, version)
     return str(version)
 
+
+
+def spawn_server(argv: list[str], log: Path, env: dict | None = None):
+    """Start one server process (``python -m serving.*_main ...``); see :func:`wait_ready`."""
+    import subprocess
+    import sys
+
+    out = open(log, "ab", buffering=0)
+    process = subprocess.Popen([sys.executable, "-m", *argv], stdout=out, stderr=out, stdin=subprocess.DEVNULL,
+                               env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})))
+    process.log = log
+    return process
+
+
+def wait_ready(process, ready_url: str, timeout: float = 300.0):
+    """Wait until ``ready_url`` answers 200 (raises with the log's tail if the process dies or never does)."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args[2]} exited with {process.returncode}: {process.log.read_text()[-2000:]}")
+        try:
+            if httpx.get(ready_url, timeout=2).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    process.kill()
+    raise RuntimeError(f"{process.args[2]} not ready within {timeout:.0f} s: {process.log.read_text()[-2000:]}")
+
+
+def stop_server(process) -> int:
+    import signal
+    import subprocess
+
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
