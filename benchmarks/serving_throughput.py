@@ -30,7 +30,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-DATA = ROOT.parent / "shared" / "data" / "chest_xray_224"
+DATA = Path(os.environ.get("PNEUMOSCOPE_SHARED_DATA") or ROOT.parent / "shared" / "data") / "chest_xray_224"
 
 
 def log(message: str) -> None:
@@ -274,13 +274,16 @@ def batch_histogram(predictor_rest: str) -> tuple[float, float]:
 
 
 def served(bundle_dir: Path, encoded: list[bytes], tensors: np.ndarray, args, precision: str, port: int) -> dict:
+    from model.bundle import Bundle
     from serving.settings import ServingSettings
     from serving.stack import LocalStack
 
+    # Throughput, not admission, is measured here: room for every client (benchmarks/overload.py does admission).
     settings = ServingSettings(precision=precision, threads=args.threads, engine_streams=args.engine_streams,
                                max_batch_size=args.max_batch_size,
                                max_batch_delay_ms=args.max_batch_delay_ms, spinning=args.spinning,
-                               predictor_protocol=args.predictor_protocol)
+                               predictor_protocol=args.predictor_protocol, max_inflight=64,
+                               model_sha256=Bundle.load(bundle_dir, verify=False).sha256)
     log_file = Path(args.log_dir) / f"stack-{precision}.log"
     log_file.parent.mkdir(parents=True, exist_ok=True)
     stack = LocalStack(str(bundle_dir), port, settings, log_file=log_file, restart=False)

@@ -194,7 +194,7 @@ class PneumoniaPredictor(Model):
                           f"{list(pixels.shape)}")
         if SIZES in by_name:
             sizes = _array(by_name[SIZES], "INT32", np.int32, 2)
-            if sizes.shape != (n, 2) or (sizes < 1).any() or (sizes[:, 0] > height).any() or (sizes[:, 1] > width).any():
+            if sizes.shape != (n, 2) or (sizes < 1).any() or (sizes > np.array([height, width])).any():
                 raise _refuse(f"input {SIZES!r} must be [N,2] of heights <= {height} and widths <= {width}, each >= 1")
         else:
             sizes = np.tile(np.array([height, width], dtype=np.int32), (n, 1))

@@ -9,7 +9,6 @@ import sys
 
 from kserve import model_server
 
-from model.preprocessing import DECODED_MAX_SIDE
 from serving.predictor import PneumoniaPredictor
 from serving.predictor_client import MAX_RESPONSE_BYTES
 from serving.protocol import transport_bytes

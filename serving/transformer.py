@@ -160,10 +160,9 @@ class PneumoniaTransformer(Model):
         if total > self.settings.max_request_pixels:
             raise reject("too_large", f"the request's images hold {total} pixels together; at most "
                                       f"{self.settings.max_request_pixels} are accepted")
-        many = len(encoded) > 1
-        images = await asyncio.gather(*(
-            loop.run_in_executor(self.decoders, decode_upload, data, self.settings, f"image {i}" if many else "the image")
-            for i, data in enumerate(encoded)))
+        names = [f"image {i}" for i in range(len(encoded))] if len(encoded) > 1 else ["the image"]
+        images = await asyncio.gather(*(loop.run_in_executor(self.decoders, decode_upload, data, self.settings, where)
+                                        for data, where in zip(encoded, names)))
         return Prepared(protocol, list(images), heatmap, request)
 
     def _check_count(self, n: int) -> None:

@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serving_fixtures import (XRAY_FULL, free_port_pair, register, require_data, shared_bundle,
+from serving_fixtures import (XRAY_FULL, free_port_pair, register, require_data, shared_bundle, stop_server,
                               xray_files)
 
 pytestmark = pytest.mark.integration
@@ -79,12 +79,7 @@ def served(tmp_path_factory):
         pytest.fail(f"no READY line (got {line!r}); stderr: {process.stderr.read()[-2000:]}\nlog: {tail}")
     served = Served(json.loads(line[len("READY "):]), process, log, tracking_uri, bundle, net)
     yield served
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
+    stop_server(process)
 
 
 @pytest.fixture(scope="module")
@@ -593,7 +588,8 @@ def test_client_input_never_gets_a_5xx(served, images):
              "parameters": {"binary_data_size": 4 + len(images[0])}}]},
             len(images[0]).to_bytes(4, "little") + images[0]),
         "object id (JSON)": lambda: httpx.post(f"{transformer}/v2/models/pneumonia/infer", timeout=30, json={
-            "id": {"a": 1}, "inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [b64(images[0])]}]}),
+            "id": {"a": 1},
+            "inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [b64(images[0])]}]}),
         "bad timeout header": lambda: httpx.post(f"{transformer}/v1/models/pneumonia:predict", timeout=30,
                                                  json={"instances": [{"image": {"b64": b64(images[0])}}]},
                                                  headers={"x-request-timeout-ms": "-5"}),
