@@ -135,56 +135,58 @@ def grpc_infer(target: str, data: bytes, timeout: float = 30.0) -> tuple[str, st
 
 # ---------------------------------------------------------------------------------------------------
 
-def test_admission_refuses_at_once_beyond_the_limit_and_recovers(bundle, images, tmp_path):
-    stack = start_stack(bundle, tmp_path)
+@pytest.fixture(scope="module")
+def limited(bundle, tmp_path_factory):
+    """One stack for the admission and deadline tests (the drain tests stop theirs)."""
+    stack = start_stack(bundle, tmp_path_factory.mktemp("limited"))
+    yield stack
+    stack.stop()
+
+
+def test_admission_refuses_at_once_beyond_the_limit_and_recovers(limited, images):
+    stack = limited
     rest, grpc_target = stack.info["rest"], stack.info["grpc"]
-    try:
-        held = [HeldRequest(rest, "/v1/models/pneumonia:predict", v1_body(images[0])) for _ in range(MAX_INFLIGHT)]
-        wait_for(lambda: metric(rest, "pneumoscope_inflight_requests") == MAX_INFLIGHT, what="2 requests in flight")
-        started = time.perf_counter()
-        refused = httpx.post(f"{rest}/v1/models/pneumonia:predict", content=v1_body(images[1]), timeout=30)
-        assert refused.status_code == 503 and refused.headers["retry-after"] == "1", refused.text
-        assert refused.json()["reason"] == "overloaded" and time.perf_counter() - started < 5
-        assert grpc_infer(grpc_target, images[1])[0] == "RESOURCE_EXHAUSTED"
-        assert httpx.get(f"{rest}/v2/health/ready", timeout=30).status_code == 200  # busy is not unready
-        assert [h.finish()[0] for h in held] == [200] * MAX_INFLIGHT  # the admitted ones finish normally
-        assert httpx.post(f"{rest}/v1/models/pneumonia:predict", content=v1_body(images[1]),
-                          timeout=60).status_code == 200
-        assert metric(rest, "pneumoscope_input_rejections_total", reason="overloaded") == 2
+    held = [HeldRequest(rest, "/v1/models/pneumonia:predict", v1_body(images[0])) for _ in range(MAX_INFLIGHT)]
+    wait_for(lambda: metric(rest, "pneumoscope_inflight_requests") == MAX_INFLIGHT, what="2 requests in flight")
+    started = time.perf_counter()
+    refused = httpx.post(f"{rest}/v1/models/pneumonia:predict", content=v1_body(images[1]), timeout=30)
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "1", refused.text
+    assert refused.json()["reason"] == "overloaded" and time.perf_counter() - started < 5
+    assert grpc_infer(grpc_target, images[1])[0] == "RESOURCE_EXHAUSTED"
+    assert httpx.get(f"{rest}/v2/health/ready", timeout=30).status_code == 200  # busy is not unready
+    assert [h.finish()[0] for h in held] == [200] * MAX_INFLIGHT  # the admitted ones finish normally
+    assert httpx.post(f"{rest}/v1/models/pneumonia:predict", content=v1_body(images[1]),
+                      timeout=60).status_code == 200
+    assert metric(rest, "pneumoscope_input_rejections_total", reason="overloaded") == 2
 
-        # the predictor has its own bound: when it is full, the transformer says so with a 503, at once
-        predictor = stack.info["predictor_rest"]
-        pixels = HeldRequest(predictor, "/v2/models/pneumonia/infer", b"{" + b" " * 4000 + b"}")
-        more = HeldRequest(predictor, "/v2/models/pneumonia/infer", b"{" + b" " * 4000 + b"}")
-        wait_for(lambda: metric(predictor, "pneumoscope_inflight_requests") == MAX_INFLIGHT, what="predictor full")
-        busy = httpx.post(f"{rest}/v1/models/pneumonia:predict", content=v1_body(images[1]), timeout=30)
-        assert busy.status_code == 503 and busy.json()["reason"] == "predictor_unavailable", busy.text
-        assert "127.0.0.1" not in busy.text
-        pixels.close()
-        more.close()  # clients that go away free their slots
-        wait_for(lambda: metric(predictor, "pneumoscope_inflight_requests") == 0, what="slots freed")
-        assert httpx.post(f"{rest}/v1/models/pneumonia:predict", content=v1_body(images[1]),
-                          timeout=60).status_code == 200
-    finally:
-        stack.stop()
+    # the predictor has its own bound: when it is full, the transformer says so with a 503, at once
+    predictor = stack.info["predictor_rest"]
+    pixels = HeldRequest(predictor, "/v2/models/pneumonia/infer", b"{" + b" " * 4000 + b"}")
+    more = HeldRequest(predictor, "/v2/models/pneumonia/infer", b"{" + b" " * 4000 + b"}")
+    wait_for(lambda: metric(predictor, "pneumoscope_inflight_requests") == MAX_INFLIGHT, what="predictor full")
+    busy = httpx.post(f"{rest}/v1/models/pneumonia:predict", content=v1_body(images[1]), timeout=30)
+    assert busy.status_code == 503 and busy.json()["reason"] == "predictor_unavailable", busy.text
+    assert "127.0.0.1" not in busy.text
+    pixels.close()
+    more.close()  # clients that go away free their slots
+    wait_for(lambda: metric(predictor, "pneumoscope_inflight_requests") == 0, what="slots freed")
+    assert httpx.post(f"{rest}/v1/models/pneumonia:predict", content=v1_body(images[1]),
+                      timeout=60).status_code == 200
 
 
-def test_deadlines_come_from_the_client(bundle, images, tmp_path):
-    stack = start_stack(bundle, tmp_path)
+def test_deadlines_come_from_the_client(limited, images):
+    stack = limited
     rest = stack.info["rest"]
-    try:
-        late = httpx.post(f"{rest}/v1/models/pneumonia:predict", content=v1_body(images[0]), timeout=30,
-                          headers={"x-request-timeout-ms": "1"})  # spent while the image decodes
-        assert late.status_code == 504 and late.json()["reason"] == "deadline_exceeded", late.text
-        ok = httpx.post(f"{rest}/v1/models/pneumonia:predict", content=v1_body(images[0]), timeout=60,
-                        headers={"x-request-timeout-ms": "60000"})
-        assert ok.status_code == 200
-        code, _ = grpc_infer(stack.info["grpc"], images[0], timeout=0.001)
-        assert code == "DEADLINE_EXCEEDED"
-        assert httpx.post(f"{rest}/v1/models/pneumonia:predict", content=v1_body(images[0]),
-                          timeout=60).status_code == 200
-    finally:
-        stack.stop()
+    late = httpx.post(f"{rest}/v1/models/pneumonia:predict", content=v1_body(images[0]), timeout=30,
+                      headers={"x-request-timeout-ms": "1"})  # spent while the image decodes
+    assert late.status_code == 504 and late.json()["reason"] == "deadline_exceeded", late.text
+    ok = httpx.post(f"{rest}/v1/models/pneumonia:predict", content=v1_body(images[0]), timeout=60,
+                    headers={"x-request-timeout-ms": "60000"})
+    assert ok.status_code == 200
+    code, _ = grpc_infer(stack.info["grpc"], images[0], timeout=0.001)
+    assert code == "DEADLINE_EXCEEDED"
+    assert httpx.post(f"{rest}/v1/models/pneumonia:predict", content=v1_body(images[0]),
+                      timeout=60).status_code == 200
 
 
 def test_sigterm_drains_readiness_first_then_intake_then_in_flight_work(bundle, images, tmp_path):

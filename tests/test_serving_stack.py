@@ -596,6 +596,10 @@ def test_client_input_never_gets_a_5xx(served, images):
         "predictor without preprocessing": lambda: predictor_pixels(predictor, [np.full((64, 64), 99, np.uint8)],
                                                                     preprocessing="none"),
         "predictor with oversized pixels": lambda: predictor_pixels(predictor, [np.zeros((600, 64), np.uint8)]),
+        # the predictor takes what the transformer can send (32 x 512 x 512 bytes), not 256 MiB of JSON
+        "predictor body over its hop's limit": lambda: httpx.post(
+            f"{predictor}/v2/models/pneumonia/infer", content=b"[" + b"0," * 4_500_000 + b"0]", timeout=60,
+            headers={"content-type": "application/json"}),
     }
     for case, send in cases.items():
         response = send()
