@@ -72,7 +72,8 @@ def main() -> int:
     stubs = {role: GRPCInferenceServiceStub(channel) for role, channel in channels.items()}
 
     headers_strategy = st.dictionaries(st.sampled_from(["x-request-id", "x-request-timeout-ms", "content-type",
-                                                        "ce-specversion", "inference-header-content-length"]),
+                                                        "ce-specversion", "inference-header-content-length",
+                                                        "traceparent", "x-envoy-expected-rq-timeout-ms"]),
                                        st.one_of(st.text(max_size=20), st.binary(max_size=20)), max_size=2)
 
     def rest_v1(case):

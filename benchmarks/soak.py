@@ -62,7 +62,7 @@ def main() -> int:
 
     def progress(result):
         minute = int(result.sent // 60)
-        if minute != progress.minute:
+        if minute > progress.minute:  # results arrive out of order: report each minute once
             progress.minute = minute
             log(f"minute {minute + 1} of {args.minutes:.0f}; load average {os.getloadavg()[0]:.1f}")
     progress.minute = -1

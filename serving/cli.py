@@ -35,7 +35,7 @@ def add_commands(commands) -> None:
     serve.add_argument("--max-payload-bytes", type=int, help="largest request accepted")
     serve.add_argument("--max-image-pixels", type=int, help="largest width*height of one image, from its header")
     serve.add_argument("--max-inflight", type=int, help="requests each process works on at once; more are refused "
-                                                        "at once with 503 (default 8)")
+                                                        "at once with 503 (default: its CPUs, at least 2)")
     serve.add_argument("--drain-seconds", type=float, help="on stop, how long requests in flight may take to "
                                                            "finish (default 20)")
     serve.add_argument("--mlflow-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, then local SQLite)")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import uuid
 from dataclasses import dataclass
 
@@ -31,6 +32,7 @@ _GRPC_RETRY = json.dumps({"methodConfig": [{
     "retryPolicy": {"maxAttempts": 2, "initialBackoff": "0.1s", "maxBackoff": "0.5s", "backoffMultiplier": 2,
                     "retryableStatusCodes": ["UNAVAILABLE"]}}]})
 _FORWARD_HEADERS = ("x-request-id", "x-b3-traceid", "traceparent")
+_PRINTABLE = re.compile(r"^[\x20-\x7e]{1,512}$")
 #: The predictor's answer: five small vectors and N coarse CAMs (7x7 for 224 px).
 MAX_RESPONSE_BYTES = 4 * 1024 * 1024
 OUTPUT_NAMES = ("probability", "label", "threshold", "logit", "cam")
@@ -83,7 +85,9 @@ class PredictorClient:
 
     async def infer(self, images: list[np.ndarray], headers: dict | None = None) -> Answer:
         """Stage-1 pixels of one request -> the answer of the model version the predictor serves."""
-        forward = {k: v for k, v in (headers or {}).items() if k.lower() in _FORWARD_HEADERS}
+        # Tracing headers travel on, if they are what gRPC metadata may carry (printable ASCII).
+        forward = {k.lower(): v for k, v in (headers or {}).items()
+                   if k.lower() in _FORWARD_HEADERS and isinstance(v, str) and _PRINTABLE.match(v)}
         request = self._request(images, forward.get("x-request-id") or str(uuid.uuid4()))
         timeout = self._timeout()
         if self.protocol == "grpc-v2":

@@ -235,13 +235,17 @@ class RequestGuard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        state = {"started": False, "complete": False}
+        state = {"started": False, "complete": False, "release": None}
 
         async def tracked_send(message):
             if message["type"] == "http.response.start":
                 state["started"] = True
             elif message["type"] == "http.response.body" and not message.get("more_body", False):
                 state["complete"] = True
+                if state["release"] is not None:
+                    # Free the admission slot before the client can read the answer: a client that sends
+                    # its next request at once must not find its own previous request still counted.
+                    state["release"]()
             await send(message)
 
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
@@ -302,6 +306,15 @@ class RequestGuard:
         budget = timeout_from_headers(headers, self.default_timeout_s)
         me = asyncio.current_task()
         self.admission.enter(me)  # before the body is read: an overloaded server refuses at once
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.admission.leave(me)
+
+        state["release"] = release
         work = watch = None
         try:
             body = await self._read_body(scope, receive, headers)
@@ -335,7 +348,7 @@ class RequestGuard:
         finally:
             if watch is not None:
                 watch.cancel()
-            self.admission.leave(me)
+            release()
 
 
 def _replay(body: bytes, receive):
@@ -671,7 +684,7 @@ def load_and_serve(model, role: str, args, settings, max_request_bytes: int, max
         return 2
     server = PneumoscopeModelServer(http_port=args.http_port, grpc_port=args.grpc_port, workers=args.workers,
                                     enable_grpc=args.enable_grpc, max_request_bytes=max_request_bytes,
-                                    max_response_bytes=max_response_bytes, max_inflight=settings.max_inflight,
+                                    max_response_bytes=max_response_bytes, max_inflight=settings.inflight_limit(),
                                     default_timeout_s=settings.request_timeout_s,
                                     drain_timeout_s=settings.drain_timeout_s, access_log=settings.access_log,
                                     bind=args.bind)

@@ -55,10 +55,11 @@ class ServingSettings(BaseSettings):
     predictor_timeout_s: float = Field(30.0, gt=0, description="longest wait for one predictor call")
 
     # --- admission, deadlines, shutdown (both) ---
-    max_inflight: int = Field(
-        8, ge=1, description="inference requests one process works on at once; more are refused at once with 503 "
-        "+ Retry-After (REST) or RESOURCE_EXHAUSTED (gRPC). Keep it near what the CPUs finish within the latency "
-        "target (see BENCHMARKS.md, overload)")
+    max_inflight: int | None = Field(
+        None, ge=1, description="inference requests one process works on at once; more are refused at once with "
+        "503 + Retry-After (REST) or RESOURCE_EXHAUSTED (gRPC). Default: the CPUs the process may use (its cgroup "
+        "quota), at least 2 -- measured to keep the accepted p99 near 2x the unloaded p99 under 4x overload "
+        "(BENCHMARKS.md, overload); larger values queue more and answer later")
     request_timeout_s: float = Field(30.0, gt=0, description="deadline of a request that brings none (gRPC "
                                      "deadline, or the x-request-timeout-ms header, otherwise)")
     drain_timeout_s: float = Field(
@@ -92,3 +93,8 @@ class ServingSettings(BaseSettings):
 
     def decoders(self) -> int:
         return self.decode_threads or os.cpu_count() or 1
+
+    def inflight_limit(self) -> int:
+        from model.settings import available_cpus
+
+        return self.max_inflight or max(2, available_cpus())

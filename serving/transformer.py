@@ -101,7 +101,7 @@ class PneumoniaTransformer(Model):
         # Decoding runs here, off the event loop; the pool's size bounds decoding memory and CPU.
         self.decoders = ThreadPoolExecutor(max_workers=s.decoders(), thread_name_prefix="decode")
         log.info("transformer ready: predictor %s over %s (any model version), %d decode threads, at most %d "
-                 "requests in flight", self.predictor_host, self.protocol, s.decoders(), s.max_inflight)
+                 "requests in flight", self.predictor_host, self.protocol, s.decoders(), s.inflight_limit())
         self.ready = True
         return True
 

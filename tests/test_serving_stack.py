@@ -607,6 +607,10 @@ def test_client_input_never_gets_a_5xx(served, images):
         body = response.json()
         assert body.get("error") and body.get("reason"), f"{case}: {body}"
         assert "0x" not in response.text and "Traceback" not in response.text, f"{case}: {response.text[:300]}"
+    # a tracing header gRPC metadata cannot carry is not forwarded (it was a 500), the request is served
+    traced = httpx.post(f"{transformer}/v1/models/pneumonia:predict", timeout=60, headers={
+        "traceparent": header_bytes}, json={"instances": [{"image": {"b64": b64(images[0])}}]})
+    assert traced.status_code == 200, traced.text
     assert_good(served, images)
 
 
