@@ -31,6 +31,10 @@ DEFAULT_MIN_SIDE = 64
 #: Stage 1 bounds every decoded image to this many pixels per side: the largest model input it can
 #: feed (``image_size`` <= this), the heatmap's canvas, and the size of what travels to the predictor.
 DECODED_MAX_SIDE = 512
+#: JPEGs are drafted in the DCT domain to no less than this on the longer side (a power-of-two reduction,
+#: so they come out between this and twice it): the entropy decoding costs the same, but a 2800 px
+#: radiograph then decodes in about half the time of a 512 px draft (BENCHMARKS.md, preprocessing).
+JPEG_DRAFT_SIDE = DECODED_MAX_SIDE // 2
 
 #: 2: stage 1 bounds images to DECODED_MAX_SIDE (JPEG drafted at that bound, not at the model size).
 PREPROCESSING_VERSION = 2
@@ -164,9 +168,8 @@ def _decode_raster(data: bytes, max_pixels: int) -> DecodedImage:
                 raise InvalidImageError("unsupported_format", f"{fmt} images are not supported; send JPEG, PNG or "
                                                               "DICOM")
             if fmt == "JPEG":
-                # DCT-domain downscale to no less than the bounded size: a full-resolution radiograph
-                # decodes at 1/2..1/8 of its pixels.
-                img.draft("L" if img.mode == "L" else "RGB", bounded_size(width, height))
+                # DCT-domain downscale: a full-resolution radiograph decodes at 1/2..1/8 of its size.
+                img.draft("L" if img.mode == "L" else "RGB", bounded_size(width, height, JPEG_DRAFT_SIDE))
             img.load()  # truncated files raise here
     except InvalidImageError:
         raise
@@ -179,9 +182,9 @@ def _decode_raster(data: bytes, max_pixels: int) -> DecodedImage:
 
     colourfulness = 0.0
     if img.mode in ("RGB", "RGBA", "P", "CMYK", "YCbCr", "LA", "PA"):
-        rgb = np.asarray(img.convert("RGB"), dtype=np.int16)
+        rgb = np.asarray(img.convert("RGB"))
         step = max(1, min(rgb.shape[:2]) // 256)  # a subsample is enough for a colour test
-        sub = rgb[::step, ::step]
+        sub = rgb[::step, ::step].astype(np.int16)
         colourfulness = float(np.mean(np.abs(sub[..., 0] - sub[..., 1]) + np.abs(sub[..., 1] - sub[..., 2])))
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         pixels = _rescale_to_uint8(np.asarray(img, dtype=np.float32))

@@ -647,7 +647,7 @@ def test_heatmap_is_drawn_on_the_decoded_pixels_keeping_the_aspect_ratio(served,
     original = Image.open(io.BytesIO(images[-1])).size  # a full-resolution X-ray
     explained = v1(served, images[-1], verb="explain").json()["predictions"][0]
     heatmap = Image.open(io.BytesIO(base64.b64decode(explained["heatmap_png"])))
-    assert max(heatmap.size) == 512
+    assert 256 <= max(heatmap.size) <= 512  # the decoded canvas: a JPEG drafted to 256-511 px
     assert abs(heatmap.size[0] / heatmap.size[1] - original[0] / original[1]) < 0.01
 
 
