@@ -74,7 +74,9 @@ def main() -> int:
     headers_strategy = st.dictionaries(st.sampled_from(["x-request-id", "x-request-timeout-ms", "content-type",
                                                         "ce-specversion", "inference-header-content-length",
                                                         "traceparent", "x-envoy-expected-rq-timeout-ms"]),
-                                       st.one_of(st.text(max_size=20), st.binary(max_size=20)), max_size=2)
+                                       st.one_of(st.text(st.characters(exclude_characters="\r\n\x00"), max_size=20),
+                                                 st.binary(max_size=20).map(
+                                                     lambda b: b.translate(None, b"\r\n\x00"))), max_size=2)
 
     def rest_v1(case):
         value, headers = case
@@ -133,7 +135,8 @@ def main() -> int:
                     log(f"{name}: {total} cases, {dict(counts.most_common(6))}")
 
             @seed(args.seed)
-            @settings(max_examples=args.cases, phases=[Phase.generate], database=None, deadline=None,
+            # a few cases cannot be sent at all (h11 refuses some header values): generate a margin
+            @settings(max_examples=args.cases + args.cases // 20, phases=[Phase.generate], database=None, deadline=None,
                       suppress_health_check=list(HealthCheck))
             @given(strategy)
             def run(case):
@@ -159,7 +162,8 @@ def main() -> int:
             ok = http.post(f"{info['rest']}/v1/models/pneumonia:predict", timeout=60,
                            json={"instances": [{"image": {"b64": base64.b64encode(good).decode()}}]}).status_code
             alive = {role: stack.children[role].process.poll() is None for role in pids_before}
-            report["endpoints"][name] = {"cases": sum(counts.values()), "outcomes": dict(counts.most_common()),
+            sent = sum(counts.values()) - counts["not sendable (client-side)"]
+            report["endpoints"][name] = {"cases_sent": sent, "outcomes": dict(counts.most_common()),
                                          "findings": findings, "seconds": round(time.perf_counter() - started, 1),
                                          "good_request_after": ok, "processes_alive": alive,
                                          "same_pids": stack.pids() == pids_before}
