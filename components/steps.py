@@ -14,8 +14,8 @@ from kfp.dsl import HTML, ClassificationMetrics, Dataset, Input, Metrics, Model,
 
 def preprocess(data_uri: str, dataset: Output[Dataset], profile: str = "gpu", image_size: int = 0,
                val_fraction: float = 0.15, holdout_fraction: float = 0.10, seed: int = 42,
-               limit_per_class: int = 0):
-    """Decode, quality-gate, deduplicate and split the images by patient into a uint8 cache.
+               limit_per_class: int = 0, exclude_blurred: bool = False, mask_text: bool = False):
+    """Decode, quality-gate (blur, burned-in text), deduplicate and split the images by patient into a uint8 cache.
 
     ``image_size`` 0 takes the profile's resolution; ``limit_per_class`` 0 keeps every image.
     """
@@ -27,29 +27,35 @@ def preprocess(data_uri: str, dataset: Output[Dataset], profile: str = "gpu", im
 
         image_size = get_profile(profile).image_size
     result = prepare(data_uri, dataset.path, image_size, SplitFractions(val_fraction, holdout_fraction, seed),
-                     workers=Settings().workers, limit_per_class=limit_per_class or None)
+                     workers=Settings().workers, limit_per_class=limit_per_class or None,
+                     exclude_blurred=exclude_blurred, mask_text=mask_text)
+    quality = result.summary["quality"]
     dataset.metadata.update({"source": data_uri, "image_size": image_size, "images": result.summary["kept"],
                              "splits": result.summary["splits"], "manifest_sha256": result.manifest_sha256,
-                             "limit_per_class": limit_per_class, "seconds": result.summary["seconds"]})
+                             "limit_per_class": limit_per_class, "seconds": result.summary["seconds"],
+                             "blurred": quality["blurred"], "text_overlay": quality["text_overlay"],
+                             "excluded_blurred": quality["excluded_blurred"], "masked_text": quality["masked_text"]})
 
 
 def train(dataset: Input[Dataset], checkpoint: Output[Model], metrics: Output[Metrics], profile: str = "gpu",
-          epochs: int = 0, learning_rate: float = 0.0, batch_size: int = 0, seed: int = 42):
-    """Train ResNet-50 at the dataset's resolution; 0 for epochs/learning_rate/batch_size = profile default."""
+          epochs: int = 0, learning_rate: float = 0.0, batch_size: int = 0, seed: int = 42, num_gpus: int = 1):
+    """Train ResNet-50 at the dataset's resolution; 0 for epochs/learning_rate/batch_size = profile default.
+
+    ``num_gpus`` > 1: ``torchrun --nproc-per-node num_gpus`` (DistributedDataParallel, one process per GPU)."""
     from pathlib import Path
 
     from components.runtime import exit_quickly, finite, write_train_params
     from model.data import CachedData
     from model.profiles import get_profile
-    from model.training import train as fit
+    from model.training import launch
 
     chosen = get_profile(profile, epochs=epochs or None, lr=learning_rate or None, batch_size=batch_size or None,
                          image_size=CachedData.load(dataset.path).config.image_size)
-    result = fit(dataset.path, checkpoint.path, chosen, seed=seed)
+    result = launch(dataset.path, checkpoint.path, chosen, seed=seed, nproc=num_gpus)
     # last.pt (weights + optimizer state, 4x the checkpoint) only serves a resume inside this step: a
     # retried step starts with an empty output folder, so it would be uploaded for nothing.
     (Path(checkpoint.path) / "last.pt").unlink(missing_ok=True)
-    write_train_params(checkpoint.path, chosen, seed)
+    write_train_params(checkpoint.path, chosen, seed, num_gpus)
     values = finite({"best_val_auc": result.best_val_auc, "best_epoch": result.best_epoch,
                      "epochs_run": len(result.history), "images_per_second": result.images_per_second,
                      "seconds": result.seconds})
@@ -110,6 +116,7 @@ def register(dataset: Input[Dataset], checkpoint: Input[Model], model: Input[Mod
         evaluation / "bundle", report, history,
         registration_params(dataset, checkpoint.path, report, pipeline_run_name),
         tracking_uri=tracking_uri, model_name=model_name, plots_dir=evaluation / "plots",
+        data_quality_dir=Path(dataset.path) / "quality",
         pipeline_run_id=pipeline_run_id, promotion=promotion, n_bootstrap=n_bootstrap,
         champion_val_images=champion_val_images(dataset.path, report["val_predictions"]["index"]))
     info = dict(registration.to_dict(), pipeline_run_id=pipeline_run_id, pipeline_run_name=pipeline_run_name)

@@ -64,28 +64,52 @@ def cmd_data_prepare(args) -> int:
     image_size = args.image_size or get_profile(args.profile).image_size
     out = args.out or settings.home / "cache" / f"{image_size}px"
     result = prepare(source, out, image_size, SplitFractions(args.val_fraction, args.holdout_fraction, args.seed),
-                     workers=args.workers or settings.workers, limit_per_class=args.limit_per_class)
+                     workers=args.workers or settings.workers, limit_per_class=args.limit_per_class,
+                     exclude_blurred=args.exclude_blurred, mask_text=args.mask_text, resize_mode=args.resize)
+    quality = result.summary["quality"]
     print(json.dumps({"cache": str(result.out_dir), "kept": result.summary["kept"],
                       "excluded": result.summary["excluded"], "splits": result.summary["splits"],
+                      "quality": {k: quality[k] for k in ("sharpness_cutoff", "blurred", "text_overlay",
+                                                          "excluded_blurred", "masked_text")},
                       "manifest_sha256": result.manifest_sha256}))
     return 0
 
 
 def cmd_train(args) -> int:
-    from model.profiles import get_profile
+    from model.profiles import Profile, customise, get_profile
     from model.settings import Settings
     from model.training import train
 
     settings = Settings()
-    profile = get_profile(args.profile or settings.profile, epochs=args.epochs, lr=args.lr,
-                          batch_size=args.batch_size, image_size=args.image_size)
+    overrides = dict(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, image_size=args.image_size,
+                     erase_borders=args.erase_borders, field_mask=args.field_mask, sync_bn=args.sync_bn or None,
+                     num_workers=args.workers if args.workers is not None else settings.workers)
+    if args.profile_file:  # a resolved profile handed over by `model.training.launch` (torchrun)
+        profile = customise(Profile(**json.loads(Path(args.profile_file).read_text())), **overrides)
+    else:
+        profile = get_profile(args.profile or settings.profile, **overrides)
     if not Path(args.cache).is_dir():
         raise CommandError(f"cache folder not found: {args.cache} (run `pneumoscope data prepare` first)")
-    result = train(args.cache, args.out, profile, pretrained=args.pretrained, seed=args.seed or settings.seed,
+    seed = args.seed if args.seed is not None else settings.seed
+    if args.folds:
+        from model.folds import cross_validate
+
+        report = cross_validate(args.cache, args.out, profile, k=args.folds, seed=seed, device=args.device,
+                                pretrained=args.pretrained, resume=not args.no_resume)
+        if report:  # rank 0 under torchrun
+            print(json.dumps(_finite({"cv": str(Path(args.out) / "cv.json"), "k": report["k"],
+                                      "mean_sd": report["mean_sd"],
+                                      "abstention_coverage": report["abstention"]["coverage_mean"],
+                                      "sanity": {k: report["sanity"].get(k) for k in
+                                                 ("n", "auc", "sensitivity", "specificity", "ece")}})))
+        return 0
+    result = train(args.cache, args.out, profile, pretrained=args.pretrained, seed=seed,
                    resume=not args.no_resume, device=args.device)
-    print(json.dumps({"checkpoint": str(result.checkpoint), "best_epoch": result.best_epoch,
-                      "best_val_auc": result.best_val_auc, "images_per_second": round(result.images_per_second, 2),
-                      "seconds": round(result.seconds, 1)}))
+    if os.environ.get("RANK", "0") == "0":  # one answer per torchrun job
+        print(json.dumps({"checkpoint": str(result.checkpoint), "best_epoch": result.best_epoch,
+                          "best_val_auc": result.best_val_auc,
+                          "images_per_second": round(result.images_per_second, 2),
+                          "seconds": round(result.seconds, 1)}))
     return 0
 
 
@@ -144,10 +168,20 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--seed", type=int, default=42)
     prep.add_argument("--workers", type=int, help="decode processes (default: all cores)")
     prep.add_argument("--limit-per-class", type=int, help="keep only about this many training images per class")
+    prep.add_argument("--exclude-blurred", action="store_true",
+                      help="leave training films out whose sharpness (variance of the Laplacian) lies far below "
+                           "the training distribution (they are always reported)")
+    prep.add_argument("--mask-text", action="store_true",
+                      help="paint detected burned-in text and markers over in the cached training pixels "
+                           "(serving reports them, it does not mask: pair with `train --erase-borders`)")
+    prep.add_argument("--resize", choices=["squash", "pad"], default="squash",
+                      help="squash to a square (default, like the public 224 px copies) or keep the aspect ratio "
+                           "and pad; it travels with the model")
     prep.set_defaults(func=cmd_data_prepare)
 
     tr = commands.add_parser("train", help="train ResNet-50 on a prepared cache",
-                             description=f"Train a ResNet-50. Profiles: {profiles}.")
+                             description=f"Train a ResNet-50 (several GPUs: `torchrun --nproc-per-node N -m "
+                                         f"model.cli train ...`). Profiles: {profiles}.")
     tr.add_argument("--cache", required=True, help="folder written by `data prepare`")
     tr.add_argument("--out", required=True, help="checkpoint folder (resumed if it holds last.pt)")
     tr.add_argument("--profile", choices=list(PROFILES), help="training budget (default: $PNEUMOSCOPE_PROFILE or demo)")
@@ -159,6 +193,17 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--seed", type=int)
     tr.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     tr.add_argument("--no-resume", action="store_true", help="start over even if last.pt exists")
+    tr.add_argument("--folds", type=int, metavar="K",
+                    help="patient-grouped stratified K-fold cross-validation of the recipe on the training pool "
+                         "(out-of-fold calibration, thresholds and refer band; the sanity set every time); writes "
+                         "OUT/cv.json and one model per fold")
+    tr.add_argument("--erase-borders", type=float, metavar="P",
+                    help="candidate: erase random patches in the border band (markers, text) with probability P")
+    tr.add_argument("--field-mask", choices=["none", "ellipse"],
+                    help="candidate: blank everything outside a fixed elliptical lung-field prior (train + serve)")
+    tr.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across GPUs under torchrun (CUDA only)")
+    tr.add_argument("--workers", type=int, help="DataLoader workers per process (default: from the cores)")
+    tr.add_argument("--profile-file", help="a resolved profile as JSON (written by the pipeline for torchrun)")
     tr.set_defaults(func=cmd_train)
 
     ev = commands.add_parser("evaluate", help="score a registered or local model on a data split",
@@ -174,7 +219,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_evaluate)
 
     for plugin in sorted(entry_points(group="pneumoscope.commands"), key=lambda e: e.name):
-        plugin.load()(commands)
+        try:
+            add_commands = plugin.load()
+        except ModuleNotFoundError as exc:
+            # Each image installs one part (the web image has no pipelines/): its commands are absent.
+            if exc.name != plugin.module.partition(".")[0]:
+                raise
+            continue
+        add_commands(commands)
     return parser
 
 
@@ -195,4 +247,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m model.cli` runs this file as __main__; the commands raise model.cli.CommandError, which
+    # only the imported module's main() catches.
+    from model.cli import main as _main
+
+    sys.exit(_main())

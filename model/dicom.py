@@ -46,17 +46,19 @@ def decode_dicom(data: bytes, max_pixels: int, max_bytes: int | None = None) -> 
         raw = raw[0]
     if raw.ndim != 2:
         raise InvalidImageError("not_grayscale", "colour DICOM images are not chest radiographs")
+    windowed = ("WindowCenter" in ds and "WindowWidth" in ds) or "VOILUTSequence" in ds
     try:
         values = apply_modality_lut(raw, ds).astype(np.float64)
-        has_window = "WindowCenter" in ds and "WindowWidth" in ds
-        if has_window or "VOILUTSequence" in ds:
+        if windowed:
             values = apply_voi_lut(values, ds, prefer_lut=True).astype(np.float64)
-            low, high = _voi_range(ds, values)
-        else:
-            # No window given: a robust min/max avoids a few hot pixels flattening the contrast.
-            low, high = np.percentile(values, [0.5, 99.5])
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
-        raise InvalidImageError("corrupt", f"the DICOM LUT or window is malformed: {exc}") from None
+            low, high = _voi_range(ds)
+    # LUTs pydicom cannot apply (or descriptors too large to compute a range from)
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError, OverflowError) as exc:
+        raise InvalidImageError("unsupported_dicom",
+                                f"the DICOM grey-scale transform could not be applied: {exc}") from None
+    if not windowed:
+        # No window given: a robust min/max avoids a few hot pixels flattening the contrast.
+        low, high = np.percentile(values, [0.5, 99.5])
     if not (np.isfinite(low) and np.isfinite(high)) or high <= low:
         scaled = np.zeros(values.shape, dtype=np.float64)
     else:
@@ -176,11 +178,24 @@ def _packbits_length(data: bytes, pos: int, stop: int, limit: int) -> int:
     return length
 
 
-def _voi_range(ds, values: np.ndarray) -> tuple[float, float]:
-    """Output range of the VOI transform: [0, 2^bits-1] for a linear window, data range for a LUT."""
+def _voi_range(ds) -> tuple[float, float]:
+    """The VOI transform's output range, which the display maps to black..white (PS3.3 C.11.2).
+
+    A VOI LUT outputs [0, 2^n - 1] with n from its descriptor, however little of it one image uses. A linear
+    window outputs the stored range carried through the modality LUT (rescale slope and intercept), as
+    pydicom's ``apply_windowing`` does: ignoring the rescale here squeezed a modality-unit window.
+    """
     if "VOILUTSequence" in ds:
-        return float(values.min()), float(values.max())
-    bits = int(ds.get("BitsStored", 8))
-    if ds.get("PixelRepresentation", 0) == 0:
+        bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
         return 0.0, float(2**bits - 1)
-    return float(-(2 ** (bits - 1))), float(2 ** (bits - 1) - 1)
+    bits = int(ds.get("BitsStored", 8))
+    if ds.get("ModalityLUTSequence"):
+        low, high = 0.0, float(2 ** int(ds.ModalityLUTSequence[0].LUTDescriptor[2]) - 1)
+    elif ds.get("PixelRepresentation", 0) == 0:
+        low, high = 0.0, float(2**bits - 1)
+    else:
+        low, high = float(-(2 ** (bits - 1))), float(2 ** (bits - 1) - 1)
+    slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
+    if slope is not None and intercept is not None:
+        low, high = low * float(slope) + float(intercept), high * float(slope) + float(intercept)
+    return low, high

@@ -17,8 +17,9 @@ import numpy as np
 
 from model.bundle import Bundle, make_session, run_images, write_bundle
 from model.data import CLASSES, CachedData, DataError, discover
-from model.metrics import choose_threshold, fit_calibration, metrics_with_ci, roc_points, save_plots, sigmoid
-from model.preprocessing import InvalidImageError, load_resized, normalize
+from model.metrics import (abstention_metrics, choose_abstention_band, choose_threshold, fit_calibration,
+                           metrics_with_ci, roc_points, save_plots, sigmoid)
+from model.preprocessing import InvalidImageError, PreprocessConfig, load_resized, normalize
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ class EvalSettings:
     int8_max_auc_drop: float = 0.003
     calibration_images: int = 128
     seed: int = 0
+    refer_target: float = 0.97  # the "refer to a radiologist" band: decided cases reach this sens. AND spec.
 
 
 def evaluate_checkpoint(checkpoint: str | Path, cache_dir: str | Path, out_dir: str | Path,
@@ -50,8 +52,9 @@ def evaluate_checkpoint(checkpoint: str | Path, cache_dir: str | Path, out_dir: 
     bundle_dir, plots_dir = out / "bundle", out / "plots"
     bundle_dir.mkdir(parents=True, exist_ok=True)
     cache = CachedData.load(cache_dir)
-    config = cache.config
     net, meta = load_checkpoint(checkpoint)
+    # The checkpoint's preprocessing: the cache's, plus what the recipe added (e.g. a field mask).
+    config = PreprocessConfig.from_dict(meta.get("preprocess") or cache.config.to_dict())
     onnx_path = export_onnx(net, config.image_size, bundle_dir / "model.onnx")
 
     val_idx, val_y = cache.split("val")
@@ -68,7 +71,8 @@ def evaluate_checkpoint(checkpoint: str | Path, cache_dir: str | Path, out_dir: 
     log.info("val: temperature %.3f, logit bias %.3f, %s threshold %.4f", temperature, bias,
              settings.threshold_method, threshold)
 
-    splits = {}
+    band = choose_abstention_band(val_y, val_probs, threshold, settings.refer_target)
+    splits, abstention = {}, {"target": settings.refer_target, "low": band[0], "high": band[1]}
     for split in REPORT_SPLITS:
         idx, y = cache.split(split)
         if len(idx) == 0:
@@ -76,6 +80,7 @@ def evaluate_checkpoint(checkpoint: str | Path, cache_dir: str | Path, out_dir: 
         probs = val_probs if split == "val" else sigmoid(run_images(session, cache.images[idx], config) / temperature + bias)
         splits[split] = metrics_with_ci(y, probs, threshold, settings.n_bootstrap if len(idx) >= 20 else 0,
                                         settings.seed)
+        abstention[split] = abstention_metrics(y, probs, *band)
         m = splits[split]
         log.info("%-8s n=%-5d AUC %.4f  acc %.4f  sens %.4f  spec %.4f  ECE %.4f", split, m["n"], m["auc"],
                  m["accuracy"], m["sensitivity"], m["specificity"], m["ece"])
@@ -102,6 +107,8 @@ def evaluate_checkpoint(checkpoint: str | Path, cache_dir: str | Path, out_dir: 
         "preprocess": config.to_dict(),
         "threshold": threshold,
         "threshold_method": settings.threshold_method,
+        "refer_band": {"low": band[0], "high": band[1], "target": settings.refer_target,
+                       "val_coverage": abstention["val"]["coverage"]},
         "temperature": temperature,
         "logit_bias": bias,
         "metrics": {s: {k: v for k, v in m.items() if k != "ci95"} for s, m in splits.items() if s in ("val", "holdout")},
@@ -114,7 +121,8 @@ def evaluate_checkpoint(checkpoint: str | Path, cache_dir: str | Path, out_dir: 
     write_bundle(bundle_dir, bundle_meta)
     report = {
         "threshold": threshold, "threshold_method": settings.threshold_method, "temperature": temperature,
-        "logit_bias": bias, "splits": splits, "int8": int8_report, "onnx_parity": parity_report, "plots": plots,
+        "logit_bias": bias, "splits": splits, "abstention": abstention, "int8": int8_report,
+        "onnx_parity": parity_report, "plots": plots,
         "roc_val": roc_points(val_y, val_probs),
         "val_predictions": {"index": val_idx.tolist(), "label": val_y.tolist(), "probability": val_probs.tolist()},
         "manifest_sha256": cache.summary["manifest_sha256"],

@@ -230,3 +230,38 @@ def roc_points(labels: np.ndarray, probs: np.ndarray, max_points: int = 200) -> 
     keep = np.unique(np.linspace(0, len(fpr) - 1, min(max_points, len(fpr))).astype(int))
     thr = np.clip(thr[keep], 0.0, 1.0)
     return {"fpr": fpr[keep].tolist(), "tpr": tpr[keep].tolist(), "thresholds": thr.tolist()}
+
+
+def abstention_metrics(labels: np.ndarray, probs: np.ndarray, low: float, high: float) -> dict:
+    """Decisions with a "refer to a radiologist" band: NORMAL below ``low``, PNEUMONIA at or above ``high``,
+    referred in between. Coverage = share decided; sensitivity/specificity over the decided cases only."""
+    labels = np.asarray(labels).astype(int)
+    probs = np.asarray(probs, dtype=np.float64)
+    decided = (probs < low) | (probs >= high)
+    pos, neg = decided & (labels == 1), decided & (labels == 0)
+    return {
+        "low": float(low), "high": float(high), "n": int(len(labels)),
+        "coverage": float(decided.mean()) if len(labels) else float("nan"),
+        "referred": int((~decided).sum()),
+        "sensitivity": float((probs[pos] >= high).mean()) if pos.any() else float("nan"),
+        "specificity": float((probs[neg] < low).mean()) if neg.any() else float("nan"),
+    }
+
+
+def choose_abstention_band(labels: np.ndarray, probs: np.ndarray, threshold: float, target: float = 0.97,
+                           grid: int = 60) -> tuple[float, float]:
+    """The narrowest band around ``threshold`` (most cases decided) whose decided cases reach ``target``
+    sensitivity AND specificity on these (calibration-set) probabilities; the widest one tried if none does."""
+    probs = np.asarray(probs, dtype=np.float64)
+    below, above = probs[probs < threshold], probs[probs >= threshold]
+    lows = np.unique(np.concatenate([[threshold], np.quantile(below, np.linspace(0, 1, grid))])) if len(below) \
+        else np.array([threshold])
+    highs = np.unique(np.concatenate([[threshold], np.quantile(above, np.linspace(0, 1, grid))])) if len(above) \
+        else np.array([threshold])
+    best, best_coverage = (float(lows.min()), float(np.nextafter(highs.max(), np.inf))), -1.0
+    for low in lows:
+        for high in highs:
+            m = abstention_metrics(labels, probs, low, high)
+            if m["sensitivity"] >= target and m["specificity"] >= target and m["coverage"] > best_coverage:
+                best, best_coverage = (float(low), float(high)), m["coverage"]
+    return best

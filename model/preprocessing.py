@@ -17,6 +17,7 @@ No torch import here: the serving image does not ship torch.
 
 from __future__ import annotations
 
+import functools
 import io
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -56,8 +57,13 @@ class PreprocessConfig:
     # Intensity normalisation of [0, 1] pixels; set from the training cache by ``data prepare``.
     mean: float = 0.5
     std: float = 0.25
-    # Resize is a squash to a square, as in the public 224 px copies of the data set.
+    # Resize is a squash to a square, as in the public 224 px copies of the data set ("squash"), or
+    # aspect-preserving with black padding ("pad").
     resample: str = "bilinear"
+    resize_mode: str = "squash"
+    # "ellipse": pixels outside a fixed elliptical lung-field prior are set to the mean (~0 after
+    # normalisation) before the network sees them, in training and serving alike.
+    field_mask: str = "none"
     # Per-image mean intensity (0-255) of the training images, recorded with the model (the serving
     # gate uses absolute bounds that hold for every radiograph, so that it needs no model version).
     train_intensity_mean: float = 120.0
@@ -203,18 +209,51 @@ def _rescale_to_uint8(values: np.ndarray) -> np.ndarray:
 # -- stage 2: the model version's input ---------------------------------------------------------------
 
 def resize(pixels: np.ndarray, config: PreprocessConfig) -> np.ndarray:
-    """Squash uint8 (H, W) to (size, size)."""
+    """uint8 (H, W) to (size, size): squashed, or fitted and padded (``config.resize_mode``)."""
     size = config.image_size
     if pixels.shape == (size, size):
         return pixels
-    resized = Image.fromarray(np.ascontiguousarray(pixels)).resize((size, size), _RESAMPLE[config.resample])
-    return np.asarray(resized, dtype=np.uint8)
+    return np.asarray(_fit_square(Image.fromarray(np.ascontiguousarray(pixels)), config), dtype=np.uint8)
+
+
+def _fit_square(gray: Image.Image, config: PreprocessConfig) -> Image.Image:
+    size, resample = config.image_size, _RESAMPLE[config.resample]
+    if config.resize_mode == "squash":
+        return gray.resize((size, size), resample)
+    if config.resize_mode != "pad":
+        raise ValueError(f"unknown resize mode {config.resize_mode!r} (squash or pad)")
+    width, height = gray.size
+    scale = size / max(width, height)
+    fitted = gray.resize((max(1, round(width * scale)), max(1, round(height * scale))), resample)
+    canvas = Image.new("L", (size, size), 0)
+    canvas.paste(fitted, ((size - fitted.width) // 2, (size - fitted.height) // 2))
+    return canvas
+
+
+@functools.lru_cache(maxsize=16)
+def field_mask(height: int, width: int, kind: str = "ellipse") -> np.ndarray:
+    """bool (H, W), True inside a fixed elliptical lung-field prior: the chest of a centred frontal film,
+    without the corners and edges where side markers, text and the shoulders sit. A prior, not a segmentation."""
+    if kind != "ellipse":
+        raise ValueError(f"unknown field mask {kind!r} (none or ellipse)")
+    y, x = np.mgrid[0:height, 0:width]
+    cy, cx, ry, rx = 0.53 * height, 0.5 * width, 0.47 * height, 0.47 * width
+    return ((y + 0.5 - cy) / ry) ** 2 + ((x + 0.5 - cx) / rx) ** 2 <= 1.0
+
+
+def apply_field_mask(pixels: np.ndarray, config: PreprocessConfig) -> np.ndarray:
+    """uint8 (..., H, W): outside the field set to the uint8 nearest the normalisation mean (~0 after ``normalize``)."""
+    if config.field_mask == "none":
+        return pixels
+    inside = field_mask(pixels.shape[-2], pixels.shape[-1], config.field_mask)
+    return np.where(inside, pixels, np.uint8(round(255 * config.mean)))
 
 
 def normalize(batch: np.ndarray, config: PreprocessConfig) -> np.ndarray:
     """uint8 (N, H, W) or (H, W) -> float32 (N, 1, H, W) network input."""
     if batch.ndim == 2:
         batch = batch[None]
+    batch = apply_field_mask(batch, config)
     scale = np.float32(1.0 / (255.0 * config.std))
     offset = np.float32(config.mean / config.std)
     return (batch.astype(np.float32) * scale - offset)[:, None]

@@ -123,8 +123,10 @@ class Registration:
 def log_and_register(bundle_dir: str | Path, report: dict, history: list[dict], params: dict, *,
                      tracking_uri: str | None, model_name: str, plots_dir: str | Path | None = None,
                      pipeline_run_id: str = "", experiment: str = DEFAULT_EXPERIMENT, promotion: str = "auto",
-                     alpha: float = 0.05, champion_val_images=None, n_bootstrap: int = 1000) -> Registration:
-    """One MLflow run per pipeline run: params, per-epoch metrics, eval metrics, plots, the model."""
+                     alpha: float = 0.05, champion_val_images=None, n_bootstrap: int = 1000,
+                     data_quality_dir: str | Path | None = None) -> Registration:
+    """One MLflow run per pipeline run: params, per-epoch metrics, eval metrics, plots, the data-quality
+    thumbnails (``data prepare``'s ``quality/``), the model."""
     import mlflow
 
     client = connect(tracking_uri)
@@ -146,8 +148,13 @@ def log_and_register(bundle_dir: str | Path, report: dict, history: list[dict], 
                             "logit_bias": report.get("logit_bias", 0.0)})
         if report["int8"].get("auc_drop") is not None:
             mlflow.log_metric("int8_auc_drop", report["int8"]["auc_drop"])
+        for split, m in report.get("abstention", {}).items():  # the refer band's coverage per split
+            if isinstance(m, dict) and np.isfinite(m["coverage"]):
+                mlflow.log_metric(f"{split}_refer_coverage", m["coverage"])
         if plots_dir and Path(plots_dir).is_dir():
             mlflow.log_artifacts(str(plots_dir), artifact_path="plots")
+        if data_quality_dir and Path(data_quality_dir).is_dir():
+            mlflow.log_artifacts(str(data_quality_dir), artifact_path="data_quality")
         mlflow.log_dict(report, "evaluation/report.json")
         model_info = mlflow.pyfunc.log_model(
             name="model", python_model=_pyfunc_class(), artifacts={"bundle": str(Path(bundle_dir).resolve())},

@@ -10,34 +10,89 @@ import albumentations as A
 import cv2
 import numpy as np
 
-from model.preprocessing import PreprocessConfig, normalize
+from model.preprocessing import PreprocessConfig, apply_field_mask, normalize
 
 cv2.setNumThreads(0)  # DataLoader workers parallelise; OpenCV threads would oversubscribe 2 cores
 
 
-def train_augmentation(strength: float = 1.0) -> A.Compose:
+class BorderErasing(A.ImageOnlyTransform):
+    """Erase 1-3 random patches inside the border band, where side markers ("R", "L"), burned-in text and the
+    shoulders sit: a shortcut regulariser (the ``demo`` model's heatmap lit up the corner marker). Each patch
+    gets a random gray level, so neither "bright blob in the corner" nor "blank corner" carries the label."""
+
+    def __init__(self, band: float = 0.2, size: tuple[float, float] = (0.06, 0.2), max_patches: int = 3,
+                 p: float = 0.5):
+        super().__init__(p=p)
+        self.band, self.size, self.max_patches = band, size, max_patches
+
+    def get_params_dependent_on_data(self, params, data):
+        height, width = params["shape"][:2]
+        rng = self.random_generator
+        patches = []
+        for _ in range(int(rng.integers(1, self.max_patches + 1))):
+            ph = max(1, int(rng.uniform(*self.size) * height))
+            pw = max(1, int(rng.uniform(*self.size) * width))
+            band_h, band_w = max(ph, int(self.band * height)), max(pw, int(self.band * width))
+            side = rng.integers(4)  # top, bottom, left, right band; position along it uniform
+            if side < 2:
+                y = int(rng.integers(0, band_h - ph + 1)) if side == 0 else height - band_h + int(
+                    rng.integers(0, band_h - ph + 1))
+                x = int(rng.integers(0, width - pw + 1))
+            else:
+                x = int(rng.integers(0, band_w - pw + 1)) if side == 2 else width - band_w + int(
+                    rng.integers(0, band_w - pw + 1))
+                y = int(rng.integers(0, height - ph + 1))
+            patches.append((y, x, ph, pw, int(rng.integers(0, 256))))
+        return {"patches": patches}
+
+    def apply(self, img, patches=(), **params):
+        out = img.copy()
+        for y, x, ph, pw, value in patches:
+            out[y:y + ph, x:x + pw] = value
+        return out
+
+    def get_transform_init_args_names(self):
+        return ("band", "size", "max_patches")
+
+
+def train_augmentation(strength: float = 1.0, erase_borders: float = 0.0) -> A.Compose:
     """Geometry and exposure changes a radiograph plausibly has; ``strength`` scales all of them."""
     s = strength
-    return A.Compose([
+    steps = [
         A.HorizontalFlip(p=0.5),
         A.Affine(scale=(1 - 0.15 * s, 1 + 0.15 * s), translate_percent=(-0.08 * s, 0.08 * s),
                  rotate=(-10 * s, 10 * s), shear=(-5 * s, 5 * s), border_mode=cv2.BORDER_CONSTANT, fill=0, p=0.8),
         A.RandomBrightnessContrast(brightness_limit=0.25 * s, contrast_limit=0.25 * s, p=0.8),
         A.RandomGamma(gamma_limit=(int(100 - 30 * s), int(100 + 30 * s)), p=0.3),
         A.GaussNoise(std_range=(0.01, 0.01 + 0.04 * s), p=0.3),
-    ])
+    ]
+    if erase_borders > 0:
+        steps.append(BorderErasing(p=erase_borders))
+    return A.Compose(steps)
 
 
 class TrainTransform:
-    """uint8 (S, S) -> float32 (1, S, S), augmented."""
+    """uint8 (S, S) -> augmented uint8 (``pixels``, what the DataLoader ships) or float32 (1, S, S).
 
-    def __init__(self, config: PreprocessConfig, strength: float = 1.0):
+    Albumentations draws from its own generators, not from ``np.random``/``random``: without ``seed`` (or
+    :meth:`reseed`) every run augments differently whatever ``seed_everything`` did.
+    """
+
+    def __init__(self, config: PreprocessConfig, strength: float = 1.0, erase_borders: float = 0.0,
+                 seed: int | None = None):
         self.config = config
-        self.augment = train_augmentation(strength)
+        self.augment = train_augmentation(strength, erase_borders)
+        self.augment.set_random_seed(seed)
+
+    def reseed(self, seed: int) -> None:
+        self.augment.set_random_seed(int(seed))
+
+    def pixels(self, pixels: np.ndarray) -> np.ndarray:
+        augmented = self.augment(image=np.ascontiguousarray(pixels))["image"]
+        return apply_field_mask(augmented, self.config)  # after the geometry: the field stays where serving has it
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
-        augmented = self.augment(image=np.ascontiguousarray(pixels))["image"]
-        return normalize(augmented, self.config)[0]
+        return normalize(self.pixels(pixels), self.config)[0]
 
 
 class EvalTransform:
@@ -45,6 +100,9 @@ class EvalTransform:
 
     def __init__(self, config: PreprocessConfig):
         self.config = config
+
+    def pixels(self, pixels: np.ndarray) -> np.ndarray:
+        return apply_field_mask(np.asarray(pixels), self.config)
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         return normalize(np.asarray(pixels), self.config)[0]

@@ -1,4 +1,4 @@
-"""The ``pneumonia-training`` pipeline: preprocess -> train (1 GPU) -> evaluate -> register.
+"""The ``pneumonia-training`` pipeline: preprocess -> train (``num_gpus`` GPUs) -> evaluate -> register.
 
 ``build_pipeline(image)`` returns the pipeline for one container image; ``compile_pipeline`` writes
 the YAML that is checked in as ``pipelines/pneumonia_training.yaml`` (default image).
@@ -55,8 +55,8 @@ def build_pipeline(image: str = DEFAULT_IMAGE, retries: bool = True):
     steps = build_components(image)
 
     @dsl.pipeline(name=PIPELINE_NAME,
-                  description="Pneumonia detection on chest X-rays: quality-gated patient-level split, ResNet-50 "
-                              "training on one GPU, calibrated evaluation with CIs and ONNX export, MLflow "
+                  description="Pneumonia detection on chest X-rays: quality-gated patient-level split, "
+                              "ResNet-50 training on num_gpus GPUs (torchrun), calibrated evaluation with CIs and ONNX export, MLflow "
                               "registration with champion/challenger aliases.")
     def pneumonia_training(
         data_uri: str,
@@ -76,12 +76,17 @@ def build_pipeline(image: str = DEFAULT_IMAGE, retries: bool = True):
         target_sensitivity: float = 0.95,
         n_bootstrap: int = 1000,
         int8: bool = True,
+        num_gpus: int = 1,
+        exclude_blurred: bool = False,
+        mask_text: bool = False,
     ) -> NamedTuple("Outputs", [("model_uri", str), ("version", str), ("registration", str)]):
         """0 for epochs, learning_rate, batch_size, image_size: the profile's value. limit_per_class 0:
-        every image. mlflow_uri empty: MLFLOW_TRACKING_URI of the image."""
+        every image. mlflow_uri empty: MLFLOW_TRACKING_URI of the image. num_gpus: the train step's GPU
+        limit and its torchrun --nproc-per-node (batch_size is the global batch)."""
         prep = steps.preprocess(data_uri=data_uri, profile=profile, image_size=image_size,
                                 val_fraction=val_fraction, holdout_fraction=holdout_fraction, seed=seed,
-                                limit_per_class=limit_per_class)
+                                limit_per_class=limit_per_class, exclude_blurred=exclude_blurred,
+                                mask_text=mask_text)
         _resources(prep, "preprocess").set_env_variable("PNEUMOSCOPE_WORKERS", PREPROCESS_WORKERS)
         prep.set_caching_options(enable_caching=False)
         if retries:
@@ -89,8 +94,8 @@ def build_pipeline(image: str = DEFAULT_IMAGE, retries: bool = True):
         kubernetes.use_secret_as_env(prep, S3_SECRET, S3_SECRET_KEYS, optional=True)
 
         fit = steps.train(dataset=prep.outputs["dataset"], profile=profile, epochs=epochs,
-                          learning_rate=learning_rate, batch_size=batch_size, seed=seed)
-        _resources(fit, "train").set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
+                          learning_rate=learning_rate, batch_size=batch_size, seed=seed, num_gpus=num_gpus)
+        _resources(fit, "train").set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(num_gpus)
         fit.set_caching_options(enable_caching=True)
         if retries:
             fit.set_retry(num_retries=1, backoff_duration="60s")

@@ -17,14 +17,16 @@ def add_commands(commands) -> None:
         "serve", help="serve a model locally (transformer + predictor)",
         description="Start the predictor (ONNX Runtime) and the transformer (decode, gate, heatmap) as two "
                     "processes on 127.0.0.1: the transformer's REST API on PORT, its gRPC API on PORT+1, the "
-                    "predictor on free ports. Prints one line `READY {json}` when everything answers; Ctrl-C or "
-                    "SIGTERM drains and stops both, the transformer first. Defaults come from PNEUMOSCOPE_* "
-                    "environment variables.")
+                    "predictor on free ports, and the doctor's web app on PORT+2 (see `pneumoscope web`). Prints one "
+                    "line `READY {json}` when everything answers; Ctrl-C or SIGTERM drains and stops them all, the "
+                    "web app and the transformer first. Defaults come from PNEUMOSCOPE_* environment variables.")
     serve.add_argument("--model", required=True, help="models:/NAME/VERSION, models:/NAME@ALIAS (resolved once, at "
                                                       "start) or a bundle folder (with --sha256)")
     serve.add_argument("--sha256", help="expected bundle digest: required for a bundle folder (the registry's "
                                         "bundle_sha256 tag of its version); checked against the tag for models:/")
     serve.add_argument("--port", type=int, default=8080, help="transformer REST port; gRPC uses PORT+1 (default 8080)")
+    serve.add_argument("--web-port", type=int, help="web app port (default PORT+2)")
+    serve.add_argument("--no-web", action="store_true", help="do not start the web app")
     serve.add_argument("--precision", choices=["auto", "fp32", "int8"], help="engine graph (default: auto)")
     serve.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
     serve.add_argument("--engine-streams", type=int, help="parallel single-threaded engine runs under load "
@@ -50,6 +52,8 @@ def add_commands(commands) -> None:
     predict.add_argument("--url", default="http://127.0.0.1:8080",
                          help="server address: http://HOST:PORT for v1/v2, HOST:PORT (the gRPC port) for grpc")
     predict.add_argument("--protocol", choices=["v1", "v2", "grpc"], default="v2")
+    predict.add_argument("--host", help="Host header (gRPC: :authority) for an ingress that routes by host name, "
+                                        "e.g. pneumonia.NAMESPACE.example.com")
     predict.add_argument("--model-name", default="pneumonia")
     predict.add_argument("--heatmap", metavar="OUT_PNG", help="also fetch the heatmap and write it here")
     predict.add_argument("--json", action="store_true", help="print one JSON object")
@@ -92,7 +96,11 @@ def cmd_serve(args) -> int:
     _quiet_http_logs()
     if not 1 <= args.port <= 65534:
         raise CommandError(f"--port must be between 1 and 65534, not {args.port}")
-    stack = LocalStack(args.model, args.port, _settings(args), log_file=args.log_file, restart=True)
+    web_port = None if args.no_web else (args.web_port or args.port + 2)
+    if web_port is not None and not 1 <= web_port <= 65535:
+        raise CommandError(f"--web-port must be between 1 and 65535, not {web_port}")
+    stack = LocalStack(args.model, args.port, _settings(args), log_file=args.log_file, restart=True,
+                       web_port=web_port)
     stopping = threading.Event()
 
     def on_signal(signum, frame):
@@ -125,7 +133,7 @@ def cmd_predict(args) -> int:
         raise CommandError(f"image not found: {path}")
     try:
         result = predict(args.url, path.read_bytes(), args.protocol, args.model_name, bool(args.heatmap),
-                         args.timeout)
+                         args.timeout, host=args.host)
     except ClientError as exc:
         raise CommandError(str(exc)) from None
     png = result.pop("heatmap_png", None)

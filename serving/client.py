@@ -4,6 +4,9 @@ REST v2 uses the binary tensor extension (the file travels as raw bytes, not bas
 ``raw_input_contents`` (through tritonclient: importing kserve parses the importing program's argv).
 Every call returns the same dict: probability, label, threshold,
 model_name, model_version and, when asked, the heatmap PNG bytes.
+
+``host`` sets the HTTP ``Host`` header (gRPC: ``:authority``) for an ingress that routes by host name,
+as KServe's does: ``--url http://INGRESS --host pneumonia.NAMESPACE.example.com``.
 """
 
 from __future__ import annotations
@@ -23,32 +26,46 @@ def _bytes_tensor(items: list[bytes]) -> bytes:
     return b"".join(struct.pack("<I", len(item)) + item for item in items)
 
 
-def _http_error(response) -> ClientError:
+def _http_error(response, url: str, host: str | None = None) -> ClientError:
     try:
         message = response.json().get("error") or response.text
     except ValueError:
+        if response.status_code == 404:  # not the model server's JSON: the ingress knows no such host
+            return _not_routed("HTTP", url, host)
         message = response.text
     return ClientError(f"HTTP {response.status_code}: {str(message).strip()[:300]}")
 
 
-def predict_v1(url: str, data: bytes, model: str = "pneumonia", heatmap: bool = False, timeout: float = 60.0) -> dict:
+def _not_routed(protocol: str, url: str, host: str | None) -> ClientError:
+    what = f"host {host} is" if host else "this address is"
+    return ClientError(f"{protocol} 404 from {url}: {what} not routed there (check --host and the ingress rules)")
+
+
+def _headers(host: str | None) -> dict:
+    return {"host": host} if host else {}
+
+
+def predict_v1(url: str, data: bytes, model: str = "pneumonia", heatmap: bool = False, timeout: float = 60.0,
+               host: str | None = None) -> dict:
     import httpx
 
     verb = "explain" if heatmap else "predict"
     body = {"instances": [{"image": {"b64": base64.b64encode(data).decode("ascii")}}]}
     try:
-        response = httpx.post(f"{url.rstrip('/')}/v1/models/{model}:{verb}", json=body, timeout=timeout)
+        response = httpx.post(f"{url.rstrip('/')}/v1/models/{model}:{verb}", json=body, timeout=timeout,
+                              headers=_headers(host))
     except httpx.HTTPError as exc:
         raise ClientError(f"cannot reach {url}: {exc}") from None
     if response.status_code != 200:
-        raise _http_error(response)
+        raise _http_error(response, url, host)
     result = dict(response.json()["predictions"][0])
     if "heatmap_png" in result:
         result["heatmap_png"] = base64.b64decode(result["heatmap_png"])
     return result
 
 
-def predict_v2(url: str, data: bytes, model: str = "pneumonia", heatmap: bool = False, timeout: float = 60.0) -> dict:
+def predict_v2(url: str, data: bytes, model: str = "pneumonia", heatmap: bool = False, timeout: float = 60.0,
+               host: str | None = None) -> dict:
     import httpx
 
     raw = _bytes_tensor([data])
@@ -59,11 +76,11 @@ def predict_v2(url: str, data: bytes, model: str = "pneumonia", heatmap: bool = 
     try:
         response = httpx.post(f"{url.rstrip('/')}/v2/models/{model}/infer", content=head + raw, timeout=timeout,
                               headers={"content-type": "application/octet-stream",
-                                       "inference-header-content-length": str(len(head))})
+                                       "inference-header-content-length": str(len(head)), **_headers(host)})
     except httpx.HTTPError as exc:
         raise ClientError(f"cannot reach {url}: {exc}") from None
     if response.status_code != 200:
-        raise _http_error(response)
+        raise _http_error(response, url, host)
     reply = response.json()
     outputs = {o["name"]: o["data"] for o in reply["outputs"]}
     return _result(reply.get("model_name", model), reply.get("model_version"), outputs["probability"][0],
@@ -72,18 +89,23 @@ def predict_v2(url: str, data: bytes, model: str = "pneumonia", heatmap: bool = 
 
 
 def predict_grpc(target: str, data: bytes, model: str = "pneumonia", heatmap: bool = False,
-                 timeout: float = 60.0) -> dict:
+                 timeout: float = 60.0, host: str | None = None) -> dict:
     """gRPC v2 through NVIDIA's tritonclient (kserve's client would parse this program's argv on import)."""
-    import tritonclient.grpc as triton
-    from tritonclient.utils import InferenceServerException
+    try:
+        import tritonclient.grpc as triton
+        from tritonclient.utils import InferenceServerException
+    except ImportError:  # not in the serve extra: the servers never need it
+        raise ClientError("--protocol grpc needs tritonclient: pip install 'tritonclient[grpc]==2.73.0'") from None
 
     target = target.split("://", 1)[-1].rstrip("/")
     tensor = triton.InferInput("image", [1], "BYTES")
     tensor.set_data_from_numpy(np.array([data], dtype=np.object_))
     try:
-        client = triton.InferenceServerClient(target)
+        client = triton.InferenceServerClient(target, channel_args=[("grpc.default_authority", host)] if host else None)
         reply = client.infer(model, [tensor], parameters={"heatmap": bool(heatmap)}, client_timeout=timeout)
     except InferenceServerException as exc:
+        if "status: 404" in str(exc.message()):  # an HTTP/2 proxy in front answered 404 for the authority
+            raise _not_routed("gRPC", target, host) from None
         raise ClientError(f"gRPC {exc.status() or ''} {exc.message()}".strip()) from None
     response = reply.get_response()
     png = reply.as_numpy("heatmap_png")
@@ -104,7 +126,7 @@ PROTOCOLS = {"v1": predict_v1, "v2": predict_v2, "grpc": predict_grpc}
 
 
 def predict(url: str, data: bytes, protocol: str = "v2", model: str = "pneumonia", heatmap: bool = False,
-            timeout: float = 60.0) -> dict:
+            timeout: float = 60.0, host: str | None = None) -> dict:
     if protocol not in PROTOCOLS:
         raise ClientError(f"unknown protocol {protocol!r} (v1, v2 or grpc)")
-    return PROTOCOLS[protocol](url, data, model=model, heatmap=heatmap, timeout=timeout)
+    return PROTOCOLS[protocol](url, data, model=model, heatmap=heatmap, timeout=timeout, host=host)

@@ -55,6 +55,10 @@ class PredictorClient:
         if protocol not in ("grpc-v2", "v2"):
             raise ValueError(f"predictor protocol must be grpc-v2 or v2, not {protocol!r}")
         self.host = host.removeprefix("http://").removeprefix("grpc://").rstrip("/")
+        if ":" not in self.host.rpartition("]")[2]:
+            # KServe passes --predictor_host NAME-predictor.NAMESPACE: the Service's port 80 (gRPC would
+            # otherwise dial 443), as kserve's own InferenceGRPCClient assumes.
+            self.host += ":80"
         self.protocol = protocol
         self.model_name = model_name
         self.timeout_s = timeout_s

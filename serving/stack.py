@@ -2,11 +2,12 @@
 
 ``pneumoscope serve`` runs it in the foreground; tests and benchmarks use :class:`LocalStack` directly.
 The transformer listens on ``port`` (REST) and ``port + 1`` (gRPC); the predictor on free ports.
+With ``web_port`` the doctor's web app (``python -m webapp``) runs beside them, calling the transformer.
 A ``models:/NAME@ALIAS`` URI is resolved to a version once, here, and the predictor loads that
 pinned version (the transformer holds no version). Like a kubelet, the stack restarts a process that
-dies (with a short back-off). Stopping drains the transformer first (SIGTERM, then it finishes what it
-holds), then the predictor, so that nothing in flight loses its predictor; SIGKILL only after the
-drain time.
+dies (with a short back-off). Stopping drains the web app and the transformer first (SIGTERM, then each
+finishes what it holds), then the predictor, so that nothing in flight loses its predictor; SIGKILL only
+after the drain time.
 
 No kserve import here: a test process may also want tritonclient, whose protobuf package clashes
 with kserve's in one interpreter.
@@ -105,6 +106,7 @@ def _die_with_parent() -> None:
 class _Child:
     role: str
     argv: list[str]
+    env: dict = field(default_factory=dict)
     process: subprocess.Popen | None = None
     restarts: int = 0
     started: float = 0.0
@@ -119,6 +121,7 @@ class LocalStack:
     log_file: str | Path | None = None  # children's output; default: this process's stderr
     restart: bool = True
     extra_env: dict = field(default_factory=dict)
+    web_port: int | None = None  # also run the web app here (None: no web app)
 
     def __post_init__(self):
         self.predictor_protocol = self.predictor_protocol or self.settings.predictor_protocol
@@ -137,11 +140,15 @@ class LocalStack:
             if not port_free(port):
                 raise StackError(f"port {port} on {LOOPBACK} is in use (the transformer needs {self.port} for REST "
                                  f"and {self.port + 1} for gRPC); choose another --port")
+        if self.web_port is not None and (self.web_port in (self.port, self.port + 1) or not port_free(self.web_port)):
+            raise StackError(f"port {self.web_port} on {LOOPBACK} is in use (the web app needs it); choose another "
+                             f"--web-port")
         pinned, name_in_registry, version = resolve_model(self.model_uri, self.settings.mlflow_tracking_uri,
                                                           self.settings.model_sha256)
         name = self.settings.model_name
-        p_http = free_port({self.port, self.port + 1})
-        p_grpc = free_port({self.port, self.port + 1, p_http})
+        taken = {self.port, self.port + 1, self.web_port}
+        p_http = free_port(taken)
+        p_grpc = free_port(taken | {p_http})
         self._workdir = tempfile.mkdtemp(prefix="pneumoscope-stack-")
         self._log = open(self.log_file, "ab", buffering=0) if self.log_file else None
         s = self.settings
@@ -161,12 +168,19 @@ class LocalStack:
                        "--predictor_host", target, "--predictor_protocol", self.predictor_protocol,
                        "--max_payload_bytes", str(s.max_payload_bytes), "--max_image_pixels", str(s.max_image_pixels)]
         self.children = {"predictor": _Child("predictor", predictor), "transformer": _Child("transformer", transformer)}
+        if self.web_port is not None:
+            self.children["web"] = _Child("web", [sys.executable, "-m", "webapp", "--host", LOOPBACK, "--port",
+                                                  str(self.web_port)],
+                                          env={"PNEUMOSCOPE_INFERENCE_URL": f"http://{LOOPBACK}:{self.port}"})
         try:
             self._spawn(self.children["predictor"])
             self._wait_ready(self.children["predictor"], f"http://{LOOPBACK}:{p_http}/v2/models/{name}/ready", timeout)
             self._spawn(self.children["transformer"])
             self._wait_ready(self.children["transformer"], f"http://{LOOPBACK}:{self.port}/v2/models/{name}/ready",
                              timeout, grpc_port=self.port + 1)
+            if self.web_port is not None:
+                self._spawn(self.children["web"])
+                self._wait_ready(self.children["web"], f"http://{LOOPBACK}:{self.web_port}/readyz", timeout)
         except BaseException:
             self.stop()
             raise
@@ -175,6 +189,8 @@ class LocalStack:
                      "requested_uri": self.model_uri, "predictor_rest": f"http://{LOOPBACK}:{p_http}",
                      "predictor_grpc": f"{LOOPBACK}:{p_grpc}", "predictor_protocol": self.predictor_protocol,
                      "precision": s.precision, "pids": self.pids()}
+        if self.web_port is not None:
+            self.info["web"] = f"http://{LOOPBACK}:{self.web_port}"
         if name_in_registry and name_in_registry != name and self.model_uri.startswith("models:/"):
             self.info["registered_name"] = name_in_registry
         if supervise_in_background and self.restart:
@@ -197,7 +213,7 @@ class LocalStack:
         return env
 
     def _spawn(self, child: _Child) -> None:
-        env = self._env()
+        env = {**self._env(), **child.env}
         cache = Path(self._workdir) / child.role
         cache.mkdir(parents=True, exist_ok=True)
         env["PNEUMOSCOPE_MODEL_CACHE"] = str(cache)
@@ -262,11 +278,11 @@ class LocalStack:
             return process.pid
 
     def stop(self, grace_s: float | None = None) -> None:
-        """SIGTERM the transformer and wait for it to drain and exit, then the same for the predictor."""
+        """SIGTERM the web app, then the transformer, then the predictor, each drained and gone before the next."""
         self._stopping.set()
         grace_s = self.settings.drain_timeout_s + 10.0 if grace_s is None else grace_s
         with self._lock:
-            for role in ("transformer", "predictor"):
+            for role in ("web", "transformer", "predictor"):
                 child = self.children.get(role)
                 process = child.process if child else None
                 if process is None or process.poll() is not None:

@@ -9,6 +9,8 @@ Requests (model name ``pneumonia``):
   one encoded file per element (raw bytes, or base64 text in JSON). Outputs ``probability`` FP32 [N],
   ``label`` BYTES [N], ``threshold`` FP32 [N]; with the request parameter ``heatmap: true`` also
   ``heatmap_png`` BYTES [N] (base64 text of a PNG) and ``cam`` FP32 [N,h,w] (ReLU'd, scaled to [0, 1]).
+  ``quality_flags`` BYTES [N]: per image a JSON list, e.g. ``["blurred", "text_overlay"]`` (v1: a list per
+  prediction) from :mod:`model.quality`; reported beside the answer, never part of it.
 
 The transformer is version-agnostic: it runs stage 1 of ``model.preprocessing`` (decode to bounded
 grayscale, with bounded cost) and the X-ray gate of :mod:`serving.inputs`, sends the pixels of all
@@ -21,16 +23,18 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import logging
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from kserve import Model
 from kserve.protocol.infer_type import InferInput, InferRequest, InferResponse, to_http_parameters
 
 from model.preprocessing import declared_pixels
+from model.quality import quality_flags
 from serving import heatmap as heatmaps
 from serving.inputs import PreparedImage, decode_upload, element_bytes, reject
 from serving.predictor_client import Answer, PredictorClient
@@ -40,7 +44,7 @@ from serving.settings import ServingSettings
 log = logging.getLogger(__name__)
 
 INPUT = "image"
-OUTPUTS = ("probability", "label", "threshold", "heatmap_png", "cam")
+OUTPUTS = ("probability", "label", "threshold", "heatmap_png", "cam", "quality_flags")
 _RAW_IMAGE_TYPES = ("image/", "application/dicom")
 
 
@@ -50,6 +54,7 @@ class Prepared:
     images: list[PreparedImage]
     heatmap: bool
     request: InferRequest | None = None
+    quality: list[list[str]] = field(default_factory=list)  # flags per image; they never change the decision
 
 
 @dataclass
@@ -122,7 +127,8 @@ class PneumoniaTransformer(Model):
                 {"name": "label", "datatype": "BYTES", "shape": [-1]},
                 {"name": "threshold", "datatype": "FP32", "shape": [-1]},
                 {"name": "heatmap_png", "datatype": "BYTES", "shape": [-1]},
-                {"name": "cam", "datatype": "FP32", "shape": [-1, -1, -1]}]
+                {"name": "cam", "datatype": "FP32", "shape": [-1, -1, -1]},
+                {"name": "quality_flags", "datatype": "BYTES", "shape": [-1]}]
 
     # -- request checks before kserve copies a gRPC request ----------------------------------------
     def precheck_grpc(self, request) -> None:
@@ -161,9 +167,14 @@ class PneumoniaTransformer(Model):
             raise reject("too_large", f"the request's images hold {total} pixels together; at most "
                                       f"{self.settings.max_request_pixels} are accepted")
         names = [f"image {i}" for i in range(len(encoded))] if len(encoded) > 1 else ["the image"]
-        images = await asyncio.gather(*(loop.run_in_executor(self.decoders, decode_upload, data, self.settings, where)
-                                        for data, where in zip(encoded, names)))
-        return Prepared(protocol, list(images), heatmap, request)
+        assessed = await asyncio.gather(*(loop.run_in_executor(self.decoders, self._decode_and_assess, data, where)
+                                          for data, where in zip(encoded, names)))
+        return Prepared(protocol, [image for image, _ in assessed], heatmap, request, [flags for _, flags in assessed])
+
+    def _decode_and_assess(self, data: bytes, where: str) -> tuple[PreparedImage, list[str]]:
+        """Stage 1 and the gate, then the quality flags, measured on the same decoded gray pixels (version-free)."""
+        image = decode_upload(data, self.settings, where)
+        return image, quality_flags(image.pixels)
 
     def _check_count(self, n: int) -> None:
         if n < 1:
@@ -247,7 +258,8 @@ class PneumoniaTransformer(Model):
             predictions = []
             for i, (p, label, threshold) in enumerate(zip(answer.probability, answer.label, answer.threshold)):
                 item = {"probability": float(p), "label": label, "threshold": float(threshold),
-                        "model_name": self.name, "model_version": answer.model_version}
+                        "model_name": self.name, "model_version": answer.model_version,
+                        "quality_flags": prepared.quality[i]}
                 if pngs is not None:
                     item["heatmap_png"] = pngs[i]
                 predictions.append(item)
@@ -258,6 +270,8 @@ class PneumoniaTransformer(Model):
         if pngs is not None:
             outputs.append(tensor_output("heatmap_png", "BYTES", np.array(pngs, dtype=np.object_)))
             outputs.append(tensor_output("cam", "FP32", cams))
+        outputs.append(tensor_output("quality_flags", "BYTES",
+                                     np.array([json.dumps(f) for f in prepared.quality], dtype=np.object_)))
         request = prepared.request
         return InferResponse(response_id=request.id or str(uuid.uuid4()), model_name=self.name,
                              model_version=answer.model_version, infer_outputs=outputs,

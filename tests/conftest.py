@@ -46,3 +46,36 @@ def make_kaggle_subset(dest: Path, per_class: int = 20, source: Path | None = No
             for f in files:
                 shutil.copy(f, target / f.name)
     return dest
+
+
+# The web app's session-wide services (PostgreSQL, moto, the serving stack) live in a plugin module.
+pytest_plugins = ["webapp_fixtures"]
+# Session fixtures of the method-claims tests (a tiny trained + evaluated model), shared across modules.
+from claims_fixtures import tiny_model  # noqa: E402,F401
+
+
+@pytest.fixture(scope="session")
+def pipeline_first_run(tmp_path_factory) -> dict:
+    """The training pipeline run once on kfp.local (smoke profile, 40 real X-rays per class) into a fresh
+    SQLite MLflow store: what ``make demo`` produces, at test scale. Shared by the pipeline test (which
+    then runs it a second time) and the end-to-end serving test (which serves the version it registered)."""
+    import json
+    import subprocess
+    import sys
+
+    data = require_shared("chest_xray_224")
+    root = tmp_path_factory.mktemp("pipeline")
+    home, uri = root / "home", f"sqlite:///{root / 'mlflow' / 'mlflow.db'}"
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env.update(PNEUMOSCOPE_HOME=str(home), NO_ALBUMENTATIONS_UPDATE="1")
+    result = subprocess.run([str(Path(sys.executable).parent / "pneumoscope"), "pipeline", "run", "--local",
+                             "--data", str(data), *PIPELINE_SMOKE, "--mlflow-uri", uri],
+                            capture_output=True, text=True, env=env, timeout=1500)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1, "stdout holds only the result; the steps' logs go to stderr"
+    return {"result": json.loads(lines[0]), "home": home, "tracking_uri": uri, "data": data}
+
+
+# int8 quantisation (~10 s a run here) is left to model's tests; the pipeline exposes it as a parameter.
+PIPELINE_SMOKE = ["--profile", "smoke", "--limit-per-class", "40", "--n-bootstrap", "200", "--no-int8"]

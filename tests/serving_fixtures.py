@@ -165,3 +165,54 @@ def stop_server(process) -> int:
             process.kill()
             process.wait()
     return process.returncode
+def dicom_from_image(data: bytes) -> bytes:
+    """An encoded image's own gray pixels as an 8-bit MONOCHROME2 DICOM. The window 128/256 is the identity
+    for 8-bit data (PS3.3 C.11.2.1.2.1), so the file shows exactly the image's pixels."""
+    import io
+
+    from PIL import Image
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    pixels = np.asarray(Image.open(io.BytesIO(data)).convert("L"))
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds = FileDataset("xray.dcm", {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.Modality, ds.PhotometricInterpretation, ds.SamplesPerPixel = "DX", "MONOCHROME2", 1
+    ds.Rows, ds.Columns = pixels.shape
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.WindowCenter, ds.WindowWidth = 128, 256
+    ds.PixelData = pixels.tobytes()
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def serve_until_ready(args: list[str], env: dict, cwd: Path, log: Path, timeout: float = 300.0):
+    """Start ``pneumoscope serve ARGS --log-file LOG`` as a real process and wait for its ``READY {json}`` line.
+
+    Returns (process, info); fails the test with the stack's stderr and log when no READY line comes.
+    """
+    import json
+    import queue
+    import subprocess
+    import sys
+    import threading
+
+    import pytest
+
+    process = subprocess.Popen([sys.executable, "-m", "model.cli", "serve", *args, "--log-file", str(log)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()
+    try:
+        line = lines.get(timeout=timeout)
+    except queue.Empty:
+        line = ""
+    if not line.startswith("READY "):
+        process.kill()
+        tail = log.read_text()[-3000:] if log.exists() else ""
+        pytest.fail(f"no READY line (got {line!r}); stderr: {process.stderr.read()[-2000:]}\nlog: {tail}")
+    return process, json.loads(line[len("READY "):])

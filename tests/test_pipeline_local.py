@@ -7,13 +7,11 @@ import json
 
 import pytest
 
+from conftest import PIPELINE_SMOKE as SMOKE
 from model.cli import main
 from tests.test_pipeline_fixtures import shared_xrays
 
 pytestmark = pytest.mark.integration
-
-# int8 quantisation (~10 s a run here) is left to model's tests; the pipeline exposes it as a parameter.
-SMOKE = ["--profile", "smoke", "--limit-per-class", "40", "--n-bootstrap", "200", "--no-int8"]
 
 
 def run_pipeline(capsys, *extra: str) -> dict:
@@ -29,15 +27,15 @@ def step_outputs(pipeline_root, run_name: str, step: str) -> dict:
     return json.loads((pipeline_root / run_name / step / "executor_output.json").read_text())
 
 
-def test_two_local_runs_register_versions_with_metrics_params_tags_and_aliases(tmp_path, monkeypatch, capsys):
+def test_two_local_runs_register_versions_with_metrics_params_tags_and_aliases(pipeline_first_run, monkeypatch,
+                                                                                capsys):
     from mlflow import MlflowClient
 
-    home = tmp_path / "home"
+    home, uri = pipeline_first_run["home"], pipeline_first_run["tracking_uri"]
     monkeypatch.setenv("PNEUMOSCOPE_HOME", str(home))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    uri = f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
 
-    first = run_pipeline(capsys, "--mlflow-uri", uri)
+    first = pipeline_first_run["result"]  # the first run, shared with the end-to-end serving test
     assert first["model_uri"] == "models:/pneumonia/1" and first["version"] == "1"
     assert set(first["aliases"]) == {"challenger", "champion"}
     assert first["pipeline_root"] == str(home / "pipeline_root")
@@ -51,13 +49,18 @@ def test_two_local_runs_register_versions_with_metrics_params_tags_and_aliases(t
         assert metric in run.data.metrics, metric
     params = run.data.params
     assert params["profile"] == "smoke" and params["image_size"] == "64" and params["limit_per_class"] == "40"
-    assert params["data_uri"] == str(shared_xrays()) and params["int8"] == "False"
+    assert params["data_uri"] == str(shared_xrays().resolve()) and params["int8"] == "False"  # ../shared may be a link
     tags = run.data.tags
     assert len(tags["pneumoscope.manifest_sha256"]) == 64
     assert tags["pneumoscope.git_commit"] not in ("", "unknown")
     # kfp.local resolves dsl.PIPELINE_JOB_ID_PLACEHOLDER to a random 8-digit id (a UUID on a cluster)
     assert tags["pneumoscope.pipeline_run_id"] == first["pipeline_run_id"] and first["pipeline_run_id"].isdigit()
     assert params["kfp_run_name"] == first["pipeline_run_name"]
+    # the data-quality gate's counts and thumbnails reach the run
+    assert int(params["quality_text_overlay"]) >= 0 and float(params["quality_sharpness_cutoff"]) > 0
+    assert params["num_gpus"] == "1"
+    thumbnails = [a.path for a in client.list_artifacts(run.info.run_id, "data_quality")]
+    assert thumbnails and all(p.endswith(".png") for p in thumbnails)
 
     # what the KFP UI shows: metrics, ROC + confusion matrix, the HTML report
     evaluate = step_outputs(home / "pipeline_root", first["pipeline_run_name"], "evaluate")["artifacts"]

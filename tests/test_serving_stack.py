@@ -13,11 +13,9 @@ import base64
 import io
 import json
 import os
-import queue
 import signal
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -28,8 +26,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serving_fixtures import (XRAY_FULL, free_port_pair, register, require_data, shared_bundle, stop_server,
-                              xray_files)
+from serving_fixtures import (XRAY_FULL, dicom_from_image, free_port_pair, register, require_data,
+                              serve_until_ready, shared_bundle, stop_server, xray_files)
 
 pytestmark = pytest.mark.integration
 
@@ -64,20 +62,8 @@ def served(tmp_path_factory):
     env = dict(os.environ, MLFLOW_TRACKING_URI=tracking_uri, PNEUMOSCOPE_MAX_PAYLOAD_BYTES=str(MAX_PAYLOAD),
                PNEUMOSCOPE_MAX_BATCH_SIZE="8", PNEUMOSCOPE_THREADS="2", PNEUMOSCOPE_MAX_INFLIGHT="64",
                PYTHONUNBUFFERED="1")
-    process = subprocess.Popen([sys.executable, "-m", "model.cli", "serve", "--model", "models:/pneumonia@champion",
-                                "--port", str(port), "--log-file", str(log)], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, env=env, cwd=root)
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()
-    try:
-        line = lines.get(timeout=300)
-    except queue.Empty:
-        line = ""
-    if not line.startswith("READY "):
-        process.kill()
-        tail = log.read_text()[-3000:] if log.exists() else ""
-        pytest.fail(f"no READY line (got {line!r}); stderr: {process.stderr.read()[-2000:]}\nlog: {tail}")
-    served = Served(json.loads(line[len("READY "):]), process, log, tracking_uri, bundle, net)
+    process, info = serve_until_ready(["--model", "models:/pneumonia@champion", "--port", str(port)], env, root, log)
+    served = Served(info, process, log, tracking_uri, bundle, net)
     yield served
     stop_server(process)
 
@@ -145,7 +131,7 @@ def test_rest_v1_predict_and_explain(served, images):
     predictions = response.json()["predictions"]
     assert len(predictions) == 2
     for p in predictions:
-        assert set(p) == {"probability", "label", "threshold", "model_name", "model_version"}
+        assert set(p) == {"probability", "label", "threshold", "model_name", "model_version", "quality_flags"}
         assert 0 <= p["probability"] <= 1 and p["label"] in ("NORMAL", "PNEUMONIA") and p["model_version"] == "1"
         assert p["label"] == ("PNEUMONIA" if p["probability"] >= p["threshold"] else "NORMAL")
     explained = v1(served, images[-1], verb="explain").json()["predictions"][0]
@@ -169,29 +155,8 @@ def test_rest_v2_json_binary_and_heatmap(served, images):
     assert reply["model_name"] == "pneumonia" and reply["model_version"] == "1"
 
 
-def _dicom_from(data: bytes) -> bytes:
-    """A real X-ray wrapped as an 8-bit MONOCHROME2 DICOM file."""
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    pixels = np.asarray(Image.open(io.BytesIO(data)).convert("L"))
-    meta = FileMetaDataset()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds = FileDataset("xray.dcm", {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.Modality, ds.PhotometricInterpretation, ds.SamplesPerPixel = "CR", "MONOCHROME2", 1
-    ds.Rows, ds.Columns = pixels.shape
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-    ds.WindowCenter, ds.WindowWidth = 127.5, 256
-    ds.PixelData = pixels.tobytes()
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
-
-
 def test_dicom_and_raw_image_bodies(served, images):
-    dicom = _dicom_from(images[-1])
+    dicom = dicom_from_image(images[-1])
     as_json = v1(served, dicom)
     assert as_json.status_code == 200, as_json.text
     raw = httpx.post(f"{served.rest}/v1/models/pneumonia:predict", content=dicom, timeout=60,
@@ -219,6 +184,27 @@ def test_v2_metadata_describes_inputs_and_outputs(served):
     assert predictor["outputs"][-1]["shape"] == [-1, 4, 4]
 
 
+def test_quality_flags_are_reported_and_never_change_the_decision(served, images):
+    """A film blurred and one stamped with a marker on purpose: flagged in v1 and v2, and each label is still
+    exactly probability >= threshold."""
+    from PIL import Image
+
+    from tests.test_quality_gate import blurred, stamped
+
+    plain = images[-1]  # the full-resolution upload
+    width = Image.open(io.BytesIO(plain)).width
+    batch = [plain, blurred(plain, width / 60), stamped(plain, "R")]
+    predictions = v1(served, b"", instances=[{"image": {"b64": b64(x)}} for x in batch]).json()["predictions"]
+    flags = [p["quality_flags"] for p in predictions]
+    assert "blurred" not in flags[0] and "blurred" in flags[1] and "text_overlay" in flags[2], flags
+    for p in predictions:
+        assert p["label"] == ("PNEUMONIA" if p["probability"] >= p["threshold"] else "NORMAL")
+    v2 = outputs(v2_json(served, batch))
+    assert [json.loads(f) for f in v2["quality_flags"]["data"]] == flags
+    assert v2["quality_flags"]["datatype"] == "BYTES" and v2["quality_flags"]["shape"] == [3]
+    np.testing.assert_allclose(v2["probability"]["data"], [p["probability"] for p in predictions], atol=1e-6)
+
+
 def test_grpc_with_kserve_client(served, images):
     import asyncio
 
@@ -240,7 +226,8 @@ def test_grpc_with_kserve_client(served, images):
     probs = first.get_output_by_name("probability").as_numpy()
     rest = outputs(v2_json(served, images[:2]))["probability"]["data"]
     np.testing.assert_allclose(probs, rest, atol=1e-6)
-    assert [o.name for o in second.outputs] == ["probability", "label", "threshold", "heatmap_png", "cam"]
+    assert [o.name for o in second.outputs] == ["probability", "label", "threshold", "heatmap_png", "cam",
+                                                "quality_flags"]
     assert second.get_output_by_name("probability").as_numpy()[0] == pytest.approx(rest[0], abs=1e-6)
 
 

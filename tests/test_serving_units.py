@@ -319,7 +319,8 @@ def test_dynamic_batcher_delay_and_errors():
         first = asyncio.ensure_future(batcher.submit(np.ones((1, 1), np.float32)))
         await asyncio.sleep(0.01)  # arrives within the delay: shares the first engine call
         second = await batcher.submit(np.ones((2, 1), np.float32))
-        assert len(await first) == 1 and len(second[0]) == 2
+        (first_rows,), (second_rows,) = await first, second  # one output tensor each
+        assert len(first_rows) == 1 and len(second_rows) == 2  # each caller gets its own rows
         with pytest.raises(RuntimeError):
             await batcher.submit(-np.ones((1, 1), np.float32))
         ok = await batcher.submit(np.ones((1, 1), np.float32))  # the batcher survives a failed batch

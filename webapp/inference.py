@@ -1,0 +1,119 @@
+"""The transformer, seen from the app: Open Inference Protocol v2 over REST, and nothing else.
+
+One request per study: ``POST {url}/v2/models/{model}/infer`` with the file as a BYTES tensor (binary
+data extension, so a 30 MB upload does not grow by a third in base64) and ``parameters.heatmap``.
+Outcomes: a :class:`InferenceResult`; :class:`InferenceRejected` when the transformer refuses the image
+(400/413/415/422: the X-ray gate's message is for the doctor); :class:`InferenceUnavailable` for
+anything that may pass with time (5xx, timeouts, refused connections, 404/429 while a rollout settles).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import struct
+import time
+from dataclasses import dataclass, field
+
+import httpx
+
+#: Statuses meaning "this image will never be accepted": the study is rejected, not retried.
+REJECTING_STATUSES = {400, 413, 415, 422}
+
+
+class InferenceRejected(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class InferenceUnavailable(Exception):
+    """The transformer did not answer usefully; ``reason`` is a short metric label."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass
+class InferenceResult:
+    probability: float
+    label: str
+    threshold: float
+    model_name: str
+    model_version: str
+    heatmap_png: bytes | None
+    quality_flags: dict | list | None = None
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+class InferenceClient:
+    def __init__(self, url: str, model_name: str = "pneumonia", timeout_s: float = 30.0, host: str | None = None):
+        self.url = url.rstrip("/")
+        self.model_name = model_name
+        self.endpoint = f"{self.url}/v2/models/{model_name}/infer"
+        headers = {"host": host} if host else {}
+        self._client = httpx.AsyncClient(timeout=timeout_s, headers=headers,
+                                         limits=httpx.Limits(max_connections=32, max_keepalive_connections=16))
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def infer(self, data: bytes, timeout_s: float | None = None) -> InferenceResult:
+        raw = struct.pack("<I", len(data)) + data
+        header = json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
+                                         "parameters": {"binary_data_size": len(raw)}}],
+                             "parameters": {"heatmap": True}}).encode()
+        started = time.perf_counter()
+        try:
+            response = await self._client.post(
+                self.endpoint, content=header + raw,
+                timeout=timeout_s if timeout_s is not None else httpx.USE_CLIENT_DEFAULT,
+                headers={"content-type": "application/octet-stream",
+                         "inference-header-content-length": str(len(header))})
+        except httpx.TimeoutException:
+            raise InferenceUnavailable("timeout", "the inference service did not answer in time") from None
+        except httpx.HTTPError as exc:
+            raise InferenceUnavailable("unreachable", f"cannot reach the inference service: "
+                                                      f"{type(exc).__name__}") from None
+        seconds = time.perf_counter() - started
+        if response.status_code in REJECTING_STATUSES:
+            raise InferenceRejected(response.status_code, _error_message(response))
+        if response.status_code != 200:
+            raise InferenceUnavailable(f"http_{response.status_code}", f"the inference service answered "
+                                       f"{response.status_code}: {_error_message(response)}")
+        try:
+            return _parse(response.json(), seconds)
+        except (ValueError, KeyError, IndexError, TypeError) as exc:
+            raise InferenceUnavailable("bad_response", f"the inference service sent an unexpected answer: "
+                                                       f"{exc}") from None
+
+
+def _error_message(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+        message = body.get("error") or body.get("detail") or response.text
+    except ValueError:
+        message = response.text
+    return " ".join(str(message).split())[:500] or f"HTTP {response.status_code}"
+
+
+def _parse(reply: dict, seconds: float) -> InferenceResult:
+    outputs = {o["name"]: o.get("data") for o in reply["outputs"]}
+    heatmap = outputs.get("heatmap_png")
+    flags = outputs.get("quality_flags")
+    if isinstance(flags, list) and len(flags) == 1:
+        flags = flags[0]
+    if isinstance(flags, str):
+        try:
+            flags = json.loads(flags)
+        except ValueError:
+            flags = {"value": flags}
+    probability = float(outputs["probability"][0])
+    if not 0.0 <= probability <= 1.0:
+        raise ValueError(f"probability {probability} outside [0, 1]")
+    return InferenceResult(
+        probability=probability, label=str(outputs["label"][0]), threshold=float(outputs["threshold"][0]),
+        model_name=str(reply.get("model_name") or ""), model_version=str(reply.get("model_version") or ""),
+        heatmap_png=base64.b64decode(heatmap[0]) if heatmap else None, quality_flags=flags, seconds=seconds)

@@ -1,0 +1,224 @@
+"""The JSON API for studies (``/api/studies``): upload, list, read, image, heatmap, report, feedback.
+
+Sign in with ``Authorization: Bearer <token>`` (or the page's session cookie plus the ``X-CSRF-Token``
+header for writes). A study of another user answers 404, like one that does not exist.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import date
+from typing import Literal
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, Field
+from sqlalchemy.orm import Session
+from starlette.datastructures import UploadFile
+
+from webapp.dependencies import Principal, api_principal, ctx, db_session
+from webapp.errors import AppError, Conflict, NotFound
+from webapp.metrics import UPLOADS
+from webapp.models import FORMATS, Study
+from webapp.report import render_pdf
+from webapp.studies import StudyConflict, StudyFilter, StudyNotFound, clean_note, study_json
+from webapp.uploads import UploadRejected, check_upload
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/api/studies", tags=["studies"])
+
+#: Room for the multipart envelope and the note beside the file in the streamed body limit.
+FORM_OVERHEAD_BYTES = 64 * 1024
+
+
+class FeedbackIn(BaseModel):
+    verdict: Literal["confirmed", "corrected"] = Field(description="agree with the model, or correct it")
+    label: Literal["NORMAL", "PNEUMONIA"] | None = Field(None, description="the right label (needed to correct)")
+    note: str | None = Field(None, max_length=2000, description="replaces the study's note when given")
+
+
+class StudyPage(BaseModel):
+    items: list[dict]
+    page: int
+    per_page: int
+    total: int
+    pages: int
+
+
+# -- upload (shared with the HTML form) ------------------------------------------------------------
+
+def _too_large(limit: int) -> UploadRejected:
+    return UploadRejected("too_large", f"the file is larger than the limit of {limit / 1024 / 1024:.0f} MB", 413)
+
+
+async def read_upload_form(request: Request):
+    """Parse the multipart body, counting bytes as they arrive: an oversized upload is refused after at
+    most limit + envelope bytes, never read whole. Returns (file bytes, content type, file name, form)."""
+    try:
+        return await _read_upload_form(request)
+    except UploadRejected as exc:
+        UPLOADS.labels(exc.code).inc()
+        raise
+
+
+async def _read_upload_form(request: Request):
+    limit = ctx(request).settings.max_upload_bytes
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit + FORM_OVERHEAD_BYTES:
+        raise _too_large(limit)
+    received = 0
+
+    async def counting_receive():
+        nonlocal received
+        message = await request.receive()
+        if message["type"] == "http.request":
+            received += len(message.get("body", b""))
+            if received > limit + FORM_OVERHEAD_BYTES:
+                raise _too_large(limit)
+        return message
+
+    limited = Request(request.scope, counting_receive)
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise UploadRejected("invalid_request", "send the image as multipart/form-data with the field 'file'", 415)
+    form = await limited.form(max_files=1, max_fields=8)
+    upload = form.get("file")
+    if not isinstance(upload, UploadFile):
+        raise UploadRejected("invalid_request", "no file: send the image in the multipart field 'file'")
+    data = await upload.read()
+    await upload.close()
+    if len(data) > limit:
+        raise _too_large(limit)
+    return data, upload.content_type or "", upload.filename or "", form
+
+
+async def accept_upload(request: Request, principal: Principal, data: bytes, content_type: str, filename: str,
+                        note: str | None):
+    """Check, store, score inline (bounded wait). Returns the Scoring; raises for refused files."""
+    context = ctx(request)
+    try:
+        note = clean_note(note)
+        checked = await asyncio.to_thread(check_upload, data, content_type, filename,
+                                          context.settings.deidentify_dicom)
+    except UploadRejected as exc:
+        UPLOADS.labels(exc.code).inc()
+        raise
+    except ValueError as exc:
+        UPLOADS.labels("invalid_request").inc()
+        raise AppError(str(exc)) from None
+    service = context.service
+    study = await service.create(principal.user, checked, note)
+    scoring = await service.score(study.id, context.settings.inline_wait_s, discard_rejected=True,
+                                  data=checked.data)
+    if scoring.outcome == "rejected":
+        UPLOADS.labels("rejected_by_model").inc()
+        raise UploadRejected("rejected_by_model", f"the image was not accepted for analysis: {scoring.message}",
+                             422)
+    UPLOADS.labels(scoring.outcome).inc()
+    return scoring
+
+
+@router.post("", status_code=201, summary="upload an X-ray (multipart field 'file', optional 'note')",
+             responses={201: {"description": "stored and scored"},
+                        202: {"description": "stored; the inference service is busy or down, so it is pending"},
+                        413: {"description": "larger than the limit"}, 415: {"description": "not an image"},
+                        422: {"description": "unreadable, no pixel data, or refused by the X-ray gate"}})
+async def upload_study(request: Request, principal: Principal = Depends(api_principal)):
+    data, content_type, filename, form = await read_upload_form(request)
+    scoring = await accept_upload(request, principal, data, content_type, filename, form.get("note"))
+    status = 201 if scoring.outcome == "scored" else 202
+    return JSONResponse(study_json(scoring.study), status_code=status,
+                        headers={"location": f"/api/studies/{scoring.study.id}"})
+
+
+# -- read ------------------------------------------------------------------------------------------
+
+def owned_study(request: Request, principal: Principal, db: Session, study_id: int) -> Study:
+    try:
+        return ctx(request).service.get(db, principal.user, study_id)
+    except StudyNotFound:
+        raise NotFound(f"study {study_id} not found") from None
+
+
+@router.get("", response_model=StudyPage, summary="your studies, newest first (admins: everyone's)")
+def list_studies(request: Request, principal: Principal = Depends(api_principal), db: Session = Depends(db_session),
+                 status: Literal["pending", "done", "rejected"] | None = None,
+                 label: Literal["NORMAL", "PNEUMONIA"] | None = Query(None, description="the model's decision"),
+                 feedback: Literal["confirmed", "corrected", "none"] | None = None,
+                 date_from: date | None = Query(None, alias="from", description="uploaded on or after (UTC)"),
+                 date_to: date | None = Query(None, alias="to", description="uploaded on or before (UTC)"),
+                 q: str | None = Query(None, max_length=200, description="text in the note"),
+                 owner: str | None = Query(None, description="admins: one user's studies"),
+                 page: int = Query(1, ge=1), per_page: int = Query(20, ge=1, le=100)):
+    f = StudyFilter(status, label, feedback, date_from, date_to, q, owner, page, per_page)
+    rows, total = ctx(request).service.search(db, principal.user, f)
+    admin = principal.user.is_admin
+    return {"items": [study_json(s, s.owner.username if admin else None) for s in rows], "page": page,
+            "per_page": per_page, "total": total, "pages": (total + per_page - 1) // per_page}
+
+
+@router.get("/{study_id}", summary="one study with its result")
+def get_study(study_id: int, request: Request, principal: Principal = Depends(api_principal),
+              db: Session = Depends(db_session)):
+    study = owned_study(request, principal, db, study_id)
+    return study_json(study, study.owner.username if principal.user.is_admin else None)
+
+
+@router.get("/{study_id}/image", summary="the stored (de-identified) file, or with variant=display an image a "
+                                         "browser shows (a PNG rendering for DICOM)")
+def get_image(study_id: int, request: Request, variant: Literal["original", "display"] = "original",
+              principal: Principal = Depends(api_principal), db: Session = Depends(db_session)):
+    study = owned_study(request, principal, db, study_id)
+    store = ctx(request).store
+    if variant == "display" and study.has_preview:
+        return Response(store.get(study.preview_key()), media_type="image/png")
+    return Response(store.get(study.image_key()), media_type=FORMATS[study.image_format][1],
+                    headers={"content-disposition": f'inline; filename="study-{study.id}.'
+                                                    f'{FORMATS[study.image_format][0]}"'})
+
+
+@router.get("/{study_id}/heatmap", summary="the heatmap over the X-ray (PNG)",
+            responses={409: {"description": "no result yet"}})
+def get_heatmap(study_id: int, request: Request, principal: Principal = Depends(api_principal),
+                db: Session = Depends(db_session)):
+    study = owned_study(request, principal, db, study_id)
+    if not study.has_heatmap:
+        raise Conflict(f"study {study_id} has no heatmap (status: {study.status})")
+    return Response(ctx(request).store.get(study.heatmap_key()), media_type="image/png")
+
+
+@router.get("/{study_id}/report", summary="the printable report (PDF)")
+def get_report(study_id: int, request: Request, principal: Principal = Depends(api_principal),
+               db: Session = Depends(db_session)):
+    study = owned_study(request, principal, db, study_id)
+    store = ctx(request).store
+    image = store.get(study.preview_key() if study.has_preview else study.image_key())
+    heatmap = store.get(study.heatmap_key()) if study.has_heatmap else None
+    pdf = render_pdf(study, image, heatmap)
+    return Response(pdf, media_type="application/pdf",
+                    headers={"content-disposition": f'inline; filename="pneumoscope-study-{study.id}.pdf"'})
+
+
+@router.post("/{study_id}/feedback", summary="confirm or correct the finding, with an optional note")
+def post_feedback(study_id: int, body: FeedbackIn, request: Request, principal: Principal = Depends(api_principal),
+                  db: Session = Depends(db_session)):
+    study = give_feedback(request, principal, db, study_id, body.verdict, body.label, body.note)
+    return study_json(study)
+
+
+def give_feedback(request: Request, principal: Principal, db: Session, study_id: int, verdict: str,
+                  label: str | None, note: str | None) -> Study:
+    try:
+        study = ctx(request).service.give_feedback(db, principal.user, study_id, verdict, label, note)
+    except StudyNotFound:
+        raise NotFound(f"study {study_id} not found") from None
+    except StudyConflict as exc:
+        raise Conflict(str(exc)) from None
+    except ValueError as exc:
+        raise AppError(str(exc), code="invalid_feedback") from None
+    db.commit()
+    return study
+
+
+__all__ = ["router", "read_upload_form", "accept_upload", "owned_study", "give_feedback"]

@@ -1,0 +1,136 @@
+"""What an upload must be before anything is stored: a JPEG, PNG or DICOM radiograph, de-identified.
+
+DICOM files lose the identifying attributes of the DICOM PS3.15 basic application level
+confidentiality profile (Kitware's ``dicom-anonymizer``, which encodes the standard's table E.1-1:
+names, ids, birth date, addresses, institution, accession number, dates, UIDs replaced, private tags
+removed, ...) unless the admin setting ``deidentify_dicom`` is off. Browsers cannot show DICOM, so a
+PNG rendering (``model.dicom``, the decoder training uses) is stored beside it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import threading
+from dataclasses import dataclass
+
+JPEG_MAGIC = b"\xff\xd8\xff"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+#: The DICOM standard whose table drives the de-identification (dicom-anonymizer's newest).
+DEID_STANDARD = "dicomfields_2026c"
+#: Longest side of the PNG rendering of a DICOM file shown in the browser.
+PREVIEW_MAX_SIDE = 2048
+
+_deid_lock = threading.Lock()  # dicom-anonymizer keeps a module-level UID map
+
+
+class UploadRejected(ValueError):
+    """An upload we refuse before storing it: ``code`` is a metric label, ``status`` the HTTP status."""
+
+    def __init__(self, code: str, message: str, status: int = 400):
+        super().__init__(message)
+        self.code = code
+        self.status = status
+
+
+@dataclass
+class CheckedUpload:
+    data: bytes  # what is stored and scored (de-identified for DICOM)
+    image_format: str  # jpeg | png | dicom
+    sha256: str
+    preview_png: bytes | None = None
+    deidentified: bool = False
+
+
+def sniff(data: bytes, content_type: str = "", filename: str = "") -> str:
+    if not data:
+        raise UploadRejected("empty", "the file is empty")
+    if data.startswith(JPEG_MAGIC):
+        return "jpeg"
+    if data.startswith(PNG_MAGIC):
+        return "png"
+    if data[128:132] == b"DICM" or content_type == "application/dicom" or filename.lower().endswith((".dcm",
+                                                                                                      ".dicom")):
+        return "dicom"
+    raise UploadRejected("not_an_image", "the file is not a JPEG, PNG or DICOM image", 415)
+
+
+def check_upload(data: bytes, content_type: str = "", filename: str = "", deidentify: bool = True) -> CheckedUpload:
+    image_format = sniff(data, content_type, filename)
+    if image_format == "dicom":
+        return _check_dicom(data, deidentify)
+    _check_raster(data, image_format)
+    return CheckedUpload(data, image_format, hashlib.sha256(data).hexdigest())
+
+
+def _check_raster(data: bytes, image_format: str) -> None:
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            if image_format == "png":
+                image.verify()  # CRCs of every chunk
+    except Exception:  # Pillow raises many types for broken files
+        raise UploadRejected("unreadable", f"the file starts like a {image_format.upper()} but cannot be read "
+                                           "(truncated or corrupt)", 422) from None
+    if min(width, height) < 1:
+        raise UploadRejected("unreadable", "the image has no pixels", 422)
+
+
+def _check_dicom(data: bytes, deidentify: bool) -> CheckedUpload:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        dataset = pydicom.dcmread(io.BytesIO(data), force=data[128:132] != b"DICM")
+    except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError):
+        raise UploadRejected("unreadable", "the DICOM file cannot be read (truncated or corrupt)", 422) from None
+    if "PixelData" not in dataset:
+        raise UploadRejected("no_pixel_data", "the DICOM file has no pixel data (no image to score)", 422)
+    if deidentify:
+        data = deidentify_dicom(dataset)
+    preview = _dicom_preview(data)
+    return CheckedUpload(data, "dicom", hashlib.sha256(data).hexdigest(), preview, deidentify)
+
+
+def deidentify_dicom(dataset) -> bytes:
+    """Apply the PS3.15 basic profile to ``dataset`` and return the written file."""
+    from dicomanonymizer import simpledicomanonymizer as deid
+
+    with _deid_lock:
+        try:
+            deid.anonymize_dataset(dataset, delete_private_tags=True,
+                                   base_rules_gen=lambda: deid.initialize_actions(DEID_STANDARD))
+        except Exception:  # a malformed element the profile trips over
+            raise UploadRejected("unreadable", "the DICOM file has malformed attributes and cannot be "
+                                               "de-identified", 422) from None
+        finally:
+            deid.dictionary.clear()  # the old -> new UID map must not outlive this file
+    dataset.PatientIdentityRemoved = "YES"
+    dataset.DeidentificationMethod = "DICOM PS3.15 basic application level confidentiality profile"
+    if getattr(dataset, "file_meta", None) is not None and "SOPInstanceUID" in dataset:
+        dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
+    out = io.BytesIO()
+    try:
+        dataset.save_as(out, enforce_file_format=False)
+    except Exception:
+        raise UploadRejected("unreadable", "the de-identified DICOM file cannot be written", 422) from None
+    return out.getvalue()
+
+
+def _dicom_preview(data: bytes) -> bytes:
+    from PIL import Image
+
+    from model.dicom import decode_dicom
+    from model.preprocessing import InvalidImageError
+
+    try:
+        gray = decode_dicom(data)
+    except InvalidImageError as exc:
+        raise UploadRejected(exc.reason, str(exc), 422) from None
+    image = Image.fromarray(gray)
+    image.thumbnail((PREVIEW_MAX_SIDE, PREVIEW_MAX_SIDE))
+    out = io.BytesIO()
+    image.save(out, format="PNG", compress_level=3)
+    return out.getvalue()
