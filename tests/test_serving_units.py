@@ -147,10 +147,13 @@ def test_gate_accepts_every_real_xray():
     assert settings.min_mean_intensity + 20 < min(means) and max(means) < settings.max_mean_intensity - 10
 
 
-def test_served_pixels_equal_the_training_cache(tmp_path, shared_full):
+@pytest.mark.parametrize("resize_mode, field_mask", [("squash", "none"), ("pad", "ellipse")])
+def test_served_pixels_equal_the_training_cache(tmp_path, shared_full, resize_mode, field_mask):
     """The split path -- transformer stage 1, the v2 transport (gRPC and REST encodings), predictor stage 2 --
-    gives bit-identical model inputs to what `data prepare` cached and training normalised."""
+    gives bit-identical model inputs to what `data prepare` cached and training normalised, also for a
+    version trained with `--resize pad` and `--field-mask ellipse` (both are the version's, so stage 2)."""
     import shutil
+    from dataclasses import replace
 
     from kserve.protocol.infer_type import InferRequest
 
@@ -168,11 +171,14 @@ def test_served_pixels_equal_the_training_cache(tmp_path, shared_full):
         (root / cls).mkdir(parents=True)
         for f in sorted((shared_full / "train" / cls).iterdir())[20:26]:
             shutil.copy(f, root / cls / f.name)
-    prepare(str(tmp_path / "data"), tmp_path / "cache", 96, SplitFractions(0.25, 0.0, 0), workers=1)
+    prepare(str(tmp_path / "data"), tmp_path / "cache", 96, SplitFractions(0.25, 0.0, 0), workers=1,
+            resize_mode=resize_mode)
     cache = CachedData.load(tmp_path / "cache")
+    config = replace(cache.config, field_mask=field_mask)  # as `train --field-mask` stores it in the bundle
+    assert config.resize_mode == resize_mode
     settings = ServingSettings()
     predictor = PneumoniaPredictor("pneumonia", "unused", settings)
-    predictor.config, predictor.model_version = cache.config, "7"
+    predictor.config, predictor.model_version = config, "7"
     rows = list(cache.manifest)
     uploads = [decode_upload((tmp_path / "data" / row["file"]).read_bytes(), settings).pixels for row in rows]
     request = PredictorClient("127.0.0.1:1", "grpc-v2", "pneumonia")._request(uploads, "r1")
@@ -180,7 +186,7 @@ def test_served_pixels_equal_the_training_cache(tmp_path, shared_full):
     rest = PredictorClient("127.0.0.1:1", "v2", "pneumonia")._request(uploads, "r2")
     body, length = rest.to_rest()
     over_rest = parse_binary_request(body, str(length), "pneumonia")
-    expected = np.stack([EvalTransform(cache.config)(cache.images[row["index"]]) for row in rows])
+    expected = np.stack([EvalTransform(config)(cache.images[row["index"]]) for row in rows])
     for received in (over_grpc, over_rest):
         predictor._check_preprocessing(received)  # names PREPROCESSING_VERSION, as the cache does
         served = predictor.model_input(predictor._images(received))
