@@ -50,6 +50,17 @@ class Answer:
     model_version: str
 
 
+def parse_rest_response(content: bytes, header_length: str | None) -> InferResponse:
+    """A v2 REST response (JSON, or JSON + binary outputs). kserve's ``InferResponse.from_bytes`` drops
+    ``model_version``, which names the version that computed the answer: it is read from the JSON here."""
+    length = int(header_length) if header_length is not None else len(content)
+    response = InferResponse.from_bytes(content, length)
+    if response.model_version is None:
+        version = json.loads(content[:length]).get("model_version")
+        response.model_version = None if version is None else str(version)
+    return response
+
+
 class PredictorClient:
     def __init__(self, host: str, protocol: str, model_name: str, timeout_s: float = 30.0, max_images: int = 32):
         if protocol not in ("grpc-v2", "v2"):
@@ -187,8 +198,7 @@ class PredictorClient:
         if len(reply.content) > MAX_RESPONSE_BYTES:
             raise self._failed("UNAVAILABLE", f"a {len(reply.content)}-byte response")
         try:
-            length = int(reply.headers.get("inference-header-content-length", len(reply.content)))
-            return InferResponse.from_bytes(reply.content, length)
+            return parse_rest_response(reply.content, reply.headers.get("inference-header-content-length"))
         except Exception as exc:  # a malformed body from the predictor, not the client's fault
             PREDICTOR_ERRORS.labels(cause="bad_response").inc()
             raise PredictorUnavailable(f"unreadable response: {type(exc).__name__}") from None

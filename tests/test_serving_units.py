@@ -195,6 +195,27 @@ def test_served_pixels_equal_the_training_cache(tmp_path, shared_full, resize_mo
     assert cache.config.version == PREPROCESSING_VERSION
 
 
+@pytest.mark.parametrize("binary", [True, False])
+def test_the_rest_link_keeps_the_version_that_answered(binary):
+    """Over REST v2 (transformer -> predictor), the answer still names its version: kserve's own
+    ``InferResponse.from_bytes`` drops ``model_version``, and without it every answer was a 503."""
+    from kserve.protocol.infer_type import InferResponse, RequestedOutput
+
+    from serving.predictor_client import parse_rest_response
+    from serving.protocol import tensor_output
+
+    outputs = [tensor_output("probability", "FP32", np.array([0.25, 0.75], np.float32)),
+               tensor_output("label", "BYTES", np.array(["NORMAL", "PNEUMONIA"], dtype=np.object_))]
+    wanted = [RequestedOutput("probability", {"binary_data": binary}), RequestedOutput("label", {"binary_data": binary})]
+    sent = InferResponse(response_id="r1", model_name="pneumonia", model_version="7", infer_outputs=outputs,
+                         use_binary_outputs=binary, requested_outputs=wanted)
+    body, length = sent.to_rest()
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    got = parse_rest_response(content, None if length is None else str(length))
+    assert got.model_version == "7"
+    np.testing.assert_array_equal(got.outputs[0].as_numpy(), [0.25, 0.75])
+
+
 # ---------------------------------------------------------------------------------------------------
 # REST v2 binary requests
 
