@@ -15,15 +15,17 @@ from pathlib import Path
 def add_commands(commands) -> None:
     serve = commands.add_parser(
         "serve", help="serve a model locally (transformer + predictor)",
-        description="Start the predictor (ONNX Runtime) and the transformer (decode, gate, heatmap) as two "
+        description="Start the predictor (ONNX Runtime or OpenVINO) and the transformer (decode, gate, heatmap) as two "
                     "processes on 127.0.0.1: the transformer's REST API on PORT, its gRPC API on PORT+1, the "
                     "predictor on free ports. Prints one line `READY {json}` when everything answers; Ctrl-C or "
                     "SIGTERM stops both. Defaults come from PNEUMOSCOPE_* environment variables.")
     serve.add_argument("--model", required=True, help="models:/NAME/VERSION, models:/NAME@ALIAS (resolved once, at "
                                                       "start) or a bundle folder")
     serve.add_argument("--port", type=int, default=8080, help="transformer REST port; gRPC uses PORT+1 (default 8080)")
-    serve.add_argument("--precision", choices=["auto", "fp32", "int8"], help="engine graph (default: auto)")
-    serve.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
+    serve.add_argument("--engine", choices=["auto", "onnxruntime", "openvino"],
+                       help="inference engine (default: auto = gated and timed at load, fastest eligible serves)")
+    serve.add_argument("--precision", choices=["auto", "fp32", "int8", "bf16"], help="engine graph (default: auto)")
+    serve.add_argument("--threads", type=int, help="engine intra-op threads (default: all cores)")
     serve.add_argument("--engine-streams", type=int, help="parallel single-threaded engine runs under load "
                                                           "(default: = threads; 1 = always all threads on one run)")
     serve.add_argument("--max-batch-size", type=int, help="dynamic batching: most images per engine call")
@@ -63,7 +65,7 @@ def _settings(args):
     from model.cli import CommandError
     from serving.settings import ServingSettings
 
-    overrides = {"precision": args.precision, "threads": args.threads, "engine_streams": args.engine_streams,
+    overrides = {"engine": args.engine, "precision": args.precision, "threads": args.threads, "engine_streams": args.engine_streams,
                  "max_batch_size": args.max_batch_size,
                  "max_batch_delay_ms": args.max_batch_delay_ms, "predictor_protocol": args.predictor_protocol,
                  "max_payload_bytes": args.max_payload_bytes, "max_image_pixels": args.max_image_pixels,
@@ -84,7 +86,15 @@ def cmd_serve(args) -> int:
     _quiet_http_logs()
     if not 1 <= args.port <= 65534:
         raise CommandError(f"--port must be between 1 and 65534, not {args.port}")
-    stack = LocalStack(args.model, args.port, _settings(args), log_file=args.log_file, restart=True)
+    settings = _settings(args)
+    if settings.engine != "auto":  # say so now, not after the predictor process failed to start
+        from serving.engine import EngineError, require
+
+        try:
+            require(settings.engine)
+        except EngineError as exc:
+            raise CommandError(str(exc)) from None
+    stack = LocalStack(args.model, args.port, settings, log_file=args.log_file, restart=True)
     stopping = threading.Event()
 
     def on_signal(signum, frame):

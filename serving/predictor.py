@@ -16,10 +16,10 @@ import numpy as np
 from kserve import Model
 from kserve.protocol.infer_type import InferRequest, InferResponse
 
-from model.bundle import INPUT_NAME, OUTPUT_NAMES
+from model.bundle import INPUT_NAME
 from model.registry import fetch_model
 from serving.batching import DynamicBatcher
-from serving.engine import create_session
+from serving.engine_selection import select_engine
 from serving.errors import RequestRejected
 from serving.metrics import WARMUP_SECONDS, reject_count, set_model_info
 from serving.protocol import tensor_output
@@ -56,19 +56,19 @@ class PneumoniaPredictor(Model):
         dest = s.model_cache or tempfile.mkdtemp(prefix="pneumoscope-predictor-")
         self.bundle, info = fetch_model(self.model_uri, dest, s.mlflow_tracking_uri)
         self.model_version, self.pinned_uri = str(info["version"]), info["uri"]
-        path = self.bundle.onnx_path(s.precision)
-        self.precision = "int8" if path.name == "model.int8.onnx" else "fp32"
-        self.session = create_session(path, s.engine_threads(), s.spinning)
-        # Under load, single-threaded runs side by side (one shared session: ORT runs are thread-safe).
-        self.narrow = create_session(path, 1, s.spinning) if s.streams() > 1 else None
+        # Engine x precision: gated for accuracy and timed on this machine (serving.engine_selection). Under
+        # load, single-threaded runs go side by side on the narrow engine.
+        self.engine = select_engine(self.bundle, s, self.name, self.model_version)
+        self.precision, self.platform = self.engine.precision, self.engine.platform
+        self.session, self.narrow = self.engine.wide, self.engine.narrow
         self.image_size = self.bundle.preprocess.image_size
         self.batcher = DynamicBatcher(self.run_narrow if self.narrow else self.run_engine, s.max_batch_size,
                                       s.max_batch_delay_ms / 1000.0, streams=s.streams(),
                                       run_wide=self.run_engine if self.narrow else None)
         self._warm_up()
         set_model_info(self.name, self.model_version, self.pinned_uri, self.bundle.sha256, "predictor", self.precision)
-        log.info("predictor ready: %s (version %s, %s, %d threads, %d streams, batches of up to %d, delay %.1f ms)",
-                 self.pinned_uri, self.model_version, self.precision, s.engine_threads(), s.streams(),
+        log.info("predictor ready: %s (version %s, %s %s, %d threads, %d streams, batches of up to %d, delay %.1f ms)",
+                 self.pinned_uri, self.model_version, self.engine.engine, self.precision, s.engine_threads(), s.streams(),
                  s.max_batch_size, s.max_batch_delay_ms)
         self.ready = True
         return self.ready
@@ -95,8 +95,7 @@ class PneumoniaPredictor(Model):
 
     @staticmethod
     def _run(session, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        logits, cams = session.run(list(OUTPUT_NAMES), {INPUT_NAME: x})
-        return logits.reshape(-1).astype(np.float32, copy=False), cams.astype(np.float32, copy=False)
+        return session.run(x)
 
     def stop(self):
         if self.batcher:

@@ -219,6 +219,18 @@ def test_v2_metadata_describes_inputs_and_outputs(served):
     assert predictor["outputs"][1]["shape"] == [-1, 4, 4]
 
 
+def test_predictor_reports_the_engine_it_chose(served):
+    """``auto`` gated and timed the engines at load; v2 metadata, /metrics and the log name the one serving."""
+    predictor = httpx.get(f"{served.info['predictor_rest']}/v2/models/pneumonia").json()
+    platform, _, precision = predictor["platform"].partition("/")
+    assert platform in ("onnxruntime_onnx", "openvino_onnx") and precision == "fp32", predictor
+    engine = platform.removesuffix("_onnx")
+    metrics = httpx.get(f"{served.info['predictor_rest']}/metrics").text
+    info = [line for line in metrics.splitlines() if line.startswith("pneumoscope_engine_info{")]
+    assert len(info) == 1 and f'engine="{engine}"' in info[0] and 'selection="auto"' in info[0], info
+    assert "engine selection (auto" in served.log.read_text() and f"serving with {engine} fp32" in served.log.read_text()
+
+
 def test_grpc_with_kserve_client(served, images):
     import asyncio
 
@@ -542,7 +554,8 @@ def test_precision_flag_selects_the_graph(served):
     chosen = {}
     for precision in ("auto", "fp32", "int8"):
         model = PneumoniaPredictor("pneumonia", str(served.bundle), ServingSettings(precision=precision, threads=1,
-                                                                                      max_batch_size=2))
+                                                                                      max_batch_size=2,
+                                                                                      engine_timing_s=0.2))
         assert model.load() and model.ready
         chosen[precision] = model.precision
     # the test bundle's int8 graph did not pass its gate, so "auto" serves fp32

@@ -1,0 +1,240 @@
+"""Inference engines: ONNX Runtime and OpenVINO on the same bundle, the accuracy gate, the choice by measurement.
+
+One random-weight ResNet-50 bundle (128 px, fp32 + int8, its gate set of real X-rays with their true labels)
+serves the module. No timing is asserted: which engine is faster depends on the machine and its load.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from serving_fixtures import XRAY_FULL, build_bundle, free_port_pair, require_data, xray_files
+
+REPO = Path(__file__).resolve().parents[1]
+NO_OPENVINO = "import sys; sys.modules['openvino'] = None  # as in an environment without the package\n"
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(tmp_path_factory) -> Path:
+    require_data()
+    pytest.importorskip("openvino", reason="openvino is pinned in pyproject (serve extra); run `make setup`")
+    path, _ = build_bundle(tmp_path_factory.mktemp("engines") / "bundle")
+    return path
+
+
+def _settings(**overrides):
+    from serving.settings import ServingSettings
+
+    return ServingSettings(**{"threads": 2, "max_batch_size": 4, "engine_timing_s": 0.3, **overrides})
+
+
+def _real_xrays(config) -> np.ndarray:
+    """24 real X-rays the gate set does not hold: 16 from the 224 px copies, 8 full-resolution originals."""
+    from model.preprocessing import load_resized, normalize
+
+    files = xray_files(per_class=8, offset=400) + xray_files(per_class=4, root=XRAY_FULL)
+    return normalize(np.stack([load_resized(f.read_bytes(), config).pixels for f in files]), config)
+
+
+def _copy(bundle_dir: Path, dest: Path) -> Path:
+    shutil.copytree(bundle_dir, dest)
+    return dest
+
+
+def _rewrite(folder: Path, **meta_updates) -> None:
+    from model.bundle import BUNDLE_FILE, write_bundle
+
+    meta = json.loads((folder / BUNDLE_FILE).read_text())
+    meta.update(meta_updates)
+    write_bundle(folder, {k: v for k, v in meta.items() if k not in ("files", "bundle_sha256", "format")})
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+def test_both_engines_give_the_same_decisions_on_real_xrays(bundle_dir):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from model.bundle import Bundle
+    from model.engine_gate import GateSet
+    from serving.engine import create_engine
+
+    bundle = Bundle.load(bundle_dir)
+    gate = GateSet.load(bundle)
+    x = _real_xrays(bundle.preprocess)
+    threshold_logit = bundle.temperature * (np.log(bundle.threshold / (1 - bundle.threshold)) - bundle.logit_bias)
+    reference = create_engine("onnxruntime", bundle_dir / "model.onnx", "fp32", 2).run(x)[0]
+    assert (reference >= threshold_logit).any() and (reference < threshold_logit).any()  # both labels occur
+    for precision, graph in (("fp32", "model.onnx"), ("int8", "model.int8.onnx")):
+        ort_logits, ort_cams = create_engine("onnxruntime", bundle_dir / graph, precision, 2).run(x)
+        ov_logits, ov_cams = create_engine("openvino", bundle_dir / graph, precision, 2).run(x)
+        # Two single-threaded OpenVINO streams called at once (the predictor under load) answer the same.
+        narrow = create_engine("openvino", bundle_dir / graph, precision, 1, parallel=2)
+        with ThreadPoolExecutor(2) as pool:
+            halves = list(pool.map(narrow.run, (x[:12], x[12:])))
+        np.testing.assert_allclose(np.concatenate([h[0] for h in halves]), ov_logits, atol=1e-3)
+        assert ov_cams.shape == ort_cams.shape == (len(x), 4, 4)
+        if precision == "fp32":
+            np.testing.assert_allclose(ov_logits, ort_logits, atol=1e-3)
+            np.testing.assert_allclose(ov_cams, ort_cams, atol=1e-3 * float(np.abs(ort_cams).max()))
+            assert np.array_equal(ov_logits >= threshold_logit, ort_logits >= threshold_logit)
+        else:
+            # int8 graphs round differently per engine and CPU; within the gate's logit tolerance of fp32,
+            # every image further than that tolerance from the threshold keeps its fp32 decision on both.
+            clear = np.abs(reference - threshold_logit) > gate.max_abs_logit_diff
+            assert clear.sum() >= len(x) // 2
+            for logits in (ort_logits, ov_logits):
+                assert np.max(np.abs(logits - reference)) <= gate.max_abs_logit_diff
+                assert np.array_equal((logits >= threshold_logit)[clear], (reference >= threshold_logit)[clear])
+
+
+def test_auto_gates_times_and_reports_its_choice(bundle_dir):
+    from prometheus_client import REGISTRY
+
+    from serving.predictor import PneumoniaPredictor
+
+    model = PneumoniaPredictor("pneumonia", str(bundle_dir), _settings())
+    assert model.load() and model.ready
+    table = {(row["engine"], row["precision"]): row for row in model.engine.table}
+    # the test bundle's int8 graph did not pass its export gate: auto compares fp32 on both engines
+    assert set(table) == {("onnxruntime", "fp32"), ("openvino", "fp32")}
+    chosen = [key for key, row in table.items() if row["status"] == "chosen"]
+    assert chosen == [(model.engine.engine, model.engine.precision)]
+    assert all(row["img_per_s"] > 0 and row["max_abs_logit_diff"] < 1e-3 for row in table.values())
+    engine, precision = chosen[0]
+    assert table[chosen[0]]["img_per_s"] == max(row["img_per_s"] for row in table.values())
+    assert model.platform == f"{engine}_onnx/{precision}" and model.precision == precision
+    assert REGISTRY.get_sample_value("pneumoscope_engine_info", {
+        "model_name": "pneumonia", "model_version": model.model_version, "engine": engine, "precision": precision,
+        "selection": "auto"}) == 1
+    for key in table:
+        labels = {"engine": key[0], "precision": key[1]}
+        assert REGISTRY.get_sample_value("pneumoscope_engine_candidate_eligible", labels) == 1
+        assert REGISTRY.get_sample_value("pneumoscope_engine_candidate_images_per_second", labels) > 0
+    # the chosen engine serves, wide and narrow, and matches the stored fp32 reference
+    from model.engine_gate import GateSet
+
+    gate = GateSet.load(model.bundle)
+    x = gate.tensors(model.bundle.preprocess)[:4]
+    for run in (model.run_engine, model.run_narrow):
+        np.testing.assert_allclose(run(x)[0], gate.logits[:4], atol=1e-3)
+    model.stop()
+
+
+def test_a_candidate_that_fails_the_gate_is_never_chosen(bundle_dir, tmp_path):
+    import onnx
+    from onnx import numpy_helper
+    from prometheus_client import REGISTRY
+
+    from model.bundle import Bundle
+    from serving.engine import EngineError, create_engine
+    from serving.engine_selection import select_engine
+
+    # An int8 graph with one wrong quantisation scale, declared accepted: the fastest graph, and broken.
+    broken = _copy(bundle_dir, tmp_path / "broken")
+    graph = onnx.load(str(broken / "model.int8.onnx"))
+    initializers = {i.name: i for i in graph.graph.initializer}
+    weight_scales = [n.input[1] for n in graph.graph.node if n.op_type == "DequantizeLinear"
+                     and n.input[0] in initializers and initializers[n.input[0]].data_type == onnx.TensorProto.INT8]
+    scale = initializers[weight_scales[len(weight_scales) // 2]]
+    scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale) * 4, scale.name))
+    onnx.save(graph, str(broken / "model.int8.onnx"))
+    _rewrite(broken, int8={"accepted": True, "reason": "deliberately broken for this test"})
+    bundle = Bundle.load(broken)
+
+    selection = select_engine(bundle, _settings())
+    table = {(row["engine"], row["precision"]): row for row in selection.table}
+    assert set(table) == {(e, p) for e in ("onnxruntime", "openvino") for p in ("fp32", "int8")}
+    for engine in ("onnxruntime", "openvino"):
+        row = table[(engine, "int8")]
+        assert row["status"] == "failed the accuracy gate" and "logit diff" in row["gate"], row
+        assert row["img_per_s"] is None  # never timed, never a contender
+        assert REGISTRY.get_sample_value("pneumoscope_engine_candidate_eligible",
+                                         {"engine": engine, "precision": "int8"}) == 0
+    assert selection.precision == "fp32"
+    with pytest.raises(EngineError, match="no engine passed the accuracy gate"):
+        select_engine(bundle, _settings(precision="int8"))
+
+    # A candidate that answers wrongly AND faster than anything else (planted through the engine factory).
+    class FastButWrong:
+        def __init__(self, real):
+            self.real, self.cache = real, {}
+
+        def run(self, x):
+            key = (x.shape, float(x[0].sum()))
+            if key not in self.cache:
+                logits, cams = self.real.run(x)
+                self.cache[key] = (logits + 1.0, cams)  # off by 1 logit: beyond the tolerance, same ranking
+            return self.cache[key]
+
+    def factory(engine, path, precision, threads, parallel=1, spinning=False):
+        real = create_engine(engine, path, precision, threads, parallel, spinning)
+        return FastButWrong(real) if (engine, precision) == ("openvino", "fp32") else real
+
+    selection = select_engine(Bundle.load(bundle_dir), _settings(), factory=factory)
+    table = {(row["engine"], row["precision"]): row for row in selection.table}
+    assert table[("openvino", "fp32")]["status"] == "failed the accuracy gate"
+    assert table[("openvino", "fp32")]["auc_drop"] == 0.0  # AUC alone would not have caught it
+    assert (selection.engine, selection.precision) == ("onnxruntime", "fp32")
+
+
+def test_forcing_an_engine_that_is_not_installed_fails_in_one_line(bundle_dir):
+    port = free_port_pair()
+    runs = {
+        "pneumoscope serve": NO_OPENVINO + "from model.cli import main\nsys.exit(main(['serve', '--model', "
+                             f"{str(bundle_dir)!r}, '--port', '{port}', '--engine', 'openvino']))",
+        "predictor": NO_OPENVINO + "from serving.predictor_main import main\nsys.exit(main(['--model_uri', "
+                     f"{str(bundle_dir)!r}, '--http_port', '{port}', '--grpc_port', '{port + 1}', "
+                     "'--engine', 'openvino']))",
+    }
+    for what, code in runs.items():
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, cwd=REPO)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2, (what, result.stderr[-2000:])
+        assert len(lines) == 1 and "Traceback" not in result.stderr, (what, result.stderr[-2000:])
+        assert "'openvino' requested" in lines[0] and "not installed" in lines[0], lines
+    # Without openvino, auto serves with ONNX Runtime alone.
+    code = (NO_OPENVINO + "from model.bundle import Bundle\nfrom serving.settings import ServingSettings\n"
+            "from serving.engine_selection import select_engine\n"
+            f"s = select_engine(Bundle.load({str(bundle_dir)!r}), ServingSettings(threads=1, engine_timing_s=0.1))\n"
+            "print(s.engine, [r['engine'] for r in s.table])")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split("\n")[-2] == "onnxruntime ['onnxruntime']"
+
+
+def test_gate_set_is_hashed_and_old_bundles_keep_onnx_runtime(bundle_dir, tmp_path):
+    from model.bundle import Bundle, BundleError
+    from serving.engine_selection import select_engine
+
+    tampered = _copy(bundle_dir, tmp_path / "tampered")
+    with np.load(tampered / "gate.npz") as data:
+        arrays = dict(data)
+    arrays["logits"] = arrays["logits"] + 5  # a shifted reference: refused before any gate runs
+    np.savez_compressed(tampered / "gate.npz", **arrays)
+    with pytest.raises(BundleError, match="sha256 mismatch for gate.npz"):
+        Bundle.load(tampered)
+
+    old = _copy(bundle_dir, tmp_path / "old")
+    (old / "gate.npz").unlink()
+    _rewrite(old, engine_gate=None)
+    selection = select_engine(Bundle.load(old), _settings())
+    assert (selection.engine, selection.precision, selection.gated) == ("onnxruntime", "fp32", False)
+    assert [row["engine"] for row in selection.table] == ["onnxruntime"]
+
+
+def test_engine_settings_from_environment(monkeypatch):
+    from serving.settings import ServingSettings
+
+    monkeypatch.setenv("PNEUMOSCOPE_ENGINE", "openvino")
+    monkeypatch.setenv("PNEUMOSCOPE_PRECISION", "bf16")
+    assert (ServingSettings().engine, ServingSettings().precision) == ("openvino", "bf16")
+    monkeypatch.setenv("PNEUMOSCOPE_ENGINE", "tensorrt")
+    with pytest.raises(ValueError):
+        ServingSettings()
