@@ -5,14 +5,15 @@ At load (before the predictor reports ready):
 1. Candidates: every installed engine (``PNEUMOSCOPE_ENGINE=auto``) or the one forced, times every precision
    the bundle allows (fp32; int8 when its graph passed the export gate; bf16 on OpenVINO where the CPU has
    native bf16) or the one forced with ``PNEUMOSCOPE_PRECISION``.
-2. The accuracy gate (:mod:`model.engine_gate`): each candidate runs the bundle's stored validation images;
-   it is eligible only if its logits stay within the stored tolerance of the fp32 reference, its AUC drops by
-   no more than the int8 gate's limit, and its CAMs keep their shape.
-3. Timing: the eligible candidates run the load the predictor sees under saturation (``streams`` parallel
-   narrow calls of ``max_batch_size`` images, or all threads on one call with one stream) for a bounded
-   ``engine_timing_s`` each, in interleaved rounds so that a neighbour's burst on a shared machine hits them
-   all alike; the median round counts.
-4. The fastest eligible candidate serves. The table is logged and exported (Prometheus, v2 ``platform``).
+2. Timing: the candidates run the load the predictor sees under saturation (``streams`` parallel
+   single-threaded calls, or all threads on one call with one stream) for a bounded ``engine_timing_s``
+   each, in interleaved rounds so that a neighbour's burst on a shared machine hits them all alike; the
+   median round counts.
+3. The accuracy gate (:mod:`model.engine_gate`), fastest candidate first: it runs the bundle's stored
+   validation images and is eligible only if its logits stay within the stored tolerance of the fp32
+   reference, its AUC drops by no more than the int8 gate's limit, and its CAMs keep their shape. The first
+   that passes serves; slower ones need no gate (that keeps the start short: gating costs more than timing).
+4. The table is logged and exported (Prometheus, v2 ``platform``).
 
 A bundle exported before the gate existed carries no gate images: ``auto`` then keeps ONNX Runtime with the
 bundle's own precision rule (what earlier releases served); a forced engine runs unchecked, with a warning.
@@ -52,7 +53,7 @@ class Candidate:
     gate: GateResult | None = None
     img_per_s: float | None = None
     status: str = ""
-    load_s: float = 0.0  # compiling + the gate
+    load_s: float = 0.0  # compiling (+ the gate, where it ran)
 
     @property
     def key(self) -> str:
@@ -122,7 +123,7 @@ def candidate_list(bundle: Bundle, settings: ServingSettings) -> list[Candidate]
 
 def select_engine(bundle: Bundle, settings: ServingSettings, model_name: str = "", model_version: str = "",
                   factory=create_engine) -> Selection:
-    """Gate, time and choose; returns the winner's engines (the losers are released).
+    """Time, gate (fastest first) and choose; returns the winner's engines (the others are released).
 
     ``factory(engine, onnx_path, precision, threads, parallel, spinning)`` builds an engine (tests pass a
     wrapper to plant a broken candidate).
@@ -144,7 +145,7 @@ def select_engine(bundle: Bundle, settings: ServingSettings, model_name: str = "
             c.narrow = factory(c.engine, path, c.precision, 1, streams, settings.spinning)
 
     batch = _timing_batch_size(settings.max_batch_size)
-    eligible = []
+    built = []
     for c in candidates:
         t0 = time.perf_counter()
         try:
@@ -158,26 +159,33 @@ def select_engine(bundle: Bundle, settings: ServingSettings, model_name: str = "
             c.status = f"failed to load: {str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__}"
             log.warning("engine %s could not load the bundle: %s", c.key, exc)
             continue
-        if gate is not None:
-            c.gate = _run_gate(c, gate, bundle, settings.max_batch_size, batch)
-            c.load_s = time.perf_counter() - t0
-            if not c.gate.passed:
-                c.status = "failed the accuracy gate"
-                c.wide = c.narrow = None
-                continue
-        eligible.append(c)
+        c.load_s = time.perf_counter() - t0
+        built.append(c)
+    if len(built) > 1:
+        _time(built, _timing_batch(gate, bundle, batch), streams, settings.engine_timing_s)
 
-    if not eligible:
+    # Fastest first; the first that passes the gate serves, and nothing slower needs gating.
+    chosen = None
+    for c in sorted(built, key=lambda c: -(c.img_per_s or 0.0)):
+        if chosen is not None:
+            c.status = "not gated: slower than the chosen one"
+        elif gate is None:
+            chosen, c.status = c, "chosen (no gate set in this bundle)"
+        else:
+            t0 = time.perf_counter()
+            c.gate = _run_gate(c, gate, bundle, settings.max_batch_size, batch)
+            c.load_s += time.perf_counter() - t0
+            ENGINE_CANDIDATE_ELIGIBLE.labels(engine=c.engine, precision=c.precision).set(int(c.gate.passed))
+            if c.gate.passed:
+                chosen, c.status = c, "chosen"
+            else:
+                c.status = "failed the accuracy gate"
+                log.warning("engine %s failed the accuracy gate: %s", c.key, c.gate.reason)
+        if c is not chosen:
+            c.wide = c.narrow = None  # release the compiled graphs of everything that does not serve
+    if chosen is None:
         table = "; ".join(f"{c.key}: {c.gate.reason if c.gate else c.status}" for c in candidates)
         raise EngineError(f"no engine passed the accuracy gate on this machine ({table})")
-    if len(eligible) > 1:
-        x = _timing_batch(gate, bundle, batch)
-        _time(eligible, x, streams, settings.engine_timing_s)
-    chosen = max(eligible, key=lambda c: c.img_per_s or 0.0)
-    for c in eligible:
-        c.status = "chosen" if c is chosen else "eligible, slower"
-        if c is not chosen:
-            c.wide = c.narrow = None  # release the losers' compiled graphs
     selection = Selection(chosen.engine, chosen.precision, chosen.wide, chosen.narrow, mode, gate is not None,
                           [c.row() for c in candidates], time.perf_counter() - started)
     _report(selection, candidates, model_name, model_version, threads, streams, settings)
@@ -234,6 +242,8 @@ def _timing_batch(gate: GateSet | None, bundle: Bundle, batch: int) -> np.ndarra
 def _time(candidates: list[Candidate], x: np.ndarray, streams: int, seconds: float) -> None:
     """Images/s of each candidate under the predictor's saturated load, median of interleaved rounds."""
     rates: dict[str, list[float]] = {c.key: [] for c in candidates}
+    for c in candidates:  # the first call of a shape allocates (and, for OpenVINO, specialises) the graph
+        _burst(c, x, streams, 0.0)
     budget = max(0.05, seconds / TIMING_ROUNDS)
     for r in range(TIMING_ROUNDS):
         order = candidates[r % len(candidates):] + candidates[:r % len(candidates)]
@@ -287,8 +297,6 @@ def _report(selection: Selection, candidates: list[Candidate], model_name: str, 
                        precision=selection.precision, selection=selection.mode).set(1)
     ENGINE_SELECTION_SECONDS.set(selection.seconds)
     for c in candidates:
-        ENGINE_CANDIDATE_ELIGIBLE.labels(engine=c.engine, precision=c.precision).set(
-            1 if c.status in ("chosen", "eligible, slower") else 0)
         if c.img_per_s is not None:
             ENGINE_CANDIDATE_SPEED.labels(engine=c.engine, precision=c.precision).set(c.img_per_s)
 

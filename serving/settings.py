@@ -55,7 +55,7 @@ class ServingSettings(BaseSettings):
     precision: Literal["auto", "fp32", "int8", "bf16"] = Field(
         "auto", description="auto: every precision the bundle allows (int8 when it passed its export gate; bf16 on "
         "OpenVINO where the CPU has native bf16), chosen with the engine")
-    engine_timing_s: float = Field(1.5, ge=0, description="seconds of timing per eligible engine x precision at load")
+    engine_timing_s: float = Field(1.0, ge=0, description="seconds of timing per engine x precision candidate at load")
     threads: int | None = Field(None, ge=1, description="engine intra-op threads of one call (default: all cores)")
     engine_streams: int | None = Field(
         None, ge=1, description="parallel single-threaded engine runs under load (default: = threads); a lone "
