@@ -162,7 +162,7 @@ def select_engine(bundle: Bundle, settings: ServingSettings, model_name: str = "
         c.load_s = time.perf_counter() - t0
         built.append(c)
     if len(built) > 1:
-        _time(built, _timing_batch(gate, bundle, batch), streams, settings.engine_timing_s)
+        built = _time(built, _timing_batch(gate, bundle, batch), streams, settings.engine_timing_s)
 
     # Fastest first; the first that passes the gate serves, and nothing slower needs gating.
     chosen = None
@@ -239,34 +239,53 @@ def _timing_batch(gate: GateSet | None, bundle: Bundle, batch: int) -> np.ndarra
     return np.zeros((batch, 1, size, size), np.float32)
 
 
-def _time(candidates: list[Candidate], x: np.ndarray, streams: int, seconds: float) -> None:
-    """Images/s of each candidate under the predictor's saturated load, median of interleaved rounds."""
+def _time(candidates: list[Candidate], x: np.ndarray, streams: int, seconds: float) -> list[Candidate]:
+    """Images/s of each candidate under the predictor's saturated load, median of interleaved rounds.
+
+    Returns the candidates that ran; one that fails here is out (its status says why)."""
     rates: dict[str, list[float]] = {c.key: [] for c in candidates}
-    for c in candidates:  # the first call of a shape allocates (and, for OpenVINO, specialises) the graph
-        _burst(c, x, streams, 0.0)
+    running = list(candidates)
+
+    def timed(c: Candidate, budget: float, record: bool = True) -> None:
+        try:
+            rate = _burst(c, x, streams, budget)
+            if record:
+                rates[c.key].append(rate)
+        except Exception as exc:  # an engine that breaks under load is no candidate
+            log.warning("engine %s failed while timed: %s", c.key, exc)
+            c.status, c.wide, c.narrow = f"failed while timed: {str(exc).splitlines()[0][:160]}", None, None
+            running.remove(c)
+
+    for c in list(running):  # the first call of a shape allocates (and, for OpenVINO, specialises) the graph
+        timed(c, 0.0, record=False)
     budget = max(0.05, seconds / TIMING_ROUNDS)
     for r in range(TIMING_ROUNDS):
-        order = candidates[r % len(candidates):] + candidates[:r % len(candidates)]
-        for c in order:
-            rates[c.key].append(_burst(c, x, streams, budget))
-    for c in candidates:
+        shift = r % max(1, len(running))  # a different candidate leads each round
+        for c in running[shift:] + running[:shift]:
+            if c in running:
+                timed(c, budget)
+    for c in running:
         c.img_per_s = statistics.median(rates[c.key])
+    return running
 
 
 def _burst(c: Candidate, x: np.ndarray, streams: int, seconds: float) -> float:
     """``streams`` threads calling the narrow engine (or one calling the wide one) for ``seconds``; img/s."""
     engine, workers = (c.narrow, streams) if c.narrow is not None else (c.wide, 1)
-    counts = [0] * workers
+    counts, errors = [0] * workers, []
     barrier = threading.Barrier(workers + 1)
     deadline = [0.0]
 
     def work(k: int) -> None:
         barrier.wait()
-        while True:
-            engine.run(x)
-            counts[k] += len(x)
-            if time.perf_counter() >= deadline[0]:
-                return
+        try:
+            while True:
+                engine.run(x)
+                counts[k] += len(x)
+                if time.perf_counter() >= deadline[0]:
+                    return
+        except Exception as exc:  # reported to the caller below
+            errors.append(exc)
 
     threads = [threading.Thread(target=work, args=(k,), daemon=True) for k in range(workers)]
     for t in threads:
@@ -276,6 +295,8 @@ def _burst(c: Candidate, x: np.ndarray, streams: int, seconds: float) -> float:
     barrier.wait()
     for t in threads:
         t.join()
+    if errors:
+        raise errors[0]
     return sum(counts) / max(time.perf_counter() - started, 1e-9)
 
 

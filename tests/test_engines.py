@@ -268,3 +268,20 @@ def test_engine_settings_from_environment(monkeypatch):
     monkeypatch.setenv("PNEUMOSCOPE_ENGINE", "tensorrt")
     with pytest.raises(ValueError):
         ServingSettings()
+
+
+def test_an_engine_that_breaks_while_timed_drops_out():
+    from serving.engine_selection import Candidate, _time
+
+    class Breaks:
+        def run(self, x):
+            raise RuntimeError("device lost")
+
+    class Works:
+        def run(self, x):
+            return np.zeros(len(x), np.float32), np.zeros((len(x), 4, 4), np.float32)
+
+    broken, fine = Candidate("openvino", "int8", wide=Breaks()), Candidate("onnxruntime", "fp32", wide=Works())
+    assert _time([broken, fine], np.zeros((2, 1, 8, 8), np.float32), streams=1, seconds=0.05) == [fine]
+    assert broken.status == "failed while timed: device lost" and broken.wide is None
+    assert fine.img_per_s > 0
