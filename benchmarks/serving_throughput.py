@@ -36,8 +36,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 # ../shared/data beside the clone (or beside a parent: a git worktree sits one level deeper)
-DATA = next((p / "shared" / "data" / "chest_xray_224" for p in ROOT.parents
-             if (p / "shared" / "data" / "chest_xray_224").is_dir()), ROOT.parent / "shared" / "data" / "chest_xray_224")
+_XRAYS = [p / "shared" / "data" / "chest_xray_224" for p in ROOT.parents]
+DATA = next((p for p in _XRAYS if p.is_dir()), _XRAYS[0])
 FLAGS_OF_INTEREST = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16",
                      "amx_int8", "amx_tile")
 
@@ -315,7 +315,8 @@ def engine_choice(predictor_rest: str) -> tuple[str, dict]:
 
     platform = httpx.get(f"{predictor_rest}/v2/models/pneumonia").json()["platform"]
     engine, precision = platform.split("/")
-    sample = re.compile(r'^pneumoscope_engine_candidate_images_per_second\{engine="([^"]+)",precision="([^"]+)"\} (\S+)$')
+    sample = re.compile(r'^pneumoscope_engine_candidate_images_per_second'
+                        r'\{engine="([^"]+)",precision="([^"]+)"\} (\S+)$')
     measured = {f"{m[1]}/{m[2]}": float(m[3]) for m in map(sample.match, httpx.get(f"{predictor_rest}/metrics")
                                                            .text.splitlines()) if m}
     return f"{engine.removesuffix('_onnx')}/{precision}", measured

@@ -65,7 +65,8 @@ def _settings(args):
     from model.cli import CommandError
     from serving.settings import ServingSettings
 
-    overrides = {"engine": args.engine, "precision": args.precision, "threads": args.threads, "engine_streams": args.engine_streams,
+    overrides = {"engine": args.engine, "precision": args.precision, "threads": args.threads,
+                 "engine_streams": args.engine_streams,
                  "max_batch_size": args.max_batch_size,
                  "max_batch_delay_ms": args.max_batch_delay_ms, "predictor_protocol": args.predictor_protocol,
                  "max_payload_bytes": args.max_payload_bytes, "max_image_pixels": args.max_image_pixels,

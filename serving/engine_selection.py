@@ -33,8 +33,7 @@ import numpy as np
 
 from model.bundle import Bundle
 from model.engine_gate import GateResult, GateSet, check
-from serving.engine import (ENGINES, PLATFORMS, Engine, EngineError, create_engine, installed, native_bf16,
-                            require)
+from serving.engine import ENGINES, PLATFORMS, Engine, EngineError, create_engine, installed, native_bf16, require
 from serving.metrics import ENGINE_CANDIDATE_ELIGIBLE, ENGINE_CANDIDATE_SPEED, ENGINE_INFO, ENGINE_SELECTION_SECONDS
 from serving.settings import ServingSettings
 

@@ -68,8 +68,8 @@ class PneumoniaPredictor(Model):
         self._warm_up()
         set_model_info(self.name, self.model_version, self.pinned_uri, self.bundle.sha256, "predictor", self.precision)
         log.info("predictor ready: %s (version %s, %s %s, %d threads, %d streams, batches of up to %d, delay %.1f ms)",
-                 self.pinned_uri, self.model_version, self.engine.engine, self.precision, s.engine_threads(), s.streams(),
-                 s.max_batch_size, s.max_batch_delay_ms)
+                 self.pinned_uri, self.model_version, self.engine.engine, self.precision, s.engine_threads(),
+                 s.streams(), s.max_batch_size, s.max_batch_delay_ms)
         self.ready = True
         return self.ready
 

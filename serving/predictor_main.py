@@ -18,7 +18,8 @@ PREDICTOR_MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # N x 1 x S x S float32 tensors
 
 def parse_args(argv=None):
     settings = ServingSettings()
-    parser = argparse.ArgumentParser(parents=[model_server.parser], description="pneumoscope predictor (ONNX Runtime or OpenVINO)")
+    parser = argparse.ArgumentParser(parents=[model_server.parser],
+                                     description="pneumoscope predictor (ONNX Runtime or OpenVINO)")
     parser.set_defaults(model_name=settings.model_name)
     parser.add_argument("--model_uri", required=True, help="models:/NAME/VERSION, models:/NAME@ALIAS (resolved "
                         "once, now) or a bundle folder such as /mnt/models")
@@ -34,7 +35,8 @@ def parse_args(argv=None):
     parser.add_argument("--bind", default="0.0.0.0", help="listen address (the local stack uses 127.0.0.1)")
     args = parser.parse_args(argv)
     settings = settings.model_copy(update={k: getattr(args, k) for k in (
-        "engine", "precision", "threads", "engine_streams", "max_batch_size", "max_batch_delay_ms", "mlflow_tracking_uri")})
+        "engine", "precision", "threads", "engine_streams", "max_batch_size", "max_batch_delay_ms",
+        "mlflow_tracking_uri")})
     return args, settings
 
 

@@ -228,7 +228,8 @@ def test_predictor_reports_the_engine_it_chose(served):
     metrics = httpx.get(f"{served.info['predictor_rest']}/metrics").text
     info = [line for line in metrics.splitlines() if line.startswith("pneumoscope_engine_info{")]
     assert len(info) == 1 and f'engine="{engine}"' in info[0] and 'selection="auto"' in info[0], info
-    assert "engine selection (auto" in served.log.read_text() and f"serving with {engine} fp32" in served.log.read_text()
+    log = served.log.read_text()
+    assert "engine selection (auto" in log and f"serving with {engine} fp32" in log
 
 
 def test_grpc_with_kserve_client(served, images):
