@@ -259,6 +259,29 @@ def test_gate_set_is_hashed_and_old_bundles_keep_onnx_runtime(bundle_dir, tmp_pa
     assert [row["engine"] for row in selection.table] == ["onnxruntime"]
 
 
+def test_bf16_is_a_candidate_only_on_openvino_where_the_cpu_has_it(bundle_dir, monkeypatch):
+    from model.bundle import Bundle
+    from serving import engine_selection
+    from serving.engine import EngineError, create_engine, native_bf16
+
+    bundle = Bundle.load(bundle_dir)
+
+    def pairs(**overrides):
+        return [(c.engine, c.precision) for c in engine_selection.candidate_list(bundle, _settings(**overrides))]
+
+    if not native_bf16():  # this CPU (AVX2 only in development): no bf16 candidate, forcing it says why
+        assert pairs() == [("onnxruntime", "fp32"), ("openvino", "fp32")]
+        with pytest.raises(EngineError, match="native bf16"):
+            pairs(precision="bf16")
+        with pytest.raises(EngineError, match="native bf16"):
+            create_engine("openvino", bundle_dir / "model.onnx", "bf16", 1)
+    monkeypatch.setattr(engine_selection, "native_bf16", lambda: True)  # as on an AMX Xeon
+    assert pairs() == [("onnxruntime", "fp32"), ("openvino", "fp32"), ("openvino", "bf16")]
+    assert pairs(precision="bf16") == [("openvino", "bf16")]
+    with pytest.raises(EngineError, match="no engine can run precision bf16 with engine onnxruntime"):
+        pairs(precision="bf16", engine="onnxruntime")
+
+
 def test_engine_settings_from_environment(monkeypatch):
     from serving.settings import ServingSettings
 
