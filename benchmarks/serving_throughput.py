@@ -35,9 +35,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-# ../shared/data beside the clone (or beside a parent: a git worktree sits one level deeper)
-_XRAYS = [p / "shared" / "data" / "chest_xray_224" for p in ROOT.parents]
-DATA = next((p for p in _XRAYS if p.is_dir()), _XRAYS[0])
+DATA = ROOT.parent / "shared" / "data" / "chest_xray_224"
 FLAGS_OF_INTEREST = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16",
                      "amx_int8", "amx_tile")
 

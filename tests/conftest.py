@@ -11,18 +11,7 @@ import pytest
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _find_shared_data() -> Path:
-    """``PNEUMOSCOPE_SHARED_DATA``, else the first ``shared/data`` beside the repo or beside one of its parents
-    (a git worktree may sit one level deeper than the clone)."""
-    if os.environ.get("PNEUMOSCOPE_SHARED_DATA"):
-        return Path(os.environ["PNEUMOSCOPE_SHARED_DATA"])
-    candidates = [parent / "shared" / "data" for parent in REPO.parents]
-    return next((c for c in candidates if c.is_dir()), candidates[0])
-
-
-SHARED_DATA = _find_shared_data()
+SHARED_DATA = REPO.parent / "shared" / "data"
 MISSING_DATA = (f"real X-rays not found at {SHARED_DATA} (the shared data folder is missing on this machine); "
                 "this test needs them")
 
