@@ -144,6 +144,9 @@ def select_engine(bundle: Bundle, settings: ServingSettings, model_name: str = "
             c.narrow = factory(c.engine, path, c.precision, 1, streams, settings.spinning)
 
     batch = _timing_batch_size(settings.max_batch_size)
+    log.info("engine selection (%s): %d candidate(s): %s; loading, timing %.1f s each, then gating fastest first "
+             "on %s", mode, len(candidates), ", ".join(c.key for c in candidates), settings.engine_timing_s,
+             f"{len(gate.labels)} stored val images" if gate is not None else "nothing (no gate set in this bundle)")
     built = []
     for c in candidates:
         t0 = time.perf_counter()
@@ -172,6 +175,7 @@ def select_engine(bundle: Bundle, settings: ServingSettings, model_name: str = "
             chosen, c.status = c, "chosen (no gate set in this bundle)"
         else:
             t0 = time.perf_counter()
+            log.info("engine selection: gating %s (%.1f img/s)", c.key, c.img_per_s or float("nan"))
             c.gate = _run_gate(c, gate, bundle, settings.max_batch_size, batch)
             c.load_s += time.perf_counter() - t0
             ENGINE_CANDIDATE_ELIGIBLE.labels(engine=c.engine, precision=c.precision).set(int(c.gate.passed))

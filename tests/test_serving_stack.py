@@ -60,7 +60,8 @@ def served(tmp_path_factory):
     port = free_port_pair()
     log = root / "stack.log"
     env = dict(os.environ, MLFLOW_TRACKING_URI=tracking_uri, PNEUMOSCOPE_MAX_PAYLOAD_BYTES=str(MAX_PAYLOAD),
-               PNEUMOSCOPE_MAX_BATCH_SIZE="8", PNEUMOSCOPE_THREADS="2", PYTHONUNBUFFERED="1")
+               PNEUMOSCOPE_MAX_BATCH_SIZE="8", PNEUMOSCOPE_THREADS="2", PNEUMOSCOPE_ENGINE_TIMING_S="0.3",
+               PYTHONUNBUFFERED="1")
     process = subprocess.Popen([sys.executable, "-m", "model.cli", "serve", "--model", "models:/pneumonia@champion",
                                 "--port", str(port), "--log-file", str(log)], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, env=env, cwd=root)
