@@ -14,7 +14,7 @@ A candidate passes when, on those images:
 - AUC(reference) - AUC(candidate) <= ``max_auc_drop`` (the int8 export gate's limit);
 - every CAM correlates with its reference by at least ``min_cam_correlation`` (the heatmap keeps its shape).
 
-No torch here: the predictor imports this module.
+No torch and no scipy here: the predictor imports this module, and the serving image has neither.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from pathlib import Path
 import numpy as np
 
 from model.bundle import BundleError, run_images
-from model.metrics import auc
 from model.preprocessing import PreprocessConfig, normalize
 
 log = logging.getLogger(__name__)
@@ -91,6 +90,18 @@ class GateResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """ROC AUC over every positive x negative pair, ties one half: the value ``model.metrics.auc`` computes,
+    without scipy (the serving image has none); the gate set is small, so comparing all pairs is cheap."""
+    labels = np.asarray(labels).astype(bool)
+    scores = np.asarray(scores, dtype=np.float64)
+    pos, neg = scores[labels], scores[~labels]
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    diff = pos[:, None] - neg[None, :]
+    return float((diff > 0).mean() + 0.5 * (diff == 0).mean())
 
 
 def _cam_correlations(cams: np.ndarray, reference: np.ndarray) -> np.ndarray:

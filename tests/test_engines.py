@@ -282,6 +282,26 @@ def test_bf16_is_a_candidate_only_on_openvino_where_the_cpu_has_it(bundle_dir, m
         pairs(precision="bf16", engine="onnxruntime")
 
 
+def test_the_engine_layer_needs_neither_torch_nor_scipy():
+    """The serving image installs only the serve extra: the gate and the selection run without the training stack."""
+    code = ("import sys, serving.engine_selection, serving.predictor; "
+            "bad = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'scipy', 'sklearn', 'matplotlib'}); "
+            "print(bad); sys.exit(1 if bad else 0)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 0, f"the engine layer imports {result.stdout.strip()} {result.stderr[-500:]}"
+
+
+def test_gate_auc_equals_the_training_metric():
+    from model.engine_gate import auc
+    from model.metrics import auc as training_auc
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 200)
+    scores = np.round(rng.normal(size=200) + labels, 1)  # rounded: many ties
+    assert auc(labels, scores) == pytest.approx(training_auc(labels, scores), abs=1e-12)
+    assert np.isnan(auc(np.ones(5), scores[:5]))
+
+
 def test_engine_settings_from_environment(monkeypatch):
     from serving.settings import ServingSettings
 
