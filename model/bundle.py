@@ -4,6 +4,7 @@ A bundle is a directory::
 
     model.onnx            fp32 graph: input ``image`` [N,1,S,S] -> ``logit`` [N], ``cam`` [N,h,w]
     model.int8.onnx       optional static QDQ int8 graph (same inputs/outputs)
+    gate.npz              optional engine accuracy gate: val images + fp32 reference outputs (model.engine_gate)
     pneumoscope.json      preprocessing, threshold, temperature + logit bias, metrics, int8 decision, sha256 of files
 
 No torch here: the serving path (transformer, predictor) imports this module.
@@ -50,9 +51,9 @@ def canonical_digest(meta: dict) -> str:
 
 
 def write_bundle(directory: str | Path, meta: dict) -> Path:
-    """Hash every ONNX file in ``directory`` and write ``pneumoscope.json``."""
+    """Hash every ONNX graph and stored array file in ``directory`` and write ``pneumoscope.json``."""
     root = Path(directory)
-    files = sorted(p.name for p in root.glob("*.onnx"))
+    files = sorted(p.name for p in root.iterdir() if p.suffix in (".onnx", ".npz") and p.is_file())
     meta = dict(meta, format=BUNDLE_FORMAT, files={name: sha256_file(root / name) for name in files})
     # The bundle hash covers the ONNX files and every decision stored with them.
     meta["bundle_sha256"] = canonical_digest(meta)

@@ -15,8 +15,8 @@ from pathlib import Path
 def add_commands(commands) -> None:
     serve = commands.add_parser(
         "serve", help="serve a model locally (transformer + predictor)",
-        description="Start the predictor (ONNX Runtime) and the transformer (decode, gate, heatmap) as two "
-                    "processes on 127.0.0.1: the transformer's REST API on PORT, its gRPC API on PORT+1, the "
+        description="Start the predictor (ONNX Runtime or OpenVINO) and the transformer (decode, gate, heatmap) as "
+                    "two processes on 127.0.0.1: the transformer's REST API on PORT, its gRPC API on PORT+1, the "
                     "predictor on free ports, and the doctor's web app on PORT+2 (see `pneumoscope web`). Prints one "
                     "line `READY {json}` when everything answers; Ctrl-C or SIGTERM drains and stops them all, the "
                     "web app and the transformer first. Defaults come from PNEUMOSCOPE_* environment variables.")
@@ -27,8 +27,10 @@ def add_commands(commands) -> None:
     serve.add_argument("--port", type=int, default=8080, help="transformer REST port; gRPC uses PORT+1 (default 8080)")
     serve.add_argument("--web-port", type=int, help="web app port (default PORT+2)")
     serve.add_argument("--no-web", action="store_true", help="do not start the web app")
-    serve.add_argument("--precision", choices=["auto", "fp32", "int8"], help="engine graph (default: auto)")
-    serve.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
+    serve.add_argument("--engine", choices=["auto", "onnxruntime", "openvino"],
+                       help="inference engine (default: auto = gated and timed at load, fastest eligible serves)")
+    serve.add_argument("--precision", choices=["auto", "fp32", "int8", "bf16"], help="engine graph (default: auto)")
+    serve.add_argument("--threads", type=int, help="engine intra-op threads (default: all cores)")
     serve.add_argument("--engine-streams", type=int, help="parallel single-threaded engine runs under load "
                                                           "(default: = threads; 1 = always all threads on one run)")
     serve.add_argument("--max-batch-size", type=int, help="dynamic batching: most images per engine call")
@@ -74,7 +76,8 @@ def _settings(args):
     from model.cli import CommandError
     from serving.settings import ServingSettings
 
-    overrides = {"precision": args.precision, "threads": args.threads, "engine_streams": args.engine_streams,
+    overrides = {"engine": args.engine, "precision": args.precision, "threads": args.threads,
+                 "engine_streams": args.engine_streams,
                  "max_batch_size": args.max_batch_size,
                  "max_batch_delay_ms": args.max_batch_delay_ms, "predictor_protocol": args.predictor_protocol,
                  "max_payload_bytes": args.max_payload_bytes, "max_image_pixels": args.max_image_pixels,
@@ -99,8 +102,15 @@ def cmd_serve(args) -> int:
     web_port = None if args.no_web else (args.web_port or args.port + 2)
     if web_port is not None and not 1 <= web_port <= 65535:
         raise CommandError(f"--web-port must be between 1 and 65535, not {web_port}")
-    stack = LocalStack(args.model, args.port, _settings(args), log_file=args.log_file, restart=True,
-                       web_port=web_port)
+    settings = _settings(args)
+    if settings.engine != "auto":  # say so now, not after the predictor process failed to start
+        from serving.engine import EngineError, require
+
+        try:
+            require(settings.engine)
+        except EngineError as exc:
+            raise CommandError(str(exc)) from None
+    stack = LocalStack(args.model, args.port, settings, log_file=args.log_file, restart=True, web_port=web_port)
     stopping = threading.Event()
 
     def on_signal(signum, frame):

@@ -32,6 +32,16 @@ ENGINE_RUNS = Counter("pneumoscope_engine_runs_total", "engine calls: wide (all 
                       "narrow (one thread, one of several parallel streams)", ["mode"])
 ENGINE_TIME = Histogram("pneumoscope_engine_seconds", "ONNX Runtime time per engine call",
                         buckets=[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10])
+ENGINE_INFO = Gauge("pneumoscope_engine_info", "the inference engine and precision the predictor serves with "
+                    "(value 1); selection: auto (measured) or forced", ["model_name", "model_version", "engine",
+                                                                      "precision", "selection"])
+ENGINE_CANDIDATE_SPEED = Gauge("pneumoscope_engine_candidate_images_per_second", "images/s of each eligible "
+                               "engine x precision, measured at load under the predictor's saturated load",
+                               ["engine", "precision"])
+ENGINE_CANDIDATE_ELIGIBLE = Gauge("pneumoscope_engine_candidate_eligible", "1 if the engine x precision passed the "
+                                  "accuracy gate at load, else 0", ["engine", "precision"])
+ENGINE_SELECTION_SECONDS = Gauge("pneumoscope_engine_selection_seconds", "duration of the engine accuracy gate and "
+                                 "timing at load")
 WARMUP_SECONDS = Gauge("pneumoscope_warmup_seconds", "duration of the warm-up inference run before the "
                        "predictor reported ready")
 

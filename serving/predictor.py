@@ -29,12 +29,11 @@ import numpy as np
 from kserve import Model
 from kserve.protocol.infer_type import InferRequest, InferResponse, to_http_parameters
 
-from model.bundle import INPUT_NAME, OUTPUT_NAMES
 from model.preprocessing import DECODED_MAX_SIDE, PREPROCESSING_VERSION, normalize, resize
 from model.registry import fetch_model
 from serving.admission import deadline
 from serving.batching import DynamicBatcher
-from serving.engine import create_session
+from serving.engine_selection import select_engine
 from serving.errors import RequestRejected, ServiceError
 from serving.metrics import PREDICTIONS, PROBABILITY, WARMUP_SECONDS, reject_count, set_model_info
 from serving.protocol import PIXELS, PREPROCESSING_PARAMETER, SIZES, tensor_output, unpack_images
@@ -89,20 +88,21 @@ class PneumoniaPredictor(Model):
         self.model_version, self.pinned_uri = str(info["version"]), info["uri"]
         self.config = self.bundle.preprocess  # BundleError (one line at start) for an unusable version
         self.threshold = self.bundle.threshold
-        path = self.bundle.onnx_path(s.precision)
-        self.precision = "int8" if path.name == "model.int8.onnx" else "fp32"
-        self.session = create_session(path, s.engine_threads(), s.spinning)
-        # Under load, single-threaded runs side by side (one shared session: ORT runs are thread-safe).
-        self.narrow = create_session(path, 1, s.spinning) if s.streams() > 1 else None
+        # Engine x precision: gated for accuracy and timed on this machine (serving.engine_selection). Under
+        # load, single-threaded runs go side by side on the narrow engine.
+        self.engine = select_engine(self.bundle, s, self.name, self.model_version)
+        self.precision, self.platform = self.engine.precision, self.engine.platform
+        self.session, self.narrow = self.engine.wide, self.engine.narrow
         self.image_size = self.config.image_size
         self.batcher = DynamicBatcher(self.run_narrow if self.narrow else self.run_engine, s.max_batch_size,
                                       s.max_batch_delay_ms / 1000.0, streams=s.streams(),
                                       run_wide=self.run_engine if self.narrow else None)
         self._warm_up()
         set_model_info(self.name, self.model_version, self.pinned_uri, self.bundle.sha256, "predictor", self.precision)
-        log.info("predictor ready: %s (version %s, %s, %d px, threshold %.4f, %d threads, %d streams, batches of up "
-                 "to %d, delay %.1f ms)", self.pinned_uri, self.model_version, self.precision, self.image_size,
-                 self.threshold, s.engine_threads(), s.streams(), s.max_batch_size, s.max_batch_delay_ms)
+        log.info("predictor ready: %s (version %s, %s %s, %d px, threshold %.4f, %d threads, %d streams, batches of "
+                 "up to %d, delay %.1f ms)", self.pinned_uri, self.model_version, self.engine.engine, self.precision,
+                 self.image_size, self.threshold, s.engine_threads(), s.streams(), s.max_batch_size,
+                 s.max_batch_delay_ms)
         self.ready = True
         return self.ready
 
@@ -128,8 +128,7 @@ class PneumoniaPredictor(Model):
 
     @staticmethod
     def _run(session, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        logits, cams = session.run(list(OUTPUT_NAMES), {INPUT_NAME: x})
-        return logits.reshape(-1).astype(np.float32, copy=False), cams.astype(np.float32, copy=False)
+        return session.run(x)
 
     def stop(self):
         if self.batcher:

@@ -676,10 +676,11 @@ def load_and_serve(model, role: str, args, settings, max_request_bytes: int, max
     """Load ``model`` (exit 2 with one line if its version cannot be had), then serve it until stopped."""
     from model.bundle import BundleError
     from model.registry import RegistryError
+    from serving.engine import EngineError
 
     try:
         model.load()
-    except (RegistryError, BundleError, FileNotFoundError) as exc:
+    except (RegistryError, BundleError, FileNotFoundError, EngineError) as exc:
         print(f"pneumoscope {role}: error: {exc}", file=sys.stderr)
         return 2
     server = PneumoscopeModelServer(http_port=args.http_port, grpc_port=args.grpc_port, workers=args.workers,

@@ -67,8 +67,14 @@ class ServingSettings(BaseSettings):
         "get this long to finish (the manifests' terminationGracePeriodSeconds and preStop must cover it)")
 
     # --- engine (predictor) ---
-    precision: Literal["auto", "fp32", "int8"] = Field("auto", description="auto: int8 when it passed its gate")
-    threads: int | None = Field(None, ge=1, description="ONNX Runtime intra-op threads (default: all cores)")
+    engine: Literal["auto", "onnxruntime", "openvino"] = Field(
+        "auto", description="inference engine; auto: every installed engine is gated for accuracy and timed at load, "
+        "the fastest eligible one serves")
+    precision: Literal["auto", "fp32", "int8", "bf16"] = Field(
+        "auto", description="auto: every precision the bundle allows (int8 when it passed its export gate; bf16 on "
+        "OpenVINO where the CPU has native bf16), chosen with the engine")
+    engine_timing_s: float = Field(1.0, ge=0, description="seconds of timing per engine x precision candidate at load")
+    threads: int | None = Field(None, ge=1, description="engine intra-op threads of one call (default: all cores)")
     engine_streams: int | None = Field(
         None, ge=1, description="parallel single-threaded engine runs under load (default: = threads); a lone "
         "request still uses all threads. 1 = one engine run at a time with all threads")

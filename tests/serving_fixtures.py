@@ -69,11 +69,15 @@ def shared_bundle(image_size: int = TEST_IMAGE_SIZE, seed: int = 0, int8: bool =
 
 
 def build_bundle(dest: Path, image_size: int = TEST_IMAGE_SIZE, seed: int = 0, calibration: int = 16,
-                 int8_accepted: bool = False, int8: bool = True):
-    """Export a random ResNet-50 as a complete bundle; returns (bundle dir, torch module)."""
+                 int8_accepted: bool = False, int8: bool = True, gate_images: int = 32):
+    """Export a random ResNet-50 as a complete bundle; returns (bundle dir, torch module).
+
+    The engine gate set holds ``gate_images`` other real X-rays with their true labels, as an export stores it.
+    """
     import torch
 
     from model.bundle import make_session, run_images, write_bundle
+    from model.engine_gate import write_gate_set
     from model.export import export_onnx, quantize_int8
     from model.network import build_resnet50
     from model.preprocessing import PreprocessConfig, load_resized
@@ -93,13 +97,20 @@ def build_bundle(dest: Path, image_size: int = TEST_IMAGE_SIZE, seed: int = 0, c
     export_onnx(net, image_size, dest / "model.onnx")
     if int8:
         quantize_int8(dest / "model.onnx", dest / "model.int8.onnx", images, config)
-    logits = run_images(make_session(dest / "model.onnx", threads=2), images, config)
+    session = make_session(dest / "model.onnx", threads=2)
+    logits = run_images(session, images, config)
     temperature = float(max(np.std(logits), 1e-3))
     probs = 1 / (1 + np.exp(-logits / temperature))
-    write_bundle(dest, {"model_name": "pneumonia", "arch": "resnet50", "preprocess": config.to_dict(),
-                        "threshold": float(np.median(probs)), "threshold_method": "test-median",
-                        "temperature": temperature, "metrics": {},
-                        "int8": {"accepted": int8_accepted, "reason": "test bundle"}})
+    meta = {"model_name": "pneumonia", "arch": "resnet50", "preprocess": config.to_dict(),
+            "threshold": float(np.median(probs)), "threshold_method": "test-median", "temperature": temperature,
+            "metrics": {}, "int8": {"accepted": int8_accepted, "reason": "test bundle", "max_auc_drop": 0.003}}
+    if gate_images:
+        gate_files = xray_files(per_class=gate_images // 2, offset=200)
+        gate_pixels = np.stack([load_resized(f.read_bytes(), config).pixels for f in gate_files])
+        gate_labels = np.array([int(f.parent.name == "PNEUMONIA") for f in gate_files])
+        meta["engine_gate"] = write_gate_set(dest, gate_pixels, gate_labels, session, config, temperature,
+                                             count=gate_images)
+    write_bundle(dest, meta)
     return dest, net
 
 

@@ -344,16 +344,19 @@ def deployed(serving_image, bundle, base_image):
 
 
 @pytest.fixture(scope="module")
-def reference(bundle):
-    """The local stack (two processes on this machine) on the same bundle: the answers to match."""
+def reference(bundle, deployed):
+    """The local stack (two processes on this machine) on the same bundle, with the engine and precision the
+    container's predictor chose at load (auto: timed there): the answers to match."""
+    from model.bundle import Bundle
     from serving.client import predict_v2
     from serving.settings import ServingSettings
     from serving.stack import LocalStack
 
     images = [f for f in xray_files(per_class=2)] + xray_files(1, XRAY_FULL)
-    from model.bundle import Bundle
-
-    settings = ServingSettings(threads=1, model_sha256=Bundle.load(bundle, verify=False).sha256)
+    platform = httpx.get(f"{deployed.predictor.url(8080)}/v2/models/pneumonia", timeout=10).json()["platform"]
+    engine, _, precision = platform.partition("/")
+    settings = ServingSettings(threads=1, model_sha256=Bundle.load(bundle, verify=False).sha256,
+                               engine=engine.removesuffix("_onnx"), precision=precision)
     with LocalStack(str(bundle), free_port_pair(), settings) as stack:
         answers = {str(f): predict_v2(stack.info["rest"], f.read_bytes()) for f in images}
     return answers

@@ -61,7 +61,7 @@ def served(tmp_path_factory):
     # Room for the concurrency these tests make (admission itself is tested in test_serving_lifecycle.py).
     env = dict(os.environ, MLFLOW_TRACKING_URI=tracking_uri, PNEUMOSCOPE_MAX_PAYLOAD_BYTES=str(MAX_PAYLOAD),
                PNEUMOSCOPE_MAX_BATCH_SIZE="8", PNEUMOSCOPE_THREADS="2", PNEUMOSCOPE_MAX_INFLIGHT="64",
-               PYTHONUNBUFFERED="1")
+               PNEUMOSCOPE_ENGINE_TIMING_S="0.3", PYTHONUNBUFFERED="1")
     process, info = serve_until_ready(["--model", "models:/pneumonia@champion", "--port", str(port)], env, root, log)
     served = Served(info, process, log, tracking_uri, bundle, net)
     yield served
@@ -203,6 +203,19 @@ def test_quality_flags_are_reported_and_never_change_the_decision(served, images
     assert [json.loads(f) for f in v2["quality_flags"]["data"]] == flags
     assert v2["quality_flags"]["datatype"] == "BYTES" and v2["quality_flags"]["shape"] == [3]
     np.testing.assert_allclose(v2["probability"]["data"], [p["probability"] for p in predictions], atol=1e-6)
+
+
+def test_predictor_reports_the_engine_it_chose(served):
+    """``auto`` gated and timed the engines at load; v2 metadata, /metrics and the log name the one serving."""
+    predictor = httpx.get(f"{served.info['predictor_rest']}/v2/models/pneumonia").json()
+    platform, _, precision = predictor["platform"].partition("/")
+    assert platform in ("onnxruntime_onnx", "openvino_onnx") and precision == "fp32", predictor
+    engine = platform.removesuffix("_onnx")
+    metrics = httpx.get(f"{served.info['predictor_rest']}/metrics").text
+    info = [line for line in metrics.splitlines() if line.startswith("pneumoscope_engine_info{")]
+    assert len(info) == 1 and f'engine="{engine}"' in info[0] and 'selection="auto"' in info[0], info
+    log = served.log.read_text()
+    assert "engine selection (auto" in log and f"serving with {engine} fp32" in log
 
 
 def test_grpc_with_kserve_client(served, images):
@@ -670,7 +683,7 @@ def test_precision_flag_selects_the_graph(served):
     digest = Bundle.load(served.bundle).sha256
     for precision in ("auto", "fp32", "int8"):
         model = PneumoniaPredictor("pneumonia", str(served.bundle), ServingSettings(
-            precision=precision, threads=1, max_batch_size=2, model_sha256=digest))
+            precision=precision, threads=1, max_batch_size=2, model_sha256=digest, engine_timing_s=0.2))
         assert model.load() and model.ready
         chosen[precision] = model.precision
     # the test bundle's int8 graph did not pass its gate, so "auto" serves fp32
