@@ -123,10 +123,10 @@ def _dicom_preview(data: bytes) -> bytes:
     from PIL import Image
 
     from model.dicom import decode_dicom
-    from model.preprocessing import InvalidImageError
+    from model.preprocessing import DEFAULT_MAX_PIXELS, InvalidImageError
 
     try:
-        gray = decode_dicom(data)
+        gray = decode_dicom(data, DEFAULT_MAX_PIXELS)  # the decoder's cost bounds (pixels, bytes, first frame)
     except InvalidImageError as exc:
         raise UploadRejected(exc.reason, str(exc), 422) from None
     image = Image.fromarray(gray)
