@@ -30,7 +30,9 @@ COPY model/ model/
 COPY serving/ serving/
 # Test suites shipped inside wheels (pandas alone: ~50 MB) are never imported. OpenVINO keeps what the
 # predictor runs (the core, the CPU plugin, the ONNX and IR frontends, TBB): 180 -> ~100 MB without the
-# GPU/NPU/AUTO/HETERO/BATCH plugins, the other frameworks' frontends, the GPU kernel cache and headers.
+# GPU/NPU/AUTO/HETERO/BATCH plugins, the other frameworks' frontends (and their Python wrappers), the C API,
+# the conversion tools, the GPU kernel cache and headers.
+# botocore keeps the service models of S3 (model artifacts) and STS/SSO (credentials): 27 -> ~2 MB.
 # Bytecode: pip compiles every module of every dependency (~100 MB); it is dropped and written again by
 # importing both servers and both engines, so the modules they start with have it (the running container
 # cannot write it: read-only root; imports dominate cold start) and the rest do not.
@@ -44,9 +46,14 @@ RUN pip install --no-deps --no-build-isolation --no-cache-dir . \
               "$ov"/libs/libopenvino_tensorflow_frontend.so* "$ov"/libs/libopenvino_tensorflow_lite_frontend.so* \
               "$ov"/libs/libopenvino_paddle_frontend.so* "$ov"/libs/libopenvino_pytorch_frontend.so* \
               "$ov"/libs/libopenvino_jax_frontend.so* "$ov"/libs/libopenvino_gguf_frontend.so* \
+              "$ov"/libs/libopenvino_c.so* "$ov"/frontend/jax "$ov"/frontend/paddle "$ov"/frontend/pytorch \
+              "$ov"/frontend/tensorflow "$ov"/tools "$ov"/torch \
+    && find /opt/venv/lib/python3.11/site-packages/botocore/data -mindepth 1 -maxdepth 1 -type d \
+            ! -name s3 ! -name sts ! -name sso ! -name sso-oidc -exec rm -rf {} + \
     && find /opt/venv -name __pycache__ -type d -prune -exec rm -rf {} + \
     && python3 -c "import serving.predictor_main, serving.transformer_main, serving.engine_selection, onnxruntime, openvino, model.registry" \
     && python3 -c "import openvino as ov; assert 'CPU' in ov.Core().available_devices, 'OpenVINO has no CPU plugin'" \
+    && python3 -c "import boto3; [boto3.client(s, region_name='us-east-1') for s in ('s3', 'sts')]" \
     && python3 -c "import importlib.util as u; assert u.find_spec('torch') is None, 'torch must not be in the serving image'"
 
 
