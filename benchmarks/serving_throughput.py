@@ -1,15 +1,19 @@
-"""Serving throughput: the raw engine vs the served stack, in one run, on real X-rays at 224 px.
+"""Serving throughput: every raw engine x precision vs the served stack, in one run, on real X-rays at 224 px.
 
-    python benchmarks/serving_throughput.py [--out results.json] [--seconds 15] [--precisions fp32,int8]
+    python benchmarks/serving_throughput.py [--out results.json] [--seconds 10] [--engines onnxruntime,openvino]
+                                            [--precisions fp32,int8[,bf16]] [--served auto[,openvino/int8,...]]
 
 1. A 224 px bundle exported from an untrained ResNet-50 (fp32 + static int8 calibrated on real
-   X-rays; throughput does not depend on the weights), cached under ``.pneumoscope/bench/``.
-2. Raw engine: ONNX Runtime directly on preprocessed tensors (the predictor's session settings),
-   batch 1 and batched, img/s and latency percentiles.
-3. Served: ``LocalStack`` (transformer + predictor processes, as ``pneumoscope serve``), clients
-   sending one encoded JPEG per request over REST v2 (binary extension) and gRPC v2 (tritonclient),
-   at concurrency 1, 4 and 16; img/s, p50/p99, and the predictor's dynamic-batch sizes.
-4. Raw engine again at the end: the machine may be shared, so drift is visible.
+   X-rays, and the engine gate set; throughput does not depend on the weights), cached under
+   ``.pneumoscope/bench/``.
+2. Raw engines: every engine x precision (``serving.engine``, exactly what the predictor runs) directly on
+   preprocessed tensors: batch 1 and batched with all threads, and single-threaded streams side by side;
+   img/s and latency percentiles. bf16 only where the CPU has native bf16.
+3. Served: ``LocalStack`` (transformer + predictor processes, as ``pneumoscope serve``) with the engine
+   ``auto`` chose at load (and any engine/precision forced with ``--served``), clients sending one
+   encoded JPEG per request over REST v2 (binary extension) and gRPC v2 (tritonclient), at concurrency
+   1, 4 and 16; img/s, p50/p99, and the predictor's dynamic-batch sizes.
+4. Raw engines again at the end: the machine may be shared, so drift is visible.
 
 Results: one JSON document (``--out``, and stdout). The load generator shares the CPU with the
 servers, as it would on a 2-core box; its cost is part of the measured served numbers.
@@ -21,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import sys
 import threading
 import time
@@ -30,7 +35,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-DATA = ROOT.parent / "shared" / "data" / "chest_xray_224"
+DATA = Path(os.environ.get("PNEUMOSCOPE_SHARED_DATA") or ROOT.parent / "shared" / "data") / "chest_xray_224"
+FLAGS_OF_INTEREST = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16",
+                     "amx_int8", "amx_tile")
 
 
 def log(message: str) -> None:
@@ -38,17 +45,28 @@ def log(message: str) -> None:
 
 
 def cpu_info() -> dict:
+    from serving.engine import cpu_flags, installed, native_bf16
+
     model = ""
     try:
         for line in open("/proc/cpuinfo"):
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
-        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
-    except (OSError, StopIteration):
-        flags = []
-    return {"cpus": os.cpu_count(), "model": model, "avx2": "avx2" in flags,
-            "avx512_vnni": "avx512_vnni" in flags, "avx_vnni": "avx_vnni" in flags, "python": platform.python_version()}
+    except OSError:
+        pass
+    flags = cpu_flags()
+    info = {"cpus": os.cpu_count(), "model": model, "flags": [f for f in FLAGS_OF_INTEREST if f in flags],
+            "native_bf16": native_bf16(), "python": platform.python_version()}
+    import onnxruntime
+
+    info["onnxruntime"] = onnxruntime.__version__
+    if installed("openvino"):
+        import openvino
+
+        info["openvino"] = openvino.__version__
+        info["openvino_cpu_capabilities"] = list(openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+    return info
 
 
 def load_images(count: int) -> tuple[list[bytes], list[str]]:
@@ -65,13 +83,15 @@ def build_bundle(dest: Path, encoded: list[bytes]) -> Path:
 
     try:
         bundle = Bundle.load(dest)
-        if bundle.preprocess.image_size == 224 and "model.int8.onnx" in bundle.meta["files"]:
+        if bundle.preprocess.image_size == 224 and "model.int8.onnx" in bundle.meta["files"] and \
+                bundle.meta.get("engine_gate"):
             return dest
     except (BundleError, FileNotFoundError, KeyError):
         pass
     import torch
 
-    from model.bundle import write_bundle
+    from model.bundle import make_session, run_images, write_bundle
+    from model.engine_gate import write_gate_set
     from model.export import export_onnx, quantize_int8
     from model.network import build_resnet50
     from model.preprocessing import PreprocessConfig, load_resized
@@ -87,9 +107,19 @@ def build_bundle(dest: Path, encoded: list[bytes]) -> Path:
     net = build_resnet50(for_training=False).eval()
     export_onnx(net, 224, dest / "model.onnx")
     quantize_int8(dest / "model.onnx", dest / "model.int8.onnx", pixels, config)
+    # The gate set: 64 other real X-rays with their true labels; the temperature puts the random network's
+    # logits on a calibrated scale (as fitting would), which sets the gate's logit tolerance.
+    gate_files = sorted((DATA / "train" / "NORMAL").iterdir())[200:232] + \
+        sorted((DATA / "train" / "PNEUMONIA").iterdir())[200:232]
+    gate_pixels = np.stack([load_resized(f.read_bytes(), config).pixels for f in gate_files])
+    gate_labels = np.array([int(f.parent.name == "PNEUMONIA") for f in gate_files])
+    session = make_session(dest / "model.onnx")
+    temperature = float(np.std(run_images(session, gate_pixels, config)))
+    engine_gate = write_gate_set(dest, gate_pixels, gate_labels, session, config, temperature)
     write_bundle(dest, {"model_name": "pneumonia", "arch": "resnet50 (untrained, benchmark only)",
-                        "preprocess": config.to_dict(), "threshold": 0.5, "temperature": 1.0, "metrics": {},
-                        "int8": {"accepted": True, "reason": "benchmark bundle: no accuracy gate"}})
+                        "preprocess": config.to_dict(), "threshold": 0.5, "temperature": temperature, "metrics": {},
+                        "int8": {"accepted": True, "reason": "benchmark bundle: int8 accepted without an export "
+                                 "gate; the engine gate still judges it"}, "engine_gate": engine_gate})
     return dest
 
 
@@ -104,22 +134,26 @@ def stats(latencies_s: list[float], images: int, wall_s: float) -> dict:
 # ---------------------------------------------------------------------------------------------------
 # raw engine
 
-def raw_engine(bundle_dir: Path, precision: str, tensors: np.ndarray, batch: int, seconds: float, threads: int,
-               spinning: bool) -> dict:
-    from model.bundle import Bundle
-    from serving.engine import create_session
+GRAPHS = {"fp32": "model.onnx", "int8": "model.int8.onnx", "bf16": "model.onnx"}
 
-    session = create_session(Bundle.load(bundle_dir, verify=False).onnx_path(precision), threads, spinning)
+
+def raw_engine(bundle_dir: Path, combo: str, tensors: np.ndarray, batch: int, seconds: float, threads: int,
+               spinning: bool) -> dict:
+    """``combo`` = ENGINE/PRECISION, all ``threads`` on one call of ``batch`` images at a time."""
+    from serving.engine import create_engine
+
+    engine, precision = combo.split("/")
+    session = create_engine(engine, bundle_dir / GRAPHS[precision], precision, threads, 1, spinning)
     feeds = [tensors[i:i + batch] for i in range(0, len(tensors) - batch + 1, batch)]
     for x in feeds[:2]:
-        session.run(None, {"image": x})
+        session.run(x)
     latencies, images, i = [], 0, 0
     cpu0 = sum(os.times()[:2])
     started = time.perf_counter()
     while time.perf_counter() - started < seconds or len(latencies) < 5:
         x = feeds[i % len(feeds)]
         t = time.perf_counter()
-        session.run(None, {"image": x})
+        session.run(x)
         latencies.append(time.perf_counter() - t)
         images += len(x)
         i += 1
@@ -128,13 +162,13 @@ def raw_engine(bundle_dir: Path, precision: str, tensors: np.ndarray, batch: int
     return dict(stats(latencies, images, wall), batch=batch, cpu_ms_per_image=round(cpu_ms, 1))
 
 
-def raw_parallel(bundle_dir: Path, precision: str, tensors: np.ndarray, streams: int, seconds: float) -> dict:
-    """``streams`` single-threaded runs side by side (one shared session): the engine's best throughput."""
-    from model.bundle import Bundle
-    from serving.engine import create_session
+def raw_parallel(bundle_dir: Path, combo: str, tensors: np.ndarray, streams: int, seconds: float) -> dict:
+    """``streams`` single-threaded runs side by side (the predictor's narrow engine): its best throughput."""
+    from serving.engine import create_engine
 
-    session = create_session(Bundle.load(bundle_dir, verify=False).onnx_path(precision), 1)
-    session.run(None, {"image": tensors[:1]})
+    engine, precision = combo.split("/")
+    session = create_engine(engine, bundle_dir / GRAPHS[precision], precision, 1, streams)
+    session.run(tensors[:1])
     latencies: list[list[float]] = [[] for _ in range(streams)]
     stop_at = time.perf_counter() + seconds
 
@@ -142,7 +176,7 @@ def raw_parallel(bundle_dir: Path, precision: str, tensors: np.ndarray, streams:
         i = k
         while time.perf_counter() < stop_at:
             t = time.perf_counter()
-            session.run(None, {"image": tensors[i % len(tensors)][None]})
+            session.run(tensors[i % len(tensors)][None])
             latencies[k].append(time.perf_counter() - t)
             i += streams
 
@@ -273,22 +307,45 @@ def batch_histogram(predictor_rest: str) -> tuple[float, float]:
     return values.get("pneumoscope_batch_size_count", 0.0), values.get("pneumoscope_batch_size_sum", 0.0)
 
 
-def served(bundle_dir: Path, encoded: list[bytes], tensors: np.ndarray, args, precision: str, port: int) -> dict:
+def engine_choice(predictor_rest: str) -> tuple[str, dict]:
+    """The engine/precision the predictor serves with (v2 metadata) and what it measured at load (/metrics)."""
+    import httpx
+
+    platform = httpx.get(f"{predictor_rest}/v2/models/pneumonia").json()["platform"]
+    engine, precision = platform.split("/")
+    sample = re.compile(r'^pneumoscope_engine_candidate_images_per_second'
+                        r'\{engine="([^"]+)",precision="([^"]+)"\} (\S+)$')
+    measured = {f"{m[1]}/{m[2]}": float(m[3]) for m in map(sample.match, httpx.get(f"{predictor_rest}/metrics")
+                                                           .text.splitlines()) if m}
+    return f"{engine.removesuffix('_onnx')}/{precision}", measured
+
+
+def served(bundle_dir: Path, encoded: list[bytes], tensors: np.ndarray, args, target: str, port: int) -> dict:
+    """The stack with ``target``: ``auto`` (the predictor chooses) or ``ENGINE/PRECISION`` forced."""
+    from model.bundle import Bundle
     from serving.settings import ServingSettings
     from serving.stack import LocalStack
 
-    settings = ServingSettings(precision=precision, threads=args.threads, engine_streams=args.engine_streams,
-                               max_batch_size=args.max_batch_size,
+    engine, precision = ("auto", "auto") if target == "auto" else target.split("/")
+    settings = ServingSettings(engine=engine, precision=precision, threads=args.threads,
+                               engine_streams=args.engine_streams, max_batch_size=args.max_batch_size,
                                max_batch_delay_ms=args.max_batch_delay_ms, spinning=args.spinning,
-                               predictor_protocol=args.predictor_protocol)
-    log_file = Path(args.log_dir) / f"stack-{precision}.log"
+                               predictor_protocol=args.predictor_protocol,
+                               # throughput, not admission, is measured here (benchmarks/overload.py does that)
+                               max_inflight=64, model_sha256=Bundle.load(bundle_dir, verify=False).sha256)
+    log_file = Path(args.log_dir) / f"stack-{target.replace('/', '-')}.log"
     log_file.parent.mkdir(parents=True, exist_ok=True)
     stack = LocalStack(str(bundle_dir), port, settings, log_file=log_file, restart=False)
-    info = stack.start(timeout=300, supervise_in_background=False)
+    started = time.perf_counter()
+    info = stack.start(timeout=600, supervise_in_background=False)
+    chosen, measured = engine_choice(info["predictor_rest"])
+    log(f"served {target}: the predictor serves {chosen} (ready after {time.perf_counter() - started:.0f} s; "
+        f"measured at load, img/s: {measured or 'one candidate, not timed'})")
     results = {"settings": {k: v for k, v in settings.model_dump().items()
-                            if k in ("precision", "threads", "engine_streams", "max_batch_size", "max_batch_delay_ms",
-                                     "spinning",
-                                     "predictor_protocol")}, "log": str(log_file)}
+                            if k in ("engine", "precision", "threads", "engine_streams", "max_batch_size",
+                                     "max_batch_delay_ms", "spinning", "predictor_protocol")},
+               "chosen": chosen, "measured_at_load_img_per_s": measured,
+               "start_to_ready_s": round(time.perf_counter() - started, 1), "log": str(log_file)}
     try:
         for name, make in (("rest_v2", lambda: RestV2Client(info["rest"])), ("grpc", lambda: GrpcClient(info["grpc"]))):
             if name not in args.protocols:
@@ -296,7 +353,7 @@ def served(bundle_dir: Path, encoded: list[bytes], tensors: np.ndarray, args, pr
             results[name] = {}
             for concurrency in args.concurrency:
                 # The machine may be shared: time the bare engine right before each served point.
-                paired = raw_engine(bundle_dir, precision, tensors, 1, args.seconds / 2, args.threads, args.spinning)
+                paired = raw_engine(bundle_dir, chosen, tensors, 1, args.seconds / 2, args.threads, args.spinning)
                 calls0, rows0 = batch_histogram(info["predictor_rest"])
                 cpu0 = cpu_seconds(info["pids"])
                 point = drive(make, encoded, concurrency, args.seconds)
@@ -308,8 +365,8 @@ def served(bundle_dir: Path, encoded: list[bytes], tensors: np.ndarray, args, pr
                 point["paired_raw_b1"] = {k: paired[k] for k in ("img_per_s", "p50_ms", "p99_ms", "cpu_ms_per_image")}
                 point["over_paired_raw_b1"] = round(point["img_per_s"] / paired["img_per_s"], 3)
                 results[name][f"c{concurrency}"] = point
-                log(f"served {precision} {name} c={concurrency}: {point['img_per_s']} img/s (bare engine just before: "
-                    f"{paired['img_per_s']}), p50 {point['p50_ms']} ms, p99 {point['p99_ms']} ms, engine batch "
+                log(f"served {target} ({chosen}) {name} c={concurrency}: {point['img_per_s']} img/s (bare engine just "
+                    f"before: {paired['img_per_s']}), p50 {point['p50_ms']} ms, p99 {point['p99_ms']} ms, engine batch "
                     f"{point['mean_engine_batch']}, CPU ms/img {point['cpu_ms_per_image']}")
     finally:
         stack.stop()
@@ -319,25 +376,33 @@ def served(bundle_dir: Path, encoded: list[bytes], tensors: np.ndarray, args, pr
 # ---------------------------------------------------------------------------------------------------
 
 def main() -> int:
+    from serving.engine import ENGINES, installed, native_bf16
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(ROOT / ".pneumoscope" / "bench" / "serving_throughput.json"))
     parser.add_argument("--bundle", default=str(ROOT / ".pneumoscope" / "bench" / "bundle224"))
     parser.add_argument("--images", type=int, default=64, help="real X-rays cycled through")
-    parser.add_argument("--seconds", type=float, default=12.0, help="per measured point")
-    parser.add_argument("--precisions", default="fp32,int8")
+    parser.add_argument("--seconds", type=float, default=10.0, help="per measured point")
+    parser.add_argument("--engines", default=",".join(e for e in ENGINES if installed(e)))
+    parser.add_argument("--precisions", default="fp32,int8,bf16" if native_bf16() else "fp32,int8",
+                        help="raw engine precisions (bf16: OpenVINO with native bf16 only)")
+    parser.add_argument("--served", default="auto", help="stacks to drive: auto and/or ENGINE/PRECISION")
     parser.add_argument("--protocols", default="rest_v2,grpc")
     parser.add_argument("--concurrency", default="1,4,16")
     parser.add_argument("--raw-batch", type=int, default=8, help="batched raw-engine point")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="ORT intra-op threads")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="engine intra-op threads")
     parser.add_argument("--spinning", action="store_true")
     parser.add_argument("--engine-streams", type=int, default=None, help="served: parallel narrow engine runs")
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--max-batch-delay-ms", type=float, default=0.0)
     parser.add_argument("--predictor-protocol", default="grpc-v2", choices=["grpc-v2", "v2"])
-    parser.add_argument("--port", type=int, default=18480)
+    parser.add_argument("--port", type=int, default=26480)
     parser.add_argument("--log-dir", default=str(ROOT / ".pneumoscope" / "bench" / "logs"))
     args = parser.parse_args()
-    args.precisions = [p for p in args.precisions.split(",") if p]
+    engines = [e for e in args.engines.split(",") if e]
+    combos = [f"{e}/{p}" for e in engines for p in args.precisions.split(",") if p
+              and not (p == "bf16" and e != "openvino")]
+    args.served = [t for t in args.served.split(",") if t]
     args.protocols = [p for p in args.protocols.split(",") if p]
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
 
@@ -352,26 +417,27 @@ def main() -> int:
     report = {"machine": cpu_info(), "load_average_start": os.getloadavg(), "images": len(encoded),
               "image_size": 224, "bundle": str(bundle_dir), "seconds_per_point": args.seconds,
               "raw": {}, "served": {}}
+    log(f"machine: {report['machine']}")
 
     def raw_pass(tag: str):
-        for precision in args.precisions:
+        for combo in combos:
             for batch in (1, args.raw_batch):
-                point = raw_engine(bundle_dir, precision, tensors, batch, args.seconds, args.threads, args.spinning)
-                report["raw"].setdefault(precision, {})[f"{tag}_b{batch}"] = point
-                log(f"raw {precision} batch {batch} ({tag}): {point['img_per_s']} img/s, p50 {point['p50_ms']} ms")
-            streams = args.threads
+                point = raw_engine(bundle_dir, combo, tensors, batch, args.seconds, args.threads, args.spinning)
+                report["raw"].setdefault(combo, {})[f"{tag}_b{batch}"] = point
+                log(f"raw {combo} batch {batch} ({tag}): {point['img_per_s']} img/s, p50 {point['p50_ms']} ms")
+            streams = args.engine_streams or args.threads
             if streams > 1:
-                point = raw_parallel(bundle_dir, precision, tensors, streams, args.seconds)
-                report["raw"][precision][f"{tag}_p{streams}"] = point
-                log(f"raw {precision} {streams} single-threaded streams ({tag}): {point['img_per_s']} img/s, "
+                point = raw_parallel(bundle_dir, combo, tensors, streams, args.seconds)
+                report["raw"][combo][f"{tag}_p{streams}"] = point
+                log(f"raw {combo} {streams} single-threaded streams ({tag}): {point['img_per_s']} img/s, "
                     f"p50 {point['p50_ms']} ms")
 
     raw_pass("before")
-    for k, precision in enumerate(args.precisions):
-        report["served"][precision] = served(bundle_dir, encoded, tensors, args, precision, args.port + 2 * k)
+    for k, target in enumerate(args.served):
+        report["served"][target] = served(bundle_dir, encoded, tensors, args, target, args.port + 2 * k)
     raw_pass("after")
     report["load_average_end"] = os.getloadavg()
-    report["summary"] = summarize(report, args)
+    report["summary"] = summarize(report)
     text = json.dumps(report, indent=2)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)
@@ -379,43 +445,44 @@ def main() -> int:
     return 0
 
 
-def summarize(report: dict, args) -> dict:
-    """The goals, against the raw engine of the before/after passes AND against the paired raw points.
+def summarize(report: dict) -> dict:
+    """The goals, against the best raw engine x precision of the before/after passes AND the paired raw points.
 
-    Goals: served >= 80 img/s; served >= 0.85 x raw; p99 at one request in flight <= 1.25 x raw
-    single-image latency + 10 ms (checked against the raw p50 -- strict -- and the raw p99).
+    Goals: served >= 0.85 x the best raw engine (any engine, any precision) at 16 in flight; p99 at one request
+    in flight <= 1.25 x raw single-image latency + 10 ms (checked against the raw p50 -- strict -- and the raw p99).
     """
-    out = {}
-    for precision, raw in report["raw"].items():
+    best_raw = {combo: max(p["img_per_s"] for p in points.values()) for combo, points in report["raw"].items()}
+    best_combo = max(best_raw, key=best_raw.get)
+    out = {"raw_best_img_per_s": best_raw, "raw_best_overall": best_combo}
+    for target, srv in report["served"].items():
+        chosen = srv["chosen"]
+        raw = report["raw"].get(chosen, {})
         b1 = [raw[k] for k in raw if k.endswith("_b1")]
-        bn = [raw[k] for k in raw if not k.endswith("_b1")]  # batched, and parallel single-threaded streams
-        raw_best = max(p["img_per_s"] for p in b1 + bn)
-        raw_b1_p50 = float(np.median([p["p50_ms"] for p in b1]))
-        raw_b1_p99 = float(np.median([p["p99_ms"] for p in b1]))
-        srv = report["served"].get(precision, {})
         for protocol in ("rest_v2", "grpc"):
             if protocol not in srv:
                 continue
             points = srv[protocol]
             best = max(points.values(), key=lambda p: p["img_per_s"])
+            c16 = points.get("c16", best)
             paired = [p["over_paired_raw_b1"] for p in points.values()]
-            entry = {"raw_best_img_per_s": raw_best, "served_best_img_per_s": best["img_per_s"],
-                     "served_best_at": f"c{best['concurrency']}",
-                     "served_over_raw_best": round(best["img_per_s"] / raw_best, 3),
+            entry = {"chosen": chosen, "served_best_img_per_s": best["img_per_s"],
+                     "served_best_at": f"c{best['concurrency']}", "served_c16_img_per_s": c16["img_per_s"],
+                     "best_raw_overall": best_combo, "best_raw_overall_img_per_s": best_raw[best_combo],
+                     "served_c16_over_best_raw_overall": round(c16["img_per_s"] / best_raw[best_combo], 3),
+                     "served_c16_over_best_raw_of_chosen": round(c16["img_per_s"] / best_raw[chosen], 3)
+                     if chosen in best_raw else None,
                      "served_over_paired_raw_b1": {k: p["over_paired_raw_b1"] for k, p in points.items()},
                      "median_served_over_paired_raw_b1": round(float(np.median(paired)), 3),
-                     "goal_80_img_per_s": best["img_per_s"] >= 80,
-                     "goal_0.85x_raw": best["img_per_s"] >= 0.85 * raw_best or float(np.median(paired)) >= 0.85}
+                     "goal_0.85x_best_raw_at_c16": c16["img_per_s"] >= 0.85 * best_raw[best_combo]}
             one = points.get("c1")
-            if one:
+            if one and b1:
                 pair = one["paired_raw_b1"]
-                entry.update(raw_b1_p50_ms=round(raw_b1_p50, 1), raw_b1_p99_ms=round(raw_b1_p99, 1),
+                entry.update(raw_b1_p50_ms=round(float(np.median([p["p50_ms"] for p in b1])), 1),
+                             raw_b1_p99_ms=round(float(np.median([p["p99_ms"] for p in b1])), 1),
                              served_c1_p50_ms=one["p50_ms"], served_c1_p99_ms=one["p99_ms"],
-                             p99_limit_vs_raw_p50_ms=round(1.25 * pair["p50_ms"] + 10, 1),
-                             p99_limit_vs_raw_p99_ms=round(1.25 * pair["p99_ms"] + 10, 1),
                              goal_p99_vs_raw_p50=one["p99_ms"] <= 1.25 * pair["p50_ms"] + 10,
                              goal_p99_vs_raw_p99=one["p99_ms"] <= 1.25 * pair["p99_ms"] + 10)
-            out[f"{precision}/{protocol}"] = entry
+            out[f"{target}/{protocol}"] = entry
     return out
 
 

@@ -74,7 +74,12 @@ class Deployment:
             port = free_port()
         self.env = {"PNEUMOSCOPE_HOME": str(home), "PNEUMOSCOPE_SECRET_KEY": "bench", **self.env}
         self.token = api_token(self.env, "bench", PASSWORD)
-        self.stack = LocalStack(model, port, ServingSettings(), log_file=home / "stack.log",
+        settings = ServingSettings()
+        if not model.startswith("models:/") and not settings.model_sha256:
+            from model.bundle import Bundle
+
+            settings = settings.model_copy(update={"model_sha256": Bundle.load(model, verify=False).sha256})
+        self.stack = LocalStack(model, port, settings, log_file=home / "stack.log",
                                 web_port=port + 2 if self.web else None, extra_env=self.env)
         log(f"starting the stack on {port} (web app on {port + 2})" if self.web else f"starting the stack on {port}")
         self.info = self.stack.start(timeout=300)

@@ -1,9 +1,9 @@
 # The KServe transformer and predictor: one image, two entry points.
 #
-#   pneumoscope-predictor   (= python -m serving.predictor_main)   ONNX Runtime, one pinned model version
+#   pneumoscope-predictor   (= python -m serving.predictor_main)   ONNX Runtime or OpenVINO, one pinned model version
 #   pneumoscope-transformer (= python -m serving.transformer_main) decode, gate, heatmap; calls the predictor
 #
-# Only the `serve` extra is installed: ONNX Runtime, kserve, pydicom, Pillow; no torch (checked below).
+# Only the `serve` extra is installed: ONNX Runtime, OpenVINO, kserve, pydicom, Pillow; no torch (checked below).
 # Build with docker/build.sh (or `make images`), which passes the host's CA bundle and pip index
 # settings as build secrets; they never end up in a layer.
 
@@ -28,13 +28,32 @@ RUN --mount=type=secret,id=hostca --mount=type=secret,id=pipconf --mount=type=ca
 COPY README.md ./
 COPY model/ model/
 COPY serving/ serving/
-# Test suites shipped inside wheels (pandas alone: ~50 MB) are never imported; bytecode is compiled
-# now because the running container cannot write it (read-only root) and imports dominate cold start.
+# Test suites shipped inside wheels (pandas alone: ~50 MB) are never imported. OpenVINO keeps what the
+# predictor runs (the core, the CPU plugin, the ONNX and IR frontends, TBB): 180 -> ~100 MB without the
+# GPU/NPU/AUTO/HETERO/BATCH plugins, the other frameworks' frontends (and their Python wrappers), the C API,
+# the conversion tools, the GPU kernel cache and headers.
+# botocore keeps the service models of S3 (model artifacts) and STS/SSO (credentials): 27 -> ~2 MB.
+# Bytecode: pip compiles every module of every dependency (~100 MB); it is dropped and written again by
+# importing both servers and both engines, so the modules they start with have it (the running container
+# cannot write it: read-only root; imports dominate cold start) and the rest do not.
 RUN pip install --no-deps --no-build-isolation --no-cache-dir . \
     && pip uninstall --yes pip setuptools wheel \
     && find /opt/venv/lib/python3.11/site-packages -mindepth 2 -maxdepth 3 -type d -name tests -prune -exec rm -rf {} + \
-    && python3 -m compileall -q -j 0 /opt/venv/lib >/dev/null \
-    && python3 -c "import serving.predictor_main, serving.transformer_main" \
+    && ov=/opt/venv/lib/python3.11/site-packages/openvino \
+    && rm -rf "$ov"/include "$ov"/libs/cache.json "$ov"/libs/libopenvino_intel_gpu_plugin.so \
+              "$ov"/libs/libopenvino_intel_npu_plugin.so "$ov"/libs/libopenvino_auto_plugin.so \
+              "$ov"/libs/libopenvino_auto_batch_plugin.so "$ov"/libs/libopenvino_hetero_plugin.so \
+              "$ov"/libs/libopenvino_tensorflow_frontend.so* "$ov"/libs/libopenvino_tensorflow_lite_frontend.so* \
+              "$ov"/libs/libopenvino_paddle_frontend.so* "$ov"/libs/libopenvino_pytorch_frontend.so* \
+              "$ov"/libs/libopenvino_jax_frontend.so* "$ov"/libs/libopenvino_gguf_frontend.so* \
+              "$ov"/libs/libopenvino_c.so* "$ov"/frontend/jax "$ov"/frontend/paddle "$ov"/frontend/pytorch \
+              "$ov"/frontend/tensorflow "$ov"/tools "$ov"/torch \
+    && find /opt/venv/lib/python3.11/site-packages/botocore/data -mindepth 1 -maxdepth 1 -type d \
+            ! -name s3 ! -name sts ! -name sso ! -name sso-oidc -exec rm -rf {} + \
+    && find /opt/venv -name __pycache__ -type d -prune -exec rm -rf {} + \
+    && python3 -c "import serving.predictor_main, serving.transformer_main, serving.engine_selection, onnxruntime, openvino, model.registry" \
+    && python3 -c "import openvino as ov; assert 'CPU' in ov.Core().available_devices, 'OpenVINO has no CPU plugin'" \
+    && python3 -c "import boto3; [boto3.client(s, region_name='us-east-1') for s in ('s3', 'sts')]" \
     && python3 -c "import importlib.util as u; assert u.find_spec('torch') is None, 'torch must not be in the serving image'"
 
 

@@ -4,6 +4,7 @@ A bundle is a directory::
 
     model.onnx            fp32 graph: input ``image`` [N,1,S,S] -> ``logit`` [N], ``cam`` [N,h,w]
     model.int8.onnx       optional static QDQ int8 graph (same inputs/outputs)
+    gate.npz              optional engine accuracy gate: val images + fp32 reference outputs (model.engine_gate)
     pneumoscope.json      preprocessing, threshold, temperature + logit bias, metrics, int8 decision, sha256 of files
 
 No torch here: the serving path (transformer, predictor) imports this module.
@@ -38,28 +39,45 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def canonical_digest(meta: dict) -> str:
+    """SHA-256 of the bundle metadata (which holds every file's SHA-256), without its own digest field.
+
+    This is the bundle's identity: the registry stores it as the model version's ``bundle_sha256``
+    tag, and a server compares it with a digest it got from elsewhere (the tag, ``--sha256``), never
+    with the value written inside the bundle, which anyone able to alter the bundle can rewrite.
+    """
+    body = json.dumps({k: v for k, v in meta.items() if k != "bundle_sha256"}, sort_keys=True).encode()
+    return hashlib.sha256(body).hexdigest()
+
+
 def write_bundle(directory: str | Path, meta: dict) -> Path:
-    """Hash every ONNX file in ``directory`` and write ``pneumoscope.json``."""
+    """Hash every ONNX graph and stored array file in ``directory`` and write ``pneumoscope.json``."""
     root = Path(directory)
-    files = sorted(p.name for p in root.glob("*.onnx"))
+    files = sorted(p.name for p in root.iterdir() if p.suffix in (".onnx", ".npz") and p.is_file())
     meta = dict(meta, format=BUNDLE_FORMAT, files={name: sha256_file(root / name) for name in files})
     # The bundle hash covers the ONNX files and every decision stored with them.
-    body = json.dumps({k: v for k, v in meta.items() if k != "bundle_sha256"}, sort_keys=True).encode()
-    meta["bundle_sha256"] = hashlib.sha256(body).hexdigest()
+    meta["bundle_sha256"] = canonical_digest(meta)
     path = root / BUNDLE_FILE
     path.write_text(json.dumps(meta, indent=2, sort_keys=True))
     return path
 
 
 def find_bundle_dir(path: str | Path) -> Path:
-    """The bundle inside a downloaded MLflow model or a KServe ``/mnt/models`` mount."""
+    """The ONE bundle inside a downloaded MLflow model or a KServe ``/mnt/models`` mount."""
     root = Path(path)
     if (root / BUNDLE_FILE).is_file():
         return root
     found = sorted(root.rglob(BUNDLE_FILE))
     if not found:
         raise BundleError(f"no {BUNDLE_FILE} under {root}: not a pneumoscope model")
+    if len(found) > 1:
+        where = ", ".join(str(f.parent.relative_to(root)) for f in found[:4])
+        raise BundleError(f"{len(found)} bundles under {root} ({where}): a model folder must hold exactly one")
     return found[0].parent
+
+
+def is_sha256(value) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
 
 
 @dataclass
@@ -68,22 +86,48 @@ class Bundle:
     meta: dict
 
     @classmethod
-    def load(cls, path: str | Path, verify: bool = True) -> "Bundle":
+    def load(cls, path: str | Path, verify: bool = True, expected_sha256: str | None = None) -> "Bundle":
+        """Open a bundle. ``verify`` checks every file against the metadata (corruption); with
+        ``expected_sha256`` the metadata itself must have that digest (tampering)."""
         root = find_bundle_dir(path)
         try:
             meta = json.loads((root / BUNDLE_FILE).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise BundleError(f"cannot read {root / BUNDLE_FILE}: {exc}") from None
-        if meta.get("format") != BUNDLE_FORMAT:
-            raise BundleError(f"unsupported bundle format {meta.get('format')!r}")
+        if not isinstance(meta, dict) or meta.get("format") != BUNDLE_FORMAT:
+            raise BundleError(f"unsupported bundle format {meta.get('format') if isinstance(meta, dict) else None!r}")
+        files = meta.get("files")
+        if not isinstance(files, dict) or not files:
+            raise BundleError(f"{BUNDLE_FILE} lists no files")
+        for name, digest in files.items():
+            # Bare names only: "../x" or "/etc/x" would make the server read outside the bundle.
+            if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name or "\\" in name:
+                raise BundleError(f"{BUNDLE_FILE} names the file {name!r}; only bare file names are allowed")
+            if not is_sha256(digest):
+                raise BundleError(f"{BUNDLE_FILE} gives no valid sha256 for {name}")
         bundle = cls(root, meta)
+        if expected_sha256 is not None:
+            bundle.check_digest(expected_sha256)
         if verify:
             bundle.verify()
         return bundle
 
+    @property
+    def digest(self) -> str:
+        """The digest computed from the metadata as it is now."""
+        return canonical_digest(self.meta)
+
+    def check_digest(self, expected: str) -> None:
+        expected = str(expected).strip().lower()
+        if not is_sha256(expected):
+            raise BundleError(f"the expected bundle digest {expected[:80]!r} is not a SHA-256 (64 hex digits)")
+        if self.digest != expected:
+            raise BundleError(f"bundle digest {self.digest[:12]}... does not match the expected {expected[:12]}...: "
+                              "the model was altered or is not the version you meant")
+
     def verify(self) -> None:
-        body = json.dumps({k: v for k, v in self.meta.items() if k != "bundle_sha256"}, sort_keys=True).encode()
-        if hashlib.sha256(body).hexdigest() != self.meta.get("bundle_sha256"):
+        """Every listed file exists and has its listed SHA-256; the metadata matches its own digest."""
+        if self.digest != self.meta.get("bundle_sha256"):
             raise BundleError("pneumoscope.json does not match its bundle_sha256: the metadata was altered")
         for name, expected in self.meta["files"].items():
             path = self.root / name
@@ -94,7 +138,10 @@ class Bundle:
 
     @property
     def preprocess(self) -> PreprocessConfig:
-        return PreprocessConfig.from_dict(self.meta["preprocess"])
+        try:
+            return PreprocessConfig.from_dict(self.meta["preprocess"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BundleError(f"this model's preprocessing cannot be used: {exc}") from None
 
     @property
     def threshold(self) -> float:
@@ -106,7 +153,7 @@ class Bundle:
 
     @property
     def sha256(self) -> str:
-        return self.meta["bundle_sha256"]
+        return self.digest
 
     def onnx_path(self, precision: str = "auto") -> Path:
         """``auto`` takes int8 only when it passed its accuracy gate at export."""

@@ -1,4 +1,15 @@
-"""DICOM decoding: modality LUT, VOI LUT/window, MONOCHROME1 inversion, any bit depth -> uint8."""
+"""DICOM decoding: modality LUT, VOI LUT/window, MONOCHROME1 inversion, any bit depth -> uint8.
+
+The cost is bounded before pixel data is touched:
+
+- the transfer syntax must be on an allowlist, read from the file meta alone (a Deflate file would
+  otherwise be inflated whole by ``dcmread``);
+- Rows x Columns must fit ``max_pixels`` and Rows x Columns x frames x samples x bytes must fit
+  ``max_bytes``;
+- a compressed frame must declare the size the dataset declares (JPEG, JPEG 2000) or decompress to
+  no more than it (RLE, checked by walking the run headers without producing output);
+- only the first frame, the radiograph, is decoded.
+"""
 
 from __future__ import annotations
 
@@ -6,26 +17,33 @@ import io
 
 import numpy as np
 import pydicom
+from pydicom import uid
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
 from model.preprocessing import InvalidImageError
 
+#: Transfer syntaxes decoded here (native, RLE, and the JPEG flavours Pillow decodes). Deflate is
+#: absent: ``dcmread`` inflates the whole data set before anything can be checked.
+NATIVE_SYNTAXES = frozenset({uid.ExplicitVRLittleEndian, uid.ImplicitVRLittleEndian, uid.ExplicitVRBigEndian})
+JPEG_SYNTAXES = frozenset({uid.JPEGBaseline8Bit, uid.JPEGExtended12Bit, uid.JPEG2000Lossless, uid.JPEG2000})
+ALLOWED_SYNTAXES = NATIVE_SYNTAXES | JPEG_SYNTAXES | {uid.RLELossless}
+#: Default bound on Rows x Columns x frames x samples x bytes per sample (what a full decode would allocate).
+DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 
-def decode_dicom(data: bytes) -> np.ndarray:
-    """Return the displayed image as uint8 (H, W), as a radiologist's viewer would show it."""
+
+def decode_dicom(data: bytes, max_pixels: int, max_bytes: int | None = None) -> np.ndarray:
+    """Return the displayed first frame as uint8 (H, W), as a radiologist's viewer would show it."""
+    ds = _read_checked(data, max_pixels, max_bytes or DEFAULT_MAX_BYTES)
     try:
-        ds = pydicom.dcmread(io.BytesIO(data), force=True)
-    except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
-        raise InvalidImageError("corrupt", f"the DICOM file could not be read: {exc}") from None
-    if "PixelData" not in ds:
-        raise InvalidImageError("no_pixel_data", "the DICOM file has no pixel data")
-    try:
+        ds.pixel_array_options(index=0)  # only the first frame: a multi-frame radiograph is its first
         raw = ds.pixel_array
-    except Exception as exc:  # pydicom raises many types for unsupported transfer syntaxes
+    except InvalidImageError:
+        raise
+    except Exception as exc:  # pydicom raises many types for corrupt or unsupported pixel data
         raise InvalidImageError("corrupt", f"the DICOM pixel data could not be decoded: {exc}") from None
     if raw.ndim == 3 and ds.get("SamplesPerPixel", 1) == 1:
-        raw = raw[0]  # multi-frame: the first frame is the radiograph
+        raw = raw[0]
     if raw.ndim != 2:
         raise InvalidImageError("not_grayscale", "colour DICOM images are not chest radiographs")
     windowed = ("WindowCenter" in ds and "WindowWidth" in ds) or "VOILUTSequence" in ds
@@ -34,19 +52,130 @@ def decode_dicom(data: bytes) -> np.ndarray:
         if windowed:
             values = apply_voi_lut(values, ds, prefer_lut=True).astype(np.float64)
             low, high = _voi_range(ds)
-    except (TypeError, ValueError, KeyError, IndexError, AttributeError) as exc:  # LUTs pydicom cannot apply
+    # LUTs pydicom cannot apply (or descriptors too large to compute a range from)
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError, OverflowError) as exc:
         raise InvalidImageError("unsupported_dicom",
                                 f"the DICOM grey-scale transform could not be applied: {exc}") from None
     if not windowed:
         # No window given: a robust min/max avoids a few hot pixels flattening the contrast.
         low, high = np.percentile(values, [0.5, 99.5])
-    if high <= low:
+    if not (np.isfinite(low) and np.isfinite(high)) or high <= low:
         scaled = np.zeros(values.shape, dtype=np.float64)
     else:
         scaled = np.clip((values - low) / (high - low), 0.0, 1.0)
     if str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper() == "MONOCHROME1":
         scaled = 1.0 - scaled  # MONOCHROME1: low values are white
-    return np.round(scaled * 255.0).astype(np.uint8)
+    return np.round(np.nan_to_num(scaled) * 255.0).astype(np.uint8)
+
+
+def _read_checked(data: bytes, max_pixels: int, max_bytes: int):
+    syntax = _transfer_syntax(data)
+    if syntax not in ALLOWED_SYNTAXES:
+        name = getattr(uid.UID(syntax), "name", syntax) if syntax else "none"
+        raise InvalidImageError("unsupported_format", f"DICOM transfer syntax {name} ({syntax}) is not accepted; "
+                                                      "send uncompressed, RLE, JPEG or JPEG 2000 DICOM")
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=True)
+    except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, IndexError, TypeError, OverflowError) as exc:
+        raise InvalidImageError("corrupt", f"the DICOM file could not be read: {exc}") from None
+    if "PixelData" not in ds:
+        raise InvalidImageError("no_pixel_data", "the DICOM file has no pixel data")
+    try:
+        rows, columns = int(ds.Rows), int(ds.Columns)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        bits = int(ds.BitsAllocated)
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise InvalidImageError("corrupt", f"the DICOM image description is incomplete: {exc}") from None
+    if min(rows, columns, frames, samples, bits) < 1:
+        raise InvalidImageError("corrupt", f"the DICOM file declares {rows}x{columns} pixels, {frames} frames, "
+                                           f"{samples} samples of {bits} bits")
+    if rows * columns > max_pixels:
+        raise InvalidImageError("too_large", f"the DICOM image is {columns}x{rows}; at most {max_pixels} pixels are "
+                                             "accepted")
+    declared = rows * columns * frames * samples * ((bits + 7) // 8)
+    if declared > max_bytes:
+        raise InvalidImageError("too_large", f"the DICOM pixel data would decode to {declared} bytes ({frames} "
+                                             f"frames); at most {max_bytes} are accepted")
+    if syntax not in NATIVE_SYNTAXES:
+        _check_first_frame(ds, syntax, rows, columns, samples * ((bits + 7) // 8), frames)
+    return ds
+
+
+def declared_pixels(data: bytes) -> int:
+    """Rows x Columns of the first frame, read from the header alone (0 when not allowed or unreadable)."""
+    if _transfer_syntax(data) not in ALLOWED_SYNTAXES:
+        return 0
+    ds = pydicom.dcmread(io.BytesIO(data), force=True, stop_before_pixels=True)
+    return int(ds.get("Rows", 0) or 0) * int(ds.get("Columns", 0) or 0)
+
+
+def _transfer_syntax(data: bytes) -> str | None:
+    """The file meta's transfer syntax, read without touching the data set."""
+    from pydicom.filereader import _read_file_meta_info, read_preamble  # public read_file_meta_info wants a path
+
+    try:
+        fp = io.BytesIO(data)
+        read_preamble(fp, False)
+        meta = _read_file_meta_info(fp)
+    except Exception as exc:  # a malformed meta group: the file is not readable DICOM
+        raise InvalidImageError("corrupt", f"the DICOM file meta could not be read: {exc}") from None
+    syntax = meta.get("TransferSyntaxUID")
+    return str(syntax) if syntax else None
+
+
+def _check_first_frame(ds, syntax: str, rows: int, columns: int, planes: int, frames: int) -> None:
+    from pydicom.encaps import get_frame
+
+    try:
+        frame = get_frame(ds.PixelData, 0, number_of_frames=frames)
+    except Exception as exc:
+        raise InvalidImageError("corrupt", f"the DICOM pixel data is not valid encapsulated data: {exc}") from None
+    if syntax == uid.RLELossless:
+        _check_rle(frame, rows * columns, planes)
+        return
+    from PIL import Image
+
+    try:
+        width, height = Image.open(io.BytesIO(frame)).size  # the codestream header only
+    except Exception as exc:
+        raise InvalidImageError("corrupt", f"the DICOM JPEG frame could not be read: {exc}") from None
+    if (width, height) != (columns, rows):
+        raise InvalidImageError("corrupt", f"the DICOM JPEG frame is {width}x{height} but the file declares "
+                                           f"{columns}x{rows}")
+
+
+def _check_rle(frame: bytes, segment_length: int, planes: int) -> None:
+    """Every RLE segment must decompress to at most Rows x Columns bytes (PackBits can expand 64-fold)."""
+    if len(frame) < 64:
+        raise InvalidImageError("corrupt", "the DICOM RLE frame has no header")
+    header = np.frombuffer(frame[:64], dtype="<u4")
+    count = int(header[0])
+    if count != planes or count > 15:
+        raise InvalidImageError("corrupt", f"the DICOM RLE frame has {count} segments; {planes} expected")
+    offsets = [int(o) for o in header[1:1 + count]] + [len(frame)]
+    for start, stop in zip(offsets, offsets[1:]):
+        if not 64 <= start <= stop <= len(frame):
+            raise InvalidImageError("corrupt", "the DICOM RLE segment offsets are out of order")
+        if _packbits_length(frame, start, stop, segment_length) > segment_length:
+            raise InvalidImageError("too_large", "a DICOM RLE segment decompresses to more than the image it "
+                                                 "declares")
+
+
+def _packbits_length(data: bytes, pos: int, stop: int, limit: int) -> int:
+    """Decoded length of one PackBits segment, stopping as soon as it exceeds ``limit``."""
+    length = 0
+    while pos < stop and length <= limit:
+        header = data[pos]
+        if header < 128:  # literal run of header + 1 bytes
+            length += header + 1
+            pos += header + 2
+        elif header > 128:  # the next byte repeated 257 - header times
+            length += 257 - header
+            pos += 2
+        else:  # 128: no operation
+            pos += 1
+    return length
 
 
 def _voi_range(ds) -> tuple[float, float]:

@@ -34,6 +34,7 @@ class EvalSettings:
     int8: bool = True
     int8_max_auc_drop: float = 0.003
     calibration_images: int = 128
+    gate_images: int = 64  # stored with the bundle: the accuracy gate every serving engine must pass
     seed: int = 0
     refer_target: float = 0.97  # the "refer to a radiologist" band: decided cases reach this sens. AND spec.
 
@@ -106,6 +107,13 @@ def evaluate_checkpoint(checkpoint: str | Path, cache_dir: str | Path, out_dir: 
     # The held-out split when there is one (val chose the threshold), else val.
     reference_split = "holdout" if "holdout" in split_probs else "val"
     reference = reference_distribution(split_probs[reference_split], threshold, reference_split)
+    engine_gate = None
+    if settings.gate_images > 0:
+        from model.engine_gate import write_gate_set
+
+        engine_gate = write_gate_set(bundle_dir, val_images, val_y, session, config, temperature,
+                                     settings.int8_max_auc_drop, settings.gate_images, settings.seed)
+
     bundle_meta = {
         "model_name": model_name,
         "arch": meta["arch"],
@@ -119,6 +127,7 @@ def evaluate_checkpoint(checkpoint: str | Path, cache_dir: str | Path, out_dir: 
         "metrics": {s: {k: v for k, v in m.items() if k != "ci95"} for s, m in splits.items() if s in ("val", "holdout")},
         "int8": int8_report,
         "onnx_parity": parity_report,
+        "engine_gate": engine_gate,
         "manifest_sha256": cache.summary["manifest_sha256"],
         "training": {"profile": meta["profile"]["name"], "epoch": meta["epoch"], "seed": meta["seed"]},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

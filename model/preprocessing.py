@@ -1,8 +1,16 @@
-"""The ONE preprocessing definition: decode -> grayscale -> resize -> normalise.
+"""The ONE preprocessing definition, in two stages.
 
-Training (cache building, evaluation) and serving (the KServe transformer) call exactly these
-functions, so the served model sees the pixels training saw. The parameters travel with the model
-in the registry as ``PreprocessConfig.to_dict()``.
+1. **Decode** (version-independent): encoded JPEG/PNG/DICOM -> 8-bit grayscale, at most
+   :data:`DECODED_MAX_SIDE` pixels per side (JPEGs are drafted in the DCT domain, then area-reduced).
+   Its cost is bounded before the expensive work: pixel counts are checked from the header, DICOM
+   transfer syntaxes are allowlisted and only the first frame is decoded.
+2. **Model input** (the model version's): squash-resize to ``PreprocessConfig.image_size`` and
+   normalise with the version's mean/std.
+
+Training (cache building, evaluation) runs both stages back to back. Serving splits them: the
+transformer runs stage 1 (it knows nothing of model versions) and sends the bounded pixels; the
+predictor runs stage 2 with the parameters of the version it serves. So the served model sees
+exactly the pixels training saw, and no pairing of revisions can mix two versions' preprocessing.
 
 No torch import here: the serving image does not ship torch.
 """
@@ -21,8 +29,16 @@ from PIL import Image, UnidentifiedImageError
 DEFAULT_MAX_PIXELS = 40_000_000
 #: Images whose shorter side is below this are unusable for a chest X-ray.
 DEFAULT_MIN_SIDE = 64
+#: Stage 1 bounds every decoded image to this many pixels per side: the largest model input it can
+#: feed (``image_size`` <= this), the heatmap's canvas, and the size of what travels to the predictor.
+DECODED_MAX_SIDE = 512
+#: JPEGs are drafted in the DCT domain to no less than this on the longer side (a power-of-two reduction,
+#: so they come out between this and twice it): the entropy decoding costs the same, but a 2800 px
+#: radiograph then decodes in about half the time of a 512 px draft (BENCHMARKS.md, preprocessing).
+JPEG_DRAFT_SIDE = DECODED_MAX_SIDE // 2
 
-PREPROCESSING_VERSION = 1
+#: 2: stage 1 bounds images to DECODED_MAX_SIDE (JPEG drafted at that bound, not at the model size).
+PREPROCESSING_VERSION = 2
 
 
 class InvalidImageError(ValueError):
@@ -48,12 +64,19 @@ class PreprocessConfig:
     # "ellipse": pixels outside a fixed elliptical lung-field prior are set to the mean (~0 after
     # normalisation) before the network sees them, in training and serving alike.
     field_mask: str = "none"
-    # Per-image mean intensity (0-255) of the training images: the serving gate rejects inputs far
-    # outside it (a photograph of a cat, an all-black frame).
+    # Per-image mean intensity (0-255) of the training images, recorded with the model (the serving
+    # gate uses absolute bounds that hold for every radiograph, so that it needs no model version).
     train_intensity_mean: float = 120.0
     train_intensity_std: float = 30.0
     version: int = PREPROCESSING_VERSION
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not 1 <= int(self.image_size) <= DECODED_MAX_SIDE:
+            raise ValueError(f"image_size {self.image_size} is outside 1..{DECODED_MAX_SIDE} (stage 1 bounds "
+                             f"decoded images to {DECODED_MAX_SIDE} px per side)")
+        if self.resample not in _RESAMPLE:
+            raise ValueError(f"unknown resample {self.resample!r} ({', '.join(_RESAMPLE)})")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -62,7 +85,9 @@ class PreprocessConfig:
     def from_dict(cls, data: dict) -> "PreprocessConfig":
         known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
         if known.get("version", PREPROCESSING_VERSION) != PREPROCESSING_VERSION:
-            raise ValueError(f"preprocessing version {known['version']} is not supported")
+            raise ValueError(f"preprocessing version {known['version']} is not supported by this code (version "
+                             f"{PREPROCESSING_VERSION}): the model was trained on pixels this code no longer "
+                             "produces; rebuild the cache and retrain")
         return cls(**known)
 
 
@@ -82,44 +107,75 @@ def is_dicom(data: bytes) -> bool:
     return len(data) >= 132 and data[128:132] == b"DICM"
 
 
-def decode(data: bytes, draft_size: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
-           min_side: int = DEFAULT_MIN_SIDE, config: PreprocessConfig | None = None) -> DecodedImage:
-    """Decode JPEG/PNG/DICOM bytes to 8-bit grayscale (resized to ``config`` when given).
+def bounded_size(width: int, height: int, max_side: int = DECODED_MAX_SIDE) -> tuple[int, int]:
+    """(width, height) scaled so that the longer side is at most ``max_side`` (aspect ratio kept)."""
+    scale = min(1.0, max_side / max(width, height))
+    return max(1, round(width * scale)), max(1, round(height * scale))
 
-    ``draft_size``: let the JPEG decoder downscale in the DCT domain to no less than this size
-    (much faster for full-resolution radiographs; the result is still resized afterwards).
+
+# -- stage 1: decode (version-independent) -----------------------------------------------------------
+
+def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = DEFAULT_MIN_SIDE,
+           max_dicom_bytes: int | None = None) -> DecodedImage:
+    """Decode JPEG/PNG/DICOM bytes to 8-bit grayscale of at most DECODED_MAX_SIDE pixels per side.
+
+    ``max_pixels`` bounds width*height as the file declares it, checked before decoding;
+    ``max_dicom_bytes`` bounds a DICOM file's declared Rows x Columns x frames x bytes per sample.
     """
     if not data:
         raise InvalidImageError("empty", "the file is empty")
     if is_dicom(data):
         from model.dicom import decode_dicom  # pydicom only when needed
 
-        pixels = decode_dicom(data)
-        image = DecodedImage(resize(pixels, config) if config else pixels, "DICOM",
-                             (pixels.shape[1], pixels.shape[0]), 0.0)
+        pixels = decode_dicom(data, max_pixels, max_dicom_bytes)
+        height, width = pixels.shape
+        image = DecodedImage(_bound(pixels), "DICOM", (width, height), 0.0)
     else:
-        image = _decode_raster(data, draft_size, max_pixels, config)
+        image = _decode_raster(data, max_pixels)
     width, height = image.original_size
     if min(width, height) < min_side:
         raise InvalidImageError("too_small", f"image is {width}x{height}; at least {min_side} px per side is needed")
     return image
 
 
-def _decode_raster(data: bytes, draft_size: int | None, max_pixels: int,
-                   config: PreprocessConfig | None) -> DecodedImage:
+def declared_pixels(data: bytes) -> int:
+    """width*height as the file's header declares it, without decoding (0 when it cannot be told)."""
+    try:
+        if is_dicom(data):
+            from model.dicom import declared_pixels as dicom_pixels
+
+            return dicom_pixels(data)
+        width, height = Image.open(io.BytesIO(data)).size
+        return int(width) * int(height)
+    except Exception:  # unreadable headers are reported by decode(), with their reason
+        return 0
+
+
+def _bound(pixels: np.ndarray) -> np.ndarray:
+    """Area-reduce uint8 (H, W) so that neither side exceeds DECODED_MAX_SIDE."""
+    height, width = pixels.shape
+    size = bounded_size(width, height)
+    if size == (width, height):
+        return np.ascontiguousarray(pixels)
+    return np.asarray(Image.fromarray(pixels).resize(size, Image.Resampling.BOX), dtype=np.uint8)
+
+
+def _decode_raster(data: bytes, max_pixels: int) -> DecodedImage:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             width, height = img.size
-            if width * height > max_pixels:
-                raise InvalidImageError("too_large", f"image is {width}x{height}; at most {max_pixels} pixels are accepted")
+            if width * height > max_pixels:  # from the header: nothing is decoded yet
+                raise InvalidImageError("too_large", f"image is {width}x{height}; at most {max_pixels} pixels are "
+                                                     "accepted")
             fmt = img.format or "unknown"
             if fmt not in ("JPEG", "PNG", "TIFF", "BMP"):
-                raise InvalidImageError("unsupported_format", f"{fmt} images are not supported; send JPEG, PNG or DICOM")
-            if draft_size and fmt == "JPEG":
-                # DCT-domain downscale: never below the requested size, so quality is kept.
-                img.draft("L" if img.mode == "L" else "RGB", (draft_size, draft_size))
+                raise InvalidImageError("unsupported_format", f"{fmt} images are not supported; send JPEG, PNG or "
+                                                              "DICOM")
+            if fmt == "JPEG":
+                # DCT-domain downscale: a full-resolution radiograph decodes at 1/2..1/8 of its size.
+                img.draft("L" if img.mode == "L" else "RGB", bounded_size(width, height, JPEG_DRAFT_SIDE))
             img.load()  # truncated files raise here
     except InvalidImageError:
         raise
@@ -127,25 +183,20 @@ def _decode_raster(data: bytes, draft_size: int | None, max_pixels: int,
         raise InvalidImageError("too_large", f"image is too large to decode safely: {exc}") from None
     except UnidentifiedImageError:
         raise InvalidImageError("not_an_image", "the data is not a JPEG, PNG or DICOM image") from None
-    except (OSError, SyntaxError, ValueError) as exc:
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise InvalidImageError("corrupt", f"the image could not be decoded (truncated or corrupt): {exc}") from None
 
     colourfulness = 0.0
     if img.mode in ("RGB", "RGBA", "P", "CMYK", "YCbCr", "LA", "PA"):
-        rgb = np.asarray(img.convert("RGB"), dtype=np.int16)
+        rgb = np.asarray(img.convert("RGB"))
         step = max(1, min(rgb.shape[:2]) // 256)  # a subsample is enough for a colour test
-        sub = rgb[::step, ::step]
+        sub = rgb[::step, ::step].astype(np.int16)
         colourfulness = float(np.mean(np.abs(sub[..., 0] - sub[..., 1]) + np.abs(sub[..., 1] - sub[..., 2])))
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         pixels = _rescale_to_uint8(np.asarray(img, dtype=np.float32))
-        if config:
-            pixels = resize(pixels, config)
     else:
-        gray = img.convert("L")
-        if config and gray.size != (config.image_size, config.image_size):
-            gray = _fit_square(gray, config)
-        pixels = np.asarray(gray, dtype=np.uint8)
-    return DecodedImage(np.ascontiguousarray(pixels), fmt, (width, height), colourfulness)
+        pixels = np.asarray(img.convert("L"), dtype=np.uint8)
+    return DecodedImage(_bound(pixels), fmt, (width, height), colourfulness)
 
 
 def _rescale_to_uint8(values: np.ndarray) -> np.ndarray:
@@ -155,12 +206,14 @@ def _rescale_to_uint8(values: np.ndarray) -> np.ndarray:
     return np.round((values - low) * (255.0 / (high - low))).astype(np.uint8)
 
 
+# -- stage 2: the model version's input ---------------------------------------------------------------
+
 def resize(pixels: np.ndarray, config: PreprocessConfig) -> np.ndarray:
     """uint8 (H, W) to (size, size): squashed, or fitted and padded (``config.resize_mode``)."""
     size = config.image_size
     if pixels.shape == (size, size):
         return pixels
-    return np.asarray(_fit_square(Image.fromarray(pixels), config), dtype=np.uint8)
+    return np.asarray(_fit_square(Image.fromarray(np.ascontiguousarray(pixels)), config), dtype=np.uint8)
 
 
 def _fit_square(gray: Image.Image, config: PreprocessConfig) -> Image.Image:
@@ -196,11 +249,6 @@ def apply_field_mask(pixels: np.ndarray, config: PreprocessConfig) -> np.ndarray
     return np.where(inside, pixels, np.uint8(round(255 * config.mean)))
 
 
-def load_resized(data: bytes, config: PreprocessConfig, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
-    """Decode and resize to the model resolution: the uint8 image that the cache stores."""
-    return decode(data, draft_size=config.image_size, max_pixels=max_pixels, config=config)
-
-
 def normalize(batch: np.ndarray, config: PreprocessConfig) -> np.ndarray:
     """uint8 (N, H, W) or (H, W) -> float32 (N, 1, H, W) network input."""
     if batch.ndim == 2:
@@ -211,6 +259,15 @@ def normalize(batch: np.ndarray, config: PreprocessConfig) -> np.ndarray:
     return (batch.astype(np.float32) * scale - offset)[:, None]
 
 
+# -- both stages: what the training cache stores ----------------------------------------------------
+
+def load_resized(data: bytes, config: PreprocessConfig, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
+    """Stage 1 then the resize of stage 2: the uint8 (S, S) image that the cache stores."""
+    image = decode(data, max_pixels=max_pixels)
+    image.pixels = resize(image.pixels, config)
+    return image
+
+
 def to_tensor(data: bytes, config: PreprocessConfig) -> np.ndarray:
-    """Encoded file -> float32 (1, 1, S, S): the full serving path."""
+    """Encoded file -> float32 (1, 1, S, S): the full path, as the predictor computes it."""
     return normalize(load_resized(data, config).pixels, config)

@@ -244,14 +244,22 @@ def resolve_model_uri(model_uri: str, client=None) -> tuple[str, str, str]:
     return name, str(version), f"models:/{name}/{version}"
 
 
-def fetch_model(model_uri: str, dest: str | Path, tracking_uri: str | None = None) -> tuple[Bundle, dict]:
-    """Download one immutable version (or open a local path) and verify its hashes.
+def fetch_model(model_uri: str, dest: str | Path, tracking_uri: str | None = None,
+                expected_sha256: str | None = None, require_digest: bool = False) -> tuple[Bundle, dict]:
+    """Download one immutable version (or open a local path) and verify it.
 
-    Returns the bundle and ``{"name", "version", "uri"}``; the version is fixed here, once.
+    Integrity fails closed: a registry version must carry its ``bundle_sha256`` tag (and match
+    ``expected_sha256`` when that is given too); a folder is checked against ``expected_sha256``,
+    which ``require_digest`` (servers) makes mandatory. The digest inside the bundle is never the
+    reference. Returns the bundle and ``{"name", "version", "uri"}``; the version is fixed here, once.
     """
     local = Path(model_uri.removeprefix("file://"))
     if not model_uri.startswith("models:/") and local.exists():
-        bundle = Bundle.load(local)
+        if expected_sha256 is None and require_digest:
+            raise BundleError(f"{model_uri}: a model folder needs its expected bundle digest (--sha256, "
+                              "PNEUMOSCOPE_MODEL_SHA256, or the manifest's annotation); refusing to serve an "
+                              "unverified model")
+        bundle = Bundle.load(local, expected_sha256=expected_sha256)
         return bundle, {"name": bundle.meta.get("model_name", "pneumonia"), "version": bundle.meta.get("version", "local"),
                         "uri": str(local)}
     if not model_uri.startswith("models:/"):
@@ -260,11 +268,17 @@ def fetch_model(model_uri: str, dest: str | Path, tracking_uri: str | None = Non
 
     client = connect(tracking_uri)
     name, version, pinned = resolve_model_uri(model_uri, client)
+    tagged = client.get_model_version(name, version).tags.get("bundle_sha256")
+    if not tagged:
+        raise BundleError(f"{pinned} has no bundle_sha256 tag: its integrity cannot be checked; refusing it")
+    if expected_sha256 is not None and str(expected_sha256).strip().lower() != str(tagged).strip().lower():
+        raise BundleError(f"{pinned}: the registry's bundle_sha256 {str(tagged)[:12]}... differs from the expected "
+                          f"{str(expected_sha256)[:12]}...")
     target = Path(dest)
     target.mkdir(parents=True, exist_ok=True)
     path = mlflow.artifacts.download_artifacts(artifact_uri=pinned, dst_path=str(target))
-    bundle = Bundle.load(path)
-    expected = client.get_model_version(name, version).tags.get("bundle_sha256")
-    if expected and expected != bundle.sha256:
-        raise BundleError(f"{pinned}: bundle hash {bundle.sha256[:12]} does not match the registry's {expected[:12]}")
+    try:
+        bundle = Bundle.load(path, expected_sha256=tagged)
+    except BundleError as exc:
+        raise BundleError(f"{pinned}: {exc}") from None
     return bundle, {"name": name, "version": version, "uri": pinned}

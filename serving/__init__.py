@@ -1,11 +1,15 @@
 """Serving: KServe predictor + transformer for pneumoscope models, the local stack, a client.
 
-- ``predictor.py`` / ``predictor_main.py``: ONNX Runtime behind kserve, one pinned model version,
-  Open Inference Protocol v2 (FP32 tensor in; ``logit`` and ``cam`` out), dynamic batching.
-- ``transformer.py`` / ``transformer_main.py``: REST v1/v2 and gRPC v2 front (model name
-  ``pneumonia``): decode through ``model.preprocessing``, refuse non-X-rays, call the predictor,
-  return probability, label, threshold and, on request, a heatmap PNG.
+- ``predictor.py`` / ``predictor_main.py``: one pinned model version and everything that depends on
+  it -- the version's resize + normalisation, ONNX Runtime with dynamic batching, calibration, the
+  threshold; Open Inference Protocol v2 (stage-1 pixels in; probability, label, threshold, logit, cam
+  and ``model_version`` out).
+- ``transformer.py`` / ``transformer_main.py``: the version-agnostic REST v1/v2 and gRPC v2 front (model
+  name ``pneumonia``): bounded decoding through ``model.preprocessing``, the X-ray gate, one predictor
+  call per request, the heatmap PNG.
+- ``server.py`` + ``admission.py``: kserve's ModelServer hardened (no repository endpoints, admission
+  control, deadlines, drain on SIGTERM, one-line errors); ``errors.py``: what each refusal answers.
 - ``stack.py``: ``pneumoscope serve`` (both processes on loopback); ``client.py``: ``pneumoscope predict``.
 
-No torch anywhere here: the serving image does not ship it.
+No torch anywhere here: the serving image does not ship it. Design notes: ``docs/design.md``.
 """

@@ -14,6 +14,10 @@ interrupting (measured on 2 AVX2 cores: 41 vs 33 img/s int8). So with ``streams`
 
 With ``max_delay_s`` > 0 a batch additionally waits that long for company before it starts -- useful
 only when the engine gains much from larger batches, which a CPU ResNet-50 barely does.
+
+The queue holds no more than the requests the server admitted (:mod:`serving.admission`). Each item
+carries its request's deadline: one whose deadline passed while it waited, or whose caller went
+away (its future is cancelled), is dropped before it reaches the engine.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from serving.metrics import BATCH_SIZE, BATCH_WAIT, ENGINE_RUNS, ENGINE_TIME
+from serving.errors import DeadlineExceeded, ShuttingDown
+from serving.metrics import BATCH_SIZE, BATCH_WAIT, ENGINE_RUNS, ENGINE_TIME, reject_count
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +44,18 @@ Engine = Callable[[np.ndarray], tuple[np.ndarray, ...]]
 class _Item:
     x: np.ndarray
     future: asyncio.Future
+    deadline: float | None = None  # time.monotonic()
     queued: float = field(default_factory=time.perf_counter)
+
+    def live(self) -> bool:
+        """Still wanted: fail it (deadline passed) or skip it (caller gone) otherwise."""
+        if self.future.done():
+            return False
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            reject_count("deadline_exceeded")
+            self.future.set_exception(DeadlineExceeded("while the request waited for the engine"))
+            return False
+        return True
 
 
 class DynamicBatcher:
@@ -68,10 +84,11 @@ class DynamicBatcher:
             self._scheduler = asyncio.get_running_loop().create_task(self._schedule(), name="dynamic-batcher")
         return self._queue
 
-    async def submit(self, x: np.ndarray) -> tuple[np.ndarray, ...]:
+    async def submit(self, x: np.ndarray, deadline: float | None = None) -> tuple[np.ndarray, ...]:
+        """The engine's outputs for the rows of ``x``; ``deadline`` (monotonic) bounds the wait in the queue."""
         queue = self._ensure_scheduler()
         future = asyncio.get_running_loop().create_future()
-        queue.put_nowait(_Item(x, future))
+        queue.put_nowait(_Item(x, future, deadline))
         return await future
 
     # -- scheduling ----------------------------------------------------------------------------------
@@ -115,7 +132,7 @@ class DynamicBatcher:
             # with a delay, a batch may grow to the maximum while it waits.
             spread = max(1, math.ceil(self._waiting() / self._free))
             cap = self.max_batch_size if self.max_delay_s > 0 else min(self.max_batch_size, spread)
-            items = [it for it in await self._next_batch(cap) if not it.future.done()]  # skip abandoned ones
+            items = [it for it in await self._next_batch(cap) if it.live()]  # drop abandoned and late ones
             if not items:
                 continue
             wide = self.run_wide is not None and self._free == self.streams and not self._waiting()
@@ -156,6 +173,14 @@ class DynamicBatcher:
             self._slot_freed.set()
 
     def close(self) -> None:
+        """Stop scheduling; whatever still waits learns so at once (a 503, never a hung request)."""
         if self._scheduler is not None:
             self._scheduler.cancel()
+        waiting = [self._carry] if self._carry is not None else []
+        self._carry = None
+        while self._queue is not None and not self._queue.empty():
+            waiting.append(self._queue.get_nowait())
+        for item in waiting:
+            if not item.future.done():
+                item.future.set_exception(ShuttingDown())
         self._executor.shutdown(wait=False, cancel_futures=True)

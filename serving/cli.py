@@ -15,25 +15,33 @@ from pathlib import Path
 def add_commands(commands) -> None:
     serve = commands.add_parser(
         "serve", help="serve a model locally (transformer + predictor)",
-        description="Start the predictor (ONNX Runtime) and the transformer (decode, gate, heatmap) as two "
-                    "processes on 127.0.0.1: the transformer's REST API on PORT, its gRPC API on PORT+1, the "
+        description="Start the predictor (ONNX Runtime or OpenVINO) and the transformer (decode, gate, heatmap) as "
+                    "two processes on 127.0.0.1: the transformer's REST API on PORT, its gRPC API on PORT+1, the "
                     "predictor on free ports, and the doctor's web app on PORT+2 (see `pneumoscope web`). Prints one "
-                    "line `READY {json}` when everything answers; Ctrl-C or SIGTERM stops them all. Defaults come "
-                    "from PNEUMOSCOPE_* environment variables.")
+                    "line `READY {json}` when everything answers; Ctrl-C or SIGTERM drains and stops them all, the "
+                    "web app and the transformer first. Defaults come from PNEUMOSCOPE_* environment variables.")
     serve.add_argument("--model", required=True, help="models:/NAME/VERSION, models:/NAME@ALIAS (resolved once, at "
-                                                      "start) or a bundle folder")
+                                                      "start) or a bundle folder (with --sha256)")
+    serve.add_argument("--sha256", help="expected bundle digest: required for a bundle folder (the registry's "
+                                        "bundle_sha256 tag of its version); checked against the tag for models:/")
     serve.add_argument("--port", type=int, default=8080, help="transformer REST port; gRPC uses PORT+1 (default 8080)")
     serve.add_argument("--web-port", type=int, help="web app port (default PORT+2)")
     serve.add_argument("--no-web", action="store_true", help="do not start the web app")
-    serve.add_argument("--precision", choices=["auto", "fp32", "int8"], help="engine graph (default: auto)")
-    serve.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
+    serve.add_argument("--engine", choices=["auto", "onnxruntime", "openvino"],
+                       help="inference engine (default: auto = gated and timed at load, fastest eligible serves)")
+    serve.add_argument("--precision", choices=["auto", "fp32", "int8", "bf16"], help="engine graph (default: auto)")
+    serve.add_argument("--threads", type=int, help="engine intra-op threads (default: all cores)")
     serve.add_argument("--engine-streams", type=int, help="parallel single-threaded engine runs under load "
                                                           "(default: = threads; 1 = always all threads on one run)")
     serve.add_argument("--max-batch-size", type=int, help="dynamic batching: most images per engine call")
     serve.add_argument("--max-batch-delay-ms", type=float, help="dynamic batching: wait for company (default 0)")
     serve.add_argument("--predictor-protocol", choices=["grpc-v2", "v2"], help="transformer -> predictor")
     serve.add_argument("--max-payload-bytes", type=int, help="largest request accepted")
-    serve.add_argument("--max-image-pixels", type=int, help="largest width*height decoded")
+    serve.add_argument("--max-image-pixels", type=int, help="largest width*height of one image, from its header")
+    serve.add_argument("--max-inflight", type=int, help="requests each process works on at once; more are refused "
+                                                        "at once with 503 (default: its CPUs, at least 2)")
+    serve.add_argument("--drain-seconds", type=float, help="on stop, how long requests in flight may take to "
+                                                           "finish (default 20)")
     serve.add_argument("--mlflow-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, then local SQLite)")
     serve.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for readiness")
     serve.add_argument("--log-file", help="write the servers' logs here instead of stderr")
@@ -68,11 +76,13 @@ def _settings(args):
     from model.cli import CommandError
     from serving.settings import ServingSettings
 
-    overrides = {"precision": args.precision, "threads": args.threads, "engine_streams": args.engine_streams,
+    overrides = {"engine": args.engine, "precision": args.precision, "threads": args.threads,
+                 "engine_streams": args.engine_streams,
                  "max_batch_size": args.max_batch_size,
                  "max_batch_delay_ms": args.max_batch_delay_ms, "predictor_protocol": args.predictor_protocol,
                  "max_payload_bytes": args.max_payload_bytes, "max_image_pixels": args.max_image_pixels,
-                 "mlflow_tracking_uri": args.mlflow_uri}
+                 "max_inflight": args.max_inflight, "drain_timeout_s": args.drain_seconds,
+                 "model_sha256": args.sha256, "mlflow_tracking_uri": args.mlflow_uri}
     try:
         base = ServingSettings()
         return ServingSettings.model_validate({**base.model_dump(), **{k: v for k, v in overrides.items()
@@ -92,8 +102,15 @@ def cmd_serve(args) -> int:
     web_port = None if args.no_web else (args.web_port or args.port + 2)
     if web_port is not None and not 1 <= web_port <= 65535:
         raise CommandError(f"--web-port must be between 1 and 65535, not {web_port}")
-    stack = LocalStack(args.model, args.port, _settings(args), log_file=args.log_file, restart=True,
-                       web_port=web_port)
+    settings = _settings(args)
+    if settings.engine != "auto":  # say so now, not after the predictor process failed to start
+        from serving.engine import EngineError, require
+
+        try:
+            require(settings.engine)
+        except EngineError as exc:
+            raise CommandError(str(exc)) from None
+    stack = LocalStack(args.model, args.port, settings, log_file=args.log_file, restart=True, web_port=web_port)
     stopping = threading.Event()
 
     def on_signal(signum, frame):

@@ -1,9 +1,84 @@
-"""The ONNX Runtime session the predictor runs (kserve-free, so benchmarks can time the bare engine)."""
+"""The inference engines a predictor can run a bundle on: ONNX Runtime and OpenVINO.
+
+Both read the bundle's ONNX graphs as they are (``model.onnx``, ``model.int8.onnx``); no other artefact
+format. Each engine object is thread-safe and answers ``run(x) -> (logits [N], cams [N,h,w])`` for an FP32
+batch ``x`` [N,1,S,S]. ``parallel`` > 1 makes one object run that many calls side by side (the predictor's
+narrow streams under load); ``threads`` is the intra-op threads of one call.
+
+Precisions: ``fp32`` (``model.onnx``), ``int8`` (the static QDQ ``model.int8.onnx``), and ``bf16`` (OpenVINO
+only: ``model.onnx`` with ``INFERENCE_PRECISION_HINT=bf16``, offered only where the CPU computes bf16 natively).
+kserve-free, so the benchmarks time exactly what the predictor runs.
+"""
 
 from __future__ import annotations
 
+import functools
+import importlib
+import logging
+import queue
 from pathlib import Path
+from typing import Protocol
 
+import numpy as np
+
+from model.bundle import INPUT_NAME, OUTPUT_NAMES
+
+log = logging.getLogger(__name__)
+
+ENGINES = ("onnxruntime", "openvino")
+#: the v2 model-metadata ``platform`` of each engine (Triton's name for ONNX Runtime)
+PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "openvino": "openvino_onnx"}
+
+
+class EngineError(RuntimeError):
+    """An engine that cannot serve: not installed, a precision this CPU or bundle lacks, or no candidate
+    passed the accuracy gate. The message is one line for the operator."""
+
+
+class Engine(Protocol):
+    engine: str
+    precision: str
+
+    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """FP32 [N,1,S,S] -> (logits FP32 [N], cams FP32 [N,h,w]); safe to call from several threads."""
+
+
+def installed(engine: str) -> bool:
+    try:
+        importlib.import_module(engine)
+    except ImportError:
+        return False
+    return True
+
+
+def require(engine: str) -> None:
+    """Fail with one clear line when the package of a requested engine cannot be imported."""
+    if engine not in ENGINES:
+        raise EngineError(f"unknown engine {engine!r} (auto, {', '.join(ENGINES)})")
+    if not installed(engine):
+        raise EngineError(f"engine {engine!r} requested (PNEUMOSCOPE_ENGINE / --engine) but the {engine} package is "
+                          f"not installed here: install pneumoscope's 'serve' extra, or use --engine auto")
+
+
+def cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            return next((set(line.split(":", 1)[1].split()) for line in fh if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+def native_bf16() -> bool:
+    """True where OpenVINO offers bf16 AND the CPU computes it natively (AVX512_BF16 or AMX), not emulated."""
+    if not installed("openvino"):
+        return False
+    if "BF16" not in _ov_core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        return False
+    flags = cpu_flags()
+    return not flags or bool(flags & {"avx512_bf16", "amx_bf16"})  # no /proc/cpuinfo: trust OpenVINO
+
+
+# -- ONNX Runtime ----------------------------------------------------------------------------------------
 
 def create_session(onnx_path: str | Path, threads: int, spinning: bool = False):
     """An ORT CPU session tuned for serving: ``threads`` intra-op threads, no busy-waiting by default."""
@@ -18,3 +93,82 @@ def create_session(onnx_path: str | Path, threads: int, spinning: bool = False):
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     options.add_session_config_entry("session.inter_op.allow_spinning", "1" if spinning else "0")
     return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+
+
+class OnnxRuntimeEngine:
+    """One ORT session; its runs are thread-safe, so ``parallel`` calls share it (each uses its own thread)."""
+
+    engine = "onnxruntime"
+
+    def __init__(self, onnx_path: str | Path, precision: str, threads: int, parallel: int = 1,
+                 spinning: bool = False):
+        if precision == "bf16":
+            raise EngineError("ONNX Runtime's CPU provider has no bf16 mode; bf16 is an OpenVINO precision")
+        self.precision, self.threads, self.parallel = precision, threads, parallel
+        self.session = create_session(onnx_path, threads, spinning)
+
+    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        logits, cams = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: x})
+        return logits.reshape(-1).astype(np.float32, copy=False), cams.astype(np.float32, copy=False)
+
+
+# -- OpenVINO --------------------------------------------------------------------------------------------
+
+@functools.cache
+def _ov_core():
+    import openvino as ov
+
+    return ov.Core()
+
+
+class OpenVinoEngine:
+    """The ONNX graph compiled by OpenVINO's CPU plugin, with ``parallel`` streams of ``threads`` threads.
+
+    Each stream has its own infer request; a call borrows one, runs it asynchronously on OpenVINO's stream
+    executor (synchronous calls from foreign threads would share one stream) and returns copies of the outputs.
+    """
+
+    engine = "openvino"
+
+    def __init__(self, onnx_path: str | Path, precision: str, threads: int, parallel: int = 1):
+        import openvino as ov
+        import openvino.properties as props
+        import openvino.properties.hint as hints
+
+        if precision == "bf16" and not native_bf16():
+            raise EngineError("bf16 needs a CPU with native bf16 (AVX512_BF16 or AMX); this one has neither")
+        self.precision, self.threads, self.parallel = precision, threads, parallel
+        core = _ov_core()
+        config = {
+            props.inference_num_threads: threads * parallel,
+            props.num_streams: parallel,
+            # Explicit f32 for fp32 and int8: on bf16-capable CPUs OpenVINO would otherwise lower every
+            # non-quantised layer (including the CAM head) to bf16 on its own.
+            hints.inference_precision: ov.Type.bf16 if precision == "bf16" else ov.Type.f32,
+            # Pinned threads would fight the HTTP/gRPC event loops for the same cores.
+            hints.enable_cpu_pinning: False,
+        }
+        self.compiled = core.compile_model(core.read_model(str(onnx_path)), "CPU", config)
+        self._outputs = [self.compiled.output(name) for name in OUTPUT_NAMES]
+        self._requests: queue.SimpleQueue = queue.SimpleQueue()
+        for _ in range(parallel):
+            self._requests.put(self.compiled.create_infer_request())
+
+    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        request = self._requests.get()
+        try:
+            request.start_async({0: np.ascontiguousarray(x, dtype=np.float32)}, share_inputs=True)
+            request.wait()
+            logits, cams = (np.array(request.get_tensor(out).data, dtype=np.float32) for out in self._outputs)
+        finally:
+            self._requests.put(request)
+        return logits.reshape(-1), cams
+
+
+def create_engine(engine: str, onnx_path: str | Path, precision: str, threads: int, parallel: int = 1,
+                  spinning: bool = False) -> Engine:
+    """``engine`` running ``onnx_path`` at ``precision``, ``parallel`` calls of ``threads`` threads at once."""
+    require(engine)
+    if engine == "onnxruntime":
+        return OnnxRuntimeEngine(onnx_path, precision, threads, parallel, spinning)
+    return OpenVinoEngine(onnx_path, precision, threads, parallel)

@@ -1,45 +1,84 @@
-"""Errors the servers turn into 4xx/503 answers (REST) and INVALID_ARGUMENT/UNAVAILABLE (gRPC).
+"""The errors the servers answer with, and how each maps to REST and gRPC.
 
-Both classes derive from kserve's own error types, so kserve's gRPC interceptor maps them to the
-right status codes; :func:`install_handlers` adds REST handlers that keep our status and reason.
+Every refusal is a :class:`ServiceError`: an HTTP status, a gRPC status code, a short ``reason`` (a
+metric label), and a one-line message fit for the client (no addresses, no object reprs, no
+tracebacks). :mod:`serving.server` turns them into responses and logs each once, without a
+traceback; anything else becomes a generic 500 / INTERNAL with a request id.
 """
 
 from __future__ import annotations
 
-from kserve.errors import InvalidInput, ModelNotReady
 
+class ServiceError(Exception):
+    """A request the server answers with an error of its own choosing."""
 
-class RequestRejected(InvalidInput):
-    """A request we refuse: ``code`` is a short metric label, ``status`` the HTTP status."""
+    status = 500
+    grpc_code = "INTERNAL"
+    retry_after: int | None = None
 
-    def __init__(self, code: str, message: str, status: int = 400):
+    def __init__(self, reason: str, message: str):
         super().__init__(message)
-        self.code = code
-        self.status = status
+        self.reason = reason
 
+    @property
+    def message(self) -> str:
+        return str(self)
 
-class PredictorUnavailable(ModelNotReady):
-    """The predictor did not answer (down, restarting, overloaded): 503, the client may retry."""
-
-    def __init__(self, model_name: str, detail: str):
-        super().__init__(model_name, detail)
-        # kserve's gRPC interceptor reads ``.reason``; ModelNotReady does not set it.
-        self.reason = f"predictor unavailable: {detail}"
-
-    def __str__(self) -> str:
+    @property
+    def code(self) -> str:  # the metric label (kept for callers that read ``.code``)
         return self.reason
 
 
-def install_handlers(app) -> None:
-    """REST handlers for our errors (more specific than kserve's, so they win)."""
-    from fastapi.responses import JSONResponse
+class RequestRejected(ServiceError):
+    """The client's request is unusable (4xx / INVALID_ARGUMENT): ``code`` is the metric label."""
 
-    async def rejected(_, exc: RequestRejected):
-        return JSONResponse(status_code=exc.status, content={"error": str(exc), "reason": exc.code})
+    grpc_code = "INVALID_ARGUMENT"
 
-    async def unavailable(_, exc: PredictorUnavailable):
-        return JSONResponse(status_code=503, content={"error": str(exc), "reason": "predictor_unavailable"},
-                              headers={"retry-after": "1"})
+    def __init__(self, code: str, message: str, status: int = 400):
+        super().__init__(code, message)
+        self.status = status
 
-    app.add_exception_handler(RequestRejected, rejected)
-    app.add_exception_handler(PredictorUnavailable, unavailable)
+
+class PredictorUnavailable(ServiceError):
+    """The predictor did not answer (down, restarting, overloaded, shutting down): 503, retry later."""
+
+    status = 503
+    grpc_code = "UNAVAILABLE"
+    retry_after = 1
+
+    def __init__(self, detail: str = ""):
+        # The detail (addresses, gRPC debug strings) goes to the log, never to the client.
+        super().__init__("predictor_unavailable", "the predictor is unavailable; retry shortly")
+        self.detail = detail
+
+
+class Overloaded(ServiceError):
+    """More requests in flight than this process takes: refused at once, 503 / RESOURCE_EXHAUSTED."""
+
+    status = 503
+    grpc_code = "RESOURCE_EXHAUSTED"
+    retry_after = 1
+
+    def __init__(self, limit: int):
+        super().__init__("overloaded", f"the server is at its limit of {limit} requests in flight; retry shortly")
+
+
+class ShuttingDown(ServiceError):
+    """The process is draining before it exits: 503 / UNAVAILABLE, another replica will answer."""
+
+    status = 503
+    grpc_code = "UNAVAILABLE"
+    retry_after = 1
+
+    def __init__(self):
+        super().__init__("shutting_down", "the server is shutting down; retry on another replica")
+
+
+class DeadlineExceeded(ServiceError):
+    """The request's deadline passed before its work could finish: 504 / DEADLINE_EXCEEDED."""
+
+    status = 504
+    grpc_code = "DEADLINE_EXCEEDED"
+
+    def __init__(self, where: str = "in the queue"):
+        super().__init__("deadline_exceeded", f"the request's deadline passed {where}")

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-PREDICTIONS = Counter("pneumoscope_predictions_total", "images classified, by predicted label",
-                      ["model_name", "label"])
+# Counted by the predictor, which decides: each side of a canary reports its own version's answers.
+PREDICTIONS = Counter("pneumoscope_predictions_total", "images classified, by model version and predicted label",
+                      ["model_name", "model_version", "label"])
 PROBABILITY = Histogram("pneumoscope_probability", "calibrated pneumonia probability of classified images",
-                        ["model_name"], buckets=[i / 10 for i in range(1, 11)])
-REJECTIONS = Counter("pneumoscope_input_rejections_total", "requests refused before inference, by reason",
-                     ["reason"])
+                        ["model_name", "model_version"], buckets=[i / 10 for i in range(1, 11)])
+REJECTIONS = Counter("pneumoscope_input_rejections_total", "requests refused before inference, by reason "
+                     "(bad input, overloaded, shutting_down, deadline_exceeded)", ["reason"])
+INFLIGHT = Gauge("pneumoscope_inflight_requests", "inference requests this process is working on")
+CANCELLED = Counter("pneumoscope_cancelled_requests_total", "requests dropped because the client went away")
 MODEL_INFO = Gauge("pneumoscope_model_info", "the model version this process serves (value 1)",
                    ["model_name", "model_version", "model_uri", "bundle_sha256", "role", "precision"])
 PREDICTOR_ERRORS = Counter("pneumoscope_predictor_errors_total", "failed calls from the transformer to the "
@@ -29,6 +32,16 @@ ENGINE_RUNS = Counter("pneumoscope_engine_runs_total", "engine calls: wide (all 
                       "narrow (one thread, one of several parallel streams)", ["mode"])
 ENGINE_TIME = Histogram("pneumoscope_engine_seconds", "ONNX Runtime time per engine call",
                         buckets=[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10])
+ENGINE_INFO = Gauge("pneumoscope_engine_info", "the inference engine and precision the predictor serves with "
+                    "(value 1); selection: auto (measured) or forced", ["model_name", "model_version", "engine",
+                                                                      "precision", "selection"])
+ENGINE_CANDIDATE_SPEED = Gauge("pneumoscope_engine_candidate_images_per_second", "images/s of each eligible "
+                               "engine x precision, measured at load under the predictor's saturated load",
+                               ["engine", "precision"])
+ENGINE_CANDIDATE_ELIGIBLE = Gauge("pneumoscope_engine_candidate_eligible", "1 if the engine x precision passed the "
+                                  "accuracy gate at load, else 0", ["engine", "precision"])
+ENGINE_SELECTION_SECONDS = Gauge("pneumoscope_engine_selection_seconds", "duration of the engine accuracy gate and "
+                                 "timing at load")
 WARMUP_SECONDS = Gauge("pneumoscope_warmup_seconds", "duration of the warm-up inference run before the "
                        "predictor reported ready")
 

@@ -1,12 +1,25 @@
-"""The predictor: one immutable model version in ONNX Runtime behind kserve, batch-aware, no torch.
+"""The predictor: one immutable model version behind kserve, and everything that depends on it.
 
-Open Inference Protocol v2 (REST or gRPC): input ``image`` FP32 [N,1,S,S] (already preprocessed by
-the transformer), outputs ``logit`` FP32 [N] and ``cam`` FP32 [N,h,w]. Concurrent requests are
-batched server-side (:mod:`serving.batching`). The model is ready only after a warm-up inference.
+It owns the version: stage 2 of ``model.preprocessing`` (squash-resize to the version's size,
+normalise with its mean/std), the engine, calibration (temperature + logit bias) and the operating
+threshold. The transformer in front of it knows no version; so whichever transformer sends a
+request, the answer is computed entirely by this version, and names it.
+
+Open Inference Protocol v2 (REST or gRPC), see :mod:`serving.protocol`:
+
+- inputs ``pixels`` UINT8 [N,H,W] (stage-1 pixels, H,W <= 512) and optionally ``sizes`` INT32 [N,2]
+  (each image's height and width on its canvas); the request parameter ``preprocessing`` names the
+  stage-1 definition the pixels come from and must be the one this version was trained with;
+- outputs ``probability`` FP32 [N], ``label`` BYTES [N], ``threshold`` FP32 [N], ``logit`` FP32 [N],
+  ``cam`` FP32 [N,h,w]; the response's ``model_version``.
+
+Concurrent requests are batched server-side (:mod:`serving.batching`). Ready only after a warm-up
+inference. No torch.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import tempfile
 import time
@@ -14,23 +27,38 @@ import uuid
 
 import numpy as np
 from kserve import Model
-from kserve.protocol.infer_type import InferRequest, InferResponse
+from kserve.protocol.infer_type import InferRequest, InferResponse, to_http_parameters
 
-from model.bundle import INPUT_NAME, OUTPUT_NAMES
+from model.preprocessing import DECODED_MAX_SIDE, PREPROCESSING_VERSION, normalize, resize
 from model.registry import fetch_model
+from serving.admission import deadline
 from serving.batching import DynamicBatcher
-from serving.engine import create_session
-from serving.errors import RequestRejected
-from serving.metrics import WARMUP_SECONDS, reject_count, set_model_info
-from serving.protocol import tensor_output
+from serving.engine_selection import select_engine
+from serving.errors import RequestRejected, ServiceError
+from serving.metrics import PREDICTIONS, PROBABILITY, WARMUP_SECONDS, reject_count, set_model_info
+from serving.protocol import PIXELS, PREPROCESSING_PARAMETER, SIZES, tensor_output, unpack_images
 from serving.settings import ServingSettings
 
 log = logging.getLogger(__name__)
+
+LABELS = ("NORMAL", "PNEUMONIA")
+#: Above this many images, stage 2 (resize + normalise) runs in a worker thread, off the event loop.
+INLINE_RESIZE_IMAGES = 4
 
 
 def _refuse(message: str) -> RequestRejected:
     reject_count("invalid_tensor")
     return RequestRejected("invalid_tensor", message)
+
+
+class IncompatibleTransformer(ServiceError):
+    """Pixels from another stage-1 definition: a deployment error, not the client's (409 / FAILED_PRECONDITION)."""
+
+    status = 409
+    grpc_code = "FAILED_PRECONDITION"
+
+    def __init__(self, message: str):
+        super().__init__("incompatible_preprocessing", message)
 
 
 class PneumoniaPredictor(Model):
@@ -44,6 +72,7 @@ class PneumoniaPredictor(Model):
         self.settings = settings or ServingSettings()
         self.bundle = None
         self.session = None
+        self.narrow = None
         self.batcher: DynamicBatcher | None = None
         self.model_version: str | None = None
         self.pinned_uri: str | None = None
@@ -54,22 +83,26 @@ class PneumoniaPredictor(Model):
     def load(self) -> bool:
         s = self.settings
         dest = s.model_cache or tempfile.mkdtemp(prefix="pneumoscope-predictor-")
-        self.bundle, info = fetch_model(self.model_uri, dest, s.mlflow_tracking_uri)
+        self.bundle, info = fetch_model(self.model_uri, dest, s.mlflow_tracking_uri, expected_sha256=s.model_sha256,
+                                        require_digest=True)
         self.model_version, self.pinned_uri = str(info["version"]), info["uri"]
-        path = self.bundle.onnx_path(s.precision)
-        self.precision = "int8" if path.name == "model.int8.onnx" else "fp32"
-        self.session = create_session(path, s.engine_threads(), s.spinning)
-        # Under load, single-threaded runs side by side (one shared session: ORT runs are thread-safe).
-        self.narrow = create_session(path, 1, s.spinning) if s.streams() > 1 else None
-        self.image_size = self.bundle.preprocess.image_size
+        self.config = self.bundle.preprocess  # BundleError (one line at start) for an unusable version
+        self.threshold = self.bundle.threshold
+        # Engine x precision: gated for accuracy and timed on this machine (serving.engine_selection). Under
+        # load, single-threaded runs go side by side on the narrow engine.
+        self.engine = select_engine(self.bundle, s, self.name, self.model_version)
+        self.precision, self.platform = self.engine.precision, self.engine.platform
+        self.session, self.narrow = self.engine.wide, self.engine.narrow
+        self.image_size = self.config.image_size
         self.batcher = DynamicBatcher(self.run_narrow if self.narrow else self.run_engine, s.max_batch_size,
                                       s.max_batch_delay_ms / 1000.0, streams=s.streams(),
                                       run_wide=self.run_engine if self.narrow else None)
         self._warm_up()
         set_model_info(self.name, self.model_version, self.pinned_uri, self.bundle.sha256, "predictor", self.precision)
-        log.info("predictor ready: %s (version %s, %s, %d threads, %d streams, batches of up to %d, delay %.1f ms)",
-                 self.pinned_uri, self.model_version, self.precision, s.engine_threads(), s.streams(),
-                 s.max_batch_size, s.max_batch_delay_ms)
+        log.info("predictor ready: %s (version %s, %s %s, %d px, threshold %.4f, %d threads, %d streams, batches of "
+                 "up to %d, delay %.1f ms)", self.pinned_uri, self.model_version, self.engine.engine, self.precision,
+                 self.image_size, self.threshold, s.engine_threads(), s.streams(), s.max_batch_size,
+                 s.max_batch_delay_ms)
         self.ready = True
         return self.ready
 
@@ -95,8 +128,7 @@ class PneumoniaPredictor(Model):
 
     @staticmethod
     def _run(session, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        logits, cams = session.run(list(OUTPUT_NAMES), {INPUT_NAME: x})
-        return logits.reshape(-1).astype(np.float32, copy=False), cams.astype(np.float32, copy=False)
+        return session.run(x)
 
     def stop(self):
         if self.batcher:
@@ -105,53 +137,120 @@ class PneumoniaPredictor(Model):
 
     # -- metadata ------------------------------------------------------------------------------
     def get_input_types(self) -> list[dict]:
-        s = getattr(self, "image_size", -1)
-        return [{"name": INPUT_NAME, "datatype": "FP32", "shape": [-1, 1, s, s]}]
+        return [{"name": PIXELS, "datatype": "UINT8", "shape": [-1, -1, -1]},
+                {"name": SIZES, "datatype": "INT32", "shape": [-1, 2]}]
 
     def get_output_types(self) -> list[dict]:
         h, w = self.cam_shape or (-1, -1)
-        return [{"name": "logit", "datatype": "FP32", "shape": [-1]},
+        return [{"name": "probability", "datatype": "FP32", "shape": [-1]},
+                {"name": "label", "datatype": "BYTES", "shape": [-1]},
+                {"name": "threshold", "datatype": "FP32", "shape": [-1]},
+                {"name": "logit", "datatype": "FP32", "shape": [-1]},
                 {"name": "cam", "datatype": "FP32", "shape": [-1, h, w]}]
 
+    # -- request checks ------------------------------------------------------------------------
+    def limits(self) -> tuple[int, int]:
+        """(most images per request, most pixels per side)."""
+        return max(self.settings.max_images_per_request, self.settings.max_batch_size), DECODED_MAX_SIDE
+
+    def precheck_grpc(self, request) -> None:
+        """Before kserve copies a gRPC request into Python lists: tensors travel raw, and are small."""
+        if len(request.inputs) > 2:
+            raise _refuse(f"expected the inputs {PIXELS!r} and {SIZES!r}, got {len(request.inputs)} inputs")
+        for tensor in request.inputs:
+            contents = tensor.contents
+            values = (len(contents.uint_contents) + len(contents.int_contents) + len(contents.fp32_contents) +
+                      len(contents.bytes_contents) + len(contents.int64_contents) + len(contents.uint64_contents) +
+                      len(contents.fp64_contents) + len(contents.bool_contents))
+            if values > 4096:
+                raise _refuse(f"input {tensor.name!r}: send image tensors as raw_input_contents, not {values} "
+                              "typed values")
+
+    def _check_preprocessing(self, request: InferRequest) -> None:
+        parameters = to_http_parameters(request.parameters) if request.parameters else {}
+        declared = parameters.get(PREPROCESSING_PARAMETER)
+        if declared is None:
+            raise _refuse(f"the request parameter {PREPROCESSING_PARAMETER!r} is missing: it names the stage-1 "
+                          f"preprocessing of the pixels (this version needs {PREPROCESSING_VERSION})")
+        if isinstance(declared, bool) or declared != PREPROCESSING_VERSION:
+            raise IncompatibleTransformer(f"the pixels come from preprocessing {declared!r}; model version "
+                                          f"{self.model_version} needs {PREPROCESSING_VERSION}")
+
+    def _images(self, request: InferRequest) -> list[np.ndarray]:
+        by_name = {}
+        for tensor in request.inputs:
+            if tensor.name not in (PIXELS, SIZES) or tensor.name in by_name:
+                raise _refuse(f"expected the inputs {PIXELS!r} and optionally {SIZES!r}, got "
+                              f"{[t.name for t in request.inputs]}")
+            by_name[tensor.name] = tensor
+        if PIXELS not in by_name:
+            raise _refuse(f"the input {PIXELS!r} (UINT8 [N,H,W]) is missing")
+        most, side = self.limits()
+        pixels = _array(by_name[PIXELS], "UINT8", np.uint8, 3)
+        n, height, width = pixels.shape
+        if not (1 <= n <= most and 1 <= height <= side and 1 <= width <= side):
+            raise _refuse(f"input {PIXELS!r} must be [N,H,W] with 1 <= N <= {most} and 1 <= H, W <= {side}, got "
+                          f"{list(pixels.shape)}")
+        if SIZES in by_name:
+            sizes = _array(by_name[SIZES], "INT32", np.int32, 2)
+            if sizes.shape != (n, 2) or (sizes < 1).any() or (sizes > np.array([height, width])).any():
+                raise _refuse(f"input {SIZES!r} must be [N,2] of heights <= {height} and widths <= {width}, each >= 1")
+        else:
+            sizes = np.tile(np.array([height, width], dtype=np.int32), (n, 1))
+        return unpack_images(pixels, sizes)
+
     # -- inference -----------------------------------------------------------------------------
-    def _tensor(self, request: InferRequest) -> np.ndarray:
-        if len(request.inputs) != 1 or request.inputs[0].name != INPUT_NAME:
-            names = [i.name for i in request.inputs]
-            raise _refuse(f"expected one input named {INPUT_NAME!r}, got {names}")
-        tensor = request.inputs[0]
-        size = self.image_size
-        if tensor.datatype != "FP32":
-            raise _refuse(f"input {INPUT_NAME!r} must be FP32, not {tensor.datatype}")
-        shape = list(tensor.shape)
-        limit = max(self.settings.max_images_per_request, self.settings.max_batch_size)
-        if len(shape) != 4 or shape[1:] != [1, size, size] or not 1 <= int(shape[0]) <= limit:
-            raise _refuse(f"input {INPUT_NAME!r} must have shape [N,1,{size},{size}] with 1 <= N <= {limit}, "
-                          f"got {shape}")
-        count = int(np.prod(shape))
-        raw = getattr(tensor, "_raw_data", None)
-        try:
-            if raw is not None:
-                if len(raw) != count * 4:
-                    raise _refuse(f"input {INPUT_NAME!r}: {len(raw)} bytes do not hold FP32 {shape}")
-                x = np.frombuffer(raw, dtype=np.float32).reshape(shape)
-            else:
-                x = np.asarray(tensor.data, dtype=np.float32)
-                if x.size != count:
-                    raise _refuse(f"input {INPUT_NAME!r}: {x.size} values do not fill shape {shape}")
-                x = x.reshape(shape)
-        except (TypeError, ValueError) as exc:
-            raise _refuse(f"input {INPUT_NAME!r} is not numeric FP32 data: {exc}") from None
-        if not np.isfinite(x).all():
-            raise _refuse(f"input {INPUT_NAME!r} contains NaN or infinity")
-        return x
+    def model_input(self, images: list[np.ndarray]) -> np.ndarray:
+        """Stage 2 of the preprocessing, with this version's parameters: float32 [N,1,S,S]."""
+        return np.ascontiguousarray(normalize(np.stack([resize(im, self.config) for im in images]), self.config))
+
+    def calibrate(self, logits: np.ndarray) -> tuple[np.ndarray, list[str]]:
+        probs = self.bundle.probability(logits).astype(np.float32)
+        return probs, [LABELS[int(p >= self.threshold)] for p in probs]
 
     async def predict(self, payload, headers=None, response_headers=None) -> InferResponse:
         if not isinstance(payload, InferRequest):
             raise _refuse("the predictor speaks Open Inference Protocol v2 (REST /v2/... or gRPC) only")
-        x = self._tensor(payload)
-        logits, cams = await self.batcher.submit(x)
-        outputs = [tensor_output("logit", "FP32", logits), tensor_output("cam", "FP32", cams)]
+        self._check_preprocessing(payload)
+        images = self._images(payload)
+        if len(images) > INLINE_RESIZE_IMAGES:
+            x = await asyncio.to_thread(self.model_input, images)
+        else:
+            x = self.model_input(images)
+        logits, cams = await self.batcher.submit(x, deadline())
+        probs, labels = self.calibrate(logits)
+        for p, label in zip(probs, labels):
+            PREDICTIONS.labels(model_name=self.name, model_version=self.model_version, label=label).inc()
+            PROBABILITY.labels(model_name=self.name, model_version=self.model_version).observe(float(p))
+        outputs = [tensor_output("probability", "FP32", probs),
+                   tensor_output("label", "BYTES", np.array(labels, dtype=np.object_)),
+                   tensor_output("threshold", "FP32", np.full(len(probs), self.threshold, dtype=np.float32)),
+                   tensor_output("logit", "FP32", logits), tensor_output("cam", "FP32", cams)]
         return InferResponse(response_id=payload.id or str(uuid.uuid4()), model_name=self.name,
                              model_version=self.model_version, infer_outputs=outputs,
                              use_binary_outputs=payload.use_binary_outputs,
                              requested_outputs=payload.request_outputs)
+
+
+def _array(tensor, datatype: str, dtype, ndim: int) -> np.ndarray:
+    """A v2 input as a numpy array of ``dtype``, checked against its declared shape before any copy."""
+    if tensor.datatype != datatype:
+        raise _refuse(f"input {tensor.name!r} must be {datatype}, not {tensor.datatype}")
+    shape = tensor.shape
+    if (not isinstance(shape, (list, tuple)) or len(shape) != ndim
+            or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= 1 << 20 for d in shape)):
+        raise _refuse(f"input {tensor.name!r} must have {ndim} non-negative integer dimensions, got {shape}")
+    count = int(np.prod(shape, dtype=np.int64))
+    raw = getattr(tensor, "_raw_data", None)
+    if raw is not None:
+        if len(raw) != count * np.dtype(dtype).itemsize:
+            raise _refuse(f"input {tensor.name!r}: {len(raw)} bytes do not hold {datatype} {list(shape)}")
+        return np.frombuffer(raw, dtype=dtype).reshape(shape)
+    data = tensor.data
+    if not isinstance(data, list) or len(data) != count:
+        raise _refuse(f"input {tensor.name!r}: {len(data) if isinstance(data, list) else 'no'} values for shape "
+                      f"{list(shape)}")
+    info = np.iinfo(dtype)
+    if not all(isinstance(v, int) and not isinstance(v, bool) and info.min <= v <= info.max for v in data):
+        raise _refuse(f"input {tensor.name!r} must hold integers in {info.min}..{info.max}")
+    return np.asarray(data, dtype=dtype).reshape(shape)

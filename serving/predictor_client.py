@@ -1,21 +1,29 @@
 """The transformer's link to the predictor: Open Inference Protocol v2 over gRPC (default) or REST.
 
-Tensors travel as raw bytes both ways (gRPC ``raw_input_contents``/``raw_output_contents``, REST binary
-extension). A predictor that is down or restarting becomes :class:`PredictorUnavailable` (503) within
-a fraction of a second; the gRPC channel retries its connection at most every second, so service
-resumes by itself once the predictor is back.
+One call per client request carries all of its images (``pixels`` + ``sizes``, see
+:mod:`serving.protocol`), so one model version answers all of them. Tensors travel as raw bytes both
+ways. The call's timeout is what is left of the client's deadline. A predictor that is down,
+restarting, overloaded or draining becomes :class:`PredictorUnavailable` (503) within a fraction of a
+second; the gRPC channel retries its connection at most every second, so service resumes by itself.
+Details (addresses, gRPC debug strings) are logged, never sent to the client.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import uuid
+from dataclasses import dataclass
 
 import numpy as np
 from kserve.protocol.infer_type import InferInput, InferRequest, InferResponse
 
-from serving.errors import PredictorUnavailable, RequestRejected
+from model.preprocessing import DECODED_MAX_SIDE, PREPROCESSING_VERSION
+from serving.admission import remaining
+from serving.errors import DeadlineExceeded, PredictorUnavailable, RequestRejected
+from serving.metrics import PREDICTOR_ERRORS, reject_count
+from serving.protocol import PIXELS, PREPROCESSING_PARAMETER, SIZES, pack_images, transport_bytes
 
 log = logging.getLogger(__name__)
 
@@ -24,10 +32,37 @@ _GRPC_RETRY = json.dumps({"methodConfig": [{
     "retryPolicy": {"maxAttempts": 2, "initialBackoff": "0.1s", "maxBackoff": "0.5s", "backoffMultiplier": 2,
                     "retryableStatusCodes": ["UNAVAILABLE"]}}]})
 _FORWARD_HEADERS = ("x-request-id", "x-b3-traceid", "traceparent")
+_PRINTABLE = re.compile(r"^[\x20-\x7e]{1,512}$")
+#: The predictor's answer: five small vectors and N coarse CAMs (7x7 for 224 px).
+MAX_RESPONSE_BYTES = 4 * 1024 * 1024
+OUTPUT_NAMES = ("probability", "label", "threshold", "logit", "cam")
+
+
+@dataclass
+class Answer:
+    """What one model version computed for the images of one request."""
+
+    probability: np.ndarray  # float32 [N]
+    label: list[str]
+    threshold: np.ndarray  # float32 [N]
+    logit: np.ndarray  # float32 [N]
+    cam: np.ndarray  # float32 [N, h, w]
+    model_version: str
+
+
+def parse_rest_response(content: bytes, header_length: str | None) -> InferResponse:
+    """A v2 REST response (JSON, or JSON + binary outputs). kserve's ``InferResponse.from_bytes`` drops
+    ``model_version``, which names the version that computed the answer: it is read from the JSON here."""
+    length = int(header_length) if header_length is not None else len(content)
+    response = InferResponse.from_bytes(content, length)
+    if response.model_version is None:
+        version = json.loads(content[:length]).get("model_version")
+        response.model_version = None if version is None else str(version)
+    return response
 
 
 class PredictorClient:
-    def __init__(self, host: str, protocol: str, model_name: str, timeout_s: float = 30.0):
+    def __init__(self, host: str, protocol: str, model_name: str, timeout_s: float = 30.0, max_images: int = 32):
         if protocol not in ("grpc-v2", "v2"):
             raise ValueError(f"predictor protocol must be grpc-v2 or v2, not {protocol!r}")
         self.host = host.removeprefix("http://").removeprefix("grpc://").rstrip("/")
@@ -38,78 +73,138 @@ class PredictorClient:
         self.protocol = protocol
         self.model_name = model_name
         self.timeout_s = timeout_s
+        self.max_send_bytes = transport_bytes(max_images, DECODED_MAX_SIDE)
         self._channel = None
         self._stub = None
         self._http = None
 
-    def _request(self, x: np.ndarray, request_id: str) -> InferRequest:
-        tensor = InferInput("image", list(x.shape), "FP32")
-        tensor.set_data_from_numpy(x, binary_data=True)
-        parameters = {"binary_data_output": True} if self.protocol == "v2" else None
-        return InferRequest(model_name=self.model_name, infer_inputs=[tensor], request_id=request_id,
+    def _request(self, images: list[np.ndarray], request_id: str) -> InferRequest:
+        pixels, sizes = pack_images(images)
+        inputs = []
+        for name, array, datatype in ((PIXELS, pixels, "UINT8"), (SIZES, sizes, "INT32")):
+            tensor = InferInput(name, list(array.shape), datatype)
+            tensor.set_data_from_numpy(array, binary_data=True)
+            inputs.append(tensor)
+        parameters = {PREPROCESSING_PARAMETER: PREPROCESSING_VERSION}
+        if self.protocol == "v2":
+            parameters["binary_data_output"] = True
+        return InferRequest(model_name=self.model_name, infer_inputs=inputs, request_id=request_id,
                             parameters=parameters)
 
-    async def infer(self, x: np.ndarray, headers: dict | None = None) -> tuple[np.ndarray, np.ndarray, str]:
-        """Float32 [N,1,S,S] -> (logits [N], cams [N,h,w], the predictor's model version)."""
-        forward = {k: v for k, v in (headers or {}).items() if k.lower() in _FORWARD_HEADERS}
-        request = self._request(x, forward.get("x-request-id") or str(uuid.uuid4()))
+    def _timeout(self) -> float:
+        left = remaining(self.timeout_s)
+        if left <= 0:
+            PREDICTOR_ERRORS.labels(cause="deadline").inc()
+            raise DeadlineExceeded("before the predictor was called")
+        return min(left, self.timeout_s)
+
+    async def infer(self, images: list[np.ndarray], headers: dict | None = None) -> Answer:
+        """Stage-1 pixels of one request -> the answer of the model version the predictor serves."""
+        # Tracing headers travel on, if they are what gRPC metadata may carry (printable ASCII).
+        forward = {k.lower(): v for k, v in (headers or {}).items()
+                   if k.lower() in _FORWARD_HEADERS and isinstance(v, str) and _PRINTABLE.match(v)}
+        request = self._request(images, forward.get("x-request-id") or str(uuid.uuid4()))
+        timeout = self._timeout()
         if self.protocol == "grpc-v2":
-            response = await self._grpc(request, forward)
+            response = await self._grpc(request, forward, timeout)
         else:
-            response = await self._rest(request, forward)
+            response = await self._rest(request, forward, timeout)
+        return self._answer(response, len(images))
+
+    def _answer(self, response: InferResponse, n: int) -> Answer:
         try:
-            logits = response.get_output_by_name("logit").as_numpy().reshape(-1)
-            cams = response.get_output_by_name("cam").as_numpy()
-        except (AttributeError, ValueError) as exc:
-            raise PredictorUnavailable(self.model_name, f"malformed predictor response: {exc}") from None
-        return logits.astype(np.float32, copy=False), cams.astype(np.float32, copy=False), str(
-            response.model_version or "")
+            got = {name: response.get_output_by_name(name) for name in OUTPUT_NAMES}
+            if any(v is None for v in got.values()):
+                raise ValueError(f"outputs {[o.name for o in response.outputs]}")
+            answer = Answer(got["probability"].as_numpy().astype(np.float32).reshape(-1),
+                            [v.decode() if isinstance(v, bytes) else str(v) for v in got["label"].as_numpy()],
+                            got["threshold"].as_numpy().astype(np.float32).reshape(-1),
+                            got["logit"].as_numpy().astype(np.float32).reshape(-1),
+                            got["cam"].as_numpy().astype(np.float32), str(response.model_version or ""))
+            if (answer.probability.shape != (n,) or len(answer.label) != n or answer.threshold.shape != (n,)
+                    or answer.cam.ndim != 3 or len(answer.cam) != n or not answer.model_version):
+                raise ValueError(f"shapes probability {answer.probability.shape}, cam {answer.cam.shape}, "
+                                 f"version {answer.model_version!r} for {n} images")
+        except (AttributeError, ValueError, TypeError, UnicodeDecodeError) as exc:
+            PREDICTOR_ERRORS.labels(cause="bad_response").inc()
+            log.error("malformed predictor response: %s", exc)
+            raise PredictorUnavailable(f"malformed response: {exc}") from None
+        return answer
+
+    def _failed(self, kind: str, detail: str):
+        """Map the predictor's refusal (by gRPC code name / HTTP status class) to our error."""
+        if kind == "INVALID_ARGUMENT":
+            PREDICTOR_ERRORS.labels(cause="refused").inc()
+            reject_count("refused_by_predictor")
+            return RequestRejected("refused_by_predictor", f"the predictor refused the image: {detail[:300]}")
+        if kind == "DEADLINE_EXCEEDED":
+            PREDICTOR_ERRORS.labels(cause="deadline").inc()
+            return DeadlineExceeded("waiting for the predictor")
+        if kind == "FAILED_PRECONDITION":
+            PREDICTOR_ERRORS.labels(cause="incompatible").inc()
+            log.error("predictor %s refuses this transformer's pixels: %s", self.host, detail[:300])
+            return PredictorUnavailable(detail)
+        cause = "overloaded" if kind == "RESOURCE_EXHAUSTED" else "unavailable"
+        PREDICTOR_ERRORS.labels(cause=cause).inc()
+        log.warning("predictor %s: %s %s", self.host, kind, detail[:200])
+        return PredictorUnavailable(f"{kind}: {detail[:200]}")
 
     # -- gRPC --------------------------------------------------------------------------------------
-    async def _grpc(self, request: InferRequest, metadata: dict) -> InferResponse:
+    async def _grpc(self, request: InferRequest, metadata: dict, timeout: float) -> InferResponse:
         import grpc
 
         if self._stub is None:
             from kserve.protocol.grpc.grpc_predict_v2_pb2_grpc import GRPCInferenceServiceStub
 
             self._channel = grpc.aio.insecure_channel(self.host, options=[
-                ("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1),
+                ("grpc.max_send_message_length", self.max_send_bytes),
+                ("grpc.max_receive_message_length", MAX_RESPONSE_BYTES),
                 ("grpc.enable_retries", 1), ("grpc.service_config", _GRPC_RETRY),
                 # Reconnect quickly after a predictor restart instead of gRPC's default 1 s -> 120 s backoff.
                 ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200),
                 ("grpc.max_reconnect_backoff_ms", 1000)])
             self._stub = GRPCInferenceServiceStub(self._channel)
         try:
-            reply = await self._stub.ModelInfer(request.to_grpc(), timeout=self.timeout_s,
-                                                metadata=tuple(metadata.items()))
+            reply = await self._stub.ModelInfer(request.to_grpc(), timeout=timeout, metadata=tuple(metadata.items()))
         except grpc.aio.AioRpcError as exc:
-            code, detail = exc.code(), (exc.details() or "").strip()
-            if code == grpc.StatusCode.INVALID_ARGUMENT:
-                raise RequestRejected("refused_by_predictor", f"the predictor refused the tensor: {detail}") from None
-            log.warning("predictor call failed: %s %s", code.name, detail[:200])
-            raise PredictorUnavailable(self.model_name, f"{code.name.lower()}: {detail[:200]}") from None
+            raise self._failed(exc.code().name, (exc.details() or "").strip()) from None
         return InferResponse.from_grpc(reply)
 
     # -- REST --------------------------------------------------------------------------------------
-    async def _rest(self, request: InferRequest, headers: dict) -> InferResponse:
+    async def _rest(self, request: InferRequest, headers: dict, timeout: float) -> InferResponse:
         import httpx
 
         if self._http is None:
-            self._http = httpx.AsyncClient(timeout=self.timeout_s,
-                                           limits=httpx.Limits(max_connections=64, max_keepalive_connections=32))
+            self._http = httpx.AsyncClient(limits=httpx.Limits(max_connections=64, max_keepalive_connections=32))
         body, json_length = request.to_rest()
         headers = dict(headers, **{"content-type": "application/octet-stream",
-                                   "inference-header-content-length": str(json_length)})
+                                   "inference-header-content-length": str(json_length),
+                                   "x-request-timeout-ms": str(max(1, int(timeout * 1000)))})
         url = f"http://{self.host}/v2/models/{self.model_name}/infer"
         try:
-            reply = await self._http.post(url, content=body, headers=headers)
+            reply = await self._http.post(url, content=body, headers=headers, timeout=timeout)
+        except httpx.TimeoutException:
+            raise self._failed("DEADLINE_EXCEEDED", "") from None
         except httpx.TransportError as exc:
-            log.warning("predictor call failed: %r", exc)
-            raise PredictorUnavailable(self.model_name, f"{type(exc).__name__}: {exc}"[:200]) from None
+            raise self._failed("UNAVAILABLE", f"{type(exc).__name__}: {exc}") from None
         if reply.status_code != 200:
-            detail = reply.text[:200]
-            if reply.status_code in (400, 422):
-                raise RequestRejected("refused_by_predictor", f"the predictor refused the tensor: {detail}")
-            raise PredictorUnavailable(self.model_name, f"HTTP {reply.status_code}: {detail}")
-        length = int(reply.headers.get("inference-header-content-length", len(reply.content)))
-        return InferResponse.from_bytes(reply.content, length)
+            kind = {400: "INVALID_ARGUMENT", 413: "INVALID_ARGUMENT", 422: "INVALID_ARGUMENT",
+                    409: "FAILED_PRECONDITION", 504: "DEADLINE_EXCEEDED"}.get(reply.status_code, "UNAVAILABLE")
+            try:
+                detail = str(reply.json().get("error", ""))
+            except ValueError:
+                detail = reply.text
+            raise self._failed(kind, f"HTTP {reply.status_code}: {detail[:300]}" if kind == "UNAVAILABLE" else detail)
+        if len(reply.content) > MAX_RESPONSE_BYTES:
+            raise self._failed("UNAVAILABLE", f"a {len(reply.content)}-byte response")
+        try:
+            return parse_rest_response(reply.content, reply.headers.get("inference-header-content-length"))
+        except Exception as exc:  # a malformed body from the predictor, not the client's fault
+            PREDICTOR_ERRORS.labels(cause="bad_response").inc()
+            raise PredictorUnavailable(f"unreadable response: {type(exc).__name__}") from None
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+        if self._http is not None:
+            await self._http.aclose()

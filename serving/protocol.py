@@ -17,3 +17,35 @@ def tensor_output(name: str, datatype: str, array: np.ndarray) -> InferOutput:
     output = InferOutput(name, list(array.shape), datatype)
     output.set_data_from_numpy(array, binary_data=True)
     return output
+
+
+# -- the transformer -> predictor transport ------------------------------------------------------------
+#
+# One predictor request carries all images of one client request, so that one model version answers
+# all of them: ``pixels`` UINT8 [N, H, W] (stage-1 pixels, each image in the top-left corner of a
+# zero canvas as large as the largest) and ``sizes`` INT32 [N, 2] (each image's height and width).
+# ``H, W <= DECODED_MAX_SIDE``, so a request is at most N * 512 * 512 bytes.
+
+PIXELS, SIZES = "pixels", "sizes"
+#: Request parameter naming the stage-1 definition the pixels come from (``PREPROCESSING_VERSION``).
+PREPROCESSING_PARAMETER = "preprocessing"
+
+
+def pack_images(images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 (h_i, w_i) images -> (pixels [N, H, W], sizes [N, 2])."""
+    sizes = np.array([im.shape for im in images], dtype=np.int32).reshape(len(images), 2)
+    height, width = (int(v) for v in sizes.max(axis=0))
+    pixels = np.zeros((len(images), height, width), dtype=np.uint8)
+    for canvas, image in zip(pixels, images):
+        canvas[:image.shape[0], :image.shape[1]] = image
+    return pixels, sizes
+
+
+def unpack_images(pixels: np.ndarray, sizes: np.ndarray) -> list[np.ndarray]:
+    """The inverse of :func:`pack_images` (sizes already validated)."""
+    return [np.ascontiguousarray(canvas[:h, :w]) for canvas, (h, w) in zip(pixels, sizes.tolist())]
+
+
+def transport_bytes(max_images: int, max_side: int) -> int:
+    """The largest transformer -> predictor message: pixels, sizes and a generous header."""
+    return max_images * (max_side * max_side + 8) + 64 * 1024

@@ -27,30 +27,54 @@ class ServingSettings(BaseSettings):
 
     # --- inputs (transformer) ---
     max_payload_bytes: int = Field(20_000_000, gt=0, description="largest request body (and gRPC message) accepted")
-    max_image_pixels: int = Field(40_000_000, gt=0, description="largest width*height decoded (bomb guard)")
+    max_image_pixels: int = Field(
+        20_000_000, gt=0, description="largest width*height of one image, read from its header before decoding "
+        "(real radiographs: up to about 4300x4300 = 18.5 Mpx; the shared data: at most 5.9 Mpx)")
+    max_request_pixels: int = Field(60_000_000, gt=0, description="largest total width*height of all images of "
+                                    "one request")
+    max_dicom_bytes: int = Field(256 * 1024 * 1024, gt=0, description="largest DICOM pixel data as declared: Rows x "
+                                 "Columns x frames x samples x bytes per sample")
     max_images_per_request: int = Field(32, gt=0, description="largest N of one request")
+    decode_threads: int | None = Field(None, ge=1, description="images decoded at once (default: CPU cores); "
+                                       "bounds decoding memory to about this many images")
     max_colourfulness: float = Field(
         12.0, ge=0, description="mean |R-G|+|G-B| above which an upload is a colour picture, not an X-ray "
         "(every real X-ray in the shared data measures 0)")
-    intensity_z_below: float = Field(
-        4.5, gt=0, description="reject images darker than the training mean minus this many sd (real X-rays: "
-        "mean intensity 61-222 of 255, at worst 3.4 sd below and 5.3 sd above the full training mean)")
-    intensity_z_above: float = Field(6.0, gt=0, description="reject images brighter than the training mean plus "
-                                     "this many sd")
-    intensity_sd_floor: float = Field(
-        20.0, gt=0, description="the sd used by the intensity gate is at least this (a small training subset "
-        "underestimates it, and the gate must never reject a real X-ray)")
+    min_mean_intensity: float = Field(
+        30.0, ge=0, le=255, description="reject images whose mean intensity (0-255) is below this: black frames, "
+        "inverted or failed exposures (every real X-ray in the shared data: 61-222)")
+    max_mean_intensity: float = Field(240.0, ge=0, le=255, description="reject images whose mean intensity is above "
+                                      "this: washed-out frames")
     min_contrast: float = Field(10.0, ge=0, description="reject near-uniform frames: pixel sd (0-255) below this "
                                 "(real X-rays: at least 19.9)")
-    heatmap_max_side: int = Field(512, ge=64, description="longest side of the rendered heatmap PNG")
+    heatmap_max_side: int = Field(512, ge=64, le=512, description="longest side of the rendered heatmap PNG (at "
+                                  "most the decoded image's bound, 512)")
 
     # --- predictor link (transformer) ---
     predictor_protocol: Literal["grpc-v2", "v2"] = Field("grpc-v2", description="transformer -> predictor protocol")
-    predictor_timeout_s: float = Field(30.0, gt=0, description="deadline of one predictor call")
+    predictor_timeout_s: float = Field(30.0, gt=0, description="longest wait for one predictor call")
+
+    # --- admission, deadlines, shutdown (both) ---
+    max_inflight: int | None = Field(
+        None, ge=1, description="inference requests one process works on at once; more are refused at once with "
+        "503 + Retry-After (REST) or RESOURCE_EXHAUSTED (gRPC). Default: the CPUs the process may use (its cgroup "
+        "quota), at least 2 -- measured to keep the accepted p99 near 2x the unloaded p99 under 4x overload "
+        "(BENCHMARKS.md, overload); larger values queue more and answer later")
+    request_timeout_s: float = Field(30.0, gt=0, description="deadline of a request that brings none (gRPC "
+                                     "deadline, or the x-request-timeout-ms header, otherwise)")
+    drain_timeout_s: float = Field(
+        20.0, ge=0, description="on SIGTERM: readiness goes false, new requests get 503, and requests in flight "
+        "get this long to finish (the manifests' terminationGracePeriodSeconds and preStop must cover it)")
 
     # --- engine (predictor) ---
-    precision: Literal["auto", "fp32", "int8"] = Field("auto", description="auto: int8 when it passed its gate")
-    threads: int | None = Field(None, ge=1, description="ONNX Runtime intra-op threads (default: all cores)")
+    engine: Literal["auto", "onnxruntime", "openvino"] = Field(
+        "auto", description="inference engine; auto: every installed engine is gated for accuracy and timed at load, "
+        "the fastest eligible one serves")
+    precision: Literal["auto", "fp32", "int8", "bf16"] = Field(
+        "auto", description="auto: every precision the bundle allows (int8 when it passed its export gate; bf16 on "
+        "OpenVINO where the CPU has native bf16), chosen with the engine")
+    engine_timing_s: float = Field(1.0, ge=0, description="seconds of timing per engine x precision candidate at load")
+    threads: int | None = Field(None, ge=1, description="engine intra-op threads of one call (default: all cores)")
     engine_streams: int | None = Field(
         None, ge=1, description="parallel single-threaded engine runs under load (default: = threads); a lone "
         "request still uses all threads. 1 = one engine run at a time with all threads")
@@ -60,6 +84,9 @@ class ServingSettings(BaseSettings):
         0.0, ge=0, description="dynamic batching: how long the first queued request may wait for company; "
         "0 = no waiting, batch whatever queued up while the engine was busy")
     model_cache: str | None = Field(None, description="where registry models are downloaded (default: a temp dir)")
+    model_sha256: str | None = Field(
+        None, description="expected bundle digest of the served model: required for a folder (e.g. KServe's "
+        "/mnt/models), checked against the registry's bundle_sha256 tag for models:/ URIs")
 
     # --- process ---
     access_log: bool = Field(False, description="log every HTTP request")
@@ -69,3 +96,11 @@ class ServingSettings(BaseSettings):
 
     def streams(self) -> int:
         return self.engine_streams or self.engine_threads()
+
+    def decoders(self) -> int:
+        return self.decode_threads or os.cpu_count() or 1
+
+    def inflight_limit(self) -> int:
+        from model.settings import available_cpus
+
+        return self.max_inflight or max(2, available_cpus())

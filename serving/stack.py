@@ -3,9 +3,11 @@
 ``pneumoscope serve`` runs it in the foreground; tests and benchmarks use :class:`LocalStack` directly.
 The transformer listens on ``port`` (REST) and ``port + 1`` (gRPC); the predictor on free ports.
 With ``web_port`` the doctor's web app (``python -m webapp``) runs beside them, calling the transformer.
-A ``models:/NAME@ALIAS`` URI is resolved to a version once, here, and both processes load that
-pinned version. Like a kubelet, the stack restarts a process that dies (with a short back-off);
-stopping sends SIGTERM to both children by PID, then SIGKILL to whatever still runs.
+A ``models:/NAME@ALIAS`` URI is resolved to a version once, here, and the predictor loads that
+pinned version (the transformer holds no version). Like a kubelet, the stack restarts a process that
+dies (with a short back-off). Stopping drains the web app and the transformer first (SIGTERM, then each
+finishes what it holds), then the predictor, so that nothing in flight loses its predictor; SIGKILL only
+after the drain time.
 
 No kserve import here: a test process may also want tritonclient, whose protobuf package clashes
 with kserve's in one interpreter.
@@ -58,8 +60,9 @@ def free_port(avoid: set[int] = frozenset()) -> int:
             return port
 
 
-def resolve_model(model_uri: str, tracking_uri: str | None = None) -> tuple[str, str, str]:
-    """(pinned uri, model name, version). Aliases are resolved here, once; folders are checked."""
+def resolve_model(model_uri: str, tracking_uri: str | None = None, sha256: str | None = None) -> tuple[str, str, str]:
+    """(pinned uri, model name, version). Aliases are resolved here, once; folders are checked, and need
+    their expected digest (the predictor verifies every hash against it)."""
     if model_uri.startswith("models:/"):
         from model.registry import connect, resolve_model_uri
 
@@ -70,7 +73,15 @@ def resolve_model(model_uri: str, tracking_uri: str | None = None) -> tuple[str,
     path = Path(model_uri.removeprefix("file://")).expanduser()
     if not path.exists():
         raise StackError(f"model not found: {model_uri} is neither a bundle folder nor a models:/ URI")
-    bundle = Bundle.load(path, verify=False)  # the children verify every hash
+    if not sha256:
+        raise StackError(f"{model_uri} is a model folder: give its expected bundle digest with --sha256 (the "
+                         "registry's bundle_sha256 tag of the version it came from); nothing unverified is served")
+    from model.bundle import BundleError
+
+    try:
+        bundle = Bundle.load(path, verify=False, expected_sha256=sha256)  # the predictor verifies every file
+    except BundleError as exc:
+        raise StackError(f"{model_uri}: {exc}") from None
     return str(path.resolve()), bundle.meta.get("model_name", "pneumonia"), str(bundle.meta.get("version", "local"))
 
 
@@ -121,6 +132,7 @@ class LocalStack:
         self._workdir: str | None = None
         self._log = None
         self._monitor: threading.Thread | None = None
+        self.exit_codes: dict[str, int] = {}  # filled by stop(), in the order the children exited
 
     # -- start -------------------------------------------------------------------------------------
     def start(self, timeout: float = 240.0, supervise_in_background: bool = True) -> dict:
@@ -131,7 +143,8 @@ class LocalStack:
         if self.web_port is not None and (self.web_port in (self.port, self.port + 1) or not port_free(self.web_port)):
             raise StackError(f"port {self.web_port} on {LOOPBACK} is in use (the web app needs it); choose another "
                              f"--web-port")
-        pinned, name_in_registry, version = resolve_model(self.model_uri, self.settings.mlflow_tracking_uri)
+        pinned, name_in_registry, version = resolve_model(self.model_uri, self.settings.mlflow_tracking_uri,
+                                                          self.settings.model_sha256)
         name = self.settings.model_name
         taken = {self.port, self.port + 1, self.web_port}
         p_http = free_port(taken)
@@ -147,8 +160,10 @@ class LocalStack:
             predictor += ["--threads", str(s.threads)]
         if s.engine_streams:
             predictor += ["--engine_streams", str(s.engine_streams)]
+        if s.model_sha256:
+            predictor += ["--sha256", s.model_sha256]
         target = f"{LOOPBACK}:{p_grpc if self.predictor_protocol == 'grpc-v2' else p_http}"
-        transformer = [sys.executable, "-m", "serving.transformer_main", "--model_uri", pinned, "--model_name", name,
+        transformer = [sys.executable, "-m", "serving.transformer_main", "--model_name", name,
                        "--http_port", str(self.port), "--grpc_port", str(self.port + 1), "--bind", LOOPBACK,
                        "--predictor_host", target, "--predictor_protocol", self.predictor_protocol,
                        "--max_payload_bytes", str(s.max_payload_bytes), "--max_image_pixels", str(s.max_image_pixels)]
@@ -262,19 +277,24 @@ class LocalStack:
             self.children[role].started = time.monotonic()
             return process.pid
 
-    def stop(self, grace_s: float = 10.0) -> None:
+    def stop(self, grace_s: float | None = None) -> None:
+        """SIGTERM the web app, then the transformer, then the predictor, each drained and gone before the next."""
         self._stopping.set()
+        grace_s = self.settings.drain_timeout_s + 10.0 if grace_s is None else grace_s
         with self._lock:
-            processes = [c.process for c in self.children.values() if c.process and c.process.poll() is None]
-            for process in processes:
+            for role in ("web", "transformer", "predictor"):
+                child = self.children.get(role)
+                process = child.process if child else None
+                if process is None or process.poll() is not None:
+                    continue
                 process.send_signal(signal.SIGTERM)
-            deadline = time.monotonic() + grace_s
-            for process in processes:
                 try:
-                    process.wait(max(0.1, deadline - time.monotonic()))
+                    process.wait(grace_s)
                 except subprocess.TimeoutExpired:
+                    log.warning("%s did not exit within %.0f s of SIGTERM; killing it", role, grace_s)
                     process.kill()
                     process.wait()
+                self.exit_codes[role] = process.returncode
         if self._monitor is not None and self._monitor is not threading.current_thread():
             self._monitor.join(timeout=2)
         if self._log:

@@ -1,4 +1,4 @@
-"""The transformer: encoded X-ray in, calibrated probability (and heatmap) out; no torch.
+"""The transformer: encoded X-ray in, the predictor's answer (and a heatmap) out; no model version, no torch.
 
 Requests (model name ``pneumonia``):
 
@@ -12,8 +12,11 @@ Requests (model name ``pneumonia``):
   ``quality_flags`` BYTES [N]: per image a JSON list, e.g. ``["blurred", "text_overlay"]`` (v1: a list per
   prediction) from :mod:`model.quality`; reported beside the answer, never part of it.
 
-Decoding is ``model.preprocessing`` (the training code path) plus the X-ray gate of
-:mod:`serving.inputs`; the tensor goes to the predictor over gRPC v2 (default) or REST v2.
+The transformer is version-agnostic: it runs stage 1 of ``model.preprocessing`` (decode to bounded
+grayscale, with bounded cost) and the X-ray gate of :mod:`serving.inputs`, sends the pixels of all
+images of a request to the predictor in ONE call, and passes the predictor's answer through --
+probability, label, threshold and ``model_version`` all come from the one version the predictor
+serves. The heatmap is drawn from the predictor's CAM over the pixels already decoded.
 """
 
 from __future__ import annotations
@@ -22,32 +25,26 @@ import asyncio
 import base64
 import json
 import logging
-import tempfile
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 from kserve import Model
-from kserve.protocol.infer_type import (InferInput, InferRequest, InferResponse, deserialize_bytes_tensor,
-                                        to_http_parameters)
+from kserve.protocol.infer_type import InferInput, InferRequest, InferResponse, to_http_parameters
 
+from model.preprocessing import declared_pixels
 from model.quality import quality_flags
-from model.registry import fetch_model
 from serving import heatmap as heatmaps
-from serving.errors import PredictorUnavailable, RequestRejected
-from serving.inputs import PreparedImage, display_pixels, element_bytes, prepare_image, reject
-from serving.metrics import PREDICTIONS, PREDICTOR_ERRORS, PROBABILITY, set_model_info
-from serving.predictor_client import PredictorClient
+from serving.inputs import PreparedImage, decode_upload, element_bytes, reject
+from serving.predictor_client import Answer, PredictorClient
 from serving.protocol import tensor_output
 from serving.settings import ServingSettings
 
 log = logging.getLogger(__name__)
 
-LABELS = ("NORMAL", "PNEUMONIA")
 INPUT = "image"
 OUTPUTS = ("probability", "label", "threshold", "heatmap_png", "cam", "quality_flags")
-#: Decode in a worker thread above this many bytes, so large uploads do not stall the event loop.
-INLINE_DECODE_BYTES = 256 * 1024
 _RAW_IMAGE_TYPES = ("image/", "application/dicom")
 
 
@@ -55,7 +52,6 @@ _RAW_IMAGE_TYPES = ("image/", "application/dicom")
 class Prepared:
     protocol: str  # "v1" or "v2"
     images: list[PreparedImage]
-    tensor: np.ndarray
     heatmap: bool
     request: InferRequest | None = None
     quality: list[list[str]] = field(default_factory=list)  # flags per image; they never change the decision
@@ -64,42 +60,60 @@ class Prepared:
 @dataclass
 class Scored:
     prepared: Prepared
-    logits: np.ndarray
-    cams: np.ndarray
+    answer: Answer
 
 
 def _truthy(value) -> bool:
     if isinstance(value, str):
         return value.strip().lower() in ("1", "true", "yes", "on")
-    return bool(value)
+    return value is True or (isinstance(value, int) and not isinstance(value, bool) and value == 1)
+
+
+def split_bytes_tensor(raw: bytes, count: int, where: str = INPUT) -> list[bytes]:
+    """A v2 binary BYTES tensor (4-byte little-endian length + bytes, repeated) holding exactly ``count``
+    elements; ``count`` is checked against the limit before this is called, so the walk is bounded."""
+    view, pos, items = memoryview(raw), 0, []
+    while pos < len(view):
+        if len(items) == count:
+            raise reject("invalid_tensor", f"input {where!r} holds more than the {count} elements its shape declares")
+        if pos + 4 > len(view):
+            raise reject("invalid_tensor", f"input {where!r}: the binary BYTES data is malformed")
+        size = int.from_bytes(view[pos:pos + 4], "little")
+        pos += 4
+        if pos + size > len(view):
+            raise reject("invalid_tensor", f"input {where!r}: the binary BYTES data is malformed")
+        items.append(bytes(view[pos:pos + size]))
+        pos += size
+    if len(items) != count:
+        raise reject("invalid_tensor", f"input {where!r} has shape [{count}] but {len(items)} elements")
+    return items
 
 
 class PneumoniaTransformer(Model):
-    def __init__(self, name: str, model_uri: str, predictor_host: str, protocol: str = "grpc-v2",
+    def __init__(self, name: str, predictor_host: str, protocol: str = "grpc-v2",
                  settings: ServingSettings | None = None):
         super().__init__(name)
-        self.model_uri = model_uri
         self.settings = settings or ServingSettings()
         self.predictor_host = predictor_host
         self.protocol = protocol
-        self.bundle = None
-        self.model_version: str | None = None
         self.client: PredictorClient | None = None
+        self.decoders: ThreadPoolExecutor | None = None
 
     def load(self) -> bool:
         s = self.settings
-        dest = s.model_cache or tempfile.mkdtemp(prefix="pneumoscope-transformer-")
-        self.bundle, info = fetch_model(self.model_uri, dest, s.mlflow_tracking_uri)
-        self.model_version, self.pinned_uri = str(info["version"]), info["uri"]
-        self.config = self.bundle.preprocess
-        self.threshold = self.bundle.threshold
-        self.client = PredictorClient(self.predictor_host, self.protocol, self.name, s.predictor_timeout_s)
-        set_model_info(self.name, self.model_version, self.pinned_uri, self.bundle.sha256, "transformer")
-        log.info("transformer ready: %s (version %s), %d px, threshold %.4f, predictor %s over %s",
-                 self.pinned_uri, self.model_version, self.config.image_size, self.threshold, self.predictor_host,
-                 self.protocol)
+        self.client = PredictorClient(self.predictor_host, self.protocol, self.name, s.predictor_timeout_s,
+                                      s.max_images_per_request)
+        # Decoding runs here, off the event loop; the pool's size bounds decoding memory and CPU.
+        self.decoders = ThreadPoolExecutor(max_workers=s.decoders(), thread_name_prefix="decode")
+        log.info("transformer ready: predictor %s over %s (any model version), %d decode threads, at most %d "
+                 "requests in flight", self.predictor_host, self.protocol, s.decoders(), s.inflight_limit())
         self.ready = True
         return True
+
+    def stop(self):
+        if self.decoders is not None:
+            self.decoders.shutdown(wait=False, cancel_futures=True)
+        super().stop()
 
     def validate(self, payload):
         return payload  # preprocess already validated; kserve's check assumes dict payloads
@@ -116,6 +130,21 @@ class PneumoniaTransformer(Model):
                 {"name": "cam", "datatype": "FP32", "shape": [-1, -1, -1]},
                 {"name": "quality_flags", "datatype": "BYTES", "shape": [-1]}]
 
+    # -- request checks before kserve copies a gRPC request ----------------------------------------
+    def precheck_grpc(self, request) -> None:
+        if len(request.inputs) != 1 or request.inputs[0].name != INPUT:
+            raise reject("invalid_tensor", f"expected exactly one input named {INPUT!r}, got "
+                                           f"{[i.name for i in request.inputs][:4]}")
+        contents = request.inputs[0].contents
+        typed = (len(contents.uint_contents) + len(contents.int_contents) + len(contents.fp32_contents) +
+                 len(contents.int64_contents) + len(contents.uint64_contents) + len(contents.fp64_contents) +
+                 len(contents.bool_contents))
+        if typed:
+            raise reject("invalid_tensor", f"input {INPUT!r} must be BYTES (one encoded file per element)")
+        self._check_count(len(contents.bytes_contents) or 1)
+        if len(request.raw_input_contents) > 1:
+            raise reject("invalid_tensor", f"{len(request.raw_input_contents)} raw inputs for one input")
+
     # -- preprocess --------------------------------------------------------------------------------
     async def preprocess(self, payload, headers=None) -> Prepared:
         if isinstance(payload, InferRequest):
@@ -124,7 +153,7 @@ class PneumoniaTransformer(Model):
         elif isinstance(payload, dict):
             encoded, heatmap = self._v1_elements(payload)
             protocol, request = "v1", None
-        elif isinstance(payload, (bytes, bytearray)) and (headers or {}).get("content-type", "").startswith(
+        elif isinstance(payload, (bytes, bytearray)) and str((headers or {}).get("content-type", "")).startswith(
                 _RAW_IMAGE_TYPES):
             encoded, heatmap, protocol, request = [bytes(payload)], False, "v1", None
             if not encoded[0]:
@@ -132,34 +161,27 @@ class PneumoniaTransformer(Model):
         else:
             raise reject("invalid_request", 'send JSON {"instances": [{"image": {"b64": "..."}}]} (v1) or a v2 '
                                             "inference request")
-        if sum(len(e) for e in encoded) > INLINE_DECODE_BYTES:
-            images = await asyncio.to_thread(self._decode_all, encoded)
-        else:
-            images = self._decode_all(encoded)
-        tensor = self._normalize(np.stack([im.pixels for im in images]))
-        flags = await asyncio.to_thread(self._quality_flags, images)
-        return Prepared(protocol, images, tensor, heatmap, request, flags)
+        loop = asyncio.get_running_loop()
+        total = sum(await loop.run_in_executor(self.decoders, lambda: [declared_pixels(e) for e in encoded]))
+        if total > self.settings.max_request_pixels:
+            raise reject("too_large", f"the request's images hold {total} pixels together; at most "
+                                      f"{self.settings.max_request_pixels} are accepted")
+        names = [f"image {i}" for i in range(len(encoded))] if len(encoded) > 1 else ["the image"]
+        assessed = await asyncio.gather(*(loop.run_in_executor(self.decoders, self._decode_and_assess, data, where)
+                                          for data, where in zip(encoded, names)))
+        return Prepared(protocol, [image for image, _ in assessed], heatmap, request, [flags for _, flags in assessed])
 
-    def _quality_flags(self, images: list[PreparedImage]) -> list[list[str]]:
-        # Measured at the quality module's own resolution, on the display decode (>= the model's size).
-        return [quality_flags(display_pixels(img, self.config, self.settings)) for img in images]
-
-    def _decode_all(self, encoded: list[bytes]) -> list[PreparedImage]:
-        many = len(encoded) > 1
-        return [prepare_image(data, self.config, self.settings, f"image {i}" if many else "the image")
-                for i, data in enumerate(encoded)]
-
-    def _normalize(self, pixels: np.ndarray) -> np.ndarray:
-        from model.preprocessing import normalize
-
-        return np.ascontiguousarray(normalize(pixels, self.config))
+    def _decode_and_assess(self, data: bytes, where: str) -> tuple[PreparedImage, list[str]]:
+        """Stage 1 and the gate, then the quality flags, measured on the same decoded gray pixels (version-free)."""
+        image = decode_upload(data, self.settings, where)
+        return image, quality_flags(image.pixels)
 
     def _check_count(self, n: int) -> None:
         if n < 1:
             raise reject("invalid_request", "the request holds no image")
         if n > self.settings.max_images_per_request:
             raise reject("too_many_images", f"{n} images in one request; at most "
-                                            f"{self.settings.max_images_per_request}", 413)
+                                            f"{self.settings.max_images_per_request}")
 
     def _v1_elements(self, payload: dict) -> tuple[list[bytes], bool]:
         instances = payload.get("instances")
@@ -183,57 +205,42 @@ class PneumoniaTransformer(Model):
         return encoded, heatmap
 
     def _v2_elements(self, request: InferRequest) -> tuple[list[bytes], bool]:
-        parameters = to_http_parameters(request.parameters) if request.parameters else {}
+        try:
+            parameters = to_http_parameters(request.parameters) if request.parameters else {}
+        except (AttributeError, TypeError, ValueError):
+            raise reject("invalid_request", "the request parameters must be an object") from None
         heatmap = _truthy(parameters.get("heatmap", False))
         for wanted in request.request_outputs or []:
             if wanted.name not in OUTPUTS:
-                raise reject("invalid_request", f"unknown output {wanted.name!r}; this model returns {list(OUTPUTS)}")
+                raise reject("invalid_request", f"unknown output {str(wanted.name)[:64]!r}; this model returns "
+                                                f"{list(OUTPUTS)}")
             heatmap = heatmap or wanted.name in ("heatmap_png", "cam")
         if len(request.inputs) != 1 or request.inputs[0].name != INPUT:
             raise reject("invalid_tensor", f"expected exactly one input named {INPUT!r}, got "
-                                           f"{[i.name for i in request.inputs]}")
+                                           f"{[str(i.name)[:64] for i in request.inputs][:4]}")
         tensor: InferInput = request.inputs[0]
         if tensor.datatype != "BYTES":
             raise reject("invalid_tensor", f"input {INPUT!r} must be BYTES (one encoded file per element), "
-                                           f"not {tensor.datatype}")
+                                           f"not {str(tensor.datatype)[:16]}")
         shape = list(tensor.shape or [])
-        if len(shape) != 1 or not isinstance(shape[0], int) or shape[0] < 1:
-            raise reject("invalid_tensor", f"input {INPUT!r} must have shape [N] with N >= 1, got {shape}")
+        if len(shape) != 1 or not isinstance(shape[0], int) or isinstance(shape[0], bool) or shape[0] < 1:
+            raise reject("invalid_tensor", f"input {INPUT!r} must have shape [N] with N >= 1, got {shape[:4]}")
+        self._check_count(shape[0])  # before a single element is deserialised
         raw = getattr(tensor, "_raw_data", None)
         if raw is not None:
-            try:
-                elements = list(deserialize_bytes_tensor(raw))
-            except Exception:
-                raise reject("invalid_tensor", f"input {INPUT!r}: the binary BYTES data is malformed") from None
+            elements = split_bytes_tensor(raw, shape[0])
         else:
             elements = tensor.data if isinstance(tensor.data, list) else None
             if elements is None:
                 raise reject("invalid_tensor", f"input {INPUT!r} has no data")
-        if len(elements) != shape[0]:
-            raise reject("invalid_tensor", f"input {INPUT!r} has shape {shape} but {len(elements)} elements")
-        self._check_count(len(elements))
+            if len(elements) != shape[0]:
+                raise reject("invalid_tensor", f"input {INPUT!r} has shape {shape} but {len(elements)} elements")
         return [element_bytes(v, f"{INPUT}[{i}]") for i, v in enumerate(elements)], heatmap
 
     # -- predict / explain ------------------------------------------------------------------------
     async def predict(self, prepared: Prepared, headers=None, response_headers=None) -> Scored:
-        try:
-            logits, cams, version = await self.client.infer(prepared.tensor, headers)
-        except PredictorUnavailable as exc:
-            PREDICTOR_ERRORS.labels(cause="unavailable").inc()
-            raise exc
-        except RequestRejected:
-            PREDICTOR_ERRORS.labels(cause="refused").inc()
-            raise
-        n = len(prepared.tensor)
-        if logits.shape != (n,) or cams.ndim != 3 or len(cams) != n:
-            PREDICTOR_ERRORS.labels(cause="bad_response").inc()
-            raise PredictorUnavailable(self.name, f"unexpected predictor outputs: logit {logits.shape}, "
-                                                  f"cam {cams.shape}")
-        if version and version != self.model_version:
-            PREDICTOR_ERRORS.labels(cause="version_mismatch").inc()
-            raise PredictorUnavailable(self.name, f"the predictor serves version {version}, this transformer "
-                                                  f"preprocesses for version {self.model_version}")
-        return Scored(prepared, logits, cams)
+        answer = await self.client.infer([im.pixels for im in prepared.images], headers)
+        return Scored(prepared, answer)
 
     async def explain(self, prepared: Prepared, headers=None) -> Scored:
         prepared.heatmap = True
@@ -241,30 +248,25 @@ class PneumoniaTransformer(Model):
 
     # -- postprocess -------------------------------------------------------------------------------
     async def postprocess(self, scored: Scored, headers=None, response_headers=None):
-        prepared = scored.prepared
-        probs = self.bundle.probability(scored.logits).astype(np.float32)
-        positive = probs >= self.threshold
-        labels = [LABELS[int(p)] for p in positive]
-        for p, label in zip(probs, labels):
-            PREDICTIONS.labels(model_name=self.name, label=label).inc()
-            PROBABILITY.labels(model_name=self.name).observe(float(p))
+        prepared, answer = scored.prepared, scored.answer
         pngs = cams = None
         if prepared.heatmap:
-            pngs = await asyncio.to_thread(self._render, prepared.images, scored.cams)
-            cams = np.stack([heatmaps.normalise_cam(c) for c in scored.cams]).astype(np.float32)
+            pngs = await asyncio.get_running_loop().run_in_executor(self.decoders, self._render, prepared.images,
+                                                                    answer.cam)
+            cams = np.stack([heatmaps.normalise_cam(c) for c in answer.cam]).astype(np.float32)
         if prepared.protocol == "v1":
             predictions = []
-            for i, (p, label) in enumerate(zip(probs, labels)):
-                item = {"probability": float(p), "label": label, "threshold": self.threshold,
-                        "model_name": self.name, "model_version": self.model_version,
+            for i, (p, label, threshold) in enumerate(zip(answer.probability, answer.label, answer.threshold)):
+                item = {"probability": float(p), "label": label, "threshold": float(threshold),
+                        "model_name": self.name, "model_version": answer.model_version,
                         "quality_flags": prepared.quality[i]}
                 if pngs is not None:
                     item["heatmap_png"] = pngs[i]
                 predictions.append(item)
             return {"predictions": predictions}
-        outputs = [tensor_output("probability", "FP32", probs),
-                   tensor_output("label", "BYTES", np.array(labels, dtype=np.object_)),
-                   tensor_output("threshold", "FP32", np.full(len(probs), self.threshold, dtype=np.float32))]
+        outputs = [tensor_output("probability", "FP32", answer.probability),
+                   tensor_output("label", "BYTES", np.array(answer.label, dtype=np.object_)),
+                   tensor_output("threshold", "FP32", answer.threshold)]
         if pngs is not None:
             outputs.append(tensor_output("heatmap_png", "BYTES", np.array(pngs, dtype=np.object_)))
             outputs.append(tensor_output("cam", "FP32", cams))
@@ -272,11 +274,10 @@ class PneumoniaTransformer(Model):
                                      np.array([json.dumps(f) for f in prepared.quality], dtype=np.object_)))
         request = prepared.request
         return InferResponse(response_id=request.id or str(uuid.uuid4()), model_name=self.name,
-                             model_version=self.model_version, infer_outputs=outputs,
+                             model_version=answer.model_version, infer_outputs=outputs,
                              use_binary_outputs=request.use_binary_outputs, requested_outputs=request.request_outputs)
 
     def _render(self, images: list[PreparedImage], cams: np.ndarray) -> list[str]:
-        return [base64.b64encode(heatmaps.render_overlay(display_pixels(img, self.config, self.settings), cam,
-                                                         self.settings.heatmap_max_side)).decode("ascii")
-                for img, cam in zip(images, cams)]
-
+        """The predictor's CAM over the stage-1 pixels this transformer already decoded (no second decode)."""
+        return [base64.b64encode(heatmaps.render_overlay(img.pixels, cam, self.settings.heatmap_max_side)
+                                 ).decode("ascii") for img, cam in zip(images, cams)]

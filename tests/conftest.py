@@ -9,9 +9,13 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+# Every predictor the tests start chooses its engine at load (auto: gate + timing of each candidate); the
+# tests need a choice, not a precise one, so each candidate is timed briefly (the default is 1 s).
+os.environ.setdefault("PNEUMOSCOPE_ENGINE_TIMING_S", "0.2")
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+# PNEUMOSCOPE_SHARED_DATA points elsewhere (e.g. a git worktree whose parent has no shared/ folder).
+SHARED_DATA = Path(os.environ.get("PNEUMOSCOPE_SHARED_DATA") or REPO.parent / "shared" / "data")
 MISSING_DATA = (f"real X-rays not found at {SHARED_DATA} (the shared data folder is missing on this machine); "
                 "this test needs them")
 

@@ -1,4 +1,4 @@
-"""Fixtures for the serving tests: a small real-weights-free bundle, real X-rays, a running stack.
+"""Fixtures for the serving tests: a small real-weights-free bundle, real X-rays, server processes.
 
 The bundle is a randomly initialised ResNet-50 exported exactly like a trained one (ONNX with logit +
 CAM, static int8, ``pneumoscope.json`` with hashes); serving behaviour does not depend on the weights.
@@ -51,12 +51,33 @@ def _free(port: int) -> bool:
     return True
 
 
+_BUILT: dict = {}
+
+
+def shared_bundle(image_size: int = TEST_IMAGE_SIZE, seed: int = 0, int8: bool = True):
+    """build_bundle once per test session and arguments (exporting a ResNet-50 costs about a minute here)."""
+    import atexit
+    import shutil
+    import tempfile
+
+    key = (image_size, seed, int8)
+    if key not in _BUILT:
+        root = Path(tempfile.mkdtemp(prefix="pneumoscope-test-bundle-"))
+        atexit.register(shutil.rmtree, root, True)
+        _BUILT[key] = build_bundle(root / "bundle", image_size=image_size, seed=seed, int8=int8)
+    return _BUILT[key]
+
+
 def build_bundle(dest: Path, image_size: int = TEST_IMAGE_SIZE, seed: int = 0, calibration: int = 16,
-                 int8_accepted: bool = False):
-    """Export a random ResNet-50 as a complete bundle; returns (bundle dir, torch module)."""
+                 int8_accepted: bool = False, int8: bool = True, gate_images: int = 32):
+    """Export a random ResNet-50 as a complete bundle; returns (bundle dir, torch module).
+
+    The engine gate set holds ``gate_images`` other real X-rays with their true labels, as an export stores it.
+    """
     import torch
 
     from model.bundle import make_session, run_images, write_bundle
+    from model.engine_gate import write_gate_set
     from model.export import export_onnx, quantize_int8
     from model.network import build_resnet50
     from model.preprocessing import PreprocessConfig, load_resized
@@ -74,14 +95,22 @@ def build_bundle(dest: Path, image_size: int = TEST_IMAGE_SIZE, seed: int = 0, c
     torch.manual_seed(seed)
     net = build_resnet50(for_training=False).eval()
     export_onnx(net, image_size, dest / "model.onnx")
-    quantize_int8(dest / "model.onnx", dest / "model.int8.onnx", images, config)
-    logits = run_images(make_session(dest / "model.onnx", threads=2), images, config)
+    if int8:
+        quantize_int8(dest / "model.onnx", dest / "model.int8.onnx", images, config)
+    session = make_session(dest / "model.onnx", threads=2)
+    logits = run_images(session, images, config)
     temperature = float(max(np.std(logits), 1e-3))
     probs = 1 / (1 + np.exp(-logits / temperature))
-    write_bundle(dest, {"model_name": "pneumonia", "arch": "resnet50", "preprocess": config.to_dict(),
-                        "threshold": float(np.median(probs)), "threshold_method": "test-median",
-                        "temperature": temperature, "metrics": {},
-                        "int8": {"accepted": int8_accepted, "reason": "test bundle"}})
+    meta = {"model_name": "pneumonia", "arch": "resnet50", "preprocess": config.to_dict(),
+            "threshold": float(np.median(probs)), "threshold_method": "test-median", "temperature": temperature,
+            "metrics": {}, "int8": {"accepted": int8_accepted, "reason": "test bundle", "max_auc_drop": 0.003}}
+    if gate_images:
+        gate_files = xray_files(per_class=gate_images // 2, offset=200)
+        gate_pixels = np.stack([load_resized(f.read_bytes(), config).pixels for f in gate_files])
+        gate_labels = np.array([int(f.parent.name == "PNEUMONIA") for f in gate_files])
+        meta["engine_gate"] = write_gate_set(dest, gate_pixels, gate_labels, session, config, temperature,
+                                             count=gate_images)
+    write_bundle(dest, meta)
     return dest, net
 
 
@@ -103,6 +132,50 @@ def register(bundle_dir: Path, tracking_uri: str, name: str = "pneumonia", alias
 
 
 
+def spawn_server(argv: list[str], log: Path, env: dict | None = None):
+    """Start one server process (``python -m serving.*_main ...``); see :func:`wait_ready`."""
+    import subprocess
+    import sys
+
+    out = open(log, "ab", buffering=0)
+    process = subprocess.Popen([sys.executable, "-m", *argv], stdout=out, stderr=out, stdin=subprocess.DEVNULL,
+                               env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})))
+    process.log = log
+    return process
+
+
+def wait_ready(process, ready_url: str, timeout: float = 300.0):
+    """Wait until ``ready_url`` answers 200 (raises with the log's tail if the process dies or never does)."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args[2]} exited with {process.returncode}: {process.log.read_text()[-2000:]}")
+        try:
+            if httpx.get(ready_url, timeout=2).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    process.kill()
+    raise RuntimeError(f"{process.args[2]} not ready within {timeout:.0f} s: {process.log.read_text()[-2000:]}")
+
+
+def stop_server(process) -> int:
+    import signal
+    import subprocess
+
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
 def dicom_from_image(data: bytes) -> bytes:
     """An encoded image's own gray pixels as an 8-bit MONOCHROME2 DICOM. The window 128/256 is the identity
     for 8-bit data (PS3.3 C.11.2.1.2.1), so the file shows exactly the image's pixels."""

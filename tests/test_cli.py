@@ -86,3 +86,11 @@ def test_prepare_train_resume_evaluate(tmp_path, shared_224):
     assert metrics["n"] == 20
     stored = json.loads((bundle / "pneumoscope.json").read_text())
     assert metrics["threshold"] == stored["threshold"]  # the threshold chosen on val, never on test
+    # the engine accuracy gate travels with the model, hashed, and the fp32 graph passes it
+    from model.bundle import Bundle, make_session
+    from model.engine_gate import GateSet, check
+
+    assert stored["engine_gate"]["n"] > 0 and "gate.npz" in stored["files"]
+    gate = GateSet.load(Bundle.load(bundle))
+    x = gate.tensors(Bundle.load(bundle).preprocess)
+    assert check(gate, *make_session(bundle / "model.onnx").run(["logit", "cam"], {"image": x})).passed

@@ -171,6 +171,17 @@ def kserve_transformer_args(isvc: dict, args: list[str]) -> list[str]:
     return args + added
 
 
+def with_digest(args: list[str], bundle: Path) -> list[str]:
+    """The declared args with the test bundle's digest in ``--sha256=``: the overlay pins the digest of the
+    version its storageUri names, and the storage initializer's stand-in mounts this test's bundle there."""
+    from model.bundle import Bundle
+
+    declared = [a for a in args if a.startswith("--sha256=")]
+    assert len(declared) == 1, f"the predictor must be given its bundle's expected digest: {args}"
+    digest = Bundle.load(bundle, verify=False).sha256
+    return [f"--sha256={digest}" if a.startswith("--sha256=") else a for a in args]
+
+
 @dataclass
 class Container:
     name: str
@@ -310,7 +321,7 @@ def deployed(serving_image, bundle, base_image):
     try:
         predictor = run_declared(predictor_spec, predictor_pod, name=f"pneumonia-predictor-{run}", network=network,
                                  namespace=namespace, configmaps=configmaps, bundle=bundle,
-                                 args=predictor_spec["args"])
+                                 args=with_digest(predictor_spec["args"], bundle))
         started.append(predictor.id)
         first, *others = [p["containerPort"] for p in predictor_spec["ports"]]
         service = f"{isvc['metadata']['name']}-predictor.{namespace}"
@@ -333,14 +344,20 @@ def deployed(serving_image, bundle, base_image):
 
 
 @pytest.fixture(scope="module")
-def reference(bundle):
-    """The local stack (two processes on this machine) on the same bundle: the answers to match."""
+def reference(bundle, deployed):
+    """The local stack (two processes on this machine) on the same bundle, with the engine and precision the
+    container's predictor chose at load (auto: timed there): the answers to match."""
+    from model.bundle import Bundle
     from serving.client import predict_v2
     from serving.settings import ServingSettings
     from serving.stack import LocalStack
 
     images = [f for f in xray_files(per_class=2)] + xray_files(1, XRAY_FULL)
-    with LocalStack(str(bundle), free_port_pair(), ServingSettings(threads=1)) as stack:
+    platform = httpx.get(f"{deployed.predictor.url(8080)}/v2/models/pneumonia", timeout=10).json()["platform"]
+    engine, _, precision = platform.partition("/")
+    settings = ServingSettings(threads=1, model_sha256=Bundle.load(bundle, verify=False).sha256,
+                               engine=engine.removesuffix("_onnx"), precision=precision)
+    with LocalStack(str(bundle), free_port_pair(), settings) as stack:
         answers = {str(f): predict_v2(stack.info["rest"], f.read_bytes()) for f in images}
     return answers
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -125,6 +126,9 @@ def test_helm_lint_strict(values):
      "inference.model.registryUri"),
     ({"inference": {"model": {"storageUri": "", "registryUri": ""}}}, "inference.model"),
     ({"inference": {"deploymentMode": "RawDeployment"}}, "scaleMetric: concurrency needs Knative"),
+    ({"inference": {"model": {"sha256": ""}}}, "inference.model.sha256 is required with storageUri"),
+    ({"inference": {"model": {"sha256": "abc"}}}, "inference.model.sha256"),
+    ({"inference": {"drainSeconds": 0}}, "inference.drainSeconds"),
 ])
 def test_helm_refuses_a_bad_value_naming_it(override, named):
     with pytest.raises(RenderError) as refused:
@@ -285,6 +289,35 @@ def test_inference_services_follow_the_kserve_and_knative_rules():
         else:  # collocated: the predictor listens on loopback only
             assert "--bind=127.0.0.1" in containers["kserve-container"]["args"], where
             assert "transformer-container" in containers, where
+
+
+def _flag(args: list[str], name: str) -> str | None:
+    return next((a.split("=", 1)[1] for a in args if a.startswith(f"{name}=")), None)
+
+
+def test_servers_verify_their_bundle_and_drain_within_the_grace_period():
+    """Integrity fails closed (a /mnt/models predictor is given its digest; the version-agnostic transformer
+    takes no model at all), and the kubelet waits for preStop + the servers' drain before it kills a pod."""
+    for source, isvc in inference_services():
+        where = source_id(source)
+        for component in ("predictor", "transformer"):
+            spec = isvc["spec"].get(component)
+            if spec is None:
+                continue
+            for container in spec["containers"]:
+                args, name = container.get("args", []), f"{where}: {component}/{container['name']}"
+                if container["command"] == ["pneumoscope-predictor"]:
+                    if _flag(args, "--model_uri") == "/mnt/models":
+                        assert re.fullmatch(r"[0-9a-f]{64}", _flag(args, "--sha256") or ""), name
+                else:
+                    assert container["command"] == ["pneumoscope-transformer"], name
+                    assert _flag(args, "--model_uri") is None, f"{name}: the transformer takes no model"
+                    assert not {e["name"] for e in container.get("env", [])} & {"STORAGE_URI", "MLFLOW_TRACKING_URI"}
+                drain = float(_flag(args, "--drain_timeout_s"))
+                sleep = container["lifecycle"]["preStop"]["exec"]["command"]
+                assert sleep[0] == "sleep", name
+                assert spec["terminationGracePeriodSeconds"] > float(sleep[1]) + drain, \
+                    f"{name}: grace {spec['terminationGracePeriodSeconds']} s <= preStop {sleep[1]} s + drain {drain} s"
 
 
 def test_network_policies_let_only_the_transformer_reach_the_predictor():

@@ -71,7 +71,7 @@ def test_sharpness_is_measured_at_one_resolution_whatever_the_upload_size(shared
     """A full-resolution original and its 224 px copy in the training data measure alike: the transformer
     sees uploads, training saw the copies."""
     for f in sorted((shared_full / "train" / "NORMAL").iterdir())[:4]:
-        upload = decode(f.read_bytes(), draft_size=512).pixels  # what the transformer holds
+        upload = decode(f.read_bytes()).pixels  # what the transformer holds (stage 1)
         copy = gray_of((shared_224 / "train" / "NORMAL" / f.name).read_bytes())
         ratio = quality.sharpness(quality.analysis_pixels(upload)) / quality.sharpness(copy)
         assert abs(np.log(ratio)) < 0.5, f"{f.name}: upload/copy sharpness ratio {ratio:.2f}"
@@ -170,33 +170,36 @@ def test_cli_prepare_prints_the_quality_counts(tmp_path, shared_224):
 
 def test_the_transformer_reports_flags_beside_an_unchanged_decision(shared_224):
     """The KServe transformer's own preprocess/postprocess (no processes): v1 and v2 answers carry the flags;
-    the label is still exactly probability >= threshold, whatever the flags say."""
+    the label is the predictor's answer, whatever the flags say."""
     import asyncio
     import base64
 
     from kserve.protocol.infer_type import InferInput, InferRequest
 
+    from serving.predictor_client import Answer
     from serving.settings import ServingSettings
     from serving.transformer import PneumoniaTransformer, Scored
 
-    transformer = PneumoniaTransformer("pneumonia", "unused", "unused")
-    transformer.config, transformer.settings, transformer.threshold = PreprocessConfig(image_size=64), \
-        ServingSettings(), 0.5
-    transformer.model_version = "1"
-    transformer.bundle = type("Calibrated", (), {"probability": staticmethod(lambda z: 1 / (1 + np.exp(-z)))})()
+    transformer = PneumoniaTransformer("pneumonia", "127.0.0.1:1", "grpc-v2", ServingSettings())
+    transformer.load()  # the decode pool; the predictor is never called here
     plain = real_xrays(shared_224, 1)[0].read_bytes()
     batch = [plain, blurred(plain), stamped(plain, "R")]
-    logits = np.array([2.0, -2.0, 0.3], dtype=np.float32)  # the predictor's answer, flags or not
+    probability = np.array([0.88, 0.12, 0.57], dtype=np.float32)  # the predictor's answer, flags or not
+    answer = Answer(probability, ["PNEUMONIA", "NORMAL", "PNEUMONIA"], np.full(3, 0.5, np.float32),
+                    np.log(probability / (1 - probability)), np.zeros((3, 2, 2), np.float32), "1")
 
-    def answer(payload):
+    def respond(payload):
         prepared = asyncio.run(transformer.preprocess(payload))
-        return asyncio.run(transformer.postprocess(Scored(prepared, logits, np.zeros((3, 2, 2), np.float32))))
+        return asyncio.run(transformer.postprocess(Scored(prepared, answer)))
 
-    v1 = answer({"instances": [{"image": {"b64": base64.b64encode(x).decode()}} for x in batch]})["predictions"]
-    assert [p["quality_flags"] for p in v1] == [[], ["blurred"], ["text_overlay"]]
-    assert [p["label"] for p in v1] == ["PNEUMONIA", "NORMAL", "PNEUMONIA"]  # sigmoid(logit) vs 0.5, nothing else
-    tensor = InferInput("image", [3], "BYTES", data=[base64.b64encode(x).decode() for x in batch])
-    v2 = answer(InferRequest("pneumonia", [tensor])).outputs
+    try:
+        v1 = respond({"instances": [{"image": {"b64": base64.b64encode(x).decode()}} for x in batch]})["predictions"]
+        assert [p["quality_flags"] for p in v1] == [[], ["blurred"], ["text_overlay"]]
+        assert [p["label"] for p in v1] == ["PNEUMONIA", "NORMAL", "PNEUMONIA"]  # the predictor's, unchanged
+        tensor = InferInput("image", [3], "BYTES", data=[base64.b64encode(x).decode() for x in batch])
+        v2 = respond(InferRequest("pneumonia", [tensor])).outputs
+    finally:
+        transformer.stop()
     flags = next(o for o in v2 if o.name == "quality_flags")
     assert [json.loads(f) for f in flags.as_numpy()] == [[], ["blurred"], ["text_overlay"]]
     assert flags.datatype == "BYTES" and flags.shape == [3]

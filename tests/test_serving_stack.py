@@ -1,9 +1,10 @@
 """Serving, end to end: REAL predictor and transformer processes started by ``pneumoscope serve``.
 
 One stack serves the whole module: a registered model (``models:/pneumonia@champion`` in a throw-away
-MLflow registry) is resolved once, both processes load version 1, and the tests talk to it over
-REST v1, REST v2 (JSON and binary), gRPC (kserve's client, tritonclient) and the CLI client. The
-tests near the end kill the predictor (503, then recovery) and stop the stack with SIGTERM.
+MLflow registry) is resolved once, the predictor loads version 1 (the transformer holds no version),
+and the tests talk to it over REST v1, REST v2 (JSON and binary), gRPC (kserve's client, tritonclient)
+and the CLI client. The tests near the end kill the predictor (503, then recovery) and stop the stack
+with SIGTERM.
 """
 
 from __future__ import annotations
@@ -25,9 +26,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from test_pipeline_fixtures import stop_process
-from serving_fixtures import (XRAY_FULL, build_bundle, dicom_from_image, free_port_pair, register,
-                              require_data, serve_until_ready, xray_files)
+from serving_fixtures import (XRAY_FULL, dicom_from_image, free_port_pair, register, require_data,
+                              serve_until_ready, shared_bundle, stop_server, xray_files)
 
 pytestmark = pytest.mark.integration
 
@@ -53,17 +53,19 @@ class Served:
 def served(tmp_path_factory):
     require_data()
     root = tmp_path_factory.mktemp("serving")
-    bundle, net = build_bundle(root / "bundle")
+    bundle, net = shared_bundle()
     tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
     assert register(bundle, tracking_uri) == "1"
     port = free_port_pair()
     log = root / "stack.log"
+    # Room for the concurrency these tests make (admission itself is tested in test_serving_lifecycle.py).
     env = dict(os.environ, MLFLOW_TRACKING_URI=tracking_uri, PNEUMOSCOPE_MAX_PAYLOAD_BYTES=str(MAX_PAYLOAD),
-               PNEUMOSCOPE_MAX_BATCH_SIZE="8", PNEUMOSCOPE_THREADS="2", PYTHONUNBUFFERED="1")
+               PNEUMOSCOPE_MAX_BATCH_SIZE="8", PNEUMOSCOPE_THREADS="2", PNEUMOSCOPE_MAX_INFLIGHT="64",
+               PNEUMOSCOPE_ENGINE_TIMING_S="0.3", PYTHONUNBUFFERED="1")
     process, info = serve_until_ready(["--model", "models:/pneumonia@champion", "--port", str(port)], env, root, log)
     served = Served(info, process, log, tracking_uri, bundle, net)
     yield served
-    stop_process(process, 30)
+    stop_server(process)
 
 
 @pytest.fixture(scope="module")
@@ -173,11 +175,13 @@ def test_v2_metadata_describes_inputs_and_outputs(served):
     described = {o["name"]: o for o in meta["outputs"]}
     assert described["probability"] == {"name": "probability", "datatype": "FP32", "shape": [-1]}
     assert described["label"]["datatype"] == "BYTES" and "heatmap_png" in described
-    assert meta["versions"] == ["1"]
+    assert not meta.get("versions"), "the transformer holds no model version"
     predictor = httpx.get(f"{served.info['predictor_rest']}/v2/models/pneumonia").json()
-    assert predictor["inputs"] == [{"name": "image", "datatype": "FP32", "shape": [-1, 1, 128, 128]}]
-    assert [o["name"] for o in predictor["outputs"]] == ["logit", "cam"]
-    assert predictor["outputs"][1]["shape"] == [-1, 4, 4]
+    assert predictor["versions"] == ["1"]
+    assert predictor["inputs"] == [{"name": "pixels", "datatype": "UINT8", "shape": [-1, -1, -1]},
+                                   {"name": "sizes", "datatype": "INT32", "shape": [-1, 2]}]
+    assert [o["name"] for o in predictor["outputs"]] == ["probability", "label", "threshold", "logit", "cam"]
+    assert predictor["outputs"][-1]["shape"] == [-1, 4, 4]
 
 
 def test_quality_flags_are_reported_and_never_change_the_decision(served, images):
@@ -199,6 +203,19 @@ def test_quality_flags_are_reported_and_never_change_the_decision(served, images
     assert [json.loads(f) for f in v2["quality_flags"]["data"]] == flags
     assert v2["quality_flags"]["datatype"] == "BYTES" and v2["quality_flags"]["shape"] == [3]
     np.testing.assert_allclose(v2["probability"]["data"], [p["probability"] for p in predictions], atol=1e-6)
+
+
+def test_predictor_reports_the_engine_it_chose(served):
+    """``auto`` gated and timed the engines at load; v2 metadata, /metrics and the log name the one serving."""
+    predictor = httpx.get(f"{served.info['predictor_rest']}/v2/models/pneumonia").json()
+    platform, _, precision = predictor["platform"].partition("/")
+    assert platform in ("onnxruntime_onnx", "openvino_onnx") and precision == "fp32", predictor
+    engine = platform.removesuffix("_onnx")
+    metrics = httpx.get(f"{served.info['predictor_rest']}/metrics").text
+    info = [line for line in metrics.splitlines() if line.startswith("pneumoscope_engine_info{")]
+    assert len(info) == 1 and f'engine="{engine}"' in info[0] and 'selection="auto"' in info[0], info
+    log = served.log.read_text()
+    assert "engine selection (auto" in log and f"serving with {engine} fp32" in log
 
 
 def test_grpc_with_kserve_client(served, images):
@@ -298,17 +315,33 @@ def _torch_reference(net, config, files):
     return logits.detach().numpy(), gradcam.detach().numpy()
 
 
+def predictor_pixels(url, images: list[np.ndarray], preprocessing=None):
+    """Stage-1 pixels straight to the predictor (what the transformer sends), binary REST v2."""
+    from model.preprocessing import PREPROCESSING_VERSION
+    from serving.protocol import pack_images
+
+    pixels, sizes = pack_images(images)
+    raw = pixels.tobytes() + sizes.tobytes()
+    header = {"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": list(pixels.shape),
+                          "parameters": {"binary_data_size": pixels.nbytes}},
+                         {"name": "sizes", "datatype": "INT32", "shape": list(sizes.shape),
+                          "parameters": {"binary_data_size": sizes.nbytes}}],
+              "parameters": {"preprocessing": PREPROCESSING_VERSION if preprocessing is None else preprocessing}}
+    head = json.dumps(header).encode()
+    return httpx.post(f"{url}/v2/models/pneumonia/infer", content=head + raw, timeout=60,
+                      headers={"content-type": "application/octet-stream",
+                               "inference-header-content-length": str(len(head))})
+
+
 def test_onnx_matches_pytorch_on_real_xrays(served, images):
     from model.bundle import Bundle
-    from model.preprocessing import load_resized, normalize
+    from model.preprocessing import decode
 
     bundle = Bundle.load(served.bundle)
-    config = bundle.preprocess
-    torch_logits, _ = _torch_reference(served.net, config, images)
-    x = normalize(np.stack([load_resized(b, config).pixels for b in images]), config)
-    served_logits = np.array(outputs(v2_binary(served.info["predictor_rest"], x.tobytes(), "FP32",
-                                               extra=list(x.shape)))["logit"]["data"])
-    np.testing.assert_allclose(served_logits, torch_logits, rtol=1e-4, atol=1e-3)
+    torch_logits, _ = _torch_reference(served.net, bundle.preprocess, images)
+    reply = outputs(predictor_pixels(served.info["predictor_rest"], [decode(b).pixels for b in images]))
+    np.testing.assert_allclose(reply["logit"]["data"], torch_logits, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(reply["probability"]["data"], bundle.probability(torch_logits), atol=1e-4)
     probs = outputs(v2_json(served, images))["probability"]["data"]
     np.testing.assert_allclose(probs, bundle.probability(torch_logits), atol=1e-4)
 
@@ -371,13 +404,14 @@ def test_metrics_on_both_processes(served, images):
     for name in ("request_preprocess_seconds_count", "request_predict_seconds_count",
                  "request_postprocess_seconds_count", "request_explain_seconds_count"):
         assert _metric(transformer, name, model_name="pneumonia") > 0, name
-    assert _metric(transformer, "pneumoscope_predictions_total", label="PNEUMONIA") > 0
-    assert _metric(transformer, "pneumoscope_predictions_total", label="NORMAL") > 0
-    assert _metric(transformer, "pneumoscope_probability_count") > 0
-    assert _metric(transformer, "pneumoscope_probability_bucket", le="1.0") > 0
     assert _metric(transformer, "pneumoscope_input_rejections_total", reason="not_an_image") >= 1
-    assert _metric(transformer, "pneumoscope_model_info", model_version="1", role="transformer") == 1
+    assert "pneumoscope_model_info{" not in transformer and "pneumoscope_inflight_requests 0.0" in transformer
     predictor = httpx.get(f"{served.info['predictor_rest']}/metrics").text
+    # the predictor decides, so it counts the answers, by the version that computed them
+    assert _metric(predictor, "pneumoscope_predictions_total", model_version="1", label="PNEUMONIA") > 0
+    assert _metric(predictor, "pneumoscope_predictions_total", model_version="1", label="NORMAL") > 0
+    assert _metric(predictor, "pneumoscope_probability_count", model_version="1") > 0
+    assert _metric(predictor, "pneumoscope_probability_bucket", le="1.0") > 0
     assert _metric(predictor, "request_predict_seconds_count", model_name="pneumonia") > 0
     assert _metric(predictor, "pneumoscope_model_info", model_version="1", role="predictor", precision="fp32") == 1
     assert _metric(predictor, "pneumoscope_warmup_seconds") > 0
@@ -500,6 +534,123 @@ def test_bad_input_over_grpc_is_invalid_argument(served, images):
     assert_good(served, images)
 
 
+def _grpc(target: str, call):
+    """Run ``call(stub)`` against a gRPC v2 endpoint; returns (status code name, details) or ("OK", reply)."""
+    import asyncio
+
+    import grpc
+    from kserve.protocol.grpc.grpc_predict_v2_pb2_grpc import GRPCInferenceServiceStub
+
+    async def run():
+        async with grpc.aio.insecure_channel(target) as channel:
+            try:
+                return "OK", await call(GRPCInferenceServiceStub(channel))
+            except grpc.aio.AioRpcError as exc:
+                return exc.code().name, exc.details()
+
+    return asyncio.run(run())
+
+
+def test_no_control_plane_endpoint_on_either_server(served, images):
+    from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
+
+    processes = {"transformer": (served.rest, served.info["grpc"]),
+                 "predictor": (served.info["predictor_rest"], served.info["predictor_grpc"])}
+    for role, (rest, grpc_target) in processes.items():
+        for path in ("/v2/repository/models/pneumonia/unload", "/v2/repository/models/pneumonia/load",
+                     "/v2/repository/index"):
+            response = httpx.post(f"{rest}{path}", json={}, timeout=30)
+            assert response.status_code == 404, (role, path, response.status_code, response.text)
+        for method, message in (("RepositoryModelUnload", pb.RepositoryModelUnloadRequest(model_name="pneumonia")),
+                                ("RepositoryModelLoad", pb.RepositoryModelLoadRequest(model_name="pneumonia"))):
+            code, _ = _grpc(grpc_target, lambda stub: getattr(stub, method)(message, timeout=30))
+            assert code == "UNIMPLEMENTED", (role, method, code)
+        assert httpx.get(f"{rest}/v2/models/pneumonia/ready", timeout=30).status_code == 200
+    assert_good(served, images)  # the model is still loaded and serving
+
+
+def test_client_input_never_gets_a_5xx(served, images):
+    """Reproductions of the review's 5xx cases: each is now a 4xx with one line, and service continues."""
+    transformer, predictor = served.rest, served.info["predictor_rest"]
+    header_bytes = "h\u00e9llo \u00fcber".encode("utf-8")
+    cases = {
+        "non-ASCII x-request-id": lambda: httpx.post(f"{transformer}/v1/models/pneumonia:predict", timeout=30,
+                                                     json={"instances": [{"image": {"b64": b64(images[0])}}]},
+                                                     headers={"x-request-id": header_bytes}),
+        "shape with a string (transformer)": lambda: _binary_raw(transformer, {"inputs": [
+            {"name": "image", "datatype": "BYTES", "shape": ["1e3", 1, 224, 224],
+             "parameters": {"binary_data_size": 4}}]}, b"\0\0\0\0"),
+        "shape with a string (predictor)": lambda: _binary_raw(predictor, {"inputs": [
+            {"name": "pixels", "datatype": "UINT8", "shape": ["1e3", 1, 224, 224],
+             "parameters": {"binary_data_size": 4}}], "parameters": {"preprocessing": 2}}, b"\0\0\0\0"),
+        "object id (binary)": lambda: _binary_raw(transformer, {"id": {"a": 1}, "inputs": [
+            {"name": "image", "datatype": "BYTES", "shape": [1],
+             "parameters": {"binary_data_size": 4 + len(images[0])}}]},
+            len(images[0]).to_bytes(4, "little") + images[0]),
+        "object id (JSON)": lambda: httpx.post(f"{transformer}/v2/models/pneumonia/infer", timeout=30, json={
+            "id": {"a": 1},
+            "inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [b64(images[0])]}]}),
+        "bad timeout header": lambda: httpx.post(f"{transformer}/v1/models/pneumonia:predict", timeout=30,
+                                                 json={"instances": [{"image": {"b64": b64(images[0])}}]},
+                                                 headers={"x-request-timeout-ms": "-5"}),
+        "predictor without preprocessing": lambda: predictor_pixels(predictor, [np.full((64, 64), 99, np.uint8)],
+                                                                    preprocessing="none"),
+        "predictor with oversized pixels": lambda: predictor_pixels(predictor, [np.zeros((600, 64), np.uint8)]),
+        # the predictor takes what the transformer can send (32 x 512 x 512 bytes), not 256 MiB of JSON
+        "predictor body over its hop's limit": lambda: httpx.post(
+            f"{predictor}/v2/models/pneumonia/infer", content=b"[" + b"0," * 4_500_000 + b"0]", timeout=60,
+            headers={"content-type": "application/json"}),
+    }
+    for case, send in cases.items():
+        response = send()
+        assert 400 <= response.status_code < 500, f"{case}: {response.status_code} {response.text[:300]}"
+        body = response.json()
+        assert body.get("error") and body.get("reason"), f"{case}: {body}"
+        assert "0x" not in response.text and "Traceback" not in response.text, f"{case}: {response.text[:300]}"
+    # a tracing header gRPC metadata cannot carry is not forwarded (it was a 500), the request is served
+    traced = httpx.post(f"{transformer}/v1/models/pneumonia:predict", timeout=60, headers={
+        "traceparent": header_bytes}, json={"instances": [{"image": {"b64": b64(images[0])}}]})
+    assert traced.status_code == 200, traced.text
+    assert_good(served, images)
+
+
+def _binary_raw(url: str, header: dict, raw: bytes):
+    head = json.dumps(header).encode()
+    return httpx.post(f"{url}/v2/models/pneumonia/infer", content=head + raw, timeout=30,
+                      headers={"content-type": "application/octet-stream",
+                               "inference-header-content-length": str(len(head))})
+
+
+def test_a_rejected_grpc_request_is_logged_once_and_counted_once(served, images):
+    from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
+
+    before = _metric(httpx.get(f"{served.rest}/metrics").text, "pneumoscope_input_rejections_total",
+                     reason="not_an_image")
+    request = pb.ModelInferRequest(model_name="pneumonia", inputs=[pb.ModelInferRequest.InferInputTensor(
+        name="image", datatype="BYTES", shape=[1], contents=pb.InferTensorContents(bytes_contents=[b"no image"]))])
+    code, details = _grpc(served.info["grpc"], lambda stub: stub.ModelInfer(
+        request, timeout=30, metadata=(("x-request-id", "grpc-reject-4711"),)))
+    assert code == "INVALID_ARGUMENT" and "not a JPEG" in details
+    after = _metric(httpx.get(f"{served.rest}/metrics").text, "pneumoscope_input_rejections_total",
+                    reason="not_an_image")
+    assert after == before + 1
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and "grpc-reject-4711" not in served.log.read_text():
+        time.sleep(0.2)
+    lines = served.log.read_text().splitlines()
+    hits = [i for i, line in enumerate(lines) if "grpc-reject-4711" in line]
+    assert len(hits) == 1 and " INFO " in lines[hits[0]], [lines[i] for i in hits]
+    assert not any("Traceback" in line for line in lines[hits[0]:hits[0] + 3])
+
+
+def test_heatmap_is_drawn_on_the_decoded_pixels_keeping_the_aspect_ratio(served, images):
+    original = Image.open(io.BytesIO(images[-1])).size  # a full-resolution X-ray
+    explained = v1(served, images[-1], verb="explain").json()["predictions"][0]
+    heatmap = Image.open(io.BytesIO(base64.b64decode(explained["heatmap_png"])))
+    assert 256 <= max(heatmap.size) <= 512  # the decoded canvas: a JPEG drafted to 256-511 px
+    assert abs(heatmap.size[0] / heatmap.size[1] - original[0] / original[1]) < 0.01
+
+
 # ---------------------------------------------------------------------------------------------------
 # configuration errors, precision, outages, shutdown
 
@@ -513,6 +664,10 @@ def test_serve_refuses_bad_model_uri_and_busy_port(served, capsys, monkeypatch):
     assert err[-1].startswith("pneumoscope: error:") and "does not exist" in err[-1]
     assert main(["serve", "--model", "/no/such/bundle", "--port", str(port)]) == 2
     assert "model not found" in capsys.readouterr().err
+    assert main(["serve", "--model", str(served.bundle), "--port", str(port)]) == 2
+    assert "give its expected bundle digest with --sha256" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert main(["serve", "--model", str(served.bundle), "--sha256", "0" * 64, "--port", str(port)]) == 2
+    assert "does not match the expected" in capsys.readouterr().err
     busy = int(served.rest.rsplit(":", 1)[1])
     assert main(["serve", "--model", str(served.bundle), "--port", str(busy)]) == 2
     assert "is in use" in capsys.readouterr().err
@@ -522,10 +677,13 @@ def test_precision_flag_selects_the_graph(served):
     from serving.predictor import PneumoniaPredictor
     from serving.settings import ServingSettings
 
+    from model.bundle import Bundle
+
     chosen = {}
+    digest = Bundle.load(served.bundle).sha256
     for precision in ("auto", "fp32", "int8"):
-        model = PneumoniaPredictor("pneumonia", str(served.bundle), ServingSettings(precision=precision, threads=1,
-                                                                                      max_batch_size=2))
+        model = PneumoniaPredictor("pneumonia", str(served.bundle), ServingSettings(
+            precision=precision, threads=1, max_batch_size=2, model_sha256=digest, engine_timing_s=0.2))
         assert model.load() and model.ready
         chosen[precision] = model.precision
     # the test bundle's int8 graph did not pass its gate, so "auto" serves fp32
@@ -541,7 +699,8 @@ def test_predictor_down_gives_503_then_recovers_on_the_pinned_version(served, im
     response = v1(served, images[0], timeout=30)
     elapsed = time.perf_counter() - started
     assert response.status_code == 503, response.text
-    assert "predictor unavailable" in response.json()["error"] and elapsed < 3.0, elapsed
+    assert response.json()["reason"] == "predictor_unavailable" and elapsed < 3.0, elapsed
+    assert "127.0.0.1" not in response.text and response.headers["retry-after"] == "1"  # no internal address
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:  # the stack restarts the predictor; the transformer reconnects
         response = v1(served, images[0], timeout=30)

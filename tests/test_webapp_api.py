@@ -213,7 +213,10 @@ def test_upload_returns_the_result_and_every_route_reads_it_back(backend, scored
     assert alice.get(f"/api/studies/{study_id}").json() == {**scored, "attempts": scored["attempts"]}
     image = alice.get(f"/api/studies/{study_id}/image")
     assert image.status_code == 200 and image.headers["content-type"] == "image/jpeg"
-    assert image.content == xrays[0].read_bytes()  # a JPEG is stored as uploaded
+    from webapp.uploads import strip_jpeg_metadata
+
+    # a JPEG is stored as uploaded, less its metadata segments (this film carries an EXIF APP1)
+    assert image.content == strip_jpeg_metadata(xrays[0].read_bytes()) != xrays[0].read_bytes()
     heatmap = alice.get(f"/api/studies/{study_id}/heatmap")
     assert heatmap.headers["content-type"] == "image/png" and heatmap.content.startswith(b"\x89PNG")
     report = alice.get(f"/api/studies/{study_id}/report")
@@ -271,6 +274,60 @@ def test_dicom_is_deidentified_before_it_is_stored(backend):
         row = db.get(Study, study["id"])
         values = json.dumps({c.name: str(getattr(row, c.name)) for c in Study.__table__.columns})
     assert "Doe" not in values and "MRN" not in values and "Springfield" not in values
+
+
+def _xray_with_metadata(source: Path, image_format: str) -> bytes:
+    """The X-ray re-saved with identifying text where cameras and PACS exports put it."""
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    out = io.BytesIO()
+    with Image.open(source) as image:
+        gray = image.convert("L")
+        if image_format == "png":
+            info = PngInfo()
+            info.add_text("Patient", "Doe^Jane")
+            info.add_itxt("Comment", "MRN-445566 Springfield General Hospital", zip=True)
+            gray.save(out, format="PNG", pnginfo=info)
+            return out.getvalue()
+        exif = Image.Exif()
+        exif[0x013B] = "Doe^Jane"  # Artist
+        exif[0x010E] = "MRN-445566 chest PA"  # ImageDescription
+        gray.save(out, format="JPEG", quality=92, exif=exif, comment=b"Springfield General Hospital")
+    data = out.getvalue()
+    xmp = b"http://ns.adobe.com/xap/1.0/\x00<x:xmpmeta><dc:creator>House^Gregory</dc:creator></x:xmpmeta>"
+    return data[:2] + b"\xff\xe1" + (len(xmp) + 2).to_bytes(2, "big") + xmp + data[2:]
+
+
+@pytest.mark.parametrize("image_format", ["jpeg", "png"])
+def test_jpeg_and_png_metadata_is_removed_losslessly_before_storage(backend, xrays, image_format):
+    import numpy as np
+    from PIL import Image
+
+    original = _xray_with_metadata(xrays[0], image_format)
+    assert b"Doe^Jane" in original or image_format == "png"  # the PNG's iTXt is compressed
+    alice = backend.api("alice")
+    response = alice.post("/api/studies", files={"file": (f"Doe_Jane.{image_format}", original)})
+    assert response.status_code == 201, response.text
+    study = response.json()
+    assert study["deidentified"] is True and study["status"] == "done"
+    stored = alice.get(f"/api/studies/{study['id']}/image").content
+    for text in (b"Doe^Jane", b"MRN-445566", b"Springfield", b"House^Gregory", b"Exif", b"tEXt", b"iTXt"):
+        assert text not in stored, text
+    with Image.open(io.BytesIO(original)) as before, Image.open(io.BytesIO(stored)) as after:
+        assert not after.info.get("exif") and not getattr(after, "text", {})
+        assert np.array_equal(np.asarray(before), np.asarray(after))  # the pixels are untouched
+
+
+def test_malformed_segments_are_refused_rather_than_stored_with_metadata():
+    from webapp.uploads import UploadRejected, strip_jpeg_metadata, strip_png_metadata
+
+    for strip, data in ((strip_jpeg_metadata, b"\xff\xd8\xff\xe1\x00\x40Exif\x00\x00Doe^Jane"),
+                        (strip_jpeg_metadata, b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00\xff\xd9"),
+                        (strip_png_metadata, b"\x89PNG\r\n\x1a\n\x00\x00\x00\x0dIHDR\x00\x00")):
+        with pytest.raises(UploadRejected) as refused:
+            strip(data)
+        assert refused.value.status == 422 and "metadata cannot be removed" in str(refused.value)
 
 
 def test_bad_uploads_get_a_clear_4xx_and_leave_nothing_behind(backend):

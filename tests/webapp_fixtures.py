@@ -302,8 +302,11 @@ def web_stack(tmp_path_factory):
     while not _free(port + 2):
         port = free_port_pair(21100, 21990)
     log = root / "stack.log"
-    process = subprocess.Popen([str(VENV_BIN / "pneumoscope"), "serve", "--model", str(bundle), "--port", str(port),
-                                "--log-file", str(log)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    from model.bundle import Bundle
+
+    digest = Bundle.load(bundle, verify=False).sha256  # a folder is served with its expected digest
+    process = subprocess.Popen([str(VENV_BIN / "pneumoscope"), "serve", "--model", str(bundle), "--sha256", digest,
+                                "--port", str(port), "--log-file", str(log)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env=env, cwd=root)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()

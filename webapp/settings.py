@@ -45,6 +45,9 @@ class WebSettings(BaseSettings):
     max_upload_bytes: int = Field(DEFAULT_MAX_UPLOAD_BYTES, gt=0, description="largest file accepted")
     deidentify_dicom: bool = Field(True, description="remove PS3.15 basic-profile identifying DICOM tags before "
                                                      "anything is stored (an admin may turn this off)")
+    strip_image_metadata: bool = Field(True, description="remove EXIF, XMP, IPTC, comments and PNG text chunks "
+                                                         "from JPEG and PNG uploads before anything is stored "
+                                                         "(lossless: the pixels are kept byte for byte)")
 
     # --- sign-in ---
     session_hours: float = Field(12.0, gt=0, description="a session expires this long after sign-in")

@@ -5,6 +5,10 @@ confidentiality profile (Kitware's ``dicom-anonymizer``, which encodes the stand
 names, ids, birth date, addresses, institution, accession number, dates, UIDs replaced, private tags
 removed, ...) unless the admin setting ``deidentify_dicom`` is off. Browsers cannot show DICOM, so a
 PNG rendering (``model.dicom``, the decoder training uses) is stored beside it.
+
+JPEG and PNG files lose their metadata (EXIF, XMP, IPTC, comments, text chunks: where cameras, PACS
+exports and editing tools put names, dates and free text) unless ``strip_image_metadata`` is off. The
+segments are dropped losslessly: the compressed pixels are stored byte for byte as uploaded.
 """
 
 from __future__ import annotations
@@ -20,6 +24,13 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 DEID_STANDARD = "dicomfields_2026c"
 #: Longest side of the PNG rendering of a DICOM file shown in the browser.
 PREVIEW_MAX_SIDE = 2048
+
+#: JPEG markers kept before the scan: APP0 (JFIF), APP2 (ICC colour profile), APP14 (Adobe colour
+#: transform) and every non-APP, non-comment segment (tables, frame header, restart interval).
+JPEG_KEPT_APP_MARKERS = {0xE0, 0xE2, 0xEE}
+#: PNG chunks that carry free text, EXIF or a timestamp; everything else (pixels, palette, gamma,
+#: colour profile) is kept.
+PNG_METADATA_CHUNKS = {b"tEXt", b"zTXt", b"iTXt", b"eXIf", b"tIME"}
 
 _deid_lock = threading.Lock()  # dicom-anonymizer keeps a module-level UID map
 
@@ -55,12 +66,66 @@ def sniff(data: bytes, content_type: str = "", filename: str = "") -> str:
     raise UploadRejected("not_an_image", "the file is not a JPEG, PNG or DICOM image", 415)
 
 
-def check_upload(data: bytes, content_type: str = "", filename: str = "", deidentify: bool = True) -> CheckedUpload:
+def check_upload(data: bytes, content_type: str = "", filename: str = "", deidentify: bool = True,
+                 strip_metadata: bool = True) -> CheckedUpload:
     image_format = sniff(data, content_type, filename)
     if image_format == "dicom":
         return _check_dicom(data, deidentify)
     _check_raster(data, image_format)
-    return CheckedUpload(data, image_format, hashlib.sha256(data).hexdigest())
+    if strip_metadata:
+        data = strip_jpeg_metadata(data) if image_format == "jpeg" else strip_png_metadata(data)
+    return CheckedUpload(data, image_format, hashlib.sha256(data).hexdigest(), deidentified=strip_metadata)
+
+
+def _unreadable_metadata(image_format: str) -> UploadRejected:
+    return UploadRejected("unreadable", f"the {image_format.upper()} file's segments are malformed, so its "
+                                        "metadata cannot be removed", 422)
+
+
+def strip_jpeg_metadata(data: bytes) -> bytes:
+    """The JPEG without APP1/APP3-13/APP15 segments (EXIF, XMP, IPTC, ...) and comments; the scan is untouched."""
+    out = bytearray(data[:2])  # SOI
+    position = 2
+    while True:
+        if position + 4 > len(data) or data[position] != 0xFF:
+            raise _unreadable_metadata("jpeg")
+        marker = data[position + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            position += 1
+            continue
+        if marker == 0xD9:  # EOI before any scan
+            raise _unreadable_metadata("jpeg")
+        length = int.from_bytes(data[position + 2:position + 4], "big")
+        end = position + 2 + length
+        if length < 2 or end > len(data):
+            raise _unreadable_metadata("jpeg")
+        if marker == 0xDA:  # start of scan: entropy-coded data and everything after it are kept verbatim
+            out += data[position:]
+            return bytes(out)
+        is_metadata = (0xE0 <= marker <= 0xEF and marker not in JPEG_KEPT_APP_MARKERS) or marker == 0xFE
+        if not is_metadata:
+            out += data[position:end]
+        position = end
+
+
+def strip_png_metadata(data: bytes) -> bytes:
+    """The PNG without its text, EXIF and time chunks; the other chunks are copied with their CRCs."""
+    out = bytearray(data[:8])
+    position = 8
+    while position < len(data):
+        if position + 12 > len(data):
+            raise _unreadable_metadata("png")
+        length = int.from_bytes(data[position:position + 4], "big")
+        chunk_type = data[position + 4:position + 8]
+        end = position + 12 + length
+        if end > len(data):
+            raise _unreadable_metadata("png")
+        if chunk_type not in PNG_METADATA_CHUNKS:
+            out += data[position:end]
+        position = end
+        if chunk_type == b"IEND":
+            return bytes(out)
+    raise _unreadable_metadata("png")
 
 
 def _check_raster(data: bytes, image_format: str) -> None:
@@ -123,10 +188,10 @@ def _dicom_preview(data: bytes) -> bytes:
     from PIL import Image
 
     from model.dicom import decode_dicom
-    from model.preprocessing import InvalidImageError
+    from model.preprocessing import DEFAULT_MAX_PIXELS, InvalidImageError
 
     try:
-        gray = decode_dicom(data)
+        gray = decode_dicom(data, DEFAULT_MAX_PIXELS)  # the decoder's cost bounds (pixels, bytes, first frame)
     except InvalidImageError as exc:
         raise UploadRejected(exc.reason, str(exc), 422) from None
     image = Image.fromarray(gray)

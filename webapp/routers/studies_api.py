@@ -100,7 +100,8 @@ async def accept_upload(request: Request, principal: Principal, data: bytes, con
     try:
         note = clean_note(note)
         checked = await asyncio.to_thread(check_upload, data, content_type, filename,
-                                          context.settings.deidentify_dicom)
+                                          context.settings.deidentify_dicom,
+                                          context.settings.strip_image_metadata)
     except UploadRejected as exc:
         UPLOADS.labels(exc.code).inc()
         raise

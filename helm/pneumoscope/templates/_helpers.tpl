@@ -93,6 +93,8 @@ securityContext:
 {{- $m := .Values.inference.model -}}
 {{- if and $m.storageUri $m.registryUri -}}
 {{- fail "inference.model: set storageUri or registryUri, not both" -}}
+{{- else if and $m.storageUri (not $m.sha256) -}}
+{{- fail "inference.model.sha256 is required with storageUri: the bundle's expected digest (the registry version's bundle_sha256 tag); a folder is never served unverified" -}}
 {{- else if $m.storageUri -}}
 /mnt/models
 {{- else if regexMatch "^models:/[^/@]+/[0-9]+$" $m.registryUri -}}
@@ -114,4 +116,18 @@ securityContext:
 
 {{- define "pneumoscope.knative" -}}
 {{- if eq .Values.inference.deploymentMode "Serverless" }}true{{ end -}}
+{{- end -}}
+
+{{/* Before SIGTERM: a short sleep while the endpoints and the ingress stop routing to the pod (then the
+server drains what it holds; see inference.drainSeconds). */}}
+{{- define "pneumoscope.preStop" -}}
+lifecycle:
+  preStop:
+    exec:
+      command: [sleep, {{ .Values.inference.preStopSeconds | quote }}]
+{{- end -}}
+
+{{/* preStop sleep + drain + a margin: the kubelet never kills a server that is still draining. */}}
+{{- define "pneumoscope.terminationGrace" -}}
+terminationGracePeriodSeconds: {{ add .Values.inference.preStopSeconds .Values.inference.drainSeconds 10 }}
 {{- end -}}

@@ -1,0 +1,156 @@
+"""Load generation for the overload and soak benchmarks: open- and closed-loop REST clients, RSS sampling.
+
+Every request is one real X-ray sent to the transformer over REST v2 (binary extension), as
+``pneumoscope predict --protocol v2`` does. Each result records when it was sent, how long it took,
+and its HTTP status (or ``error`` when no status came back within the client timeout).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class Result:
+    sent: float  # seconds since the start of the run
+    latency_s: float
+    status: str  # "200", "503", ..., or "error"
+
+
+def v2_request(data: bytes) -> tuple[bytes, dict]:
+    raw = len(data).to_bytes(4, "little") + data
+    head = json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
+                                   "parameters": {"binary_data_size": len(raw)}}]}).encode()
+    return head + raw, {"content-type": "application/octet-stream",
+                        "inference-header-content-length": str(len(head))}
+
+
+def percentiles(latencies_s, *qs) -> list[float | None]:
+    if not len(latencies_s):
+        return [None for _ in qs]
+    values = np.asarray(latencies_s) * 1000.0
+    return [round(float(np.percentile(values, q)), 1) for q in qs]
+
+
+def summarize(results: list[Result]) -> dict:
+    by_status: dict[str, list[float]] = {}
+    for r in results:
+        by_status.setdefault(r.status, []).append(r.latency_s)
+    out = {"requests": len(results), "statuses": {k: len(v) for k, v in sorted(by_status.items())}}
+    for status, latencies in by_status.items():
+        p50, p99, worst = percentiles(latencies, 50, 99, 100)
+        out[f"latency_ms_{status}"] = {"p50": p50, "p99": p99, "max": worst}
+    return out
+
+
+def rss_mib(pid: int) -> float | None:
+    try:
+        for line in open(f"/proc/{pid}/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+class RssSampler:
+    """Samples the RSS of the given processes every ``every_s`` seconds in a background thread."""
+
+    def __init__(self, pids: dict[str, int], every_s: float = 1.0):
+        self.pids, self.every_s = pids, every_s
+        self.samples: list[tuple[float, dict]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.started = time.perf_counter()
+
+    def _run(self):
+        while not self._stop.wait(self.every_s):
+            self.samples.append((time.perf_counter() - self.started, {r: rss_mib(p) for r, p in self.pids.items()}))
+
+    def __enter__(self):
+        self.started = time.perf_counter()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+async def _post(client, url: str, body: bytes, headers: dict, t0: float, out: list[Result]) -> None:
+    import httpx
+
+    sent = time.perf_counter()
+    try:
+        response = await client.post(url, content=body, headers=headers)
+        status = str(response.status_code)
+    except httpx.HTTPError:
+        status = "error"
+    out.append(Result(sent - t0, time.perf_counter() - sent, status))
+
+
+def open_loop(url: str, payloads: list[tuple[bytes, dict]], rate_per_s: float, seconds: float,
+              timeout_s: float = 30.0) -> list[Result]:
+    """Requests arrive at a fixed rate whatever the answers do (a crowd, not a polite client)."""
+    import httpx
+
+    async def run() -> list[Result]:
+        out: list[Result] = []
+        limits = httpx.Limits(max_connections=2000, max_keepalive_connections=200)
+        async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
+            t0 = time.perf_counter()
+            tasks, n = [], 0
+            while (now := time.perf_counter() - t0) < seconds:
+                due = n / rate_per_s
+                if due > now:
+                    await asyncio.sleep(due - now)
+                body, headers = payloads[n % len(payloads)]
+                tasks.append(asyncio.ensure_future(_post(client, url, body, headers, t0, out)))
+                n += 1
+            await asyncio.gather(*tasks)
+        return out
+
+    return asyncio.run(run())
+
+
+def closed_loop(url: str, payloads: list[tuple[bytes, dict]], clients: int, seconds: float,
+                timeout_s: float = 60.0, on_result=None) -> list[Result]:
+    """``clients`` threads, each sending its next request when the last one is answered."""
+    import httpx
+
+    out: list[Result] = []
+    lock = threading.Lock()
+    t0 = time.perf_counter()
+    stop_at = t0 + seconds
+
+    def worker(k: int) -> None:
+        with httpx.Client(timeout=timeout_s) as client:
+            i = k * 13
+            while time.perf_counter() < stop_at:
+                body, headers = payloads[i % len(payloads)]
+                sent = time.perf_counter()
+                try:
+                    status = str(client.post(url, content=body, headers=headers).status_code)
+                except httpx.HTTPError:
+                    status = "error"
+                result = Result(sent - t0, time.perf_counter() - sent, status)
+                with lock:
+                    out.append(result)
+                if on_result is not None:
+                    on_result(result)
+                if status == "503":
+                    time.sleep(0.05)
+                i += 1
+
+    threads = [threading.Thread(target=worker, args=(k,), daemon=True) for k in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out

@@ -1,0 +1,330 @@
+"""Which engine x precision serves a bundle on THIS machine: gated for accuracy, then chosen by measurement.
+
+At load (before the predictor reports ready):
+
+1. Candidates: every installed engine (``PNEUMOSCOPE_ENGINE=auto``) or the one forced, times every precision
+   the bundle allows (fp32; int8 when its graph passed the export gate; bf16 on OpenVINO where the CPU has
+   native bf16) or the one forced with ``PNEUMOSCOPE_PRECISION``.
+2. Timing: the candidates run the load the predictor sees under saturation (``streams`` parallel
+   single-threaded calls, or all threads on one call with one stream) for a bounded ``engine_timing_s``
+   each, in interleaved rounds so that a neighbour's burst on a shared machine hits them all alike; the
+   median round counts.
+3. The accuracy gate (:mod:`model.engine_gate`), fastest candidate first: it runs the bundle's stored
+   validation images and is eligible only if its logits stay within the stored tolerance of the fp32
+   reference, its AUC drops by no more than the int8 gate's limit, and its CAMs keep their shape. The first
+   that passes serves; slower ones need no gate (that keeps the start short: gating costs more than timing).
+4. The table is logged and exported (Prometheus, v2 ``platform``).
+
+A bundle exported before the gate existed carries no gate images: ``auto`` then keeps ONNX Runtime with the
+bundle's own precision rule (what earlier releases served); a forced engine runs unchecked, with a warning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import statistics
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from model.bundle import Bundle
+from model.engine_gate import GateResult, GateSet, check
+from serving.engine import ENGINES, PLATFORMS, Engine, EngineError, create_engine, installed, native_bf16, require
+from serving.metrics import ENGINE_CANDIDATE_ELIGIBLE, ENGINE_CANDIDATE_SPEED, ENGINE_INFO, ENGINE_SELECTION_SECONDS
+from serving.settings import ServingSettings
+
+log = logging.getLogger(__name__)
+
+GRAPHS = {"fp32": "model.onnx", "int8": "model.int8.onnx", "bf16": "model.onnx"}
+TIMING_ROUNDS = 3
+
+
+@dataclass
+class Candidate:
+    engine: str
+    precision: str
+    wide: Engine | None = None
+    narrow: Engine | None = None
+    gate: GateResult | None = None
+    img_per_s: float | None = None
+    status: str = ""
+    load_s: float = 0.0  # compiling (+ the gate, where it ran)
+
+    @property
+    def key(self) -> str:
+        return f"{self.engine}/{self.precision}"
+
+    def row(self) -> dict:
+        row = {"engine": self.engine, "precision": self.precision, "status": self.status,
+               "img_per_s": None if self.img_per_s is None else round(self.img_per_s, 2),
+               "load_and_gate_s": round(self.load_s, 2)}
+        if self.gate is not None:
+            row.update(max_abs_logit_diff=round(self.gate.max_abs_logit_diff, 5), auc_drop=round(self.gate.auc_drop, 5),
+                       min_cam_correlation=round(self.gate.min_cam_correlation, 4), gate=self.gate.reason)
+        return row
+
+
+@dataclass
+class Selection:
+    """The chosen engine objects and the table that chose them."""
+
+    engine: str
+    precision: str
+    wide: Engine
+    narrow: Engine | None
+    mode: str  # "auto" or "forced"
+    gated: bool
+    table: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def platform(self) -> str:
+        """The v2 model metadata ``platform``: engine and precision, e.g. ``openvino_onnx/int8``."""
+        return f"{PLATFORMS[self.engine]}/{self.precision}"
+
+
+def _precisions(bundle: Bundle, settings: ServingSettings, engine: str) -> list[str]:
+    files = bundle.meta.get("files", {})
+    if settings.precision != "auto":
+        wanted = [settings.precision]
+    else:
+        wanted = ["fp32"]
+        if GRAPHS["int8"] in files and bundle.meta.get("int8", {}).get("accepted"):
+            wanted.append("int8")
+        if engine == "openvino" and native_bf16():
+            wanted.append("bf16")
+    if "int8" in wanted and GRAPHS["int8"] not in files:
+        raise EngineError("this model version has no int8 graph (its int8 graph failed the export gate or was "
+                          "never made); use precision auto or fp32")
+    if engine == "onnxruntime":
+        wanted = [p for p in wanted if p != "bf16"]
+    return wanted
+
+
+def candidate_list(bundle: Bundle, settings: ServingSettings) -> list[Candidate]:
+    """engine x precision pairs for this bundle, settings and machine (raises EngineError if none)."""
+    if settings.engine == "auto":
+        engines = [e for e in ENGINES if installed(e)]
+    else:
+        engines = [settings.engine]
+    if settings.precision == "bf16" and not native_bf16():
+        raise EngineError("precision bf16 needs OpenVINO on a CPU with native bf16 (AVX512_BF16 or AMX); "
+                          "this machine has not both")
+    out = [Candidate(e, p) for e in engines for p in _precisions(bundle, settings, e)]
+    if not out:
+        raise EngineError(f"no engine can run precision {settings.precision} with engine {settings.engine}")
+    return out
+
+
+def select_engine(bundle: Bundle, settings: ServingSettings, model_name: str = "", model_version: str = "",
+                  factory=create_engine) -> Selection:
+    """Time, gate (fastest first) and choose; returns the winner's engines (the others are released).
+
+    ``factory(engine, onnx_path, precision, threads, parallel, spinning)`` builds an engine (tests pass a
+    wrapper to plant a broken candidate).
+    """
+    started = time.perf_counter()
+    if settings.engine != "auto":
+        require(settings.engine)
+    mode = "auto" if settings.engine == "auto" else "forced"
+    gate = GateSet.load(bundle)
+    candidates = candidate_list(bundle, settings)
+    if gate is None:
+        candidates = _ungated(bundle, settings, candidates)
+    threads, streams = settings.engine_threads(), settings.streams()
+
+    def build(c: Candidate) -> None:
+        path = bundle.root / GRAPHS[c.precision]
+        c.wide = factory(c.engine, path, c.precision, threads, 1, settings.spinning)
+        if streams > 1:
+            c.narrow = factory(c.engine, path, c.precision, 1, streams, settings.spinning)
+
+    batch = _timing_batch_size(settings.max_batch_size)
+    log.info("engine selection (%s): %d candidate(s): %s; loading, timing %.1f s each, then gating fastest first "
+             "on %s", mode, len(candidates), ", ".join(c.key for c in candidates), settings.engine_timing_s,
+             f"{len(gate.labels)} stored val images" if gate is not None else "nothing (no gate set in this bundle)")
+    built = []
+    for c in candidates:
+        t0 = time.perf_counter()
+        try:
+            build(c)
+        except EngineError:
+            if mode == "forced" or len(candidates) == 1:
+                raise
+            c.status = "unavailable"
+            continue
+        except Exception as exc:  # an engine that cannot compile this graph here is not a candidate
+            c.status = f"failed to load: {str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__}"
+            log.warning("engine %s could not load the bundle: %s", c.key, exc)
+            continue
+        c.load_s = time.perf_counter() - t0
+        built.append(c)
+    if len(built) > 1:
+        built = _time(built, _timing_batch(gate, bundle, batch), streams, settings.engine_timing_s)
+
+    # Fastest first; the first that passes the gate serves, and nothing slower needs gating.
+    chosen = None
+    for c in sorted(built, key=lambda c: -(c.img_per_s or 0.0)):
+        if chosen is not None:
+            c.status = "not gated: slower than the chosen one"
+        elif gate is None:
+            chosen, c.status = c, "chosen (no gate set in this bundle)"
+        else:
+            t0 = time.perf_counter()
+            log.info("engine selection: gating %s (%.1f img/s)", c.key, c.img_per_s or float("nan"))
+            c.gate = _run_gate(c, gate, bundle, settings.max_batch_size, batch)
+            c.load_s += time.perf_counter() - t0
+            ENGINE_CANDIDATE_ELIGIBLE.labels(engine=c.engine, precision=c.precision).set(int(c.gate.passed))
+            if c.gate.passed:
+                chosen, c.status = c, "chosen"
+            else:
+                c.status = "failed the accuracy gate"
+                log.warning("engine %s failed the accuracy gate: %s", c.key, c.gate.reason)
+        if c is not chosen:
+            c.wide = c.narrow = None  # release the compiled graphs of everything that does not serve
+    if chosen is None:
+        table = "; ".join(f"{c.key}: {c.gate.reason if c.gate else c.status}" for c in candidates)
+        raise EngineError(f"no engine passed the accuracy gate on this machine ({table})")
+    selection = Selection(chosen.engine, chosen.precision, chosen.wide, chosen.narrow, mode, gate is not None,
+                          [c.row() for c in candidates], time.perf_counter() - started)
+    _report(selection, candidates, model_name, model_version, threads, streams, settings)
+    return selection
+
+
+def _ungated(bundle: Bundle, settings: ServingSettings, candidates: list[Candidate]) -> list[Candidate]:
+    """No gate images in this (older) bundle: nothing can be proven equal to fp32, so nothing is compared."""
+    precision = settings.precision if settings.precision != "auto" else (
+        "int8" if bundle.onnx_path("auto").name == GRAPHS["int8"] else "fp32")
+    engine = "onnxruntime" if settings.engine == "auto" else settings.engine
+    log.warning("this model version carries no engine gate set (exported before it existed): serving %s %s "
+                "without comparing engines; re-export the model to enable engine selection", engine, precision)
+    kept = [c for c in candidates if c.engine == engine and c.precision == precision]
+    return kept or [Candidate(engine, precision)]
+
+
+def _timing_batch_size(max_batch_size: int) -> int:
+    """Per-call batch of the timing runs: what a stream gets under load on a small CPU (the predictor measured
+    2.1 images per engine call at 16 in flight on 2 cores), and small enough that one call of a slow candidate
+    does not outlast a timing round (batching gains little on a CPU)."""
+    return max(1, min(max_batch_size, 2))
+
+
+def _run_gate(c: Candidate, gate: GateSet, bundle: Bundle, batch: int, narrow_batch: int) -> GateResult:
+    """The wide engine on every gate image; the narrow one (same graph, one thread) on the first few images,
+    at the batch size it will be timed with (so the timing does not pay for a first call)."""
+    x = gate.tensors(bundle.preprocess)
+    try:
+        outs = [c.wide.run(x[i:i + batch]) for i in range(0, len(x), batch)]
+        result = check(gate, np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs]))
+        if result.passed and c.narrow is not None:
+            n = min(narrow_batch, len(x))
+            # Too few images for an AUC: the narrow run must match the reference's logits and CAMs.
+            head = dataclasses.replace(gate, images=gate.images[:n], labels=gate.labels[:n], logits=gate.logits[:n],
+                                       cams=gate.cams[:n], max_auc_drop=math.inf)
+            narrow = check(head, *c.narrow.run(x[:n]))
+            if not narrow.passed:
+                return dataclasses.replace(result, passed=False, reason=f"single-threaded runs: {narrow.reason}")
+        return result
+    except Exception as exc:  # a candidate that cannot even run the gate images fails it
+        nan = float("nan")
+        return GateResult(False, f"error on the gate images: {str(exc).splitlines()[0][:160]}", nan, nan, nan, nan,
+                          nan)
+
+
+def _timing_batch(gate: GateSet | None, bundle: Bundle, batch: int) -> np.ndarray:
+    size = bundle.preprocess.image_size
+    if gate is not None:
+        x = gate.tensors(bundle.preprocess)
+        return np.ascontiguousarray(np.resize(x, (batch, 1, size, size)))
+    return np.zeros((batch, 1, size, size), np.float32)
+
+
+def _time(candidates: list[Candidate], x: np.ndarray, streams: int, seconds: float) -> list[Candidate]:
+    """Images/s of each candidate under the predictor's saturated load, median of interleaved rounds.
+
+    Returns the candidates that ran; one that fails here is out (its status says why)."""
+    rates: dict[str, list[float]] = {c.key: [] for c in candidates}
+    running = list(candidates)
+
+    def timed(c: Candidate, budget: float, record: bool = True) -> None:
+        try:
+            rate = _burst(c, x, streams, budget)
+            if record:
+                rates[c.key].append(rate)
+        except Exception as exc:  # an engine that breaks under load is no candidate
+            log.warning("engine %s failed while timed: %s", c.key, exc)
+            c.status, c.wide, c.narrow = f"failed while timed: {str(exc).splitlines()[0][:160]}", None, None
+            running.remove(c)
+
+    for c in list(running):  # the first call of a shape allocates (and, for OpenVINO, specialises) the graph
+        timed(c, 0.0, record=False)
+    budget = max(0.05, seconds / TIMING_ROUNDS)
+    for r in range(TIMING_ROUNDS):
+        shift = r % max(1, len(running))  # a different candidate leads each round
+        for c in running[shift:] + running[:shift]:
+            if c in running:
+                timed(c, budget)
+    for c in running:
+        c.img_per_s = statistics.median(rates[c.key])
+    return running
+
+
+def _burst(c: Candidate, x: np.ndarray, streams: int, seconds: float) -> float:
+    """``streams`` threads calling the narrow engine (or one calling the wide one) for ``seconds``; img/s."""
+    engine, workers = (c.narrow, streams) if c.narrow is not None else (c.wide, 1)
+    counts, errors = [0] * workers, []
+    barrier = threading.Barrier(workers + 1)
+    deadline = [0.0]
+
+    def work(k: int) -> None:
+        barrier.wait()
+        try:
+            while True:
+                engine.run(x)
+                counts[k] += len(x)
+                if time.perf_counter() >= deadline[0]:
+                    return
+        except Exception as exc:  # reported to the caller below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(k,), daemon=True) for k in range(workers)]
+    for t in threads:
+        t.start()
+    deadline[0] = time.perf_counter() + seconds
+    started = time.perf_counter()
+    barrier.wait()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return sum(counts) / max(time.perf_counter() - started, 1e-9)
+
+
+def _report(selection: Selection, candidates: list[Candidate], model_name: str, model_version: str, threads: int,
+            streams: int, settings: ServingSettings) -> None:
+    lines = [f"{'engine':<12} {'precision':<9} {'img/s':>8} {'|dlogit|':>9} {'AUC drop':>9} {'CAM r':>6} "
+             f"{'load s':>6}  status"]
+    for c in candidates:
+        g = c.gate
+        lines.append(f"{c.engine:<12} {c.precision:<9} {_fmt(c.img_per_s, '.1f'):>8} "
+                     f"{_fmt(g and g.max_abs_logit_diff, '.4f'):>9} {_fmt(g and g.auc_drop, '+.4f'):>9} "
+                     f"{_fmt(g and g.min_cam_correlation, '.3f'):>6} {c.load_s:>6.1f}  {c.status}"
+                     + (f" ({g.reason})" if g is not None and not g.passed else ""))
+    log.info("engine selection (%s; timed: %d streams x %d threads, batches of %d; %.1f s in all):\n%s",
+             selection.mode, streams if streams > 1 else 1, 1 if streams > 1 else threads,
+             _timing_batch_size(settings.max_batch_size), selection.seconds, "\n".join(lines))
+    log.info("serving with %s %s", selection.engine, selection.precision)
+    ENGINE_INFO.labels(model_name=model_name, model_version=str(model_version), engine=selection.engine,
+                       precision=selection.precision, selection=selection.mode).set(1)
+    ENGINE_SELECTION_SECONDS.set(selection.seconds)
+    for c in candidates:
+        if c.img_per_s is not None:
+            ENGINE_CANDIDATE_SPEED.labels(engine=c.engine, precision=c.precision).set(c.img_per_s)
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None or (isinstance(value, float) and np.isnan(value)) else format(value, spec)
