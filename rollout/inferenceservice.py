@@ -104,6 +104,9 @@ def repin(component: dict, model_name: str, version: str, storage_uri: str | Non
         args = container.get("args")
         if args:
             container["args"] = [_repin_arg(arg, model_name, version) for arg in args]
+            if sha256:  # the predictor's expected bundle digest (a folder's reference; checked against the tag)
+                container["args"] = [f"--sha256={sha256}" if a.startswith("--sha256=") else a
+                                     for a in container["args"]]
         for env in container.get("env") or []:
             if env.get("name") == "STORAGE_URI" and "value" in env:
                 if storage_uri is None:

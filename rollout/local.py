@@ -447,3 +447,47 @@ def _port_free(port: int) -> bool:
     from serving.stack import port_free
 
     return port_free(port)
+
+
+def serve_split(args, serving_settings) -> int:
+    """``pneumoscope serve --traffic-split`` / ``--canary``: run the local canary in the foreground."""
+    import re
+
+    from model.cli import CommandError
+    from rollout.controller import Rollout, check_percent
+    from rollout.versions import Registry
+    from serving.stack import StackError
+
+    settings = RolloutSettings(model_name=serving_settings.model_name) if serving_settings else RolloutSettings()
+    if serving_settings is not None and serving_settings.mlflow_tracking_uri:
+        settings = settings.model_copy(update={"mlflow_tracking_uri": serving_settings.mlflow_tracking_uri})
+    canary_version = None
+    try:
+        if args.canary:
+            match = re.match(r"^models:/([^/@]+)/(\d+)$", args.canary)
+            if not match:
+                raise RolloutError(f"--canary must be models:/NAME/VERSION with a version number, not {args.canary!r}")
+            canary_version = match[2]
+            check_percent(args.canary_percent)
+    except RolloutError as exc:
+        raise CommandError(str(exc)) from None
+    log_dir = Path(args.log_file).resolve().parent if args.log_file else None
+    local = LocalCanary(settings.home, args.port, settings.model_name, serving_settings, log_dir=log_dir)
+    stopping = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stopping.set())
+    try:
+        local.start(args.model, timeout_s=args.startup_timeout)
+        if canary_version:
+            registry = Registry(settings.model_name, settings.mlflow_tracking_uri)
+            Rollout(LocalBackend(settings), registry, settings.model_name).canary(canary_version, args.canary_percent)
+        print("READY " + json.dumps(local.info(), sort_keys=True), flush=True)
+        while not stopping.wait(0.5):
+            pass
+        return 0
+    except (RolloutError, StackError) as exc:
+        raise CommandError(str(exc)) from None
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        local.stop()
+        signal.signal(signal.SIGTERM, previous)
