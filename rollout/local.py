@@ -188,6 +188,10 @@ http {{
   log_format split '$time_iso8601 $side $status $upstream_addr $request_time "$request"';
   access_log {w}/access.log split;
   client_max_body_size 64m;
+  # Bodies and answers stay in memory: as root, nginx's workers run as nobody and could not write to the
+  # temp folders of the user who started it.
+  client_body_buffer_size 64m;
+  proxy_max_temp_file_size 0;
   # A weighted random split: each request's id is uniformly random.
   split_clients "${{request_id}}" $side {{
 {split}

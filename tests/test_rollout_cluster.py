@@ -125,9 +125,17 @@ def one_error_line(err: str) -> str:
 
 
 def pinned(isvc, component) -> list[str]:
+    """The model arguments of a component's containers (the predictor's; the transformer holds no model) and
+    its version label."""
     spec = isvc["spec"][component]
-    args = [a for c in spec["containers"] for a in c.get("args", []) if a.startswith("--model_uri=")]
+    args = [a for c in spec["containers"] for a in c.get("args", []) if a.startswith(("--model_uri=", "--sha256="))]
     return args + [spec["labels"]["pneumoscope.io/model-version"]]
+
+
+def expected_pin(env, component, version) -> list[str]:
+    if component == "transformer":
+        return [str(version)]
+    return [f"--model_uri=models:/{env.name}/{version}", f"--sha256={env.tags(version)['bundle_sha256']}", str(version)]
 
 
 def test_canary_patches_both_components_and_waits_for_kserve_to_report_the_split(env, capsys):
@@ -138,7 +146,7 @@ def test_canary_patches_both_components_and_waits_for_kserve_to_report_the_split
     isvc = env.isvc()
     for component in ("predictor", "transformer"):
         assert isvc["spec"][component]["canaryTrafficPercent"] == 10
-        assert pinned(isvc, component) == [f"--model_uri=models:/{env.name}/2", "2"]
+        assert pinned(isvc, component) == expected_pin(env, component, 2)
         traffic = {t["tag"]: t for t in isvc["status"]["components"][component]["traffic"]}
         assert traffic["latest"]["percent"] == 10 and traffic["prev"]["percent"] == 90
         assert traffic["prev"]["revisionName"] == isvc["status"]["components"][component]["latestRolledoutRevision"]
@@ -185,7 +193,7 @@ def test_rollback_restores_the_stable_version_and_never_moves_the_champion(env, 
     isvc = env.isvc()
     for component in ("predictor", "transformer"):
         assert "canaryTrafficPercent" not in isvc["spec"][component]
-        assert pinned(isvc, component) == [f"--model_uri=models:/{env.name}/1", "1"]
+        assert pinned(isvc, component) == expected_pin(env, component, 1)
         assert [t["percent"] for t in isvc["status"]["components"][component]["traffic"]] == [100]
     assert "pneumoscope.io/canary-version" not in isvc["metadata"]["annotations"]
     assert env.champion() == "1"
