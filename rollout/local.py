@@ -288,6 +288,8 @@ class LocalCanary:
         self.stacks: dict[str, object] = {}  # version -> LocalStack
         self.sides: dict[str, str] = {}  # "stable"/"canary" -> version
         self._stop = threading.Event()
+        self._busy = threading.Lock()  # a reconcile, or stop()
+        self._stopping = False
         self._thread: threading.Thread | None = None
         self.error: str | None = None
 
@@ -334,13 +336,17 @@ class LocalCanary:
                           for side, v in self.sides.items()}}
 
     def stop(self) -> None:
+        # The controller thread must outlive the stacks it started: a child's parent-death signal
+        # (serving.stack) follows the THREAD that spawned it. So: stop everything, then the thread.
+        with self._busy:
+            self._stopping = True
+            self.nginx.stop()
+            for stack in list(self.stacks.values()):
+                stack.stop()
+            self.stacks.clear()
         self._stop.set()
         if self._thread is not None:
             self._thread.join(30)
-        self.nginx.stop()
-        for stack in list(self.stacks.values()):
-            stack.stop()
-        self.stacks.clear()
         with contextlib.suppress(FileNotFoundError):
             self.state.update(lambda doc: merge_patch(doc, {"status": {"pid": None}}))
 
@@ -351,7 +357,9 @@ class LocalCanary:
                 doc = self.state.read() or {}
                 generation = doc.get("metadata", {}).get("generation", 0)
                 if generation > (doc.get("status") or {}).get("observedGeneration", 0):
-                    self._reconcile(doc, generation)
+                    with self._busy:
+                        if not self._stopping:
+                            self._reconcile(doc, generation)
             except Exception as exc:  # keep serving; the state says what went wrong
                 log.exception("local canary: reconcile failed")
                 self.error = str(exc)
