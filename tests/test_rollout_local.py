@@ -52,8 +52,12 @@ def canary(tmp_path_factory):
     tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
     assert register(small, tracking_uri) == "1" and register(large, tracking_uri, alias="challenger") == "2"
     client = MlflowClient(tracking_uri, tracking_uri)
-    for version in ("1", "2"):
+    from model.bundle import Bundle
+
+    for version, bundle in (("1", small), ("2", large)):  # what registration tags (model.registry)
         client.set_model_version_tag("pneumonia", version, "evaluation_gate", "passed")
+        client.set_model_version_tag("pneumonia", version, "reference_distribution",
+                                     json.dumps(Bundle.load(bundle).meta["reference"]))
     env = {"MLFLOW_TRACKING_URI": tracking_uri, "PNEUMOSCOPE_HOME": str(root / "home"), "PNEUMOSCOPE_POLL_S": "0.1"}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
@@ -178,11 +182,13 @@ def test_every_dashboard_query_and_alert_expression_runs_on_the_live_stack(canar
     from prometheus_server import RULES
 
     prometheus = canary["prometheus"]
-    httpx.post(f"{canary['url']}/v1/models/pneumonia:predict", content=b"not json", timeout=30)  # one rejection
     with Load(canary["url"], uploads) as load:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and len(load.codes) < 60:
             time.sleep(1)
+        for _ in range(4):  # refused requests (both sides, most likely): the rejection panel has data
+            bad = httpx.post(f"{canary['url']}/v1/models/pneumonia:predict", content=b"not json", timeout=30)
+            assert bad.status_code == 400
     time.sleep(3)  # two more scrapes
     assert set(load.codes) == {200}
     dashboard = json.loads((RULES.parent / "grafana-dashboard.json").read_text())
@@ -193,7 +199,8 @@ def test_every_dashboard_query_and_alert_expression_runs_on_the_live_stack(canar
             expr = _substitute(target["expr"])
             result = prometheus.query(expr)
             if not _metric_names(expr) & may_be_empty:
-                assert result, f"panel {panel['title']!r}: no data for {expr}"
+                assert result, (f"panel {panel['title']!r}: no data for {expr}; targets: {prometheus.query('up')}; "
+                                f"series: {[prometheus.query(f'count({n})') for n in _metric_names(expr)]}")
     rules = [r for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]]
     for rule in rules:
         prometheus.query(rule["expr"])  # valid PromQL that Prometheus evaluates on these series
