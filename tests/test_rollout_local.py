@@ -186,9 +186,10 @@ def test_every_dashboard_query_and_alert_expression_runs_on_the_live_stack(canar
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and len(load.codes) < 60:
             time.sleep(1)
-        for _ in range(4):  # refused requests (both sides, most likely): the rejection panel has data
-            bad = httpx.post(f"{canary['url']}/v1/models/pneumonia:predict", content=b"not json", timeout=30)
-            assert bad.status_code == 400
+        for _ in range(4):  # refused uploads (both sides, most likely): the rejection panel has data
+            body = {"instances": [{"image": {"b64": base64.b64encode(b"this is not an X-ray").decode()}}]}
+            bad = httpx.post(f"{canary['url']}/v1/models/pneumonia:predict", json=body, timeout=30)
+            assert 400 <= bad.status_code < 500, bad.text
     time.sleep(3)  # two more scrapes
     assert set(load.codes) == {200}
     dashboard = json.loads((RULES.parent / "grafana-dashboard.json").read_text())
