@@ -32,7 +32,7 @@ from model.cli import main
 from prometheus_server import PrometheusServer
 from serving_fixtures import XRAY_224, XRAY_FULL, register, require_data, shared_bundle, xray_files
 
-pytestmark = pytest.mark.integration
+
 
 DELAY_MS = 400  # the canary's added latency (test-only setting)
 
@@ -133,6 +133,7 @@ class Load:
             t.join(180)
 
 
+@pytest.mark.integration
 def test_every_answer_through_the_split_is_one_versions_answer(canary, uploads, capsys):
     code, out, err = rollout(capsys, "canary", "--version", "2", "--percent", "50")
     assert code == 0, err
@@ -176,6 +177,7 @@ def _metric_names(expr: str) -> set[str]:
     return names - {"by", "on", "without", "ignoring", "group_left", "group_right"}
 
 
+@pytest.mark.integration
 def test_every_dashboard_query_and_alert_expression_runs_on_the_live_stack(canary, uploads):
     import yaml
 
@@ -211,6 +213,7 @@ def test_every_dashboard_query_and_alert_expression_runs_on_the_live_stack(canar
     assert not firing & {"PneumoscopeHighErrorRatio", "PneumoscopePredictorDown", "PneumoscopeRejectionSpike"}
 
 
+@pytest.mark.integration
 def test_a_slower_canary_is_judged_worse_and_not_promoted(canary, uploads, capsys):
     prometheus = canary["prometheus"]
     with Load(canary["url"], uploads):
@@ -233,6 +236,10 @@ def test_a_slower_canary_is_judged_worse_and_not_promoted(canary, uploads, capsy
         assert p99_line.startswith("  FAIL"), out
         canary_p99 = float(re.search(r"canary ([0-9.]+) s", p99_line)[1])
         assert canary_p99 >= DELAY_MS / 1000
+        code, out, err = rollout(capsys, "status")
+        assert code == 0, err
+        assert "local canary" in out and "stable version 1, canary version 2 at 50 %" in out
+        assert re.search(r"live canary \(version 2, 5m\): [1-9][0-9]* requests", out), out
         code, out, err = rollout(capsys, "promote", "--if-healthy")
         assert code != 0 and "not promoting version 2: the canary is worse" in err.splitlines()[-1]
         assert canary["mlflow"].get_model_version_by_alias("pneumonia", "champion").version in ("1", 1)
@@ -242,6 +249,7 @@ def test_a_slower_canary_is_judged_worse_and_not_promoted(canary, uploads, capsy
             os.environ.pop(k, None)
 
 
+@pytest.mark.integration
 def test_rollback_and_promote_reconfigure_nginx_under_load_without_dropping_a_request(canary, uploads, capsys):
     with Load(canary["url"], uploads, clients=3) as load:
         time.sleep(2)
@@ -265,6 +273,7 @@ def test_rollback_and_promote_reconfigure_nginx_under_load_without_dropping_a_re
     assert actions == ["canary", "rollback", "canary", "promote"]
 
 
+@pytest.mark.integration
 def test_a_stopped_predictor_makes_the_predictor_down_alert_pending_then_firing(canary):
     prometheus = canary["prometheus"]
     stack = canary["local"].stacks["2"]
@@ -283,3 +292,13 @@ def test_a_stopped_predictor_makes_the_predictor_down_alert_pending_then_firing(
         assert states[:2] == ["pending", "firing"], states
     finally:
         os.kill(pid, signal.SIGCONT)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--canary", "models:/pneumonia@challenger"], "--canary must be models:/NAME/VERSION"),
+    (["--canary", "models:/pneumonia/2", "--canary-percent", "100"], "between 1 and 99, not 100"),
+])
+def test_serve_refuses_a_bad_canary_with_one_line(argv, message, capsys):
+    code = main(["serve", "--model", "models:/pneumonia/1", *argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and len(err) == 1 and message in err[0]
