@@ -96,6 +96,7 @@ def cmd_rollout(args) -> int:
         if args.rollout_command == "canary":
             check_percent(args.percent)  # before anything is contacted
         backend = backend_for(args, settings)
+        backend.read()  # an unreachable cluster or no local canary: said before anything else is contacted
         registry = Registry(settings.model_name, settings.mlflow_tracking_uri)
         rollout = Rollout(backend, registry, settings.model_name)
         command = args.rollout_command

@@ -302,3 +302,11 @@ def test_serve_refuses_a_bad_canary_with_one_line(argv, message, capsys):
     code = main(["serve", "--model", "models:/pneumonia/1", *argv])
     err = capsys.readouterr().err.strip().splitlines()
     assert code != 0 and len(err) == 1 and message in err[0]
+
+
+def test_local_commands_without_a_running_canary_say_how_to_start_one(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PNEUMOSCOPE_HOME", str(tmp_path))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    code, _, err = rollout(capsys, "status")
+    assert code != 0 and len(err.splitlines()) == 1
+    assert "no local canary is running" in err and "--traffic-split" in err
