@@ -310,3 +310,13 @@ def test_an_unreachable_cluster_is_one_line_naming_the_url(env, capsys, tmp_path
     code, _, err = run(capsys, "status")
     line = one_error_line(err)
     assert code != 0 and f"cannot reach the Kubernetes API at http://127.0.0.1:{port}" in line
+
+
+def test_an_unreachable_prometheus_is_one_line_naming_the_url_and_promote_if_healthy_changes_nothing(env, capsys):
+    assert run(capsys, "canary", "--version", "2", "--percent", "10")[0] == 0
+    before = env.isvc()
+    for argv in (["analyze"], ["promote", "--if-healthy"]):
+        code, out, err = run(capsys, *argv)
+        line = one_error_line(err)
+        assert code != 0 and "cannot reach Prometheus at http://127.0.0.1:9" in line, argv
+    assert env.isvc() == before and env.champion() == "1"
