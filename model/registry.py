@@ -7,6 +7,7 @@ bootstrap test (``promotion="auto"``). Fetching resolves an alias ONCE to an imm
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -22,6 +23,8 @@ from model.bundle import Bundle, BundleError
 log = logging.getLogger(__name__)
 
 CHAMPION, CHALLENGER = "champion", "challenger"
+#: The gate a version must pass before `pneumoscope rollout` sends it traffic (without --force).
+GATE_MIN_AUC = 0.75
 DEFAULT_EXPERIMENT = "pneumoscope"
 _MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w-]+))$")
 
@@ -107,6 +110,17 @@ def _pyfunc_class():
     return PneumoniaOnnxModel()
 
 
+def evaluation_gate(report: dict, min_auc: float = GATE_MIN_AUC) -> str:
+    """"passed", or "failed: <why>": the AUC of every split that chose nothing (holdout; val without one) reaches
+    ``min_auc``. Recorded as the version's ``evaluation_gate`` tag; `pneumoscope rollout` refuses a failed one."""
+    splits = report.get("splits", {})
+    judged = [s for s in ("holdout",) if s in splits] or [s for s in ("val",) if s in splits]
+    if not judged:
+        return "failed: no held-out split was evaluated"
+    low = [f"{s} AUC {splits[s]['auc']:.3f} < {min_auc:.2f}" for s in judged if not splits[s]["auc"] >= min_auc]
+    return f"failed: {'; '.join(low)}" if low else "passed"
+
+
 @dataclass
 class Registration:
     model_name: str
@@ -163,8 +177,11 @@ def log_and_register(bundle_dir: str | Path, report: dict, history: list[dict], 
             metadata={"pneumoscope": {"threshold": bundle.threshold, "temperature": bundle.temperature,
                                       "logit_bias": bundle.logit_bias,
                                       "preprocess": bundle.meta["preprocess"], "bundle_sha256": bundle.sha256}})
-        version = mlflow.register_model(model_info.model_uri, model_name, tags={"bundle_sha256": bundle.sha256,
-                                                                                 "run_id": run.info.run_id})
+        version_tags = {"bundle_sha256": bundle.sha256, "run_id": run.info.run_id,
+                        "evaluation_gate": evaluation_gate(report)}
+        if report.get("reference"):  # the prediction mix `pneumoscope rollout analyze` compares live traffic with
+            version_tags["reference_distribution"] = json.dumps(report["reference"], separators=(",", ":"))
+        version = mlflow.register_model(model_info.model_uri, model_name, tags=version_tags)
         run_id = run.info.run_id
     client.set_registered_model_alias(model_name, CHALLENGER, version.version)
     decision = _decide_promotion(client, model_name, version.version, report, promotion, alpha,

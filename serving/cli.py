@@ -45,6 +45,13 @@ def add_commands(commands) -> None:
     serve.add_argument("--mlflow-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, then local SQLite)")
     serve.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for readiness")
     serve.add_argument("--log-file", help="write the servers' logs here instead of stderr")
+    serve.add_argument("--traffic-split", action="store_true",
+                       help="a real nginx on PORT (REST) and PORT+1 (gRPC) in front of one stack per model version, "
+                            "splitting traffic by weight: what `pneumoscope rollout ... --local` drives (no web app)")
+    serve.add_argument("--canary", metavar="MODEL_URI", help="also serve models:/NAME/N as a canary beside --model "
+                                                             "(implies --traffic-split)")
+    serve.add_argument("--canary-percent", type=int, default=10, help="share of the traffic for --canary (1-99, "
+                                                                      "default 10)")
     serve.set_defaults(func=cmd_serve)
 
     predict = commands.add_parser(
@@ -99,6 +106,10 @@ def cmd_serve(args) -> int:
     _quiet_http_logs()
     if not 1 <= args.port <= 65534:
         raise CommandError(f"--port must be between 1 and 65534, not {args.port}")
+    if args.traffic_split or args.canary:
+        from rollout.local import serve_split
+
+        return serve_split(args, _settings(args))
     web_port = None if args.no_web else (args.web_port or args.port + 2)
     if web_port is not None and not 1 <= web_port <= 65535:
         raise CommandError(f"--web-port must be between 1 and 65535, not {web_port}")

@@ -46,9 +46,36 @@ WARMUP_SECONDS = Gauge("pneumoscope_warmup_seconds", "duration of the warm-up in
                        "predictor reported ready")
 
 
+# Every inference request as its client saw it (REST and gRPC), for the error ratio, the p99 and the traffic
+# split per side of a canary (the scrape adds component and model_version). gRPC codes are counted as the
+# HTTP status they map to (grpc-gateway's table), so one ``code=~"5.."`` selects failures of both.
+REQUESTS = Counter("pneumoscope_requests_total", "inference requests answered, by protocol and HTTP status code",
+                   ["protocol", "code"])
+REQUEST_SECONDS = Histogram("pneumoscope_request_duration_seconds", "time from a request's arrival to its answer",
+                            ["protocol"], buckets=[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 2.5, 5, 10, 30])
+REFERENCE_SHARE = Gauge("pneumoscope_reference_pneumonia_share", "share of PNEUMONIA decisions evaluation measured "
+                        "for the served version (its reference; the prediction-mix drift alert compares with it)",
+                        ["model_name", "model_version"])
+GRPC_TO_HTTP = {"OK": 200, "CANCELLED": 499, "UNKNOWN": 500, "INVALID_ARGUMENT": 400, "DEADLINE_EXCEEDED": 504,
+                "NOT_FOUND": 404, "ALREADY_EXISTS": 409, "PERMISSION_DENIED": 403, "RESOURCE_EXHAUSTED": 429,
+                "FAILED_PRECONDITION": 400, "ABORTED": 409, "OUT_OF_RANGE": 400, "UNIMPLEMENTED": 501,
+                "INTERNAL": 500, "UNAVAILABLE": 503, "DATA_LOSS": 500, "UNAUTHENTICATED": 401}
+
+
+def count_request(protocol: str, code: int | str, seconds: float) -> None:
+    REQUESTS.labels(protocol=protocol, code=str(code)).inc()
+    REQUEST_SECONDS.labels(protocol=protocol).observe(seconds)
+
+
 def set_model_info(name: str, version: str, uri: str, sha256: str, role: str, precision: str = "") -> None:
     MODEL_INFO.labels(model_name=name, model_version=str(version), model_uri=uri, bundle_sha256=sha256,
                       role=role, precision=precision).set(1)
+
+
+def set_reference(name: str, version: str, reference: dict | None) -> None:
+    """The version's reference PNEUMONIA share (model.evaluation.reference_distribution), if evaluation stored one."""
+    if reference and reference.get("pneumonia_share") is not None:
+        REFERENCE_SHARE.labels(model_name=name, model_version=str(version)).set(float(reference["pneumonia_share"]))
 
 
 def reject_count(reason: str) -> None:

@@ -35,7 +35,7 @@ from serving.admission import deadline
 from serving.batching import DynamicBatcher
 from serving.engine_selection import select_engine
 from serving.errors import RequestRejected, ServiceError
-from serving.metrics import PREDICTIONS, PROBABILITY, WARMUP_SECONDS, reject_count, set_model_info
+from serving.metrics import PREDICTIONS, PROBABILITY, WARMUP_SECONDS, reject_count, set_model_info, set_reference
 from serving.protocol import PIXELS, PREPROCESSING_PARAMETER, SIZES, tensor_output, unpack_images
 from serving.settings import ServingSettings
 
@@ -99,6 +99,7 @@ class PneumoniaPredictor(Model):
                                       run_wide=self.run_engine if self.narrow else None)
         self._warm_up()
         set_model_info(self.name, self.model_version, self.pinned_uri, self.bundle.sha256, "predictor", self.precision)
+        set_reference(self.name, self.model_version, self.bundle.meta.get("reference"))
         log.info("predictor ready: %s (version %s, %s %s, %d px, threshold %.4f, %d threads, %d streams, batches of "
                  "up to %d, delay %.1f ms)", self.pinned_uri, self.model_version, self.engine.engine, self.precision,
                  self.image_size, self.threshold, s.engine_threads(), s.streams(), s.max_batch_size,
@@ -218,6 +219,8 @@ class PneumoniaPredictor(Model):
         else:
             x = self.model_input(images)
         logits, cams = await self.batcher.submit(x, deadline())
+        if self.settings.test_delay_ms:
+            await asyncio.sleep(self.settings.test_delay_ms / 1000.0)
         probs, labels = self.calibrate(logits)
         for p, label in zip(probs, labels):
             PREDICTIONS.labels(model_name=self.name, model_version=self.model_version, label=label).inc()

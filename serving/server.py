@@ -26,6 +26,7 @@ import logging
 import re
 import signal
 import sys
+import time
 import uuid
 from typing import Any
 
@@ -39,7 +40,7 @@ from kserve.protocol.rest.server import RESTServer, _RefreshingServer
 
 from serving.admission import Admission, set_deadline, timeout_from_headers
 from serving.errors import DeadlineExceeded, RequestRejected, ServiceError, ShuttingDown
-from serving.metrics import CANCELLED, reject_count
+from serving.metrics import CANCELLED, GRPC_TO_HTTP, count_request, reject_count
 
 log = logging.getLogger("pneumoscope.serving")
 
@@ -233,6 +234,21 @@ class RequestGuard:
         self.default_timeout_s = default_timeout_s
 
     async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].endswith(INFERENCE_PATH_SUFFIXES):
+            return await self._serve(scope, receive, send)
+        started, status = time.perf_counter(), [499]  # no answer sent: the client went away
+
+        async def metered_send(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            return await self._serve(scope, receive, metered_send)
+        finally:
+            count_request("rest", status[0], time.perf_counter() - started)
+
+    async def _serve(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         state = {"started": False, "complete": False, "release": None}
@@ -420,6 +436,18 @@ class PneumoscopeRESTServer(RESTServer):
 
 # -- gRPC -------------------------------------------------------------------------------------------
 
+def _status_name(context, default: str) -> str:
+    """The gRPC status the handler set (an enum, or its integer in some grpc builds), else ``default``."""
+    import grpc
+
+    code = context.code()
+    if code is None:
+        return default
+    if isinstance(code, int):
+        return next((c.name for c in grpc.StatusCode if c.value[0] == code), default)
+    return getattr(code, "name", default)
+
+
 class Servicer(InferenceServicer):
     """kserve's servicer without the repository extension, with admission, deadlines and quiet errors."""
 
@@ -435,6 +463,21 @@ class Servicer(InferenceServicer):
         await self._abort(context, "UNIMPLEMENTED", "the model repository extension is disabled on this server")
 
     async def ModelInfer(self, request, context):
+        started, code = time.perf_counter(), "UNKNOWN"
+        try:
+            reply = await self._model_infer(request, context)
+            code = _status_name(context, "OK")
+            return reply
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        except BaseException:  # context.abort() raises after setting the status
+            code = _status_name(context, "UNKNOWN")
+            raise
+        finally:
+            count_request("grpc", GRPC_TO_HTTP.get(code, 500), time.perf_counter() - started)
+
+    async def _model_infer(self, request, context):
         metadata = dict(context.invocation_metadata() or ())
         rid = request_id(metadata.get("x-request-id"))
         task = asyncio.current_task()

@@ -84,6 +84,9 @@ class ServingSettings(BaseSettings):
         0.0, ge=0, description="dynamic batching: how long the first queued request may wait for company; "
         "0 = no waiting, batch whatever queued up while the engine was busy")
     model_cache: str | None = Field(None, description="where registry models are downloaded (default: a temp dir)")
+    test_delay_ms: float = Field(0.0, ge=0, description="TESTS ONLY: the predictor waits this long before each "
+                                 "answer (makes one side of a local canary deliberately slower); never set it in "
+                                 "production")
     model_sha256: str | None = Field(
         None, description="expected bundle digest of the served model: required for a folder (e.g. KServe's "
         "/mnt/models), checked against the registry's bundle_sha256 tag for models:/ URIs")

@@ -101,9 +101,13 @@ def build_bundle(dest: Path, image_size: int = TEST_IMAGE_SIZE, seed: int = 0, c
     logits = run_images(session, images, config)
     temperature = float(max(np.std(logits), 1e-3))
     probs = 1 / (1 + np.exp(-logits / temperature))
+    from model.evaluation import reference_distribution
+
+    threshold = float(np.median(probs))
     meta = {"model_name": "pneumonia", "arch": "resnet50", "preprocess": config.to_dict(),
-            "threshold": float(np.median(probs)), "threshold_method": "test-median", "temperature": temperature,
-            "metrics": {}, "int8": {"accepted": int8_accepted, "reason": "test bundle", "max_auc_drop": 0.003}}
+            "threshold": threshold, "threshold_method": "test-median", "temperature": temperature,
+            "metrics": {}, "int8": {"accepted": int8_accepted, "reason": "test bundle", "max_auc_drop": 0.003},
+            "reference": reference_distribution(probs, threshold, "calibration")}
     if gate_images:
         gate_files = xray_files(per_class=gate_images // 2, offset=200)
         gate_pixels = np.stack([load_resized(f.read_bytes(), config).pixels for f in gate_files])

@@ -104,6 +104,16 @@ securityContext:
 {{- end -}}
 {{- end -}}
 
+{{/* The model version a revision pins: registryUri's number, else inference.model.version ("" = unknown). */}}
+{{- define "pneumoscope.modelVersion" -}}
+{{- $m := .Values.inference.model -}}
+{{- if $m.registryUri -}}
+{{- regexReplaceAll "^models:/[^/@]+/" $m.registryUri "" -}}
+{{- else -}}
+{{- $m.version -}}
+{{- end -}}
+{{- end -}}
+
 {{- define "pneumoscope.knative" -}}
 {{- if eq .Values.inference.deploymentMode "Serverless" }}true{{ end -}}
 {{- end -}}
