@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import socket
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -90,19 +89,7 @@ class ClusterBackend:
     def wait(self, percent: int | None, progress: Callable[[str], None], timeout_s: float | None = None) -> dict:
         """Until KServe reports the latest revision Ready with ``percent`` of the traffic (None: 100)."""
         timeout_s = self.settings.timeout_s if timeout_s is None else timeout_s
-        deadline = time.monotonic() + timeout_s
-        last = None
-        while True:
-            current = self.read()
-            done, missing = isvc_.rollout_progress(current, percent)
-            if done:
-                return current
-            if missing != last:
-                progress(f"waiting: {missing}")
-                last = missing
-            if time.monotonic() >= deadline:
-                raise TimeoutError(missing)
-            time.sleep(min(self.settings.poll_s, max(0.05, deadline - time.monotonic())))
+        return isvc_.wait_until_rolled_out(self.read, percent, progress, timeout_s, self.settings.poll_s)
 
     def describe(self) -> str:
         return f"InferenceService {self.namespace}/{self.name} at {self.url}"

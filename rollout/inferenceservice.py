@@ -16,6 +16,8 @@ from __future__ import annotations
 import copy
 import json
 import re
+import time
+from collections.abc import Callable
 
 COMPONENTS = ("predictor", "transformer")
 VERSION_LABEL = "pneumoscope.io/model-version"
@@ -183,3 +185,21 @@ def rollout_progress(isvc: dict, percent: int | None) -> tuple[bool, str]:
     if not missing and not is_true(isvc, "Ready"):
         missing.append("Ready is not True")
     return not missing, "; ".join(missing)
+
+
+def wait_until_rolled_out(read: Callable[[], dict], percent: int | None, progress: Callable[[str], None],
+                          timeout_s: float, poll_s: float) -> dict:
+    """Poll ``read`` until :func:`rollout_progress` is done; a progress line each time what is missing changes;
+    ``TimeoutError(what is missing)`` at the deadline."""
+    deadline, last = time.monotonic() + timeout_s, None
+    while True:
+        current = read()
+        done, missing = rollout_progress(current, percent)
+        if done:
+            return current
+        if missing != last:
+            progress(f"waiting: {missing}")
+            last = missing
+        if time.monotonic() >= deadline:
+            raise TimeoutError(missing)
+        time.sleep(min(poll_s, max(0.05, deadline - time.monotonic())))

@@ -131,18 +131,8 @@ class LocalBackend:
 
     def wait(self, percent, progress, timeout_s: float | None = None) -> dict:
         timeout_s = self.settings.timeout_s if timeout_s is None else timeout_s
-        deadline, last = time.monotonic() + timeout_s, None
-        while True:
-            current = self.read()
-            done, missing = isvc_.rollout_progress(current, percent)
-            if done:
-                return current
-            if missing != last:
-                progress(f"waiting: {missing}")
-                last = missing
-            if time.monotonic() >= deadline:
-                raise TimeoutError(missing)
-            time.sleep(min(self.settings.poll_s, 0.25))
+        # the local controller reconciles in-process: poll faster than a cluster's
+        return isvc_.wait_until_rolled_out(self.read, percent, progress, timeout_s, min(self.settings.poll_s, 0.25))
 
     def needs_storage_uri(self, current: dict) -> bool:
         return False

@@ -235,7 +235,9 @@ def test_a_slower_canary_is_judged_worse_and_not_promoted(canary, uploads, capsy
         p99_line = next(line for line in out.splitlines() if "p99 latency" in line)
         assert p99_line.startswith("  FAIL"), out
         canary_p99 = float(re.search(r"canary ([0-9.]+) s", p99_line)[1])
-        assert canary_p99 >= DELAY_MS / 1000
+        # Prometheus interpolates the p99 inside the histogram bucket that holds it (0.25-0.5 s for a 400 ms
+        # delay), so the estimate can sit below the delay itself, but not below that bucket's lower bound
+        assert canary_p99 > 0.25
         code, out, err = rollout(capsys, "status")
         assert code == 0, err
         assert "local canary" in out and "stable version 1, canary version 2 at 50 %" in out

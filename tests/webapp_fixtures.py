@@ -288,7 +288,7 @@ def web_stack(tmp_path_factory):
     """``pneumoscope serve`` on a random-weights test bundle: predictor, transformer and web app."""
     require_shared("chest_xray_224/train/NORMAL")
     sys.path.insert(0, str(Path(__file__).parent))
-    from serving_fixtures import build_bundle, free_port_pair
+    from serving_fixtures import _free, build_bundle, free_port_pair
 
     root = tmp_path_factory.mktemp("webstack")
     bundle, _ = build_bundle(root / "bundle")
@@ -324,15 +324,6 @@ def web_stack(tmp_path_factory):
         stop(process, 30)
 
 
-def _free(port: int) -> bool:
-    import socket
-
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def api_token(env: dict, user: str = "doctor", password: str | None = None) -> str:
