@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from serving_throughput import cpu_info, log  # noqa: E402
+from serving_throughput import cpu_info, log, write_report  # noqa: E402
 
 BAD_GRPC = {"INTERNAL", "UNKNOWN", "DATA_LOSS", "UNAVAILABLE"}
 
@@ -176,11 +176,7 @@ def main() -> int:
         stack.stop()
     report["exit_codes"] = stack.exit_codes
     report["load_average_end"] = os.getloadavg()
-    text = json.dumps(report, indent=2)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
-    print(text)
+    write_report(report, args.out)
     return 0 if all(not e["findings"] for e in report["endpoints"].values()) else 1
 
 

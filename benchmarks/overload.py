@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from load import RssSampler, closed_loop, open_loop, summarize, v2_request  # noqa: E402
-from serving_throughput import build_bundle, cpu_info, load_images, log  # noqa: E402
+from serving_throughput import build_bundle, cpu_info, load_images, log, write_report  # noqa: E402
 
 
 def one_limit(bundle_dir: Path, payloads, limit: int, args, port: int) -> dict:
@@ -100,11 +100,7 @@ def main() -> int:
     for limit in (int(x) for x in args.limits.split(",")):
         report["points"].append(one_limit(bundle_dir, payloads, limit, args, args.port))
     report["load_average_end"] = os.getloadavg()
-    text = json.dumps(report, indent=2)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
-    print(text)
+    write_report(report, args.out)
     return 0
 
 

@@ -44,6 +44,15 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
+def write_report(report: dict, out: str | Path | None, indent: int = 2) -> None:
+    """Print the JSON report, and keep it at ``out`` when given (folders made)."""
+    text = json.dumps(report, indent=indent)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text)
+    print(text)
+
+
 def cpu_info() -> dict:
     from serving.engine import cpu_flags, installed, native_bf16
 
@@ -438,10 +447,7 @@ def main() -> int:
     raw_pass("after")
     report["load_average_end"] = os.getloadavg()
     report["summary"] = summarize(report)
-    text = json.dumps(report, indent=2)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
-    print(text)
+    write_report(report, args.out)
     return 0
 
 

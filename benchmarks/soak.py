@@ -12,7 +12,6 @@ RSS of the transformer and the predictor (highest sample of the minute, sampled 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -23,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from load import RssSampler, closed_loop, percentiles, v2_request  # noqa: E402
-from serving_throughput import build_bundle, cpu_info, load_images, log  # noqa: E402
+from serving_throughput import build_bundle, cpu_info, load_images, log, write_report  # noqa: E402
 
 FULL = Path(os.environ.get("PNEUMOSCOPE_SHARED_DATA") or ROOT.parent / "shared" / "data") / "chest_xray_full"
 
@@ -88,11 +87,7 @@ def main() -> int:
     report.update(minutes=minutes, total_requests=len(results),
                   total_errors=sum(m["errors"] for m in minutes), processes_alive_at_end=alive,
                   exit_codes=stack.exit_codes, load_average_end=os.getloadavg())
-    text = json.dumps(report, indent=2)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
-    print(text)
+    write_report(report, args.out)
     return 0
 
 

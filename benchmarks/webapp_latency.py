@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import re
 import sys
 import tempfile
@@ -39,7 +38,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 FULL = ROOT.parent / "shared" / "data" / "chest_xray_full" / "train"
 PASSWORD = "benchmark-password"
 
-from serving_throughput import build_bundle, cpu_info, load_images, log  # noqa: E402
+from serving_throughput import build_bundle, cpu_info, load_images, log, write_report  # noqa: E402
 
 
 def full_res(count: int) -> list[Path]:
@@ -63,14 +62,14 @@ class Deployment:
 
     def __enter__(self):
         from serving.settings import ServingSettings
-        from serving.stack import LocalStack
+        from serving.stack import LocalStack, port_free
         from webapp_fixtures import api_token, free_port
 
         self.tmp = tempfile.TemporaryDirectory(prefix="pneumoscope-bench-")
         home = Path(self.tmp.name)
         model = self.model or str(build_bundle(ROOT / ".pneumoscope" / "bench" / "bundle224", load_images(32)[0]))
         port = free_port()
-        while not all(_free(p) for p in (port, port + 1, port + 2)):
+        while not all(port_free(p) for p in (port, port + 1, port + 2)):
             port = free_port()
         self.env = {"PNEUMOSCOPE_HOME": str(home), "PNEUMOSCOPE_SECRET_KEY": "bench", **self.env}
         self.token = api_token(self.env, "bench", PASSWORD)
@@ -88,12 +87,6 @@ class Deployment:
     def __exit__(self, *exc):
         self.stack.stop()
         self.tmp.cleanup()
-
-
-def _free(port: int) -> bool:
-    from serving.stack import port_free
-
-    return port_free(port)
 
 
 def run(uploads: int, model: str | None) -> dict:
@@ -179,11 +172,7 @@ def main() -> None:
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     result = {"benchmark": "webapp_latency", "started": started, "machine": cpu_info(),
               "uploads": args.uploads, **run(args.uploads, args.model)}
-    text = json.dumps(result, indent=1)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
-    print(text)
+    write_report(result, args.out, indent=1)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ PostgreSQL 15 runs in a temporary folder, started as in the tests. Results: JSON
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import threading
@@ -27,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from webapp_latency import PASSWORD, Deployment, full_res, summary  # noqa: E402  (puts tests/ on sys.path)
-from serving_throughput import cpu_info, log  # noqa: E402
+from serving_throughput import cpu_info, log, write_report  # noqa: E402
 
 
 def hammer(send, files: list[Path], clients: int, seconds: float) -> dict:
@@ -133,11 +132,7 @@ def main() -> None:
     result = {"benchmark": "webapp_throughput", "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
               "machine": cpu_info(), "clients": args.clients, "seconds": args.seconds,
               **run(args.clients, args.seconds, args.model)}
-    text = json.dumps(result, indent=1)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
-    print(text)
+    write_report(result, args.out, indent=1)
 
 
 if __name__ == "__main__":

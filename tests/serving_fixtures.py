@@ -8,7 +8,6 @@ Its temperature and threshold are set so that the test X-rays get both labels.
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -34,21 +33,14 @@ def xray_files(per_class: int = 4, root: Path = XRAY_224, split: str = "train", 
 
 def free_port_pair(start: int = 18000, stop: int = 19990) -> int:
     """A port P with P and P+1 free on loopback, from the unusual range 18000-19999."""
+    from serving.stack import port_free
+
     rng = np.random.default_rng(os.getpid())
     for _ in range(200):
         port = int(rng.integers(start, stop))
-        if all(_free(p) for p in (port, port + 1)):
+        if all(port_free(p) for p in (port, port + 1)):
             return port
     raise RuntimeError("no free port pair in 18000-19999")
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 _BUILT: dict = {}

@@ -288,7 +288,8 @@ def web_stack(tmp_path_factory):
     """``pneumoscope serve`` on a random-weights test bundle: predictor, transformer and web app."""
     require_shared("chest_xray_224/train/NORMAL")
     sys.path.insert(0, str(Path(__file__).parent))
-    from serving_fixtures import _free, build_bundle, free_port_pair
+    from serving.stack import port_free
+    from serving_fixtures import build_bundle, free_port_pair
 
     root = tmp_path_factory.mktemp("webstack")
     bundle, _ = build_bundle(root / "bundle")
@@ -299,7 +300,7 @@ def web_stack(tmp_path_factory):
     made = pneumoscope("users", "add", "doctor", "--password-stdin", env=env, stdin=PASSWORD + "\n")
     assert made.returncode == 0, made.stderr
     port = free_port_pair(21100, 21990)  # the web app's fixed range; PORT+2 must be free too
-    while not _free(port + 2):
+    while not port_free(port + 2):
         port = free_port_pair(21100, 21990)
     log = root / "stack.log"
     from model.bundle import Bundle
