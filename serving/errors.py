@@ -2,8 +2,8 @@
 
 Every refusal is a :class:`ServiceError`: an HTTP status, a gRPC status code, a short ``reason`` (a
 metric label), and a one-line message fit for the client (no addresses, no object reprs, no
-tracebacks). :mod:`serving.server` turns them into responses and logs each once, without a
-traceback; anything else becomes a generic 500 / INTERNAL with a request id.
+tracebacks). The REST and gRPC servers answer them and log each once, without a traceback
+(:mod:`serving.refusals`); anything else becomes a generic 500 / INTERNAL with a request id.
 """
 
 from __future__ import annotations

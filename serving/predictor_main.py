@@ -12,7 +12,8 @@ from kserve import model_server
 from serving.predictor import PneumoniaPredictor
 from serving.predictor_client import MAX_RESPONSE_BYTES
 from serving.protocol import transport_bytes
-from serving.server import configure_logging, load_and_serve
+from serving.model_server import load_and_serve
+from serving.server_logging import configure_logging
 from serving.settings import ServingSettings
 
 

@@ -35,6 +35,7 @@ from kserve.protocol.infer_type import InferInput, InferRequest, InferResponse, 
 
 from model.preprocessing import declared_pixels
 from model.quality import quality_flags
+from model.wire_format import WireFormatError, decode_bytes_elements
 from serving import heatmap as heatmaps
 from serving.inputs import PreparedImage, decode_upload, element_bytes, reject
 from serving.predictor_client import Answer, PredictorClient
@@ -67,26 +68,6 @@ def _truthy(value) -> bool:
     if isinstance(value, str):
         return value.strip().lower() in ("1", "true", "yes", "on")
     return value is True or (isinstance(value, int) and not isinstance(value, bool) and value == 1)
-
-
-def split_bytes_tensor(raw: bytes, count: int, where: str = INPUT) -> list[bytes]:
-    """A v2 binary BYTES tensor (4-byte little-endian length + bytes, repeated) holding exactly ``count``
-    elements; ``count`` is checked against the limit before this is called, so the walk is bounded."""
-    view, pos, items = memoryview(raw), 0, []
-    while pos < len(view):
-        if len(items) == count:
-            raise reject("invalid_tensor", f"input {where!r} holds more than the {count} elements its shape declares")
-        if pos + 4 > len(view):
-            raise reject("invalid_tensor", f"input {where!r}: the binary BYTES data is malformed")
-        size = int.from_bytes(view[pos:pos + 4], "little")
-        pos += 4
-        if pos + size > len(view):
-            raise reject("invalid_tensor", f"input {where!r}: the binary BYTES data is malformed")
-        items.append(bytes(view[pos:pos + size]))
-        pos += size
-    if len(items) != count:
-        raise reject("invalid_tensor", f"input {where!r} has shape [{count}] but {len(items)} elements")
-    return items
 
 
 class PneumoniaTransformer(Model):
@@ -228,7 +209,10 @@ class PneumoniaTransformer(Model):
         self._check_count(shape[0])  # before a single element is deserialised
         raw = getattr(tensor, "_raw_data", None)
         if raw is not None:
-            elements = split_bytes_tensor(raw, shape[0])
+            try:
+                elements = decode_bytes_elements(raw, shape[0], INPUT)
+            except WireFormatError as exc:
+                raise reject("invalid_tensor", str(exc)) from None
         else:
             elements = tensor.data if isinstance(tensor.data, list) else None
             if elements is None:

@@ -11,7 +11,8 @@ import sys
 
 from kserve import model_server
 
-from serving.server import configure_logging, load_and_serve
+from serving.model_server import load_and_serve
+from serving.server_logging import configure_logging
 from serving.settings import ServingSettings
 from serving.transformer import PneumoniaTransformer
 

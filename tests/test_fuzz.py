@@ -199,7 +199,7 @@ def well_formed_v2(draw):
 @given(st.one_of(st.tuples(v2_headers, st.binary(max_size=300)), well_formed_v2()),
        st.one_of(st.none(), st.none(), st.integers(-10, 4000), st.text(max_size=6)))
 def test_binary_v2_requests_are_refused_cleanly(request_parts, declared_length):
-    from serving.server import parse_binary_request
+    from serving.dataplane import parse_binary_request
 
     header, tail = request_parts
     head = json.dumps(header).encode()

@@ -26,7 +26,7 @@ def _png(array: np.ndarray) -> bytes:
 
 def test_serving_modules_do_not_import_torch():
     """The serving image has no torch: importing every serving module must not pull it in."""
-    code = ("import sys, serving.predictor, serving.transformer, serving.server, serving.stack, serving.client, "
+    code = ("import sys, serving.predictor, serving.transformer, serving.model_server, serving.stack, serving.client, "
             "serving.cli, serving.predictor_main, serving.transformer_main, serving.heatmap, serving.inputs; "
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'albumentations', "
             "'matplotlib')); print(bad); sys.exit(1 if bad else 0)")
@@ -51,7 +51,7 @@ def test_settings_from_environment(monkeypatch):
 
 def test_one_worker_per_process():
     """Several uvicorn workers would each keep a Prometheus registry: /metrics would show one worker's share."""
-    from serving.server import check_workers
+    from serving.model_server import check_workers
 
     check_workers(1)
     with pytest.raises(SystemExit, match="workers must be 1"):
@@ -163,7 +163,7 @@ def test_served_pixels_equal_the_training_cache(tmp_path, shared_full, resize_mo
     from serving.inputs import decode_upload
     from serving.predictor import PneumoniaPredictor
     from serving.predictor_client import PredictorClient
-    from serving.server import parse_binary_request
+    from serving.dataplane import parse_binary_request
     from serving.settings import ServingSettings
 
     root = tmp_path / "data" / "train"
@@ -225,7 +225,7 @@ def _binary_request(header: dict, *blobs: bytes) -> tuple[bytes, int]:
 
 
 def test_parse_binary_request_keeps_raw_bytes():
-    from serving.server import parse_binary_request
+    from serving.dataplane import parse_binary_request
 
     jpeg = b"\xff\xd8\xff\xe0 not UTF-8 \xff\xfe"
     tensor = struct.pack("<I", len(jpeg)) + jpeg
@@ -261,7 +261,7 @@ def test_parse_binary_request_keeps_raw_bytes():
 ])
 def test_parse_binary_request_refuses_malformed_bodies(header, blob, length):
     from serving.errors import RequestRejected
-    from serving.server import parse_binary_request
+    from serving.dataplane import parse_binary_request
 
     body, json_length = _binary_request(header, blob)
     with pytest.raises(RequestRejected) as info:
@@ -423,18 +423,34 @@ def test_admission_bounds_requests_in_flight_and_drains():
     assert cut == 1 and stuck.cancelled()
 
 
-def test_split_bytes_tensor_checks_the_count_before_it_copies():
+def test_transformer_checks_the_declared_count_before_it_walks_a_bytes_tensor():
+    """A BYTES [N] input is refused for its declared N before one element is read (413), and a malformed
+    tensor within the limit is a 400 naming the input, not a 500."""
+    from kserve.protocol.infer_type import InferInput, InferRequest
+
     from serving.errors import RequestRejected
-    from serving.transformer import split_bytes_tensor
+    from serving.settings import ServingSettings
+    from serving.transformer import PneumoniaTransformer
+
+    transformer = PneumoniaTransformer("pneumonia", "127.0.0.1:1", settings=ServingSettings(max_images_per_request=4))
+
+    def request(count: int, raw: bytes) -> InferRequest:
+        tensor = InferInput("image", [count], "BYTES")
+        tensor._raw_data = raw  # as serving.dataplane.parse_binary_request leaves it
+        return InferRequest(model_name="pneumonia", infer_inputs=[tensor])
 
     def tensor(*items):
         return b"".join(len(i).to_bytes(4, "little") + i for i in items)
 
-    assert split_bytes_tensor(tensor(b"ab", b"", b"c"), 3) == [b"ab", b"", b"c"]
+    assert transformer._v2_elements(request(2, tensor(b"\xff\xd8\xffa", b"\x89PNG\r\n\x1a\nb")))[0] == [
+        b"\xff\xd8\xffa", b"\x89PNG\r\n\x1a\nb"]
+    with pytest.raises(RequestRejected) as info:
+        transformer._v2_elements(request(10**6, b"\xff" * 7))  # garbage that a walk would choke on
+    assert (info.value.status, info.value.reason) == (413, "too_many_images")
     for raw, count in ((tensor(b"a", b"b"), 1), (tensor(b"a"), 2), (tensor(b"abc")[:-1], 1), (b"\x01\x00", 1)):
         with pytest.raises(RequestRejected) as info:
-            split_bytes_tensor(raw, count)
-        assert info.value.status == 400
+            transformer._v2_elements(request(count, raw))
+        assert (info.value.status, info.value.reason) == (400, "invalid_tensor") and "'image'" in str(info.value)
 
 
 def test_transport_packs_images_of_different_sizes():
@@ -485,7 +501,7 @@ def _asgi_call(guard, path="/v2/models/pneumonia/infer", body=b"{}", headers=(),
 
 def test_guard_answers_unexpected_errors_with_a_generic_500_logged_once(caplog):
     from serving.admission import Admission
-    from serving.server import RequestGuard
+    from serving.rest_server import RequestGuard
 
     async def broken(scope, receive, send):
         await receive()
@@ -502,7 +518,7 @@ def test_guard_answers_unexpected_errors_with_a_generic_500_logged_once(caplog):
 
 def test_guard_refuses_overload_bad_headers_big_bodies_and_control_paths(caplog):
     from serving.admission import Admission
-    from serving.server import RequestGuard
+    from serving.rest_server import RequestGuard
 
     async def ok(scope, receive, send):
         await receive()
@@ -531,7 +547,7 @@ def test_guard_refuses_overload_bad_headers_big_bodies_and_control_paths(caplog)
 def test_guard_cancels_the_work_of_a_client_that_disconnects():
     from serving.admission import Admission
     from serving.metrics import CANCELLED
-    from serving.server import RequestGuard
+    from serving.rest_server import RequestGuard
 
     state = {}
 
@@ -554,7 +570,7 @@ def test_guard_frees_the_slot_before_the_answer_goes_out():
     """A client that sends its next request the moment it has its answer must find its slot free (the soak
     saw 22 % 503s with as many clients as the limit when the slot was freed only after the reply)."""
     from serving.admission import Admission
-    from serving.server import RequestGuard
+    from serving.rest_server import RequestGuard
 
     async def ok(scope, receive, send):
         await receive()
