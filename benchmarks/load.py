@@ -8,12 +8,13 @@ and its HTTP status (or ``error`` when no status came back within the client tim
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
 import time
 from dataclasses import dataclass
 
 import numpy as np
+
+from model.wire_format import bytes_input, encode_request
 
 
 @dataclass
@@ -24,11 +25,7 @@ class Result:
 
 
 def v2_request(data: bytes) -> tuple[bytes, dict]:
-    raw = len(data).to_bytes(4, "little") + data
-    head = json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
-                                   "parameters": {"binary_data_size": len(raw)}}]}).encode()
-    return head + raw, {"content-type": "application/octet-stream",
-                        "inference-header-content-length": str(len(head))}
+    return encode_request([bytes_input("image", [data])])
 
 
 def percentiles(latencies_s, *qs) -> list[float | None]:

@@ -215,11 +215,9 @@ class RestV2Client:
         self.url = f"{url}/v2/models/pneumonia/infer"
 
     def payload(self, data: bytes) -> tuple[bytes, dict]:
-        raw = len(data).to_bytes(4, "little") + data
-        head = json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
-                                       "parameters": {"binary_data_size": len(raw)}}]}).encode()
-        return head + raw, {"content-type": "application/octet-stream",
-                            "inference-header-content-length": str(len(head))}
+        from model.wire_format import bytes_input, encode_request
+
+        return encode_request([bytes_input("image", [data])])
 
     def __call__(self, prepared) -> float:
         body, headers = prepared

@@ -24,7 +24,7 @@ RUN --mount=type=secret,id=hostca --mount=type=secret,id=pipconf --mount=type=ca
     mkdir -p model webapp && touch README.md model/__init__.py webapp/__init__.py \
     && pip install './[web]' setuptools==84.2.1 \
     && pip uninstall --yes pneumoscope
-# model/ carries the `pneumoscope` command line (and the preprocessing definition, imported by nothing here).
+# model/ carries the `pneumoscope` command line and the v2 wire format the app speaks (model/wire_format.py).
 COPY README.md ./
 COPY model/ model/
 COPY webapp/ webapp/

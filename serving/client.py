@@ -12,18 +12,14 @@ as KServe's does: ``--url http://INGRESS --host pneumonia.NAMESPACE.example.com`
 from __future__ import annotations
 
 import base64
-import json
-import struct
 
 import numpy as np
+
+from model.wire_format import bytes_input, encode_request
 
 
 class ClientError(Exception):
     """The server refused the request or could not be reached; the message is one line."""
-
-
-def _bytes_tensor(items: list[bytes]) -> bytes:
-    return b"".join(struct.pack("<I", len(item)) + item for item in items)
 
 
 def _http_error(response, url: str, host: str | None = None) -> ClientError:
@@ -68,15 +64,10 @@ def predict_v2(url: str, data: bytes, model: str = "pneumonia", heatmap: bool = 
                host: str | None = None) -> dict:
     import httpx
 
-    raw = _bytes_tensor([data])
-    header = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
-                          "parameters": {"binary_data_size": len(raw)}}],
-              "parameters": {"heatmap": bool(heatmap)}}
-    head = json.dumps(header).encode()
+    body, headers = encode_request([bytes_input("image", [data])], {"heatmap": bool(heatmap)})
     try:
-        response = httpx.post(f"{url.rstrip('/')}/v2/models/{model}/infer", content=head + raw, timeout=timeout,
-                              headers={"content-type": "application/octet-stream",
-                                       "inference-header-content-length": str(len(head)), **_headers(host)})
+        response = httpx.post(f"{url.rstrip('/')}/v2/models/{model}/infer", content=body, timeout=timeout,
+                              headers={**headers, **_headers(host)})
     except httpx.HTTPError as exc:
         raise ClientError(f"cannot reach {url}: {exc}") from None
     if response.status_code != 200:

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import base64
 import json
-import struct
 import time
 from dataclasses import dataclass, field
 
 import httpx
+
+from model.wire_format import bytes_input, encode_request
 
 #: Statuses meaning "this image will never be accepted": the study is rejected, not retried.
 REJECTING_STATUSES = {400, 413, 415, 422}
@@ -61,17 +62,12 @@ class InferenceClient:
         await self._client.aclose()
 
     async def infer(self, data: bytes, timeout_s: float | None = None) -> InferenceResult:
-        raw = struct.pack("<I", len(data)) + data
-        header = json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
-                                         "parameters": {"binary_data_size": len(raw)}}],
-                             "parameters": {"heatmap": True}}).encode()
+        body, headers = encode_request([bytes_input("image", [data])], {"heatmap": True})
         started = time.perf_counter()
         try:
             response = await self._client.post(
-                self.endpoint, content=header + raw,
-                timeout=timeout_s if timeout_s is not None else httpx.USE_CLIENT_DEFAULT,
-                headers={"content-type": "application/octet-stream",
-                         "inference-header-content-length": str(len(header))})
+                self.endpoint, content=body, headers=headers,
+                timeout=timeout_s if timeout_s is not None else httpx.USE_CLIENT_DEFAULT)
         except httpx.TimeoutException:
             raise InferenceUnavailable("timeout", "the inference service did not answer in time") from None
         except httpx.HTTPError as exc:
