@@ -8,13 +8,13 @@ the header in input order. A BYTES tensor's binary data is its elements one afte
 
 Everything that speaks this format goes through here: the servers (``serving.dataplane`` turns a
 :class:`WireRequest` into kserve's request), the transformer (BYTES elements), ``pneumoscope predict``,
-the web app, the DICOM gateway and the benchmarks. This module imports the standard library only --
-no kserve, no tritonclient (the two register the same protobuf symbols), no HTTP client -- so that every
-one of them may import it.
+the web app, the benchmarks, and the DICOM gateway when it is built. This module imports the standard
+library only -- no kserve, no tritonclient (the two register the same protobuf symbols), no HTTP
+client -- so that every one of them may import it.
 
 Cost bounds (docs/design.md, section 2): every size and count the sender controls is checked before the
 work it would cost. The header must fit the body; at most 16 inputs and 16 outputs, names and datatypes
-short, shapes of at most 8 non-negative dimensions below 2**31, ``binary_data_size`` inside the body;
+short, shapes of at most 8 non-negative dimensions of at most 2**31, ``binary_data_size`` inside the body;
 a BYTES tensor is walked for at most the element count its shape declares (which the caller bounds
 first) and refused at the first element beyond it.
 """

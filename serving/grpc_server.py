@@ -171,4 +171,3 @@ class GRPCServer:
     async def stop(self, grace_s: float = 1.0) -> None:
         if self._server is not None:
             await self._server.stop(grace=grace_s)
-

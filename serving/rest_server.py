@@ -239,7 +239,8 @@ def _install_rest_handlers(app, admission: Admission) -> None:
 
 
 class _UvicornServer(_RefreshingServer):
-    """Uvicorn that leaves SIGTERM/SIGINT to :class:`PneumoscopeModelServer` (which drains first)."""
+    """Uvicorn that leaves SIGTERM/SIGINT to :class:`~serving.model_server.PneumoscopeModelServer`, which
+    drains first."""
 
     @contextlib.contextmanager
     def capture_signals(self):
@@ -264,4 +265,3 @@ class PneumoscopeRESTServer(RESTServer):
 
     def stop(self) -> None:
         self._server.should_exit = True
-
