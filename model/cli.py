@@ -45,7 +45,7 @@ def setup_logging(verbose: bool = False) -> None:
 def _user_errors() -> tuple[type[BaseException], ...]:
     from model.bundle import BundleError
     from model.data import DataError
-    from model.preprocessing import InvalidImageError
+    from model.errors import InvalidImageError
     from model.registry import RegistryError
 
     return USER_ERRORS + (CommandError, DataError, RegistryError, BundleError, InvalidImageError)
