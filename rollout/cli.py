@@ -1,4 +1,4 @@
-"""``pneumoscope rollout canary|status|analyze|promote|rollback|history`` (plugged into ``model.cli``).
+"""``pneumoscope rollout canary|status|analyze|promote|rollback|history|serve-local`` (plugged into ``model.cli``).
 
 Every refusal or failure is one line and a non-zero exit (``model.cli`` prints CommandError that way).
 Progress goes to stderr; the result to stdout (``--json`` for machines).
@@ -39,6 +39,10 @@ def add_commands(commands) -> None:
     common(p)
     common(actions.add_parser("rollback", help="back to the stable version; the canary is removed"))
     common(actions.add_parser("history", help="past rollouts: who, when, from which version to which, outcome"))
+
+    from rollout.local_canary import add_serve_local  # the local runner: nginx + serving stacks
+
+    add_serve_local(actions)
 
 
 def backend_for(args, settings):

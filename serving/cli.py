@@ -25,7 +25,8 @@ def _stack_port(text: str) -> int:
 
 
 def add_stack_arguments(parser) -> None:
-    """The flags of a local serving stack (``serve``), the traffic split's included."""
+    """The flags of a local serving stack: ``serve``'s, and those of ``rollout serve-local`` (the traffic
+    split that ``serve --traffic-split`` hands over to), so that one namespace suits both."""
     from model.settings_cli import add_settings_flags
     from serving.settings import ServingSettings
 
@@ -58,7 +59,8 @@ def add_commands(commands) -> None:
     serve.add_argument("--no-web", action="store_true", help="do not start the web app")
     serve.add_argument("--traffic-split", action="store_true",
                        help="a real nginx on PORT (REST) and PORT+1 (gRPC) in front of one stack per model version, "
-                            "splitting traffic by weight: what `pneumoscope rollout ... --local` drives (no web app)")
+                            "splitting traffic by weight: what `pneumoscope rollout ... --local` drives (no web app); "
+                            "the same as `pneumoscope rollout serve-local`")
     serve.set_defaults(func=cmd_serve)
 
     predict = commands.add_parser(
@@ -85,16 +87,15 @@ def _quiet_http_logs() -> None:
 
 
 def cmd_serve(args) -> int:
-    from model.cli import CommandError
+    from model.cli import CommandError, handler_of
     from model.settings_cli import settings_from_args
     from serving.settings import ServingSettings
     from serving.stack import LocalStack, StackError, ready_line
 
     _quiet_http_logs()
     if args.traffic_split or args.canary:
-        from rollout.local import serve_split
-
-        return serve_split(args, settings_from_args(ServingSettings, args))
+        # The split is rollout's (nginx, one stack per version, the rollout state); serving sits below rollout.
+        return handler_of("rollout", "serve-local")(args)
     web_port = None if args.no_web else (args.web_port or args.port + 2)
     if web_port is not None and not 1 <= web_port <= 65535:
         raise CommandError(f"--web-port must be between 1 and 65535, not {web_port}")
