@@ -196,7 +196,7 @@ class LocalStack:
         """Every child's settings, as environment variables: the stack's settings, then ``extra_env``."""
         settings = self.settings.model_copy(update={"predictor_protocol": self.predictor_protocol})
         env = settings_environment(settings, exclude=("model_cache",))
-        return dict(env, PYTHONUNBUFFERED="1", **{k: str(v) for k, v in self.extra_env.items()})
+        return {**env, "PYTHONUNBUFFERED": "1", **{k: str(v) for k, v in self.extra_env.items()}}
 
     def _spawn(self, child: _Child) -> None:
         env = {**self._env(), **child.env}

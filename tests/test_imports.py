@@ -226,3 +226,20 @@ def test_the_third_party_check_follows_module_level_imports_through_the_project(
     assert "torch" in _loaded_at_import("model.training")
     assert "torch" not in _loaded_at_import("model.preprocessing")  # serving's share of the ML core
     assert _loaded_at_import("serving.inputs")["pydantic_settings"] == ["serving.inputs", "serving.settings"]
+
+
+def test_serve_hands_the_traffic_split_over_to_rollout_with_every_flag_it_needs():
+    """``serve --traffic-split`` runs ``rollout serve-local`` through the command registry, not an import: the
+    namespace serve parsed must hold everything that verb parses, with the same values."""
+    from model.cli import build_parser, handler_of
+    from rollout.local_canary import cmd_serve_local
+
+    assert handler_of("rollout", "serve-local") is cmd_serve_local
+    argv = ["--model", "models:/pneumonia/1", "--canary", "models:/pneumonia/2", "--canary-percent", "20",
+            "--port", "9000", "--max-batch-size", "2", "--drain-seconds", "3", "--no-spinning"]
+    parser = build_parser()
+    served = vars(parser.parse_args(["serve", *argv, "--traffic-split"]))
+    direct = {k: v for k, v in vars(parser.parse_args(["rollout", "serve-local", *argv])).items()
+              if k not in ("func", "command", "rollout_command")}
+    assert {k: served.get(k, "missing") for k in direct} == direct
+    assert direct["drain_timeout_s"] == 3.0 and direct["port"] == 9000
