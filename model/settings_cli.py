@@ -123,8 +123,8 @@ def add_settings_flags(parser: argparse.ArgumentParser, settings_cls: type[BaseS
             options.update(type=kind, choices=choices, metavar=metavar)
         try:
             parser.add_argument(*flags, **options)
-        except argparse.ArgumentError:
-            if not adopt:
+        except argparse.ArgumentError as exc:
+            if not adopt or flags[0] not in str(exc):  # adopt the field's own flag, never a clash of an alias
                 raise
             adopted.add(name)
     return adopted
