@@ -31,8 +31,14 @@ class CommandError(Exception):
 class OneLineErrorParser(argparse.ArgumentParser):
     """Usage mistakes end in ONE line that says what is wrong (``--help`` shows the usage)."""
 
+    subcommands = None  # the subparsers action, once added: {name: parser} in its ``choices``
+
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+    def add_subparsers(self, **kwargs):
+        self.subcommands = super().add_subparsers(**kwargs)
+        return self.subcommands
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -45,7 +51,7 @@ def setup_logging(verbose: bool = False) -> None:
 def _user_errors() -> tuple[type[BaseException], ...]:
     from model.bundle import BundleError
     from model.data import DataError
-    from model.preprocessing import InvalidImageError
+    from model.errors import InvalidImageError
     from model.registry import RegistryError
 
     return USER_ERRORS + (CommandError, DataError, RegistryError, BundleError, InvalidImageError)
@@ -228,6 +234,19 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         add_commands(commands)
     return parser
+
+
+def handler_of(*words: str):
+    """The function behind ``pneumoscope WORDS...``, as the plugins registered it. One package hands a
+    command over to another's this way, without importing it: ``serve --traffic-split`` runs
+    ``rollout serve-local`` (serving sits below rollout, which builds on it)."""
+    parser = build_parser()
+    for word in words:
+        commands = parser.subcommands.choices if parser.subcommands else {}
+        if word not in commands:
+            raise CommandError(f"`pneumoscope {' '.join(words)}` is not installed here (its package is missing)")
+        parser = commands[word]
+    return parser.get_default("func")
 
 
 def main(argv: list[str] | None = None) -> int:

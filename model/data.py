@@ -27,7 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from model.preprocessing import InvalidImageError, PreprocessConfig, load_resized
+from model.errors import InvalidImageError
+from model.preprocessing import PreprocessConfig, load_resized
 from model.settings import available_cpus
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ from pydicom import uid
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
-from model.preprocessing import InvalidImageError
+from model.errors import InvalidImageError
 
 #: Transfer syntaxes decoded here (native, RLE, and the JPEG flavours Pillow decodes). Deflate is
 #: absent: ``dcmread`` inflates the whole data set before anything can be checked.

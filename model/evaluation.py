@@ -19,7 +19,8 @@ from model.bundle import Bundle, make_session, run_images, write_bundle
 from model.data import CLASSES, CachedData, DataError, discover
 from model.metrics import (abstention_metrics, choose_abstention_band, choose_threshold, fit_calibration,
                            metrics_with_ci, roc_points, save_plots, sigmoid)
-from model.preprocessing import InvalidImageError, PreprocessConfig, load_resized, normalize
+from model.errors import InvalidImageError
+from model.preprocessing import PreprocessConfig, load_resized, normalize
 
 log = logging.getLogger(__name__)
 

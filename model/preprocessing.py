@@ -25,6 +25,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from model.errors import InvalidImageError
+
 #: Files larger than this many pixels are refused before decoding (decompression-bomb guard).
 DEFAULT_MAX_PIXELS = 40_000_000
 #: Images whose shorter side is below this are unusable for a chest X-ray.
@@ -39,14 +41,6 @@ JPEG_DRAFT_SIDE = DECODED_MAX_SIDE // 2
 
 #: 2: stage 1 bounds images to DECODED_MAX_SIDE (JPEG drafted at that bound, not at the model size).
 PREPROCESSING_VERSION = 2
-
-
-class InvalidImageError(ValueError):
-    """An input that cannot be turned into a model tensor. ``reason`` is a short metric label."""
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
 
 
 @dataclass(frozen=True)

@@ -19,10 +19,11 @@ class Settings(BaseSettings):
     mlflow_tracking_uri: str | None = Field(
         None, validation_alias=AliasChoices("MLFLOW_TRACKING_URI", "PNEUMOSCOPE_MLFLOW_TRACKING_URI"),
         description="MLflow tracking/registry URI; default sqlite under home")
-    model_name: str = "pneumonia"
-    profile: str = "demo"
-    seed: int = 42
-    workers: int | None = None
+    model_name: str = Field("pneumonia", description="registered model name in MLflow")
+    profile: str = Field("demo", description="training budget (model.profiles): smoke, demo, cpu or gpu")
+    seed: int = Field(42, description="random seed of training (weights, augmentations, order) and of a pipeline run")
+    workers: int | None = Field(None, description="data prepare: decode processes; train: DataLoader workers per "
+                                                  "process (default: from the cores)")
 
     def tracking_uri(self) -> str:
         if self.mlflow_tracking_uri:

@@ -1,4 +1,4 @@
-"""``pneumoscope rollout canary|status|analyze|promote|rollback|history`` (plugged into ``model.cli``).
+"""``pneumoscope rollout canary|status|analyze|promote|rollback|history|serve-local`` (plugged into ``model.cli``).
 
 Every refusal or failure is one line and a non-zero exit (``model.cli`` prints CommandError that way).
 Progress goes to stderr; the result to stdout (``--json`` for machines).
@@ -18,16 +18,13 @@ def add_commands(commands) -> None:
     actions = rollout.add_subparsers(dest="rollout_command", required=True, metavar="ACTION")
 
     def common(p):
+        from model.settings_cli import add_settings_flags
+        from rollout.settings import RolloutSettings
+
         p.add_argument("--local", action="store_true", help="the local canary of `pneumoscope serve` (nginx)")
-        p.add_argument("--namespace", help="namespace of the InferenceService (default: pneumoscope)")
-        p.add_argument("--name", help="name of the InferenceService (default: pneumonia)")
-        p.add_argument("--context", help="kubeconfig context (default: the current one)")
-        p.add_argument("--mlflow-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, then local SQLite)")
-        p.add_argument("--prometheus-url", help="Prometheus base URL (default: $PNEUMOSCOPE_PROMETHEUS_URL, "
-                                                "http://127.0.0.1:9090)")
-        p.add_argument("--timeout", type=float, help="seconds to wait for the new traffic split (default 600)")
-        p.add_argument("--window", help="analysis window, e.g. 10m (default: $PNEUMOSCOPE_ANALYSIS_WINDOW, 10m)")
         p.add_argument("--json", action="store_true", help="print one JSON object")
+        add_settings_flags(p.add_argument_group(
+            "rollout settings", "each also read from its environment variable; a flag wins over it"), RolloutSettings)
         p.set_defaults(func=cmd_rollout)
 
     p = actions.add_parser("canary", help="send a share of the traffic to a new version")
@@ -43,23 +40,9 @@ def add_commands(commands) -> None:
     common(actions.add_parser("rollback", help="back to the stable version; the canary is removed"))
     common(actions.add_parser("history", help="past rollouts: who, when, from which version to which, outcome"))
 
+    from rollout.local_canary import add_serve_local  # the local runner: nginx + serving stacks
 
-def settings_from(args):
-    from pydantic import ValidationError
-
-    from model.cli import CommandError
-    from rollout.settings import RolloutSettings
-
-    overrides = {"namespace": args.namespace, "inference_service": args.name, "kube_context": args.context,
-                 "mlflow_tracking_uri": args.mlflow_uri, "prometheus_url": args.prometheus_url,
-                 "timeout_s": args.timeout, "analysis_window": args.window}
-    try:
-        base = RolloutSettings()
-        return RolloutSettings.model_validate({**base.model_dump(), **{k: v for k, v in overrides.items()
-                                                                       if v is not None}})
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        raise CommandError(f"invalid setting {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+    add_serve_local(actions)
 
 
 def backend_for(args, settings):
@@ -87,11 +70,13 @@ def verdict_for(settings, registry, current: dict):
 
 def cmd_rollout(args) -> int:
     from model.cli import CommandError
+    from model.settings_cli import settings_from_args
     from rollout.controller import Rollout, check_percent
     from rollout.errors import RolloutError
+    from rollout.settings import RolloutSettings
     from rollout.versions import Registry
 
-    settings = settings_from(args)
+    settings = settings_from_args(RolloutSettings, args)
     try:
         if args.rollout_command == "canary":
             check_percent(args.percent)  # before anything is contacted

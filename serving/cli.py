@@ -12,6 +12,40 @@ import threading
 from pathlib import Path
 
 
+def _stack_port(text: str) -> int:
+    import argparse
+
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 1 <= port <= 65534:
+        raise argparse.ArgumentTypeError(f"must be between 1 and 65534 (gRPC takes PORT+1), not {port}")
+    return port
+
+
+def add_stack_arguments(parser) -> None:
+    """The flags of a local serving stack: ``serve``'s, and those of ``rollout serve-local`` (the traffic
+    split that ``serve --traffic-split`` hands over to), so that one namespace suits both."""
+    from model.settings_cli import add_settings_flags
+    from serving.settings import ServingSettings
+
+    parser.add_argument("--model", required=True, help="models:/NAME/VERSION, models:/NAME@ALIAS (resolved once, at "
+                                                       "start) or a bundle folder (with --sha256)")
+    parser.add_argument("--port", type=_stack_port, default=8080,
+                        help="transformer REST port; gRPC uses PORT+1 (default 8080)")
+    parser.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for readiness")
+    parser.add_argument("--log-file", help="write the servers' logs here instead of stderr")
+    parser.add_argument("--canary", metavar="MODEL_URI", help="also serve models:/NAME/N as a canary beside --model, "
+                                                              "behind the traffic split")
+    parser.add_argument("--canary-percent", type=int, default=10, help="share of the traffic for --canary (1-99, "
+                                                                       "default 10)")
+    # No --model-cache: the stack gives each child a download folder of its own.
+    add_settings_flags(parser.add_argument_group(
+        "serving settings", "each also read from its environment variable; a flag wins over it"), ServingSettings,
+        exclude=("model_cache",))
+
+
 def add_commands(commands) -> None:
     serve = commands.add_parser(
         "serve", help="serve a model locally (transformer + predictor)",
@@ -20,38 +54,13 @@ def add_commands(commands) -> None:
                     "predictor on free ports, and the doctor's web app on PORT+2 (see `pneumoscope web`). Prints one "
                     "line `READY {json}` when everything answers; Ctrl-C or SIGTERM drains and stops them all, the "
                     "web app and the transformer first. Defaults come from PNEUMOSCOPE_* environment variables.")
-    serve.add_argument("--model", required=True, help="models:/NAME/VERSION, models:/NAME@ALIAS (resolved once, at "
-                                                      "start) or a bundle folder (with --sha256)")
-    serve.add_argument("--sha256", help="expected bundle digest: required for a bundle folder (the registry's "
-                                        "bundle_sha256 tag of its version); checked against the tag for models:/")
-    serve.add_argument("--port", type=int, default=8080, help="transformer REST port; gRPC uses PORT+1 (default 8080)")
+    add_stack_arguments(serve)
     serve.add_argument("--web-port", type=int, help="web app port (default PORT+2)")
     serve.add_argument("--no-web", action="store_true", help="do not start the web app")
-    serve.add_argument("--engine", choices=["auto", "onnxruntime", "openvino"],
-                       help="inference engine (default: auto = gated and timed at load, fastest eligible serves)")
-    serve.add_argument("--precision", choices=["auto", "fp32", "int8", "bf16"], help="engine graph (default: auto)")
-    serve.add_argument("--threads", type=int, help="engine intra-op threads (default: all cores)")
-    serve.add_argument("--engine-streams", type=int, help="parallel single-threaded engine runs under load "
-                                                          "(default: = threads; 1 = always all threads on one run)")
-    serve.add_argument("--max-batch-size", type=int, help="dynamic batching: most images per engine call")
-    serve.add_argument("--max-batch-delay-ms", type=float, help="dynamic batching: wait for company (default 0)")
-    serve.add_argument("--predictor-protocol", choices=["grpc-v2", "v2"], help="transformer -> predictor")
-    serve.add_argument("--max-payload-bytes", type=int, help="largest request accepted")
-    serve.add_argument("--max-image-pixels", type=int, help="largest width*height of one image, from its header")
-    serve.add_argument("--max-inflight", type=int, help="requests each process works on at once; more are refused "
-                                                        "at once with 503 (default: its CPUs, at least 2)")
-    serve.add_argument("--drain-seconds", type=float, help="on stop, how long requests in flight may take to "
-                                                           "finish (default 20)")
-    serve.add_argument("--mlflow-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, then local SQLite)")
-    serve.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for readiness")
-    serve.add_argument("--log-file", help="write the servers' logs here instead of stderr")
     serve.add_argument("--traffic-split", action="store_true",
                        help="a real nginx on PORT (REST) and PORT+1 (gRPC) in front of one stack per model version, "
-                            "splitting traffic by weight: what `pneumoscope rollout ... --local` drives (no web app)")
-    serve.add_argument("--canary", metavar="MODEL_URI", help="also serve models:/NAME/N as a canary beside --model "
-                                                             "(implies --traffic-split)")
-    serve.add_argument("--canary-percent", type=int, default=10, help="share of the traffic for --canary (1-99, "
-                                                                      "default 10)")
+                            "splitting traffic by weight: what `pneumoscope rollout ... --local` drives (no web app); "
+                            "the same as `pneumoscope rollout serve-local`")
     serve.set_defaults(func=cmd_serve)
 
     predict = commands.add_parser(
@@ -77,43 +86,20 @@ def _quiet_http_logs() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def _settings(args):
-    from pydantic import ValidationError
-
-    from model.cli import CommandError
-    from serving.settings import ServingSettings
-
-    overrides = {"engine": args.engine, "precision": args.precision, "threads": args.threads,
-                 "engine_streams": args.engine_streams,
-                 "max_batch_size": args.max_batch_size,
-                 "max_batch_delay_ms": args.max_batch_delay_ms, "predictor_protocol": args.predictor_protocol,
-                 "max_payload_bytes": args.max_payload_bytes, "max_image_pixels": args.max_image_pixels,
-                 "max_inflight": args.max_inflight, "drain_timeout_s": args.drain_seconds,
-                 "model_sha256": args.sha256, "mlflow_tracking_uri": args.mlflow_uri}
-    try:
-        base = ServingSettings()
-        return ServingSettings.model_validate({**base.model_dump(), **{k: v for k, v in overrides.items()
-                                                                       if v is not None}})
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        raise CommandError(f"invalid setting {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
-
-
 def cmd_serve(args) -> int:
-    from model.cli import CommandError
+    from model.cli import CommandError, handler_of
+    from model.settings_cli import settings_from_args
+    from serving.settings import ServingSettings
     from serving.stack import LocalStack, StackError, ready_line
 
     _quiet_http_logs()
-    if not 1 <= args.port <= 65534:
-        raise CommandError(f"--port must be between 1 and 65534, not {args.port}")
     if args.traffic_split or args.canary:
-        from rollout.local import serve_split
-
-        return serve_split(args, _settings(args))
+        # The split is rollout's (nginx, one stack per version, the rollout state); serving sits below rollout.
+        return handler_of("rollout", "serve-local")(args)
     web_port = None if args.no_web else (args.web_port or args.port + 2)
     if web_port is not None and not 1 <= web_port <= 65535:
         raise CommandError(f"--web-port must be between 1 and 65535, not {web_port}")
-    settings = _settings(args)
+    settings = settings_from_args(ServingSettings, args)
     if settings.engine != "auto":  # say so now, not after the predictor process failed to start
         from serving.engine import EngineError, require
 

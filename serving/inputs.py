@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from model.preprocessing import DecodedImage, InvalidImageError, decode
+from model.errors import InvalidImageError
+from model.preprocessing import DecodedImage, decode
 from serving.errors import RequestRejected
 from serving.metrics import reject_count
 from serving.settings import ServingSettings

@@ -1,17 +1,19 @@
 """Typed serving settings: environment variables (``PNEUMOSCOPE_*``) under command-line flags.
 
-Every server entry point builds its argparse defaults from :class:`ServingSettings`, so the
-precedence is: flag > environment variable > default. MLflow's own ``MLFLOW_TRACKING_URI`` is
-honoured. No torch, no kserve here: the CLI imports this module for ``--help``.
+Every server entry point takes one flag per field (``model.settings_cli``), so the precedence is:
+flag > environment variable > default, and a new setting is one line here. MLflow's own
+``MLFLOW_TRACKING_URI`` is honoured. No torch, no kserve here: the CLI imports this module for ``--help``.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from model.settings_cli import Cli
 
 #: The KServe model name: the transformer forwards under its own name, so the predictor uses it too.
 MODEL_NAME = "pneumonia"
@@ -21,7 +23,7 @@ class ServingSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PNEUMOSCOPE_", extra="ignore")
 
     model_name: str = Field(MODEL_NAME, description="KServe model name of both the transformer and the predictor")
-    mlflow_tracking_uri: str | None = Field(
+    mlflow_tracking_uri: Annotated[str | None, Cli(aliases=("mlflow_uri",))] = Field(
         None, validation_alias=AliasChoices("MLFLOW_TRACKING_URI", "PNEUMOSCOPE_MLFLOW_TRACKING_URI"),
         description="MLflow tracking/registry URI (default: local SQLite under PNEUMOSCOPE_HOME)")
 
@@ -62,7 +64,7 @@ class ServingSettings(BaseSettings):
         "(BENCHMARKS.md, overload); larger values queue more and answer later")
     request_timeout_s: float = Field(30.0, gt=0, description="deadline of a request that brings none (gRPC "
                                      "deadline, or the x-request-timeout-ms header, otherwise)")
-    drain_timeout_s: float = Field(
+    drain_timeout_s: Annotated[float, Cli(aliases=("drain_seconds",))] = Field(
         20.0, ge=0, description="on SIGTERM: readiness goes false, new requests get 503, and requests in flight "
         "get this long to finish (the manifests' terminationGracePeriodSeconds and preStop must cover it)")
 
@@ -84,10 +86,10 @@ class ServingSettings(BaseSettings):
         0.0, ge=0, description="dynamic batching: how long the first queued request may wait for company; "
         "0 = no waiting, batch whatever queued up while the engine was busy")
     model_cache: str | None = Field(None, description="where registry models are downloaded (default: a temp dir)")
-    test_delay_ms: float = Field(0.0, ge=0, description="TESTS ONLY: the predictor waits this long before each "
-                                 "answer (makes one side of a local canary deliberately slower); never set it in "
-                                 "production")
-    model_sha256: str | None = Field(
+    test_delay_ms: Annotated[float, Cli(env_only=True)] = Field(
+        0.0, ge=0, description="TESTS ONLY: the predictor waits this long before each answer (makes one side of a "
+        "local canary deliberately slower); never set it in production")
+    model_sha256: Annotated[str | None, Cli(aliases=("sha256",))] = Field(
         None, description="expected bundle digest of the served model: required for a folder (e.g. KServe's "
         "/mnt/models), checked against the registry's bundle_sha256 tag for models:/ URIs")
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import signal
 import socket
@@ -29,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from model.settings_cli import settings_environment
 from serving.settings import ServingSettings
 
 log = logging.getLogger(__name__)
@@ -151,22 +151,13 @@ class LocalStack:
         p_grpc = free_port(taken | {p_http})
         self._workdir = tempfile.mkdtemp(prefix="pneumoscope-stack-")
         self._log = open(self.log_file, "ab", buffering=0) if self.log_file else None
-        s = self.settings
-        predictor = [sys.executable, "-m", "serving.predictor_main", "--model_uri", pinned, "--model_name", name,
-                     "--http_port", str(p_http), "--grpc_port", str(p_grpc), "--bind", LOOPBACK,
-                     "--precision", s.precision, "--max_batch_size", str(s.max_batch_size),
-                     "--max_batch_delay_ms", str(s.max_batch_delay_ms)]
-        if s.threads:
-            predictor += ["--threads", str(s.threads)]
-        if s.engine_streams:
-            predictor += ["--engine_streams", str(s.engine_streams)]
-        if s.model_sha256:
-            predictor += ["--sha256", s.model_sha256]
+        # The children's flags wire them together; their settings travel as environment variables (_env).
+        predictor = [sys.executable, "-m", "serving.predictor_main", "--model_uri", pinned,
+                     "--http_port", str(p_http), "--grpc_port", str(p_grpc), "--bind", LOOPBACK]
         target = f"{LOOPBACK}:{p_grpc if self.predictor_protocol == 'grpc-v2' else p_http}"
-        transformer = [sys.executable, "-m", "serving.transformer_main", "--model_name", name,
+        transformer = [sys.executable, "-m", "serving.transformer_main",
                        "--http_port", str(self.port), "--grpc_port", str(self.port + 1), "--bind", LOOPBACK,
-                       "--predictor_host", target, "--predictor_protocol", self.predictor_protocol,
-                       "--max_payload_bytes", str(s.max_payload_bytes), "--max_image_pixels", str(s.max_image_pixels)]
+                       "--predictor_host", target]
         self.children = {"predictor": _Child("predictor", predictor), "transformer": _Child("transformer", transformer)}
         if self.web_port is not None:
             self.children["web"] = _Child("web", [sys.executable, "-m", "webapp", "--host", LOOPBACK, "--port",
@@ -188,7 +179,7 @@ class LocalStack:
                      "model_name": name, "model_version": version, "model_uri": pinned,
                      "requested_uri": self.model_uri, "predictor_rest": f"http://{LOOPBACK}:{p_http}",
                      "predictor_grpc": f"{LOOPBACK}:{p_grpc}", "predictor_protocol": self.predictor_protocol,
-                     "precision": s.precision, "pids": self.pids()}
+                     "precision": self.settings.precision, "pids": self.pids()}
         if self.web_port is not None:
             self.info["web"] = f"http://{LOOPBACK}:{self.web_port}"
         if name_in_registry and name_in_registry != name and self.model_uri.startswith("models:/"):
@@ -202,19 +193,14 @@ class LocalStack:
         return {role: c.process.pid for role, c in self.children.items() if c.process}
 
     def _env(self) -> dict:
-        env = dict(os.environ, PYTHONUNBUFFERED="1", **{k: str(v) for k, v in self.extra_env.items()})
-        env["PNEUMOSCOPE_MODEL_CACHE"] = ""  # set per child below
-        if self.settings.mlflow_tracking_uri:
-            env["MLFLOW_TRACKING_URI"] = self.settings.mlflow_tracking_uri
-        # Every engine knob travels as a flag; the rest of the settings as environment variables.
-        for key, value in self.settings.model_dump(exclude_none=True).items():
-            if key not in ("mlflow_tracking_uri", "model_cache"):
-                env[f"PNEUMOSCOPE_{key.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
-        return env
+        """Every child's settings, as environment variables: the stack's settings, then ``extra_env``."""
+        settings = self.settings.model_copy(update={"predictor_protocol": self.predictor_protocol})
+        env = settings_environment(settings, exclude=("model_cache",))
+        return {**env, "PYTHONUNBUFFERED": "1", **{k: str(v) for k, v in self.extra_env.items()}}
 
     def _spawn(self, child: _Child) -> None:
         env = {**self._env(), **child.env}
-        cache = Path(self._workdir) / child.role
+        cache = Path(self._workdir) / child.role  # a download folder of its own, whatever model_cache says
         cache.mkdir(parents=True, exist_ok=True)
         env["PNEUMOSCOPE_MODEL_CACHE"] = str(cache)
         out = self._log if self._log else sys.stderr

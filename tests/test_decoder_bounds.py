@@ -25,7 +25,8 @@ MIB = 1024 * 1024
 _MEASURE = """
 import json, sys
 import numpy, PIL.Image, pydicom, pydicom.pixels, model.dicom
-from model.preprocessing import InvalidImageError, decode
+from model.errors import InvalidImageError
+from model.preprocessing import decode
 
 def kib(key):
     for line in open("/proc/self/status"):

@@ -10,7 +10,8 @@ from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from model.data import SplitFractions, prepare
-from model.preprocessing import InvalidImageError, decode, is_dicom
+from model.errors import InvalidImageError
+from model.preprocessing import decode, is_dicom
 
 
 def make_dicom(pixels: np.ndarray | None, photometric: str = "MONOCHROME2", bits_stored: int | None = None,

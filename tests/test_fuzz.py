@@ -88,7 +88,8 @@ def mutated_files(draw):
 @FUZZ
 @given(st.one_of(mutated_files(), st.binary(max_size=2048)))
 def test_decode_raises_only_invalid_image_errors(data):
-    from model.preprocessing import DECODED_MAX_SIDE, InvalidImageError, decode
+    from model.errors import InvalidImageError
+    from model.preprocessing import DECODED_MAX_SIDE, decode
 
     try:
         image = decode(data, max_pixels=4_000_000)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -318,6 +319,50 @@ def test_servers_verify_their_bundle_and_drain_within_the_grace_period():
                 assert sleep[0] == "sleep", name
                 assert spec["terminationGracePeriodSeconds"] > float(sleep[1]) + drain, \
                     f"{name}: grace {spec['terminationGracePeriodSeconds']} s <= preStop {sleep[1]} s + drain {drain} s"
+
+
+#: Parses each container's args with the real entry point (kserve's flags and the settings' flags) and prints,
+#: per argument, the value the server ends up with: kserve's own, or the setting the flag fed.
+_PARSE_CHART_ARGS = """
+import json, sys
+from model.settings_cli import Cli
+from serving import predictor_main, transformer_main
+from serving.settings import ServingSettings
+entry = {"pneumoscope-predictor": predictor_main, "pneumoscope-transformer": transformer_main}
+older = {alias: name for name, info in ServingSettings.model_fields.items()
+         for marker in info.metadata if isinstance(marker, Cli) for alias in marker.aliases}
+answers = []
+for command, argv in json.load(sys.stdin):
+    args, settings = entry[command].parse_args(argv)
+    values = {**vars(args), **settings.model_dump(mode="json")}
+    names = [arg.split("=", 1)[0].removeprefix("--") for arg in argv]
+    answers.append({arg: values.get(older.get(name, name)) for arg, name in zip(argv, names)})
+print(json.dumps(answers))
+"""
+
+
+def test_the_servers_take_every_flag_the_chart_passes():
+    """A renamed flag or setting fails here, not in a cluster: every predictor and transformer container's args
+    go through the real entry point's parser, and each flag lands on the value the chart wrote."""
+    calls = []
+    for _, isvc in inference_services():
+        for component in ("predictor", "transformer"):
+            for container in (isvc["spec"].get(component) or {}).get("containers", []):
+                args = container["args"]
+                if component == "transformer" and not _flag(args, "--predictor_host"):
+                    args = args + ["--predictor_host=pneumonia-predictor.pneumoscope"]  # KServe's controller adds it
+                calls.append((container["command"][0], args))
+    assert {command for command, _ in calls} == {"pneumoscope-predictor", "pneumoscope-transformer"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PNEUMOSCOPE_") and k != "MLFLOW_TRACKING_URI"}
+    # A process of its own: kserve's protobufs clash with tritonclient's in one interpreter.
+    result = subprocess.run([sys.executable, "-c", _PARSE_CHART_ARGS], input=json.dumps(calls), env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for (command, argv), parsed in zip(calls, json.loads(result.stdout)):
+        for arg in argv:
+            got, value = parsed[arg], arg.split("=", 1)[1]
+            assert str(got) == value or isinstance(got, (int, float)) and float(got) == float(value), \
+                f"{command} {arg}: the server took {got!r}"
 
 
 def test_network_policies_let_only_the_transformer_reach_the_predictor():

@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from model.data import CachedData, SplitFractions, prepare
-from model.preprocessing import InvalidImageError, PreprocessConfig, decode, normalize, to_tensor
+from model.errors import InvalidImageError
+from model.preprocessing import PreprocessConfig, decode, normalize, to_tensor
 from model.transforms import EvalTransform, TrainTransform
 
 

@@ -128,7 +128,7 @@ def test_modality_lut_sequence_then_window_exact():
 
 
 def test_a_lut_pydicom_cannot_apply_is_a_clear_error_not_a_crash():
-    from model.preprocessing import InvalidImageError
+    from model.errors import InvalidImageError
 
     lut = np.arange(4096).astype(np.uint16) // 4
     with pytest.raises(InvalidImageError) as err:  # a 10-bit LUT: pydicom only handles 8/16-bit LUT data
@@ -143,7 +143,7 @@ def test_a_rescale_slope_without_intercept_is_ignored():
 
 
 def test_an_unreadable_dicom_is_reported_as_corrupt():
-    from model.preprocessing import InvalidImageError
+    from model.errors import InvalidImageError
 
     good = dicom(ramp_12bit(), 12)
     with pytest.raises(InvalidImageError) as err:
@@ -273,7 +273,7 @@ def test_decode_resizes_by_squashing_to_the_configured_size(size):
 
 
 def test_dicom_bad_inputs_say_what_is_wrong():
-    from model.preprocessing import InvalidImageError
+    from model.errors import InvalidImageError
 
     rgb = dicom(np.zeros((64, 64), np.uint8), 8)
     from pydicom import dcmread

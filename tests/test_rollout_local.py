@@ -41,7 +41,7 @@ DELAY_MS = 400  # the canary's added latency (test-only setting)
 def canary(tmp_path_factory):
     from mlflow import MlflowClient
 
-    from rollout.local import LocalCanary
+    from rollout.local_canary import LocalCanary
     from serving.settings import ServingSettings
     from serving.stack import free_port, port_free
 

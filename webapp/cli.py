@@ -17,10 +17,7 @@ def add_commands(commands) -> None:
         description="Serve the web app (pages, JSON API at /api, OpenAPI at /openapi.json) with uvicorn. "
                     "Applies database migrations first; retries pending studies in the background. Settings "
                     "come from PNEUMOSCOPE_* environment variables under these flags.")
-    _settings_flags(web)
-    web.add_argument("--host", help="listen address (default 127.0.0.1)")
-    web.add_argument("--port", type=int, help="listen port (default 8000)")
-    web.add_argument("--inference-url", help="the transformer's base URL (default http://127.0.0.1:8080)")
+    _settings_flags(web, every=True)
     web.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     web.set_defaults(func=cmd_web)
 
@@ -77,12 +74,12 @@ def add_commands(commands) -> None:
     export.set_defaults(func=cmd_studies_export)
 
 
-def _settings_flags(parser) -> None:
-    parser.add_argument("--database-url", help="SQLAlchemy URL (default: $PNEUMOSCOPE_DATABASE_URL, then SQLite "
-                                               "under $PNEUMOSCOPE_HOME)")
-    parser.add_argument("--image-store", help="folder or s3://bucket/prefix (default: $PNEUMOSCOPE_IMAGE_STORE, "
-                                              "then $PNEUMOSCOPE_HOME/studies)")
-    parser.add_argument("--home", help="working folder (default: $PNEUMOSCOPE_HOME, then .pneumoscope)")
+def _settings_flags(parser, every: bool = False) -> None:
+    """The web app's settings as flags: all of them for ``web``, where its data lives for the others."""
+    from model.settings_cli import add_settings_flags
+    from webapp.settings import WebSettings
+
+    add_settings_flags(parser, WebSettings, only=None if every else ("home", "database_url", "image_store"))
 
 
 def _password_flags(parser) -> None:
@@ -93,20 +90,10 @@ def _password_flags(parser) -> None:
 
 
 def settings_from(args):
-    from pydantic import ValidationError
-
-    from model.cli import CommandError
+    from model.settings_cli import settings_from_args
     from webapp.settings import WebSettings
 
-    overrides = {key: getattr(args, key, None) for key in ("database_url", "image_store", "home", "host", "port",
-                                                           "inference_url")}
-    try:
-        base = WebSettings()
-        return WebSettings.model_validate({**base.model_dump(), **{k: v for k, v in overrides.items()
-                                                                   if v is not None}})
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        raise CommandError(f"invalid setting {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+    return settings_from_args(WebSettings, args)
 
 
 def _engine(args):

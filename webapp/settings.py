@@ -9,10 +9,12 @@ from __future__ import annotations
 import os
 import secrets
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from model.settings_cli import Cli
 
 #: Largest upload accepted by default (the issue: 32 MB), counted while the body streams in.
 DEFAULT_MAX_UPLOAD_BYTES = 32 * 1024 * 1024
@@ -26,8 +28,10 @@ class WebSettings(BaseSettings):
         None, description="SQLAlchemy URL (postgresql://... uses psycopg 3); default sqlite under home")
     image_store: str | None = Field(None, description="folder or s3://bucket/prefix for uploads and heatmaps; "
                                                       "default home/studies")
-    secret_key: str | None = Field(None, description="signs session cookies and CSRF tokens; default: generated "
-                                                     "once into home/webapp-secret (set it when running replicas)")
+    # No flag: a secret on the command line would show in `ps`.
+    secret_key: Annotated[str | None, Cli(env_only=True)] = Field(
+        None, description="signs session cookies and CSRF tokens; default: generated once into home/webapp-secret "
+        "(set it when running replicas)")
 
     # --- the transformer (Open Inference Protocol v2 over REST) ---
     inference_url: str = Field("http://127.0.0.1:8080", description="the transformer's base URL")

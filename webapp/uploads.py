@@ -188,7 +188,8 @@ def _dicom_preview(data: bytes) -> bytes:
     from PIL import Image
 
     from model.dicom import decode_dicom
-    from model.preprocessing import DEFAULT_MAX_PIXELS, InvalidImageError
+    from model.errors import InvalidImageError
+    from model.preprocessing import DEFAULT_MAX_PIXELS
 
     try:
         gray = decode_dicom(data, DEFAULT_MAX_PIXELS)  # the decoder's cost bounds (pixels, bytes, first frame)
