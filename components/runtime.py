@@ -102,7 +102,7 @@ def report_html(report: dict, plots_dir: str | Path) -> str:
             images.append(f'<figure><img alt="{title}" src="data:image/png;base64,{data}"><figcaption>{title}'
                           "</figcaption></figure>")
     int8 = report["int8"]
-    int8_line = ("int8: " + ("accepted" if int8.get("accepted") else "not used") +
+    int8_line = ("int8 export gate: " + ("int8 graph kept" if int8.get("accepted") else "no int8 graph") +
                  (f" (val AUC drop {int8['auc_drop']:.4f})" if int8.get("auc_drop") is not None else ""))
     return "\n".join([
         "<!doctype html><html><head><meta charset='utf-8'><title>pneumoscope evaluation</title>",

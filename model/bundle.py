@@ -4,7 +4,7 @@ A bundle is a directory::
 
     model.onnx            fp32 graph: input ``image`` [N,1,S,S] -> ``logit`` [N], ``cam`` [N,h,w]
     model.int8.onnx       optional static QDQ int8 graph (same inputs/outputs)
-    gate.npz              optional engine accuracy gate: val images + fp32 reference outputs (model.engine_gate)
+    gate.npz              optional engine parity gate: val images + fp32 reference outputs (model.engine_gate)
     pneumoscope.json      preprocessing, threshold, temperature + logit bias, metrics, int8 decision, sha256 of files
 
 No torch here: the serving path (transformer, predictor) imports this module.
@@ -156,7 +156,7 @@ class Bundle:
         return self.digest
 
     def onnx_path(self, precision: str = "auto") -> Path:
-        """``auto`` takes int8 only when it passed its accuracy gate at export."""
+        """``auto`` takes int8 only when it passed the int8 export gate."""
         if precision == "auto":
             precision = "int8" if self.meta.get("int8", {}).get("accepted") else "fp32"
         name = {"fp32": "model.onnx", "int8": "model.int8.onnx"}.get(precision)

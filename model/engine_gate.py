@@ -1,5 +1,5 @@
-"""The engine accuracy gate: validation X-rays stored WITH the bundle, and the check that every inference
-engine and precision must pass before it may serve.
+"""The engine parity gate: validation X-rays stored WITH the bundle, and the check that every inference
+engine and precision must pass, on the serving machine, before it may serve.
 
 At export, :func:`write_gate_set` stores ``gate.npz`` in the bundle folder: up to N validation images (uint8 at
 the model resolution, both classes), their labels, and the fp32 ONNX Runtime reference outputs (logits and
@@ -13,6 +13,11 @@ A candidate passes when, on those images:
   on the change of the calibrated log-odds, so it means the same for every model);
 - AUC(reference) - AUC(candidate) <= ``max_auc_drop`` (the int8 export gate's limit);
 - every CAM correlates with its reference by at least ``min_cam_correlation`` (the heatmap keeps its shape).
+
+Not the int8 export gate (:func:`model.export.int8_gate`): that one runs once, at export, and judges the int8
+GRAPH by its AUC on all val images; it decides whether the bundle carries an int8 graph at all. This one judges
+an engine x precision on the server's own CPU (int8 kernels differ between CPUs) by how closely it reproduces
+the fp32 outputs: a kept int8 graph can fail here, and the server then serves fp32.
 
 No torch and no scipy here: the predictor imports this module, and the serving image has neither.
 """
@@ -59,16 +64,16 @@ class GateSet:
             return None
         name = spec.get("file", GATE_FILE)
         if name not in bundle.meta.get("files", {}):
-            raise BundleError(f"the engine gate file {name} is not covered by the bundle's hashes")
+            raise BundleError(f"the engine parity gate file {name} is not covered by the bundle's hashes")
         try:
             with np.load(bundle.root / name, allow_pickle=False) as data:
                 arrays = {k: data[k] for k in ("images", "labels", "logits", "cams")}
         except (OSError, KeyError, ValueError) as exc:
-            raise BundleError(f"cannot read the engine gate set {name}: {exc}") from None
+            raise BundleError(f"cannot read the engine parity gate set {name}: {exc}") from None
         size = bundle.preprocess.image_size
         n = len(arrays["labels"])
         if arrays["images"].shape != (n, size, size) or arrays["logits"].shape != (n,) or len(arrays["cams"]) != n:
-            raise BundleError(f"the engine gate set {name} does not match the model ({size} px, {n} labels)")
+            raise BundleError(f"the engine parity gate set {name} does not match the model ({size} px, {n} labels)")
         return cls(images=arrays["images"], labels=arrays["labels"], logits=arrays["logits"], cams=arrays["cams"],
                    max_abs_logit_diff=float(spec["max_abs_logit_diff"]), max_auc_drop=float(spec["max_auc_drop"]),
                    min_cam_correlation=float(spec["min_cam_correlation"]))
@@ -170,10 +175,13 @@ def write_gate_set(bundle_dir: str | Path, images: np.ndarray, labels: np.ndarra
     logits, cams = run_images(session, pixels, config, batch_size=16, with_cam=True)
     np.savez_compressed(Path(bundle_dir) / GATE_FILE, images=pixels, labels=gate_labels,
                         logits=logits.astype(np.float32), cams=cams.astype(np.float32))
-    meta = {"file": GATE_FILE, "n": int(len(chosen)), "positives": int(gate_labels.sum()),
+    meta = {"gate": "engine parity gate: at load, each server's engine x precision must reproduce the fp32 "
+                    "reference's outputs on these images within these limits",
+            "file": GATE_FILE, "n": int(len(chosen)), "positives": int(gate_labels.sum()),
             "reference": "onnxruntime fp32 model.onnx", "logit_tolerance": float(logit_tolerance),
             "max_abs_logit_diff": float(logit_tolerance * temperature), "max_auc_drop": float(max_auc_drop),
             "min_cam_correlation": float(min_cam_correlation)}
-    log.info("engine gate set: %d val images (%d positive), |logit diff| <= %.3g, AUC drop <= %.4f", meta["n"],
-             meta["positives"], meta["max_abs_logit_diff"], max_auc_drop)
+    log.info("engine parity gate set: %d val images (%d positive) and their fp32 outputs; a server's engine must "
+             "keep |logit diff| <= %.3g, AUC drop <= %.4f, CAM correlation >= %.2f", meta["n"], meta["positives"],
+             meta["max_abs_logit_diff"], max_auc_drop, min_cam_correlation)
     return meta

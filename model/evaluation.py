@@ -35,9 +35,22 @@ class EvalSettings:
     int8: bool = True
     int8_max_auc_drop: float = 0.003
     calibration_images: int = 128
-    gate_images: int = 64  # stored with the bundle: the accuracy gate every serving engine must pass
+    gate_images: int = 64  # stored with the bundle: the engine parity gate every serving engine must pass
     seed: int = 0
     refer_target: float = 0.97  # the "refer to a radiologist" band: decided cases reach this sens. AND spec.
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """What val chooses: the calibration (temperature, logit bias), the threshold and the refer band."""
+
+    temperature: float
+    bias: float
+    threshold: float
+    band: tuple[float, float]
+
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        return sigmoid(logits / self.temperature + self.bias)
 
 
 def evaluate_checkpoint(checkpoint: str | Path, cache_dir: str | Path, out_dir: str | Path,
@@ -46,85 +59,47 @@ def evaluate_checkpoint(checkpoint: str | Path, cache_dir: str | Path, out_dir: 
 
     Writes ``bundle/`` (the servable model), ``plots/`` and ``report.json``; returns the report.
     """
-    from model.export import export_onnx, int8_gate, parity, quantize_int8
     from model.training import load_checkpoint
 
     started = time.perf_counter()
     out = Path(out_dir)
-    bundle_dir, plots_dir = out / "bundle", out / "plots"
+    bundle_dir = out / "bundle"
     bundle_dir.mkdir(parents=True, exist_ok=True)
     cache = CachedData.load(cache_dir)
     net, meta = load_checkpoint(checkpoint)
     # The checkpoint's preprocessing: the cache's, plus what the recipe added (e.g. a field mask).
     config = PreprocessConfig.from_dict(meta.get("preprocess") or cache.config.to_dict())
-    onnx_path = export_onnx(net, config.image_size, bundle_dir / "model.onnx")
-
     val_idx, val_y = cache.split("val")
     val_images = cache.images[val_idx]
-    parity_report = parity(net, onnx_path, val_images[:8], config)
-    if parity_report["max_abs_logit_diff"] > parity_report["tolerance"]:
-        raise RuntimeError(f"ONNX export differs from PyTorch by {parity_report['max_abs_logit_diff']:.2e}")
+    onnx_path, parity_report = _export_checked(net, config, bundle_dir / "model.onnx", val_images)
     session = make_session(onnx_path)
 
     val_logits = run_images(session, val_images, config)
-    temperature, bias = fit_calibration(val_logits, val_y)
-    val_probs = sigmoid(val_logits / temperature + bias)
-    threshold = choose_threshold(val_y, val_probs, settings.threshold_method, settings.target_sensitivity)
-    log.info("val: temperature %.3f, logit bias %.3f, %s threshold %.4f", temperature, bias,
-             settings.threshold_method, threshold)
-
-    band = choose_abstention_band(val_y, val_probs, threshold, settings.refer_target)
-    splits, abstention = {}, {"target": settings.refer_target, "low": band[0], "high": band[1]}
-    split_probs = {}
-    for split in REPORT_SPLITS:
-        idx, y = cache.split(split)
-        if len(idx) == 0:
-            continue
-        probs = val_probs if split == "val" else sigmoid(run_images(session, cache.images[idx], config) / temperature + bias)
-        split_probs[split] = probs
-        splits[split] = metrics_with_ci(y, probs, threshold, settings.n_bootstrap if len(idx) >= 20 else 0,
-                                        settings.seed)
-        abstention[split] = abstention_metrics(y, probs, *band)
-        m = splits[split]
-        log.info("%-8s n=%-5d AUC %.4f  acc %.4f  sens %.4f  spec %.4f  ECE %.4f", split, m["n"], m["auc"],
-                 m["accuracy"], m["sensitivity"], m["specificity"], m["ece"])
-    plots = {k: str(v) for k, v in save_plots(val_y, val_probs, threshold, plots_dir, "validation").items()}
-
-    int8_report = {"accepted": False, "reason": "disabled"}
-    if settings.int8:
-        train_idx, _ = cache.split("train")
-        rng = np.random.default_rng(settings.seed)
-        calib = np.sort(rng.choice(train_idx, min(settings.calibration_images, len(train_idx)), replace=False))
-        int8_path = quantize_int8(onnx_path, bundle_dir / "model.int8.onnx", cache.images[calib], config)
-        int8_report = int8_gate(session, make_session(int8_path), val_images, val_y, config,
-                                settings.int8_max_auc_drop)
-        int8_report["calibration_images"] = int(len(calib))
-        log.info("int8: val AUC %.4f vs fp32 %.4f (drop %.4f, limit %.4f): %s", int8_report["auc_int8"],
-                 int8_report["auc_fp32"], int8_report["auc_drop"], settings.int8_max_auc_drop,
-                 "accepted" if int8_report["accepted"] else "rejected, serving fp32")
-        if not int8_report["accepted"]:
-            int8_path.unlink()
-
+    point = choose_operating_point(val_logits, val_y, settings)
+    val_probs = point.probabilities(val_logits)
+    splits, abstention, split_probs = _score_splits(cache, session, config, point, val_probs, settings)
+    plots = {k: str(v) for k, v in save_plots(val_y, val_probs, point.threshold, out / "plots", "validation").items()}
+    int8_report = _int8_export_gate(cache, onnx_path, session, val_images, val_y, config, settings)
     # The held-out split when there is one (val chose the threshold), else val.
     reference_split = "holdout" if "holdout" in split_probs else "val"
-    reference = reference_distribution(split_probs[reference_split], threshold, reference_split)
+    reference = reference_distribution(split_probs[reference_split], point.threshold, reference_split)
     engine_gate = None
     if settings.gate_images > 0:
         from model.engine_gate import write_gate_set
 
-        engine_gate = write_gate_set(bundle_dir, val_images, val_y, session, config, temperature,
+        engine_gate = write_gate_set(bundle_dir, val_images, val_y, session, config, point.temperature,
                                      settings.int8_max_auc_drop, settings.gate_images, settings.seed)
 
-    bundle_meta = {
+    write_bundle(bundle_dir, {
         "model_name": model_name,
         "arch": meta["arch"],
         "preprocess": config.to_dict(),
-        "threshold": threshold,
+        "threshold": point.threshold,
         "threshold_method": settings.threshold_method,
-        "refer_band": {"low": band[0], "high": band[1], "target": settings.refer_target,
+        "refer_band": {"low": point.band[0], "high": point.band[1], "target": settings.refer_target,
                        "val_coverage": abstention["val"]["coverage"]},
-        "temperature": temperature,
-        "logit_bias": bias,
+        "temperature": point.temperature,
+        "logit_bias": point.bias,
         "metrics": {s: {k: v for k, v in m.items() if k != "ci95"} for s, m in splits.items() if s in ("val", "holdout")},
         "int8": int8_report,
         "onnx_parity": parity_report,
@@ -133,12 +108,11 @@ def evaluate_checkpoint(checkpoint: str | Path, cache_dir: str | Path, out_dir: 
         "training": {"profile": meta["profile"]["name"], "epoch": meta["epoch"], "seed": meta["seed"]},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "reference": reference,
-    }
-    write_bundle(bundle_dir, bundle_meta)
+    })
     report = {
-        "threshold": threshold, "threshold_method": settings.threshold_method, "temperature": temperature,
-        "logit_bias": bias, "splits": splits, "abstention": abstention, "int8": int8_report,
-        "onnx_parity": parity_report, "plots": plots,
+        "threshold": point.threshold, "threshold_method": settings.threshold_method,
+        "temperature": point.temperature, "logit_bias": point.bias, "splits": splits, "abstention": abstention,
+        "int8": int8_report, "onnx_parity": parity_report, "plots": plots,
         "roc_val": roc_points(val_y, val_probs),
         "reference": reference,
         "val_predictions": {"index": val_idx.tolist(), "label": val_y.tolist(), "probability": val_probs.tolist()},
@@ -146,6 +120,73 @@ def evaluate_checkpoint(checkpoint: str | Path, cache_dir: str | Path, out_dir: 
         "seconds": round(time.perf_counter() - started, 1),
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def _export_checked(net, config: PreprocessConfig, onnx_path: Path, val_images: np.ndarray) -> tuple[Path, dict]:
+    """The ONNX graph, refused when it differs from the PyTorch module on real val images."""
+    from model.export import export_onnx, parity
+
+    export_onnx(net, config.image_size, onnx_path)
+    parity_report = parity(net, onnx_path, val_images[:8], config)
+    if parity_report["max_abs_logit_diff"] > parity_report["tolerance"]:
+        raise RuntimeError(f"ONNX export differs from PyTorch by {parity_report['max_abs_logit_diff']:.2e}")
+    return onnx_path, parity_report
+
+
+def choose_operating_point(val_logits: np.ndarray, val_y: np.ndarray, settings: EvalSettings) -> OperatingPoint:
+    """Calibration, threshold and refer band, all fitted on the val logits."""
+    temperature, bias = fit_calibration(val_logits, val_y)
+    val_probs = sigmoid(val_logits / temperature + bias)
+    threshold = choose_threshold(val_y, val_probs, settings.threshold_method, settings.target_sensitivity)
+    log.info("val: temperature %.3f, logit bias %.3f, %s threshold %.4f", temperature, bias,
+             settings.threshold_method, threshold)
+    band = choose_abstention_band(val_y, val_probs, threshold, settings.refer_target)
+    return OperatingPoint(temperature, bias, threshold, band)
+
+
+def _score_splits(cache: CachedData, session, config: PreprocessConfig, point: OperatingPoint,
+                  val_probs: np.ndarray, settings: EvalSettings) -> tuple[dict, dict, dict]:
+    """Metrics with CIs and refer-band figures of every split there is; returns (splits, abstention, probs)."""
+    splits, abstention = {}, {"target": settings.refer_target, "low": point.band[0], "high": point.band[1]}
+    split_probs = {}
+    for split in REPORT_SPLITS:
+        idx, y = cache.split(split)
+        if len(idx) == 0:
+            continue
+        probs = val_probs if split == "val" else point.probabilities(run_images(session, cache.images[idx], config))
+        split_probs[split] = probs
+        splits[split] = metrics_with_ci(y, probs, point.threshold, settings.n_bootstrap if len(idx) >= 20 else 0,
+                                        settings.seed)
+        abstention[split] = abstention_metrics(y, probs, *point.band)
+        m = splits[split]
+        log.info("%-8s n=%-5d AUC %.4f  acc %.4f  sens %.4f  spec %.4f  ECE %.4f", split, m["n"], m["auc"],
+                 m["accuracy"], m["sensitivity"], m["specificity"], m["ece"])
+    return splits, abstention, split_probs
+
+
+def _int8_export_gate(cache: CachedData, onnx_path: Path, session, val_images: np.ndarray, val_y: np.ndarray,
+                      config: PreprocessConfig, settings: EvalSettings) -> dict:
+    """Quantise to int8 (calibrated on training images) and keep the graph only if it passes the int8 export
+    gate (:func:`model.export.int8_gate`); each server still runs the engine parity gate on it."""
+    if not settings.int8:
+        return {"accepted": False, "reason": "disabled"}
+    from model.export import int8_gate, quantize_int8
+
+    train_idx, _ = cache.split("train")
+    rng = np.random.default_rng(settings.seed)
+    calib = np.sort(rng.choice(train_idx, min(settings.calibration_images, len(train_idx)), replace=False))
+    int8_path = quantize_int8(onnx_path, onnx_path.with_name("model.int8.onnx"), cache.images[calib], config)
+    report = int8_gate(session, make_session(int8_path), val_images, val_y, config, settings.int8_max_auc_drop)
+    report["calibration_images"] = int(len(calib))
+    report["gate"] = "int8 export gate: the int8 graph is kept when its val AUC is at most max_auc_drop below fp32's"
+    log.info("int8 export gate (AUC drop on %d val images vs fp32, limit %.4f): AUC %.4f vs %.4f, drop %.4f: %s "
+             "(max |logit diff| %.3f; each server's engine parity gate still compares logits and CAMs with fp32)",
+             report["n"], settings.int8_max_auc_drop, report["auc_int8"], report["auc_fp32"], report["auc_drop"],
+             "int8 graph kept" if report["accepted"] else "int8 graph dropped, the bundle serves fp32",
+             report["max_abs_logit_diff"])
+    if not report["accepted"]:
+        int8_path.unlink()
     return report
 
 

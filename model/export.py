@@ -95,7 +95,12 @@ def _cam_nodes(path: Path) -> list[str]:
 
 def int8_gate(fp32_session, int8_session, images: np.ndarray, labels: np.ndarray, config: PreprocessConfig,
               max_auc_drop: float = 0.003) -> dict:
-    """Accept the int8 graph only if its val AUC is within ``max_auc_drop`` of fp32."""
+    """The int8 export gate: keep the int8 graph in the bundle only if its val AUC is within ``max_auc_drop``
+    of fp32's, on every val image, once, at export.
+
+    Not the engine parity gate (:mod:`model.engine_gate`), which every server runs at load on its own CPU, for
+    every engine and precision, against the fp32 reference's logits and CAMs: an int8 graph that ranks the
+    images as well as fp32 (this gate) may still move the calibrated log-odds too far to serve (that gate)."""
     from model.metrics import auc
 
     fp32 = run_images(fp32_session, images, config)

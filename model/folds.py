@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -102,45 +102,103 @@ def cross_validate(cache_dir: str | Path, out_dir: str | Path, profile: Profile,
                    device: str | None = None, pretrained: str | None = None, inner_val_fraction: float = 0.15,
                    refer_target: float = 0.97, resume: bool = True) -> dict:
     """Train K fold models and write ``cv.json`` (OOF predictions, per-fold and pooled metrics, sanity set)."""
-    from model.training import distributed_context, train
+    from model.training import distributed_context
 
     out = Path(out_dir)
     ctx = distributed_context()
     cache = CachedData.load(cache_dir)
-    rows = [r for r in cache.manifest if r["split"] in POOL_SPLITS]
-    index = np.array([r["index"] for r in rows], dtype=np.int64)
-    labels = np.array([r["label"] for r in rows], dtype=np.int64)
-    patients = np.array([r["patient"] for r in rows])
-    folds = assign_folds(labels, patients, k, seed)
+    pool = _Pool.of(cache, k, seed)
     sanity_idx, sanity_y = cache.split("sanity")
-    oof = np.full(len(index), np.nan)
+    oof, sanity_logits, fold_runs = _train_folds(cache_dir, cache, out, profile, pool, sanity_idx, seed, device,
+                                                 pretrained, inner_val_fraction, resume)
+    if not ctx.is_main:
+        return {}
+    per_fold, abstention, decided_probs = _cross_fitted(pool, oof, refer_target)
+    operating_point, band, sanity = _final_operating_point(pool, oof, sanity_y, sanity_logits, refer_target)
+    report = {
+        "k": k, "seed": seed, "profile": asdict(profile), "n_pool": int(len(pool.index)),
+        "n_patients": int(len(set(pool.patients.tolist()))),
+        "folds": fold_runs,
+        "per_fold": per_fold,
+        "mean_sd": _summary(per_fold),
+        "pooled_oof_auc_raw": auc(pool.labels, oof),
+        "pooled_cross_fitted": binary_metrics(pool.labels, decided_probs, 0.5) | {
+            "note": "sensitivity/specificity/accuracy here use 0.5; the per-fold figures use each fold's threshold"},
+        "abstention": {"target": refer_target, "per_fold": abstention,
+                       "coverage_mean": float(np.mean([a["coverage"] for a in abstention])),
+                       "sensitivity_mean": float(np.nanmean([a["sensitivity"] for a in abstention])),
+                       "specificity_mean": float(np.nanmean([a["specificity"] for a in abstention])),
+                       "band_all_oof": list(band)},
+        "operating_point_all_oof": operating_point,
+        "sanity": sanity,
+        "oof": {"index": pool.index.tolist(), "label": pool.labels.tolist(), "fold": pool.folds.tolist(),
+                "logit": np.round(oof, 5).tolist()},
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "cv.json").write_text(json.dumps(report, indent=2))
+    _log_summary(report, k, len(sanity_idx))
+    return report
+
+
+@dataclass(frozen=True)
+class _Pool:
+    """The images cross-validation draws from (train + val + holdout), their labels, patients and folds."""
+
+    index: np.ndarray  # into the cache
+    labels: np.ndarray
+    patients: np.ndarray
+    folds: np.ndarray  # 0..k-1 per image
+    k: int
+
+    @classmethod
+    def of(cls, cache: CachedData, k: int, seed: int) -> _Pool:
+        rows = [r for r in cache.manifest if r["split"] in POOL_SPLITS]
+        labels = np.array([r["label"] for r in rows], dtype=np.int64)
+        patients = np.array([r["patient"] for r in rows])
+        return cls(np.array([r["index"] for r in rows], dtype=np.int64), labels, patients,
+                   assign_folds(labels, patients, k, seed), k)
+
+
+def _train_folds(cache_dir: str | Path, cache: CachedData, out: Path, profile: Profile, pool: _Pool,
+                 sanity_idx: np.ndarray, seed: int, device: str | None, pretrained: str | None,
+                 inner_val_fraction: float, resume: bool) -> tuple[np.ndarray, list[np.ndarray], list[dict]]:
+    """Train one model per fold; returns the out-of-fold logits, each model's sanity logits and the fold runs
+    (the last two empty on the other ranks of a torchrun job)."""
+    from model.training import distributed_context, train
+
+    ctx = distributed_context()
+    k, labels, patients = pool.k, pool.labels, pool.patients
+    oof = np.full(len(pool.index), np.nan)
     sanity_logits, fold_runs = [], []
     for fold in range(k):
-        rest = np.flatnonzero(folds != fold)
+        rest = np.flatnonzero(pool.folds != fold)
         val_mask = inner_val(labels[rest], patients[rest], inner_val_fraction, seed + fold)
-        fit_rows, val_rows, held = rest[~val_mask], rest[val_mask], np.flatnonzero(folds == fold)
-        fold_dir = out / f"fold{fold + 1}"
+        fit_rows, val_rows, held = rest[~val_mask], rest[val_mask], np.flatnonzero(pool.folds == fold)
         if ctx.is_main:
             log.info("fold %d/%d: train %d, inner val %d, held out %d images (%d patients)", fold + 1, k,
                      len(fit_rows), len(val_rows), len(held), len(set(patients[held].tolist())))
-        result = train(cache_dir, fold_dir, profile, pretrained=pretrained, seed=seed + fold, resume=resume,
-                       device=device, splits={"train": (index[fit_rows], labels[fit_rows]),
-                                              "val": (index[val_rows], labels[val_rows])})
+        result = train(cache_dir, out / f"fold{fold + 1}", profile, pretrained=pretrained, seed=seed + fold,
+                       resume=resume, device=device,
+                       splits={"train": (pool.index[fit_rows], labels[fit_rows]),
+                               "val": (pool.index[val_rows], labels[val_rows])})
         if not ctx.is_main:
             continue
-        oof[held] = _predict(result.checkpoint, cache, index[held], device)
+        oof[held] = _predict(result.checkpoint, cache, pool.index[held], device)
         sanity_logits.append(_predict(result.checkpoint, cache, sanity_idx, device))
         fold_runs.append({"fold": fold + 1, "best_epoch": result.best_epoch, "inner_val_auc": result.best_val_auc,
                           "images_per_second": result.images_per_second, "seconds": result.seconds,
                           "n_train": int(len(fit_rows)), "n_inner_val": int(len(val_rows)), "n_held": int(len(held)),
                           "oof_auc_raw": auc(labels[held], oof[held])})
-    if not ctx.is_main:
-        return {}
+    return oof, sanity_logits, fold_runs
 
-    # Cross-fitted operating points: fold f is scored with what the other folds' OOF predictions chose.
-    per_fold, abstention, decided_probs = [], [], np.zeros(len(index))
-    for fold in range(k):
-        held, rest = folds == fold, folds != fold
+
+def _cross_fitted(pool: _Pool, oof: np.ndarray, refer_target: float) -> tuple[list[dict], list[dict], np.ndarray]:
+    """Fold f scored with the operating point the OTHER folds' OOF logits chose: (per-fold metrics, per-fold
+    refer-band figures, the decided probability of every pool image)."""
+    labels = pool.labels
+    per_fold, abstention, decided_probs = [], [], np.zeros(len(pool.index))
+    for fold in range(pool.k):
+        held, rest = pool.folds == fold, pool.folds != fold
         probs, threshold, _, probs_rest = _calibrated(oof[rest], labels[rest], oof[held])
         decided_probs[held] = probs
         metrics = binary_metrics(labels[held], probs, threshold)
@@ -148,44 +206,30 @@ def cross_validate(cache_dir: str | Path, out_dir: str | Path, profile: Profile,
         per_fold.append(metrics)
         low, high = choose_abstention_band(labels[rest], probs_rest, threshold, refer_target)
         abstention.append(dict(abstention_metrics(labels[held], probs, low, high), fold=fold + 1))
+    return per_fold, abstention, decided_probs
 
-    # The final operating point from ALL OOF logits; the sanity set through the K models' mean logit.
-    _, threshold_all, (temperature, bias), probs_all = _calibrated(oof, labels, oof)
-    band = choose_abstention_band(labels, probs_all, threshold_all, refer_target)
+
+def _final_operating_point(pool: _Pool, oof: np.ndarray, sanity_y: np.ndarray, sanity_logits: list[np.ndarray],
+                           refer_target: float) -> tuple[dict, tuple[float, float], dict]:
+    """The operating point from ALL OOF logits, its refer band, and the sanity set scored through the K models'
+    mean logit with it."""
+    _, threshold, (temperature, bias), probs_all = _calibrated(oof, pool.labels, oof)
+    band = choose_abstention_band(pool.labels, probs_all, threshold, refer_target)
     sanity = {}
-    if len(sanity_idx):
+    if len(sanity_y):
         sanity_probs = sigmoid(np.mean(sanity_logits, axis=0) / temperature + bias)
-        sanity = binary_metrics(sanity_y, sanity_probs, threshold_all)
+        sanity = binary_metrics(sanity_y, sanity_probs, threshold)
         sanity["per_fold_auc"] = [auc(sanity_y, s) for s in sanity_logits]
         sanity["abstention"] = abstention_metrics(sanity_y, sanity_probs, *band)
         sanity["probabilities"] = sanity_probs.round(4).tolist()
         sanity["labels"] = sanity_y.tolist()
-    report = {
-        "k": k, "seed": seed, "profile": asdict(profile), "n_pool": int(len(index)),
-        "n_patients": int(len(set(patients.tolist()))),
-        "folds": fold_runs,
-        "per_fold": per_fold,
-        "mean_sd": _summary(per_fold),
-        "pooled_oof_auc_raw": auc(labels, oof),
-        "pooled_cross_fitted": binary_metrics(labels, decided_probs, 0.5) | {
-            "note": "sensitivity/specificity/accuracy here use 0.5; the per-fold figures use each fold's threshold"},
-        "abstention": {"target": refer_target, "per_fold": abstention,
-                       "coverage_mean": float(np.mean([a["coverage"] for a in abstention])),
-                       "sensitivity_mean": float(np.nanmean([a["sensitivity"] for a in abstention])),
-                       "specificity_mean": float(np.nanmean([a["specificity"] for a in abstention])),
-                       "band_all_oof": list(band)},
-        "operating_point_all_oof": {"temperature": temperature, "logit_bias": bias, "threshold": threshold_all},
-        "sanity": sanity,
-        "oof": {"index": index.tolist(), "label": labels.tolist(), "fold": folds.tolist(),
-                "logit": np.round(oof, 5).tolist()},
-    }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "cv.json").write_text(json.dumps(report, indent=2))
-    m = report["mean_sd"]
+    return {"temperature": temperature, "logit_bias": bias, "threshold": threshold}, band, sanity
+
+
+def _log_summary(report: dict, k: int, n_sanity: int) -> None:
+    m, sanity = report["mean_sd"], report["sanity"]
     log.info("%d-fold CV: AUC %.4f ± %.4f, sensitivity %.3f ± %.3f, specificity %.3f ± %.3f, ECE %.3f ± %.3f; "
              "refer band coverage %.3f; sanity (n=%d) AUC %s spec %s", k, m["auc"]["mean"], m["auc"]["sd"],
              m["sensitivity"]["mean"], m["sensitivity"]["sd"], m["specificity"]["mean"], m["specificity"]["sd"],
-             m["ece"]["mean"], m["ece"]["sd"], report["abstention"]["coverage_mean"], len(sanity_idx),
+             m["ece"]["mean"], m["ece"]["sd"], report["abstention"]["coverage_mean"], n_sanity,
              f"{sanity.get('auc', float('nan')):.3f}", f"{sanity.get('specificity', float('nan')):.3f}")
-    return report
-

@@ -26,6 +26,8 @@ CHAMPION, CHALLENGER = "champion", "challenger"
 #: The gate a version must pass before `pneumoscope rollout` sends it traffic (without --force).
 GATE_MIN_AUC = 0.75
 DEFAULT_EXPERIMENT = "pneumoscope"
+#: The pyfunc model, logged as code (no pickle): see its docstring.
+PYFUNC_MODEL = Path(__file__).with_name("pyfunc_model.py")
 _MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w-]+))$")
 
 
@@ -84,30 +86,6 @@ def git_commit() -> str:
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-
-
-def _pyfunc_class():
-    import mlflow.pyfunc
-
-    class PneumoniaOnnxModel(mlflow.pyfunc.PythonModel):
-        """Generic MLflow entry point: encoded image bytes in, calibrated probability out."""
-
-        def load_context(self, context):
-            from model.bundle import make_session
-
-            self.bundle = Bundle.load(context.artifacts["bundle"])
-            self.session = make_session(self.bundle.onnx_path("auto"))
-
-        def predict(self, context, model_input, params=None):
-            from model.preprocessing import to_tensor
-
-            values = model_input.iloc[:, 0] if hasattr(model_input, "iloc") else model_input
-            x = np.concatenate([to_tensor(bytes(v), self.bundle.preprocess) for v in values])
-            probs = self.bundle.probability(self.session.run(["logit"], {"image": x})[0])
-            return [{"probability": float(p), "label": "PNEUMONIA" if p >= self.bundle.threshold else "NORMAL"}
-                    for p in probs]
-
-    return PneumoniaOnnxModel()
 
 
 def evaluation_gate(report: dict, min_auc: float = GATE_MIN_AUC) -> str:
@@ -171,7 +149,7 @@ def log_and_register(bundle_dir: str | Path, report: dict, history: list[dict], 
             mlflow.log_artifacts(str(data_quality_dir), artifact_path="data_quality")
         mlflow.log_dict(report, "evaluation/report.json")
         model_info = mlflow.pyfunc.log_model(
-            name="model", python_model=_pyfunc_class(), artifacts={"bundle": str(Path(bundle_dir).resolve())},
+            name="model", python_model=str(PYFUNC_MODEL), artifacts={"bundle": str(Path(bundle_dir).resolve())},
             code_paths=[str(Path(__file__).resolve().parent)],
             pip_requirements=["onnxruntime", "numpy", "pillow", "pydicom"],
             metadata={"pneumoscope": {"threshold": bundle.threshold, "temperature": bundle.temperature,

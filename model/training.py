@@ -21,7 +21,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -298,6 +298,55 @@ def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, criterion, op
     return loss.detach()
 
 
+@dataclass
+class TrainState:
+    """Where a run stands between epochs: what ``last.pt`` carries besides the weights and the optimiser."""
+
+    start_epoch: int = 0
+    best_auc: float = -1.0
+    best_epoch: int = -1
+    stale: int = 0  # epochs since the best
+    history: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class _Run:
+    """Everything an epoch needs, built once by :func:`train`."""
+
+    out: Path
+    profile: Profile
+    config: PreprocessConfig
+    seed: int
+    ctx: DistributedContext
+    dev: torch.device
+    amp_dtype: torch.dtype | None
+    net: nn.Module  # the weights (``model`` is ``net``, or its DistributedDataParallel wrapper)
+    model: nn.Module
+    ema: WeightEma | None  # rank 0 only
+    criterion: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    sampler: EpochSampler
+    train_loader: DataLoader
+    val_loader: DataLoader | None  # rank 0 only
+    val_y: np.ndarray
+    normalize: DeviceNormalize
+    steps_per_epoch: int
+
+    @property
+    def last_path(self) -> Path:
+        return self.out / "last.pt"
+
+
+@dataclass
+class _Epoch:
+    loss: float  # mean over the epoch's batches (over every process's under torchrun)
+    n_batches: int
+    started: float  # perf_counter at the start, validation included in the epoch's seconds
+    train_seconds: float
+
+
 def train(cache_dir: str | Path, out_dir: str | Path, profile: Profile, pretrained: str | None = None,
           seed: int = 42, resume: bool = True, device: str | None = None, log_every: int = 20,
           on_epoch=None, splits: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> TrainResult:
@@ -306,7 +355,35 @@ def train(cache_dir: str | Path, out_dir: str | Path, profile: Profile, pretrain
     ``splits``: {"train": (indices, labels), "val": (indices, labels)} instead of the manifest's splits
     (used by k-fold cross-validation).
     """
-    out = Path(out_dir)
+    run = _prepare_run(cache_dir, Path(out_dir), profile, pretrained, seed, device, splits)
+    state = _resume(run) if resume and run.last_path.exists() else TrainState()
+    if run.ctx.active:
+        _broadcast_parameters(run.net)
+
+    started = time.perf_counter()
+    seen_images, train_seconds = 0, 0.0
+    batches = None
+    for epoch in range(state.start_epoch, profile.epochs):
+        result = _train_epoch(run, epoch, batches, log_every)
+        train_seconds += result.train_seconds
+        seen_images += result.n_batches * profile.batch_size
+        # Start the next epoch's loading now: with persistent workers its first batches arrive while the
+        # EMA model is validated, so the next epoch does not begin by waiting for them.
+        batches = None
+        if epoch + 1 < profile.epochs:
+            run.sampler.set_epoch(epoch + 1)
+            batches = iter(run.train_loader)
+        stop = _validate_and_checkpoint(run, state, epoch, result, on_epoch) if run.ctx.is_main else False
+        if run.ctx.active:
+            stop = _broadcast_flag(stop, run.dev)
+        if stop:
+            break
+    return _finish(run, state, seen_images, train_seconds, started)
+
+
+def _prepare_run(cache_dir: str | Path, out: Path, profile: Profile, pretrained: str | None, seed: int,
+                 device: str | None, splits: dict[str, tuple[np.ndarray, np.ndarray]] | None) -> _Run:
+    """Check the inputs, seed, pick the device, build the loaders, the network and its optimiser."""
     ctx = distributed_context()
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -349,7 +426,6 @@ def train(cache_dir: str | Path, out_dir: str | Path, profile: Profile, pretrain
         val_loader = DataLoader(CacheDataset(cache.images, val_idx, val_y, EvalTransform(config)),
                                 batch_size=max(64, per_rank_batch * 2), shuffle=False,
                                 **loader_options(dev, min(workers, 4)))
-    normalize = DeviceNormalize(config, dev)
 
     steps_per_epoch = len(train_loader) if profile.max_steps_per_epoch is None else \
         min(len(train_loader), profile.max_steps_per_epoch)
@@ -357,28 +433,6 @@ def train(cache_dir: str | Path, out_dir: str | Path, profile: Profile, pretrain
     net, model, ema, criterion, optimizer, scheduler = build_training(profile, dev, pretrained, n_pos, n_neg,
                                                                       steps_per_epoch, ctx)
     scaler = torch.amp.GradScaler("cuda", enabled=dev.type == "cuda" and amp_dtype == torch.float16)
-
-    history: list[dict] = []
-    start_epoch, best_auc, best_epoch, stale = 0, -1.0, -1, 0
-    last_path = out / "last.pt"
-    if resume and last_path.exists():
-        state = torch.load(last_path, map_location=dev, weights_only=False)
-        net.load_state_dict(state["net"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, best_auc = state["epoch"] + 1, state["best_auc"]
-        best_epoch, stale = state["best_epoch"], state["stale"]
-        history = state["history"]
-        torch.set_rng_state(state["rng"])
-        if ctx.is_main:
-            log.info("resumed from %s at epoch %d (best val AUC %.4f at epoch %d; it ran on %d process(es), this "
-                     "run on %d)", last_path, start_epoch + 1, best_auc, best_epoch + 1, state.get("world_size", 1),
-                     ctx.world_size)
-    if ctx.active:
-        _broadcast_parameters(net)
-
     if ctx.is_main:
         log.info("training ResNet-50 on %d images (%d pneumonia, %d normal), validating on %d; profile %s "
                  "(%d px, %d epochs, lr %g); device %s x %d, batch %d (%d per process), %d loader workers per "
@@ -386,106 +440,122 @@ def train(cache_dir: str | Path, out_dir: str | Path, profile: Profile, pretrain
                  profile.image_size, profile.epochs, profile.lr, dev.type, ctx.world_size, profile.batch_size,
                  per_rank_batch, workers,
                  str(amp_dtype).replace("torch.", "") if amp_dtype else "off (fp32)")
+    return _Run(out, profile, config, seed, ctx, dev, amp_dtype, net, model, ema, criterion, optimizer, scheduler,
+                scaler, sampler, train_loader, val_loader, val_y, DeviceNormalize(config, dev), steps_per_epoch)
+
+
+def _resume(run: _Run) -> TrainState:
+    """Weights, EMA, optimiser, schedule, RNG and bookkeeping from ``last.pt``: the run goes on where it stopped."""
+    state = torch.load(run.last_path, map_location=run.dev, weights_only=False)
+    run.net.load_state_dict(state["net"])
+    if run.ema is not None:
+        run.ema.load_state_dict(state["ema"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"])
+    resumed = TrainState(start_epoch=state["epoch"] + 1, best_auc=state["best_auc"], best_epoch=state["best_epoch"],
+                         stale=state["stale"], history=state["history"])
+    if run.ctx.is_main:
+        log.info("resumed from %s at epoch %d (best val AUC %.4f at epoch %d; it ran on %d process(es), this "
+                 "run on %d)", run.last_path, resumed.start_epoch + 1, resumed.best_auc, resumed.best_epoch + 1,
+                 state.get("world_size", 1), run.ctx.world_size)
+    return resumed
+
+
+def _train_epoch(run: _Run, epoch: int, batches, log_every: int) -> _Epoch:
+    """One epoch of optimisation steps (``batches``: its iterator when already started, else None)."""
     from tqdm import tqdm
 
+    profile, dev = run.profile, run.dev
+    run.model.train()
     started = time.perf_counter()
-    seen_images, train_seconds = 0, 0.0
-    batches = None
-    for epoch in range(start_epoch, profile.epochs):
-        model.train()
-        epoch_start = time.perf_counter()
-        if batches is None:
-            sampler.set_epoch(epoch)
-            batches = iter(train_loader)
-        loss_sum = torch.zeros((), device=dev)
-        n_batches = 0
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{profile.epochs}", unit="batch", mininterval=5,
-                   disable=None if ctx.is_main else True)
-        report_every = max(1, steps_per_epoch // 5)
-        for step in range(steps_per_epoch):
-            x, y = next(batches)
-            x = normalize(x.to(dev, non_blocking=True))
-            y = y.to(dev, non_blocking=True)
-            loss_sum += train_step(model, x, y, criterion, optimizer, scheduler, scaler, amp_dtype, dev)
-            if ema is not None:
-                ema.update_parameters(net)
-            n_batches += 1
-            bar.update(1)
-            if log_every and (step + 1) % log_every == 0 and not bar.disable:
-                bar.set_postfix(loss=f"{float(loss_sum) / n_batches:.4f}")  # a sync, every log_every steps only
-            if bar.disable and ctx.is_main and (step + 1) % report_every == 0:  # no TTY: progress as log lines
-                log.info("epoch %d: %d/%d batches, loss %.4f, %.1f img/s", epoch + 1, step + 1, steps_per_epoch,
-                         float(loss_sum) / n_batches,
-                         n_batches * profile.batch_size / (time.perf_counter() - epoch_start))
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)  # the epoch's time includes its last kernels
-        bar.close()
-        epoch_train_seconds = time.perf_counter() - epoch_start
-        train_seconds += epoch_train_seconds
-        seen_images += n_batches * profile.batch_size
-        if ctx.active:  # the mean loss over every process's batches
-            import torch.distributed as dist
+    if batches is None:
+        run.sampler.set_epoch(epoch)
+        batches = iter(run.train_loader)
+    loss_sum = torch.zeros((), device=dev)
+    n_batches = 0
+    steps = run.steps_per_epoch
+    bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{profile.epochs}", unit="batch", mininterval=5,
+               disable=None if run.ctx.is_main else True)
+    report_every = max(1, steps // 5)
+    for step in range(steps):
+        x, y = next(batches)
+        x = run.normalize(x.to(dev, non_blocking=True))
+        y = y.to(dev, non_blocking=True)
+        loss_sum += train_step(run.model, x, y, run.criterion, run.optimizer, run.scheduler, run.scaler,
+                               run.amp_dtype, dev)
+        if run.ema is not None:
+            run.ema.update_parameters(run.net)
+        n_batches += 1
+        bar.update(1)
+        if log_every and (step + 1) % log_every == 0 and not bar.disable:
+            bar.set_postfix(loss=f"{float(loss_sum) / n_batches:.4f}")  # a sync, every log_every steps only
+        if bar.disable and run.ctx.is_main and (step + 1) % report_every == 0:  # no TTY: progress as log lines
+            log.info("epoch %d: %d/%d batches, loss %.4f, %.1f img/s", epoch + 1, step + 1, steps,
+                     float(loss_sum) / n_batches, n_batches * profile.batch_size / (time.perf_counter() - started))
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)  # the epoch's time includes its last kernels
+    bar.close()
+    train_seconds = time.perf_counter() - started
+    if run.ctx.active:  # the mean loss over every process's batches
+        import torch.distributed as dist
 
-            dist.all_reduce(loss_sum)
-            loss_sum /= ctx.world_size
-        train_loss = float(loss_sum) / max(1, n_batches)
-        # Start the next epoch's loading now: with persistent workers its first batches arrive while the
-        # EMA model is validated, so the next epoch does not begin by waiting for them.
-        batches = None
-        if epoch + 1 < profile.epochs:
-            sampler.set_epoch(epoch + 1)
-            batches = iter(train_loader)
+        dist.all_reduce(loss_sum)
+        loss_sum /= run.ctx.world_size
+    return _Epoch(float(loss_sum) / max(1, n_batches), n_batches, started, train_seconds)
 
-        stop = False
-        if ctx.is_main:
-            val_logits = predict_logits(ema.module, val_loader, dev, amp_dtype, normalize)
-            val_auc = auc(val_y, val_logits)
-            val_loss = float(nn.functional.binary_cross_entropy_with_logits(
-                torch.from_numpy(val_logits), torch.from_numpy(val_y.astype(np.float32))))
-            record = {"epoch": epoch + 1, "train_loss": train_loss, "val_auc": val_auc, "val_loss": val_loss,
-                      "lr": scheduler.get_last_lr()[0],
-                      "train_images_per_second": n_batches * profile.batch_size / max(epoch_train_seconds, 1e-9),
-                      "epoch_seconds": time.perf_counter() - epoch_start}
-            history.append(record)
-            improved = val_auc > best_auc
-            if improved:
-                best_auc, best_epoch, stale = val_auc, epoch, 0
-                _save_checkpoint(out / "checkpoint.pt", ema.module, config, profile, seed, record)
-            else:
-                stale += 1
-            log.info("epoch %d/%d  train_loss %.4f  val_loss %.4f  val_auc %.4f%s  %.1f img/s  %.0f s", epoch + 1,
-                     profile.epochs, record["train_loss"], val_loss, val_auc, " *" if improved else "",
-                     record["train_images_per_second"], record["epoch_seconds"])
-            _atomic_save({"net": net.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                          "scheduler": scheduler.state_dict(), "epoch": epoch, "best_auc": best_auc,
-                          "best_epoch": best_epoch, "stale": stale, "history": history,
-                          "rng": torch.get_rng_state(), "world_size": ctx.world_size}, last_path)
-            if on_epoch:
-                on_epoch(record)
-            stop = stale >= profile.patience
-            if stop:
-                log.info("early stopping: val AUC has not improved for %d epochs", stale)
-        if ctx.active:
-            stop = _broadcast_flag(stop, dev)
-        if stop:
-            break
 
+def _validate_and_checkpoint(run: _Run, state: TrainState, epoch: int, result: _Epoch, on_epoch) -> bool:
+    """Rank 0: score the EMA weights on val, keep them in ``checkpoint.pt`` when they are the best so far,
+    write ``last.pt``, call ``on_epoch``. Returns whether to stop early."""
+    val_logits = predict_logits(run.ema.module, run.val_loader, run.dev, run.amp_dtype, run.normalize)
+    val_auc = auc(run.val_y, val_logits)
+    val_loss = float(nn.functional.binary_cross_entropy_with_logits(
+        torch.from_numpy(val_logits), torch.from_numpy(run.val_y.astype(np.float32))))
+    record = {"epoch": epoch + 1, "train_loss": result.loss, "val_auc": val_auc, "val_loss": val_loss,
+              "lr": run.scheduler.get_last_lr()[0],
+              "train_images_per_second": result.n_batches * run.profile.batch_size / max(result.train_seconds, 1e-9),
+              "epoch_seconds": time.perf_counter() - result.started}
+    state.history.append(record)
+    improved = val_auc > state.best_auc
+    if improved:
+        state.best_auc, state.best_epoch, state.stale = val_auc, epoch, 0
+        _save_checkpoint(run.out / "checkpoint.pt", run.ema.module, run.config, run.profile, run.seed, record)
+    else:
+        state.stale += 1
+    log.info("epoch %d/%d  train_loss %.4f  val_loss %.4f  val_auc %.4f%s  %.1f img/s  %.0f s", epoch + 1,
+             run.profile.epochs, record["train_loss"], val_loss, val_auc, " *" if improved else "",
+             record["train_images_per_second"], record["epoch_seconds"])
+    _atomic_save({"net": run.net.state_dict(), "ema": run.ema.state_dict(), "optimizer": run.optimizer.state_dict(),
+                  "scheduler": run.scheduler.state_dict(), "epoch": epoch, "best_auc": state.best_auc,
+                  "best_epoch": state.best_epoch, "stale": state.stale, "history": state.history,
+                  "rng": torch.get_rng_state(), "world_size": run.ctx.world_size}, run.last_path)
+    if on_epoch:
+        on_epoch(record)
+    stop = state.stale >= run.profile.patience
+    if stop:
+        log.info("early stopping: val AUC has not improved for %d epochs", state.stale)
+    return stop
+
+
+def _finish(run: _Run, state: TrainState, seen_images: int, train_seconds: float, started: float) -> TrainResult:
+    """Rank 0 writes ``history.json`` and ``result.json``; every rank returns the run's summary."""
     result = None
-    if ctx.is_main:
-        (out / "history.json").write_text(json.dumps(history, indent=2))
+    if run.ctx.is_main:
+        (run.out / "history.json").write_text(json.dumps(state.history, indent=2))
         throughput = seen_images / train_seconds if train_seconds else 0.0
-        result = TrainResult(out / "checkpoint.pt", history, best_epoch + 1, best_auc, throughput,
-                             time.perf_counter() - started)
-        log.info("best val AUC %.4f at epoch %d; %.1f img/s; %.0f s", best_auc, best_epoch + 1, throughput,
+        result = TrainResult(run.out / "checkpoint.pt", state.history, state.best_epoch + 1, state.best_auc,
+                             throughput, time.perf_counter() - started)
+        log.info("best val AUC %.4f at epoch %d; %.1f img/s; %.0f s", state.best_auc, state.best_epoch + 1, throughput,
                  result.seconds)
-        (out / "result.json").write_text(json.dumps(dict(asdict(result), checkpoint=str(result.checkpoint),
-                                                         world_size=ctx.world_size), indent=2))
-    if ctx.active:
+        (run.out / "result.json").write_text(json.dumps(dict(asdict(result), checkpoint=str(result.checkpoint),
+                                                             world_size=run.ctx.world_size), indent=2))
+    if run.ctx.active:
         import torch.distributed as dist
 
         dist.barrier()
     if result is None:  # other ranks: the same summary, nothing written
-        result = TrainResult(out / "checkpoint.pt", [], 0, float("nan"), seen_images / max(train_seconds, 1e-9),
+        result = TrainResult(run.out / "checkpoint.pt", [], 0, float("nan"), seen_images / max(train_seconds, 1e-9),
                              time.perf_counter() - started)
     return result
 

@@ -7,6 +7,7 @@ every bad input ends with one line on stderr and exit status 2 (``model.cli.main
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import re
@@ -211,7 +212,8 @@ def run_local(arguments: dict, pipeline_root: Path) -> dict:
 
     pipeline_root.mkdir(parents=True, exist_ok=True)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root))
-    with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
+    with warnings.catch_warnings(), WithoutExecutorInput(sys.stderr) as steps_log, \
+            contextlib.redirect_stdout(steps_log):
         # The SubprocessRunner runs this interpreter: it ignores the image (and warns that its name lacks
         # "python") and the Kubernetes resources (and warns about each step).
         warnings.filterwarnings("ignore", message=".*non-Python base image.*")
@@ -222,6 +224,55 @@ def run_local(arguments: dict, pipeline_root: Path) -> dict:
             message = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
             raise CommandError(f"{message} (the step's log is above; outputs under {pipeline_root})") from None
     return dict(task.outputs)
+
+
+class WithoutExecutorInput(io.TextIOBase):
+    """A text stream that passes what kfp.local prints on to ``stream``, less each step's ``Got executor_input:``
+    block: the executor logs the step's whole input as indented JSON (about 90 lines a step) before the step's
+    own log, and the same inputs are in the step's folder under the pipeline root. A block is the header line,
+    an opening brace at its indentation, deeper lines, and the closing brace at its indentation; any other line
+    ends it and is passed on."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.partial = ""
+        self.header_indent: int | None = None  # inside a block: the indentation of its header
+        self.opened = False
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        *lines, self.partial = (self.partial + text).split("\n")
+        for line in lines:
+            if not self._in_block(line):
+                self.stream.write(line + "\n")
+        return len(text)
+
+    def _in_block(self, line: str) -> bool:
+        indent, text = len(line) - len(line.lstrip()), line.strip()
+        header = self.header_indent
+        if header is None:
+            if text.endswith("Got executor_input:"):
+                self.header_indent, self.opened = indent, False
+                return True
+            return False
+        if not self.opened and text == "{" and indent == header:
+            self.opened = True
+            return True
+        if self.opened and indent > header:
+            return True
+        self.header_indent = None
+        return self.opened and text == "}" and indent == header
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def __exit__(self, *exc) -> None:
+        if self.partial:
+            self.stream.write(self.partial)
+            self.partial = ""
+        self.flush()
 
 
 def cmd_submit(args) -> int:

@@ -32,7 +32,7 @@ PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "openvino": "openvino_onnx"}
 
 class EngineError(RuntimeError):
     """An engine that cannot serve: not installed, a precision this CPU or bundle lacks, or no candidate
-    passed the accuracy gate. The message is one line for the operator."""
+    passed the engine parity gate. The message is one line for the operator."""
 
 
 class Engine(Protocol):

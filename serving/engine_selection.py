@@ -3,15 +3,15 @@
 At load (before the predictor reports ready):
 
 1. Candidates: every installed engine (``PNEUMOSCOPE_ENGINE=auto``) or the one forced, times every precision
-   the bundle allows (fp32; int8 when its graph passed the export gate; bf16 on OpenVINO where the CPU has
+   the bundle allows (fp32; int8 when its graph passed the int8 export gate; bf16 on OpenVINO where the CPU has
    native bf16) or the one forced with ``PNEUMOSCOPE_PRECISION``.
 2. Timing: the candidates run the load the predictor sees under saturation (``streams`` parallel
    single-threaded calls, or all threads on one call with one stream) for a bounded ``engine_timing_s``
    each, in interleaved rounds so that a neighbour's burst on a shared machine hits them all alike; the
    median round counts.
-3. The accuracy gate (:mod:`model.engine_gate`), fastest candidate first: it runs the bundle's stored
+3. The engine parity gate (:mod:`model.engine_gate`), fastest candidate first: it runs the bundle's stored
    validation images and is eligible only if its logits stay within the stored tolerance of the fp32
-   reference, its AUC drops by no more than the int8 gate's limit, and its CAMs keep their shape. The first
+   reference, its AUC drops by no more than the int8 export gate's limit, and its CAMs keep their shape. The first
    that passes serves; slower ones need no gate (that keeps the start short: gating costs more than timing).
 4. The table is logged and exported (Prometheus, v2 ``platform``).
 
@@ -98,7 +98,7 @@ def _precisions(bundle: Bundle, settings: ServingSettings, engine: str) -> list[
         if engine == "openvino" and native_bf16():
             wanted.append("bf16")
     if "int8" in wanted and GRAPHS["int8"] not in files:
-        raise EngineError("this model version has no int8 graph (its int8 graph failed the export gate or was "
+        raise EngineError("this model version has no int8 graph (its int8 graph failed the int8 export gate or was "
                           "never made); use precision auto or fp32")
     if engine == "onnxruntime":
         wanted = [p for p in wanted if p != "bf16"]
@@ -182,13 +182,14 @@ def select_engine(bundle: Bundle, settings: ServingSettings, model_name: str = "
             if c.gate.passed:
                 chosen, c.status = c, "chosen"
             else:
-                c.status = "failed the accuracy gate"
-                log.warning("engine %s failed the accuracy gate: %s", c.key, c.gate.reason)
+                c.status = "failed the engine parity gate"
+                log.warning("engine %s failed the engine parity gate (outputs vs the fp32 reference on the bundle's "
+                            "%d stored val images): %s", c.key, len(gate.labels), c.gate.reason)
         if c is not chosen:
             c.wide = c.narrow = None  # release the compiled graphs of everything that does not serve
     if chosen is None:
         table = "; ".join(f"{c.key}: {c.gate.reason if c.gate else c.status}" for c in candidates)
-        raise EngineError(f"no engine passed the accuracy gate on this machine ({table})")
+        raise EngineError(f"no engine passed the engine parity gate on this machine ({table})")
     selection = Selection(chosen.engine, chosen.precision, chosen.wide, chosen.narrow, mode, gate is not None,
                           [c.row() for c in candidates], time.perf_counter() - started)
     _report(selection, candidates, model_name, model_version, threads, streams, settings)
@@ -200,7 +201,7 @@ def _ungated(bundle: Bundle, settings: ServingSettings, candidates: list[Candida
     precision = settings.precision if settings.precision != "auto" else (
         "int8" if bundle.onnx_path("auto").name == GRAPHS["int8"] else "fp32")
     engine = "onnxruntime" if settings.engine == "auto" else settings.engine
-    log.warning("this model version carries no engine gate set (exported before it existed): serving %s %s "
+    log.warning("this model version carries no engine parity gate set (exported before it existed): serving %s %s "
                 "without comparing engines; re-export the model to enable engine selection", engine, precision)
     kept = [c for c in candidates if c.engine == engine and c.precision == precision]
     return kept or [Candidate(engine, precision)]

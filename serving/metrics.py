@@ -39,8 +39,8 @@ ENGINE_CANDIDATE_SPEED = Gauge("pneumoscope_engine_candidate_images_per_second",
                                "engine x precision, measured at load under the predictor's saturated load",
                                ["engine", "precision"])
 ENGINE_CANDIDATE_ELIGIBLE = Gauge("pneumoscope_engine_candidate_eligible", "1 if the engine x precision passed the "
-                                  "accuracy gate at load, else 0", ["engine", "precision"])
-ENGINE_SELECTION_SECONDS = Gauge("pneumoscope_engine_selection_seconds", "duration of the engine accuracy gate and "
+                                  "engine parity gate at load, else 0", ["engine", "precision"])
+ENGINE_SELECTION_SECONDS = Gauge("pneumoscope_engine_selection_seconds", "duration of the engine parity gate and "
                                  "timing at load")
 WARMUP_SECONDS = Gauge("pneumoscope_warmup_seconds", "duration of the warm-up inference run before the "
                        "predictor reported ready")

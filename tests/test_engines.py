@@ -1,4 +1,4 @@
-"""Inference engines: ONNX Runtime and OpenVINO on the same bundle, the accuracy gate, the choice by measurement.
+"""Inference engines: ONNX Runtime and OpenVINO on the same bundle, the engine parity gate, the choice by measurement.
 
 One random-weight ResNet-50 bundle (128 px, fp32 + int8, its gate set of real X-rays with their true labels)
 serves the module. No timing is asserted: which engine is faster depends on the machine and its load.
@@ -188,10 +188,10 @@ def test_a_candidate_that_fails_the_gate_is_never_chosen(bundle_dir, tmp_path):
     assert set(table) == {(e, p) for e in ("onnxruntime", "openvino") for p in ("fp32", "int8")}
     assert selection.precision == "fp32" and table[(selection.engine, "fp32")]["status"] == "chosen"
     for engine in ("onnxruntime", "openvino"):  # faster, so gated first, and refused (unless slower: not gated)
-        assert table[(engine, "int8")]["status"] in ("failed the accuracy gate", "not gated: slower than the "
+        assert table[(engine, "int8")]["status"] in ("failed the engine parity gate", "not gated: slower than the "
                                                                                  "chosen one"), table
     # Only int8 allowed: both broken graphs are gated, both fail, and the predictor refuses to start.
-    with pytest.raises(EngineError, match="no engine passed the accuracy gate") as refused:
+    with pytest.raises(EngineError, match="no engine passed the engine parity gate") as refused:
         select_engine(bundle, _settings(precision="int8"))
     assert str(refused.value).count("max |logit diff|") == 2, refused.value
     for engine in ("onnxruntime", "openvino"):
@@ -217,7 +217,7 @@ def test_a_candidate_that_fails_the_gate_is_never_chosen(bundle_dir, tmp_path):
     selection = select_engine(Bundle.load(bundle_dir), _settings(), factory=factory)
     table = {(row["engine"], row["precision"]): row for row in selection.table}
     assert table[("openvino", "fp32")]["img_per_s"] > table[("onnxruntime", "fp32")]["img_per_s"]  # the fastest
-    assert table[("openvino", "fp32")]["status"] == "failed the accuracy gate"
+    assert table[("openvino", "fp32")]["status"] == "failed the engine parity gate"
     assert table[("openvino", "fp32")]["auc_drop"] == 0.0  # AUC alone would not have caught it
     assert (selection.engine, selection.precision) == ("onnxruntime", "fp32")
 

@@ -20,6 +20,8 @@ def run_pipeline(capsys, *extra: str) -> dict:
     assert code == 0, captured.err[-3000:]
     lines = captured.out.strip().splitlines()
     assert len(lines) == 1, "stdout holds only the result; the steps' logs go to stderr"
+    assert "training ResNet-50" in captured.err and "Got executor_input" not in captured.err, \
+        "stderr holds each step's own log, without kfp.local's echo of the step's inputs"
     return json.loads(lines[0])
 
 

@@ -270,35 +270,15 @@ def cmd_users_revoke(args) -> int:
 
 
 def cmd_studies_export(args) -> int:
-    from sqlalchemy import select
-
     from model.cli import CommandError
-    from webapp.models import FORMATS, Study
+    from webapp.db import session_factory
     from webapp.storage import ImageStore
+    from webapp.studies import export_reviewed
 
     engine, settings = _engine(args)
     store = ImageStore(settings.resolved_image_store())
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise CommandError(f"{out} exists and is not a folder")
-    from webapp.db import session_factory
-
-    with session_factory(engine)() as db:
-        query = select(Study).where(Study.status == "done", Study.feedback.is_not(None)).order_by(Study.id)
-        if args.only_corrected:
-            query = query.where(Study.feedback == "corrected")
-        studies = list(db.scalars(query))
-    manifest = []
-    for study in studies:
-        folder = out / "train" / study.feedback_label
-        folder.mkdir(parents=True, exist_ok=True)
-        name = f"pneumoscope-study-{study.id}.{FORMATS[study.image_format][0]}"
-        (folder / name).write_bytes(store.get(study.image_key()))
-        manifest.append({"file": f"train/{study.feedback_label}/{name}", "study": study.id,
-                         "label": study.feedback_label, "review": study.feedback, "model_label": study.label,
-                         "model_version": study.model_version, "sha256": study.image_sha256})
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "pneumoscope-export.json").write_text(json.dumps({"studies": manifest}, indent=1))
-    counts = {label: sum(1 for m in manifest if m["label"] == label) for label in ("NORMAL", "PNEUMONIA")}
-    print(json.dumps({"out": str(out), "exported": len(manifest), **counts}))
+    print(json.dumps(export_reviewed(session_factory(engine), store, out, args.only_corrected)))
     return 0

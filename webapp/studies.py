@@ -1,4 +1,5 @@
-"""Studies: store an upload (file + row in one transaction), score it, retry it, query it, take feedback.
+"""Studies: store an upload (file + row in one transaction), score it, retry it, query it, take feedback, export
+the reviewed ones as labelled training data.
 
 The order never loses an upload: the row and the file are written first (a file left by a failed
 commit is removed; a row is never committed without its file), then the transformer is called. A
@@ -10,11 +11,13 @@ none is scored twice at once.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 import time
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
+from pathlib import Path
 
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -22,7 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from webapp.db import transaction
 from webapp.inference import InferenceClient, InferenceRejected, InferenceResult, InferenceUnavailable
 from webapp.metrics import INFERENCE_SECONDS, PENDING, RETRIES
-from webapp.models import LABELS, STATUSES, VERDICTS, Study, User, utcnow
+from webapp.models import FORMATS, LABELS, STATUSES, VERDICTS, Study, User, utcnow
 from webapp.settings import WebSettings
 from webapp.storage import ImageStore
 from webapp.uploads import CheckedUpload
@@ -304,6 +307,35 @@ class RetryWorker:
                      scoring.study.attempts, scoring.message, scoring.study.next_attempt_at.isoformat())
         else:
             log.info("study %d %s after %d attempts", study_id, scoring.outcome, scoring.study.attempts)
+
+
+EXPORT_MANIFEST = "pneumoscope-export.json"
+
+
+def export_reviewed(factory: sessionmaker[Session], store: ImageStore, out: Path, only_corrected: bool = False
+                    ) -> dict:
+    """Write every scored study a doctor confirmed or corrected as labelled training data: its file, as stored,
+    under ``out/train/<the doctor's label>/`` (the Kaggle layout the training ingest reads), and
+    ``out/pneumoscope-export.json`` (study, review, the model's label and version, digest per file).
+    Returns ``{"out", "exported", "NORMAL", "PNEUMONIA"}``."""
+    with factory() as db:
+        query = select(Study).where(Study.status == "done", Study.feedback.is_not(None)).order_by(Study.id)
+        if only_corrected:
+            query = query.where(Study.feedback == "corrected")
+        studies = list(db.scalars(query))
+    manifest = []
+    for study in studies:
+        folder = out / "train" / study.feedback_label
+        folder.mkdir(parents=True, exist_ok=True)
+        name = f"pneumoscope-study-{study.id}.{FORMATS[study.image_format][0]}"
+        (folder / name).write_bytes(store.get(study.image_key()))
+        manifest.append({"file": f"train/{study.feedback_label}/{name}", "study": study.id,
+                         "label": study.feedback_label, "review": study.feedback, "model_label": study.label,
+                         "model_version": study.model_version, "sha256": study.image_sha256})
+    out.mkdir(parents=True, exist_ok=True)
+    (out / EXPORT_MANIFEST).write_text(json.dumps({"studies": manifest}, indent=1))
+    counts = {label: sum(1 for m in manifest if m["label"] == label) for label in LABELS}
+    return {"out": str(out), "exported": len(manifest), **counts}
 
 
 def study_json(study: Study, owner_name: str | None = None) -> dict:
