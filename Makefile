@@ -76,7 +76,7 @@ deps-monitoring:
 	  flock /tmp/apt.lock sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus nginx >/dev/null'; \
 	fi
 
-# The documentation site's builder (the `docs` extra: MkDocs + Material); tests/test_docs.py builds the site
+# The documentation site's builder (the `docs` extra: MkDocs + Material); tests/project/test_docs.py builds the site
 # with --strict, so `make test` installs it. `make demo` does not need it.
 deps-docs: $(VENV)/.docs-installed
 

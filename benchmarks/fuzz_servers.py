@@ -4,7 +4,7 @@
 
 Endpoints: the transformer's REST v1 (``:predict``, JSON and raw image bodies), REST v2 (binary and
 JSON), gRPC ModelInfer; the predictor's REST v2 and gRPC ModelInfer -- on a ``LocalStack`` (128 px
-model), one request at a time. The cases come from the strategies of ``tests/test_fuzz.py`` (mutated
+model), one request at a time. The cases come from the strategies of ``tests/serving/test_fuzz.py`` (mutated
 PNG/JPEG/DICOM files, well-formed requests slightly off, arbitrary JSON and bytes, odd headers).
 
 Counted per endpoint: answers by status; *findings* are answers >= 500 (gRPC: INTERNAL, UNKNOWN,

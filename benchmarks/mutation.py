@@ -56,24 +56,24 @@ class Target:
 
 
 TARGETS = {
-    "metrics": Target("model/metrics.py", ["tests/test_metrics.py", "tests/test_evaluation_claims.py", *FAST],
+    "metrics": Target("model/metrics.py", ["tests/model/test_metrics.py", "tests/model/test_evaluation_claims.py", *FAST],
                       functions_except("save_plots"), "save_plots draws the PNGs (presentation, checked by the "
                       "registry test for existence only)"),
-    "data": Target("model/data.py", ["tests/test_data.py", "tests/test_split_claims.py", *FAST],
+    "data": Target("model/data.py", ["tests/model/test_data.py", "tests/model/test_split_claims.py", *FAST],
                    functions_except("open_source", "discover", "_is_image_name", "_discover_npz", "resolve_source",
                                     "_init_worker", "_read_bytes", "gate_images", "_subsample", "_write_csv") +
                    [r"^class CachedData"],
                    "the issue scopes data.py to the split and the gate: discovery, downloads, worker plumbing and "
                    "the cache reader are out of scope"),
-    "dicom": Target("model/dicom.py", ["tests/test_dicom.py", "tests/test_preprocessing_claims.py", *FAST]),
-    "preprocessing": Target("model/preprocessing.py", ["tests/test_preprocessing.py", "tests/test_dicom.py",
-                                                       "tests/test_preprocessing_claims.py", *FAST]),
-    "export": Target("model/export.py", ["tests/test_export_claims.py", "-k", "int8_gate", *FAST],
+    "dicom": Target("model/dicom.py", ["tests/model/test_dicom.py", "tests/model/test_preprocessing_claims.py", *FAST]),
+    "preprocessing": Target("model/preprocessing.py", ["tests/model/test_preprocessing.py", "tests/model/test_dicom.py",
+                                                       "tests/model/test_preprocessing_claims.py", *FAST]),
+    "export": Target("model/export.py", ["tests/model/test_export_claims.py", "-k", "int8_gate", *FAST],
                      functions_except("export_onnx", "parity", "quantize_int8", "_cam_nodes") +
                      [r"^class _CalibrationReader"],
                      "the issue scopes export.py to the int8 gate; export and parity are covered by the integration "
                      "tests (ONNX vs PyTorch on real X-rays)"),
-    "registry": Target("model/registry.py", ["tests/test_registry_claims.py", "-k", "promot"],
+    "registry": Target("model/registry.py", ["tests/model/test_registry_claims.py", "-k", "promot"],
                        functions_except("default_tracking_uri", "connect", "_ensure_experiment", "git_commit",
                                         "log_and_register", "resolve_model_uri", "fetch_model") +
                        [r"^class (RegistryError|Registration)"],

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import PIPELINE_SMOKE as SMOKE
 from model.cli import main
-from tests.test_pipeline_fixtures import shared_xrays
+from tests.pipelines.test_pipeline_fixtures import shared_xrays
 
 pytestmark = pytest.mark.integration
 

@@ -32,7 +32,7 @@ from serving_fixtures import (XRAY_FULL, dicom_from_image, free_port_pair, regis
 pytestmark = pytest.mark.integration
 
 MAX_PAYLOAD = 8_000_000
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]  # tests/, where the shared helper scripts live
 
 
 @dataclass
@@ -189,7 +189,7 @@ def test_quality_flags_are_reported_and_never_change_the_decision(served, images
     exactly probability >= threshold."""
     from PIL import Image
 
-    from tests.test_quality_gate import blurred, stamped
+    from tests.model.test_quality_gate import blurred, stamped
 
     plain = images[-1]  # the full-resolution upload
     width = Image.open(io.BytesIO(plain)).width

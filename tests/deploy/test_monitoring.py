@@ -16,7 +16,7 @@ import yaml
 from deploy.manifests import helm_template
 from test_manifests import crd_errors
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 RULES = REPO / "helm" / "pneumoscope" / "files" / "prometheus-rules.yaml"
 DASHBOARD = REPO / "helm" / "pneumoscope" / "files" / "grafana-dashboard.json"
 ALERTS = {"PneumoscopeHighErrorRatio", "PneumoscopeHighLatencyP99", "PneumoscopePredictorDown",
@@ -37,7 +37,7 @@ def monitoring_objects() -> dict:
 
 
 def test_every_alert_has_a_promtool_test_that_fires_and_one_that_stays_quiet():
-    tests = yaml.safe_load((REPO / "tests" / "monitoring" / "prometheus-rules.test.yaml").read_text())["tests"]
+    tests = yaml.safe_load((REPO / "tests" / "deploy" / "monitoring" / "prometheus-rules.test.yaml").read_text())["tests"]
     firing, quiet = set(), set()
     for case in tests:
         for check in case["alert_rule_test"]:
@@ -49,7 +49,7 @@ def test_every_alert_has_a_promtool_test_that_fires_and_one_that_stays_quiet():
 
 def test_promtool_unit_tests_of_the_alerts_pass():
     result = subprocess.run([promtool(), "test", "rules", "prometheus-rules.test.yaml"], capture_output=True,
-                            text=True, timeout=120, cwd=REPO / "tests" / "monitoring")
+                            text=True, timeout=120, cwd=REPO / "tests" / "deploy" / "monitoring")
     assert result.returncode == 0, result.stdout + result.stderr
 
 

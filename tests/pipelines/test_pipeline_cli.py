@@ -19,7 +19,7 @@ from urllib.parse import parse_qs, urlparse
 import pytest
 
 from model.cli import main
-from tests.test_pipeline_fixtures import free_port, one_error_line, pneumoscope
+from tests.pipelines.test_pipeline_fixtures import free_port, one_error_line, pneumoscope
 
 
 @pytest.fixture

@@ -154,7 +154,7 @@ def test_prepare_reports_excludes_and_masks(tmp_path, shared_224):
 
 
 def test_cli_prepare_prints_the_quality_counts(tmp_path, shared_224):
-    from tests.test_cli import run_cli
+    from tests.model.test_cli import run_cli
 
     root = tmp_path / "data" / "train"
     for f in real_xrays(shared_224, 6, clean=False):

@@ -13,7 +13,7 @@ from conftest import SHARED_DATA, require_shared
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CHEST_XRAY_224 = SHARED_DATA / "chest_xray_224"
 VENV_BIN = Path(sys.executable).parent
 

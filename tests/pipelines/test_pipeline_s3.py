@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_pipeline_fixtures import free_port, shared_xrays, stop_process, wait_for_port
+from tests.pipelines.test_pipeline_fixtures import free_port, shared_xrays, stop_process, wait_for_port
 
 BUCKET, PREFIX = "pneumoscope-data", "chest_xray"
 PER_CLASS = 14  # training images per class; val gets a few too

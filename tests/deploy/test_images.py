@@ -42,7 +42,7 @@ from deploy.manifests import MANIFESTS, kustomize
 pytestmark = pytest.mark.integration
 
 DOCKER = os.environ.get("DOCKER", "/usr/bin/docker")
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]  # tests/, where the shared helper scripts live
 DEV = MANIFESTS / "overlays" / "dev"
 INGRESS_DOMAIN = "example.com"
 # KServe's RawDeployment Service: port 80 -> the first declared container port, the others as themselves.

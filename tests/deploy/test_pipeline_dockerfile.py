@@ -1,6 +1,6 @@
 """docker/pipeline.Dockerfile: non-root, the git commit baked in, nothing installed at run time.
 
-hadolint and checkov run on every Dockerfile in tests/test_manifests.py. The image itself (CUDA torch,
+hadolint and checkov run on every Dockerfile in tests/deploy/test_manifests.py. The image itself (CUDA torch,
 ~6 GB) is built by `make images`, not by the tests; the pipeline's YAML tests check the other half of the
 contract (every step runs `python3 -m kfp.dsl.executor_main` in this image with no pip install).
 """
@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 
 
-DOCKERFILE = Path(__file__).resolve().parents[1] / "docker" / "pipeline.Dockerfile"
+DOCKERFILE = Path(__file__).resolve().parents[2] / "docker" / "pipeline.Dockerfile"
 
 
 def final_stage() -> str:

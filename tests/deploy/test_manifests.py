@@ -389,7 +389,7 @@ def test_hadolint(dockerfile):
 
 def checkov_binary() -> Path:
     path = REPO / ".venv" / "checkov" / "bin" / "checkov"
-    assert path.exists(), f"checkov is missing: `make setup` installs it into {path.parent.parent}"
+    assert path.exists(), f"checkov is missing: `make test` installs it into {path.parent.parent}"
     return path
 
 

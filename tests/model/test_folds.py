@@ -13,8 +13,8 @@ from model.metrics import abstention_metrics, choose_abstention_band
 from model.preprocessing import PreprocessConfig, apply_field_mask, field_mask, normalize, resize
 from model.profiles import get_profile
 from model.transforms import BorderErasing, TrainTransform
-from tests.test_cli import one_error_line, run_cli
-from tests.test_training_ddp import _synthetic_cache
+from tests.model.test_cli import one_error_line, run_cli
+from tests.model.test_training_ddp import _synthetic_cache
 
 
 def _pool(n_patients: int = 90):

@@ -17,7 +17,7 @@ import pytest
 
 from serving_fixtures import XRAY_FULL, build_bundle, free_port_pair, require_data, xray_files
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 NO_OPENVINO = "import sys; sys.modules['openvino'] = None  # as in an environment without the package\n"
 
 

@@ -10,7 +10,7 @@ import yaml
 from components.image import DEFAULT_IMAGE
 from model.cli import main
 from pipelines.pneumonia_training import DEFAULT_YAML, build_pipeline, compile_pipeline
-from tests.test_pipeline_fixtures import one_error_line, pneumoscope
+from tests.pipelines.test_pipeline_fixtures import one_error_line, pneumoscope
 
 STEPS = ("preprocess", "train", "evaluate", "register")
 
