@@ -33,6 +33,12 @@ class WebSettings(BaseSettings):
         None, description="signs session cookies and CSRF tokens; default: generated once into home/webapp-secret "
         "(set it when running replicas)")
 
+    # No flag either: keys on the command line would show in `ps`.
+    field_keys: Annotated[str | None, Cli(env_only=True)] = Field(
+        None, description="Fernet keys (comma-separated; the first encrypts) for the identifying fields stored with "
+        "a study (patient reference, accession number, DICOM modules); default: generated once into home/field-key "
+        "(set it when running replicas or the DICOM gateway)")
+
     # --- the transformer (Open Inference Protocol v2 over REST) ---
     inference_url: str = Field("http://127.0.0.1:8080", description="the transformer's base URL")
     inference_host: str | None = Field(None, description="Host header for the transformer (an ingress's route)")
@@ -92,3 +98,8 @@ class WebSettings(BaseSettings):
                 with os.fdopen(fd, "w") as out:
                     out.write(secrets.token_urlsafe(48))
         return path.read_text().strip()
+
+    def field_cipher(self):
+        from webapp.field_encryption import FieldCipher
+
+        return FieldCipher.from_config(self.field_keys, self.home)
