@@ -102,6 +102,10 @@ def _die_with_parent() -> None:
     _LIBC.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: the children go when the stack goes
 
 
+#: ``preexec_fn`` of a child that must not outlive the thread that starts it (None where prctl is missing)
+DIE_WITH_PARENT = _die_with_parent if _LIBC is not None else None
+
+
 @dataclass
 class _Child:
     role: str
@@ -202,7 +206,7 @@ class LocalStack:
         return {role: c.process.pid for role, c in self.children.items() if c.process}
 
     def _env(self) -> dict:
-        env = dict(os.environ, PYTHONUNBUFFERED="1", **{k: str(v) for k, v in self.extra_env.items()})
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
         env["PNEUMOSCOPE_MODEL_CACHE"] = ""  # set per child below
         if self.settings.mlflow_tracking_uri:
             env["MLFLOW_TRACKING_URI"] = self.settings.mlflow_tracking_uri
@@ -210,6 +214,8 @@ class LocalStack:
         for key, value in self.settings.model_dump(exclude_none=True).items():
             if key not in ("mlflow_tracking_uri", "model_cache"):
                 env[f"PNEUMOSCOPE_{key.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
+        # Last: what this one stack is given on top of the shared settings (e.g. one canary side's) wins.
+        env.update({k: str(v) for k, v in self.extra_env.items()})
         return env
 
     def _spawn(self, child: _Child) -> None:
@@ -221,7 +227,7 @@ class LocalStack:
         # A session of its own: a terminal's Ctrl-C reaches only the stack, which stops the children by PID.
         child.process = subprocess.Popen(child.argv, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                                          start_new_session=True,
-                                         preexec_fn=_die_with_parent if _LIBC is not None else None)
+                                         preexec_fn=DIE_WITH_PARENT)
         child.started = time.monotonic()
         log.info("started %s (pid %d)", child.role, child.process.pid)
 
