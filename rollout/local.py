@@ -111,8 +111,7 @@ class LocalBackend:
 
     def read(self) -> dict:
         doc = self.state.read()
-        pid = ((doc or {}).get("status") or {}).get("pid")
-        if not doc or not pid or not _alive(pid):
+        if not doc or owner(doc) is None:
             raise RolloutError(f"no local canary is running (no live server behind {self.state.path}): start one "
                                "with `pneumoscope serve --model models:/pneumonia@champion --traffic-split`")
         return doc
@@ -138,19 +137,51 @@ class LocalBackend:
         return False
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(int(pid), 0)
-        return True
-    except (OSError, ValueError):
+def owner(doc: dict | None) -> int | None:
+    """The pid of the live canary process that wrote this state document, or None.
+
+    A document left behind by a canary that failed to start or was killed carries no pid, a pid of 0, or the
+    pid of a process that is gone, or whose number was since reused by another process (told apart by its
+    start time): none of those is a running canary."""
+    status = (doc or {}).get("status") or {}
+    pid, started = status.get("pid"), status.get("pid_started")
+    if not _alive(pid):
+        return None
+    if started is not None and process_start_time(int(pid)) not in (None, started):
+        return None
+    return int(pid)
+
+
+def _alive(pid) -> bool:
+    """A live process with this id. Only a positive int is a process: ``os.kill(0, 0)`` signals the caller's own
+    process group (and succeeds), a negative number another group."""
+    if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
         return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, and belongs to another user
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def process_start_time(pid: int) -> int | None:
+    """When the process started, in clock ticks after boot (``/proc/PID/stat`` field 22); None where unknown."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 class Nginx:
     """A non-root nginx in its own prefix folder: REST on ``port``, gRPC (h2c) on ``port + 1``."""
 
     def __init__(self, workdir: Path, port: int, host: str = "127.0.0.1"):
-        self.workdir, self.port, self.host = Path(workdir), port, host
+        # absolute: nginx reads a relative -p, pid or log path against its own prefix, not our working folder
+        self.workdir, self.port, self.host = Path(workdir).resolve(), port, host
         self.conf = self.workdir / "nginx.conf"
         self.process: subprocess.Popen | None = None
         self.generation = 0
@@ -219,10 +250,14 @@ http {{
         if check.returncode != 0:
             raise RolloutError(f"nginx refused its configuration: {check.stderr.strip().splitlines()[-1:]}")
         if self.process is None or self.process.poll() is not None:
+            from serving.stack import DIE_WITH_PARENT
+
+            # nginx goes when the canary goes, even SIGKILLed: an orphan would keep the ports of the next canary
             self.process = subprocess.Popen([nginx_binary(), "-p", str(self.workdir), "-c", str(self.conf),
                                              "-e", str(self.workdir / "error.log")],
                                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                            stderr=open(self.workdir / "error.log", "ab"), start_new_session=True)
+                                            stderr=open(self.workdir / "error.log", "ab"), start_new_session=True,
+                                            preexec_fn=DIE_WITH_PARENT)
         else:
             self.process.send_signal(signal.SIGHUP)  # graceful reload
         self._wait_generation()
@@ -295,9 +330,9 @@ class LocalCanary:
                 raise RolloutError(f"port {port} on 127.0.0.1 is in use (nginx needs {self.port} for REST and "
                                    f"{self.port + 1} for gRPC); choose another --port")
         previous = self.state.read()
-        if previous and _alive((previous.get("status") or {}).get("pid", 0)) and \
-                previous["status"]["pid"] != os.getpid():
-            raise RolloutError(f"another local canary (pid {previous['status']['pid']}) uses {self.state.path}; "
+        running = owner(previous)
+        if running is not None and running != os.getpid():
+            raise RolloutError(f"another local canary (pid {running}) uses {self.state.path}; "
                                "stop it or use another PNEUMOSCOPE_HOME")
         _, _, version = resolve_model(model_uri, self.serving_settings.mlflow_tracking_uri)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -337,8 +372,12 @@ class LocalCanary:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(30)
-        with contextlib.suppress(FileNotFoundError):
-            self.state.update(lambda doc: merge_patch(doc, {"status": {"pid": None}}))
+        # Only the state this process wrote: a canary that never started writes nothing (it once left
+        # {"status": {}}), and one refused because another runs must not mark that one as stopped.
+        with self.state.locked():
+            doc = self.state.read()
+            if doc and (doc.get("status") or {}).get("pid") == os.getpid():
+                self.state.write(merge_patch(doc, {"status": {"pid": None, "pid_started": None}}))
 
     # -- the controller -----------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -423,7 +462,8 @@ class LocalCanary:
             "%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         if not ready:
             condition.update(reason="RevisionMissing", message=message)
-        status = {"observedGeneration": generation, "pid": os.getpid(), "url": f"http://127.0.0.1:{self.port}",
+        status = {"observedGeneration": generation, "pid": os.getpid(), "pid_started": process_start_time(os.getpid()),
+                  "url": f"http://127.0.0.1:{self.port}",
                   "conditions": [dict(condition, type=t) for t in ("PredictorReady", "IngressReady", "Ready")],
                   "components": {"predictor": {"latestCreatedRevision": latest}}}
         if traffic is not None:
@@ -478,10 +518,13 @@ def serve_split(args, serving_settings) -> int:
     stopping = threading.Event()
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: stopping.set())
     try:
+        registry = Registry(settings.model_name, settings.mlflow_tracking_uri) if canary_version else None
+        if registry is not None:  # refused before anything starts (the canary repeats the check)
+            registry.check_servable(canary_version, args.force)
         local.start(args.model, timeout_s=args.startup_timeout)
         if canary_version:
-            registry = Registry(settings.model_name, settings.mlflow_tracking_uri)
-            Rollout(LocalBackend(settings), registry, settings.model_name).canary(canary_version, args.canary_percent)
+            Rollout(LocalBackend(settings), registry, settings.model_name).canary(canary_version, args.canary_percent,
+                                                                                  args.force)
         print("READY " + json.dumps(local.info(), sort_keys=True), flush=True)
         while not stopping.wait(0.5):
             pass

@@ -52,6 +52,8 @@ def add_commands(commands) -> None:
                                                              "(implies --traffic-split)")
     serve.add_argument("--canary-percent", type=int, default=10, help="share of the traffic for --canary (1-99, "
                                                                       "default 10)")
+    serve.add_argument("--force", action="store_true", help="with --canary: serve it even though it did not pass "
+                                                            "its evaluation gate (as `rollout canary --force`)")
     serve.set_defaults(func=cmd_serve)
 
     predict = commands.add_parser(
@@ -106,6 +108,8 @@ def cmd_serve(args) -> int:
     _quiet_http_logs()
     if not 1 <= args.port <= 65534:
         raise CommandError(f"--port must be between 1 and 65534, not {args.port}")
+    if args.force and not args.canary:
+        raise CommandError("--force applies to --canary only (the version given to --model is served as it is)")
     if args.traffic_split or args.canary:
         from rollout.local import serve_split
 
