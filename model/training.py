@@ -298,6 +298,23 @@ def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, criterion, op
     return loss.detach()
 
 
+def capped(profile: Profile) -> Profile:
+    """``profile`` within the budget caps of the environment (PNEUMOSCOPE_MAX_EPOCHS, _MAX_STEPS_PER_EPOCH)."""
+    from model.profiles import customise
+    from model.settings import Settings
+
+    settings = Settings()
+    epochs = min(profile.epochs, settings.max_epochs) if settings.max_epochs else None
+    steps = settings.max_steps_per_epoch
+    if steps and profile.max_steps_per_epoch:
+        steps = min(steps, profile.max_steps_per_epoch)
+    result = customise(profile, epochs=epochs, max_steps_per_epoch=steps)
+    if result != profile:
+        log.info("budget caps from the environment: %d epochs, %s steps per epoch", result.epochs,
+                 result.max_steps_per_epoch or "all")
+    return result
+
+
 def train(cache_dir: str | Path, out_dir: str | Path, profile: Profile, pretrained: str | None = None,
           seed: int = 42, resume: bool = True, device: str | None = None, log_every: int = 20,
           on_epoch=None, splits: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> TrainResult:
@@ -307,6 +324,7 @@ def train(cache_dir: str | Path, out_dir: str | Path, profile: Profile, pretrain
     (used by k-fold cross-validation).
     """
     out = Path(out_dir)
+    profile = capped(profile)
     ctx = distributed_context()
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)

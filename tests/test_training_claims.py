@@ -237,3 +237,20 @@ def test_early_stopping_at_patience_and_pretrained_weights(cache, tmp_path, monk
 def test_missing_pretrained_file_is_a_clear_error(cache, tmp_path):
     with pytest.raises(FileNotFoundError, match="--pretrained file not found"):
         train(cache, tmp_path, tiny_profile(), pretrained=str(tmp_path / "nope.pth"), device="cpu")
+
+
+def test_budget_caps_from_the_environment_only_shorten_a_profile(monkeypatch):
+    """PNEUMOSCOPE_MAX_EPOCHS / _MAX_STEPS_PER_EPOCH (the documented commands' test runs the README's training
+    with them) cap any profile and never lengthen one; unset, the profile is untouched."""
+    from model.profiles import get_profile
+    from model.training import capped
+
+    cpu, smoke = get_profile("cpu"), get_profile("smoke")
+    assert capped(cpu) == cpu and capped(smoke) == smoke
+    monkeypatch.setenv("PNEUMOSCOPE_MAX_EPOCHS", "1")
+    monkeypatch.setenv("PNEUMOSCOPE_MAX_STEPS_PER_EPOCH", "2")
+    assert (capped(cpu).epochs, capped(cpu).max_steps_per_epoch) == (1, 2)
+    assert capped(cpu).image_size == cpu.image_size and capped(cpu).batch_size == cpu.batch_size
+    monkeypatch.setenv("PNEUMOSCOPE_MAX_EPOCHS", str(cpu.epochs + 5))
+    monkeypatch.setenv("PNEUMOSCOPE_MAX_STEPS_PER_EPOCH", str(smoke.max_steps_per_epoch + 5))
+    assert capped(cpu).epochs == cpu.epochs and capped(smoke).max_steps_per_epoch == smoke.max_steps_per_epoch
