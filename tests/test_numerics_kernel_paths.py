@@ -42,7 +42,7 @@ def bundle_cache(tmp_path_factory) -> Path:
 
 
 def _environment(extra: dict, bundle_cache: Path) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PNEUMOSCOPE_ENGINE", "PNEUMOSCOPE_PRECISION"))}
+    env = {k: v for k, v in os.environ.items() if k not in ("PNEUMOSCOPE_ENGINE", "PNEUMOSCOPE_PRECISION")}
     env.update(extra, **{BUNDLE_CACHE_ENV: str(bundle_cache)})
     return env
 
