@@ -132,7 +132,7 @@ def network_logit_bound(net, x, u: float = U32, lam: float = LAMBDA, output: str
                 variance = torch.zeros(len(x), dtype=torch.float64)
                 for t, m, n in terms:
                     if t.grad is not None:  # else a layer this output does not depend on
-                        variance += ((t.grad.double() * m.double()) ** 2 * n).reshape(len(x), -1).sum(dim=1)
+                        variance += (t.grad * m).square_().reshape(len(x), -1).sum(dim=1, dtype=torch.float64) * n
                 if output != "cam" and isinstance(out, tuple):  # LogitAndCam: logit = mean of h*w CAM values + bias
                     cam = out[1].detach()
                     head = cam.abs().reshape(len(x), -1).mean(dim=1) + abs(float(getattr(net, "bias", 0.0)))
