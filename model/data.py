@@ -346,6 +346,9 @@ def prepare(source: str, out_dir: str | Path, image_size: int, fractions: SplitF
     started = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # summary.json is written last and marks a complete cache: without it an interrupted run over an earlier
+    # cache would leave the old summary beside new, partly written images and manifest
+    (out / "summary.json").unlink(missing_ok=True)
     fs, root, images = discover(source)
     if limit_per_class:
         images = _subsample(images, limit_per_class, fractions.seed)
@@ -515,10 +518,21 @@ class CachedData:
         cache = Path(cache_dir)
         if not (cache / "manifest.csv").exists():
             raise DataError(f"no prepared data in {cache} (run `pneumoscope data prepare` first)")
+        incomplete = (f"the prepared data in {cache} is incomplete (an interrupted `pneumoscope data prepare`?): "
+                      "run it again")
+        try:
+            summary = json.loads((cache / "summary.json").read_text())
+        except (FileNotFoundError, ValueError):
+            raise DataError(incomplete) from None
         with (cache / "manifest.csv").open() as fh:
             manifest = [dict(r, index=int(r["index"]), label=int(r["label"])) for r in csv.DictReader(fh)]
-        summary = json.loads((cache / "summary.json").read_text())
-        return cls(np.load(cache / "images.npy", mmap_mode="r"), manifest, summary)
+        try:
+            images = np.load(cache / "images.npy", mmap_mode="r")
+        except (OSError, ValueError):
+            raise DataError(incomplete) from None
+        if any(r["index"] >= len(images) for r in manifest):  # images.npy cut short
+            raise DataError(incomplete)
+        return cls(images, manifest, summary)
 
     def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """(indices into images, labels) of one split."""

@@ -24,6 +24,12 @@ class Settings(BaseSettings):
     seed: int = Field(42, description="random seed of training (weights, augmentations, order) and of a pipeline run")
     workers: int | None = Field(None, description="data prepare: decode processes; train: DataLoader workers per "
                                                   "process (default: from the cores)")
+    # Budget caps for checks that only need the machinery to run (CI, the documentation's own commands):
+    # they shorten any profile, never lengthen it. Unset in normal use.
+    max_epochs: int | None = Field(None, ge=1,
+                                   description="cap on the epochs of any profile (PNEUMOSCOPE_MAX_EPOCHS)")
+    max_steps_per_epoch: int | None = Field(
+        None, ge=1, description="cap on the optimisation steps of one epoch (PNEUMOSCOPE_MAX_STEPS_PER_EPOCH)")
 
     def tracking_uri(self) -> str:
         if self.mlflow_tracking_uri:

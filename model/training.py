@@ -298,6 +298,23 @@ def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, criterion, op
     return loss.detach()
 
 
+def capped(profile: Profile) -> Profile:
+    """``profile`` within the budget caps of the environment (PNEUMOSCOPE_MAX_EPOCHS, _MAX_STEPS_PER_EPOCH)."""
+    from model.profiles import customise
+    from model.settings import Settings
+
+    settings = Settings()
+    epochs = min(profile.epochs, settings.max_epochs) if settings.max_epochs else None
+    steps = settings.max_steps_per_epoch
+    if steps and profile.max_steps_per_epoch:
+        steps = min(steps, profile.max_steps_per_epoch)
+    result = customise(profile, epochs=epochs, max_steps_per_epoch=steps)
+    if result != profile:
+        log.info("budget caps from the environment: %d epochs, %s steps per epoch", result.epochs,
+                 result.max_steps_per_epoch or "all")
+    return result
+
+
 @dataclass
 class TrainState:
     """Where a run stands between epochs: what ``last.pt`` carries besides the weights and the optimiser."""
@@ -355,6 +372,7 @@ def train(cache_dir: str | Path, out_dir: str | Path, profile: Profile, pretrain
     ``splits``: {"train": (indices, labels), "val": (indices, labels)} instead of the manifest's splits
     (used by k-fold cross-validation).
     """
+    profile = capped(profile)
     run = _prepare_run(cache_dir, Path(out_dir), profile, pretrained, seed, device, splits)
     state = _resume(run) if resume and run.last_path.exists() else TrainState()
     if run.ctx.active:

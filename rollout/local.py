@@ -89,8 +89,7 @@ class LocalBackend:
 
     def read(self) -> dict:
         doc = self.state.read()
-        pid = ((doc or {}).get("status") or {}).get("pid")
-        if not doc or not pid or not _alive(pid):
+        if not doc or owner(doc) is None:
             raise RolloutError(f"no local canary is running (no live server behind {self.state.path}): start one "
                                "with `pneumoscope serve --model models:/pneumonia@champion --traffic-split`")
         return doc
@@ -116,9 +115,40 @@ class LocalBackend:
         return False
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(int(pid), 0)
-        return True
-    except (OSError, ValueError):
+def owner(doc: dict | None) -> int | None:
+    """The pid of the live canary process that wrote this state document, or None.
+
+    A document left behind by a canary that failed to start or was killed carries no pid, a pid of 0, or the
+    pid of a process that is gone, or whose number was since reused by another process (told apart by its
+    start time): none of those is a running canary."""
+    status = (doc or {}).get("status") or {}
+    pid, started = status.get("pid"), status.get("pid_started")
+    if not _alive(pid):
+        return None
+    if started is not None and process_start_time(int(pid)) not in (None, started):
+        return None
+    return int(pid)
+
+
+def _alive(pid) -> bool:
+    """A live process with this id. Only a positive int is a process: ``os.kill(0, 0)`` signals the caller's own
+    process group (and succeeds), a negative number another group."""
+    if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
         return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, and belongs to another user
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def process_start_time(pid: int) -> int | None:
+    """When the process started, in clock ticks after boot (``/proc/PID/stat`` field 22); None where unknown."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from rollout import inferenceservice as isvc_
 from rollout.errors import RolloutError
-from rollout.local import LocalBackend, StateFile, _alive, merge_patch
+from rollout.local import LocalBackend, StateFile, merge_patch, owner, process_start_time
 from rollout.settings import RolloutSettings
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,8 @@ class Nginx:
     """A non-root nginx in its own prefix folder: REST on ``port``, gRPC (h2c) on ``port + 1``."""
 
     def __init__(self, workdir: Path, port: int, host: str = "127.0.0.1"):
-        self.workdir, self.port, self.host = Path(workdir), port, host
+        # absolute: nginx reads a relative -p, pid or log path against its own prefix, not our working folder
+        self.workdir, self.port, self.host = Path(workdir).resolve(), port, host
         self.conf = self.workdir / "nginx.conf"
         self.process: subprocess.Popen | None = None
         self.generation = 0
@@ -118,10 +119,14 @@ http {{
         if check.returncode != 0:
             raise RolloutError(f"nginx refused its configuration: {check.stderr.strip().splitlines()[-1:]}")
         if self.process is None or self.process.poll() is not None:
+            from serving.stack import DIE_WITH_PARENT
+
+            # nginx goes when the canary goes, even SIGKILLed: an orphan would keep the ports of the next canary
             self.process = subprocess.Popen([nginx_binary(), "-p", str(self.workdir), "-c", str(self.conf),
                                              "-e", str(self.workdir / "error.log")],
                                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                            stderr=open(self.workdir / "error.log", "ab"), start_new_session=True)
+                                            stderr=open(self.workdir / "error.log", "ab"), start_new_session=True,
+                                            preexec_fn=DIE_WITH_PARENT)
         else:
             self.process.send_signal(signal.SIGHUP)  # graceful reload
         self._wait_generation()
@@ -194,9 +199,9 @@ class LocalCanary:
                 raise RolloutError(f"port {port} on 127.0.0.1 is in use (nginx needs {self.port} for REST and "
                                    f"{self.port + 1} for gRPC); choose another --port")
         previous = self.state.read()
-        if previous and _alive((previous.get("status") or {}).get("pid", 0)) and \
-                previous["status"]["pid"] != os.getpid():
-            raise RolloutError(f"another local canary (pid {previous['status']['pid']}) uses {self.state.path}; "
+        running = owner(previous)
+        if running is not None and running != os.getpid():
+            raise RolloutError(f"another local canary (pid {running}) uses {self.state.path}; "
                                "stop it or use another PNEUMOSCOPE_HOME")
         _, _, version = resolve_model(model_uri, self.serving_settings.mlflow_tracking_uri)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -236,8 +241,12 @@ class LocalCanary:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(30)
-        with contextlib.suppress(FileNotFoundError):
-            self.state.update(lambda doc: merge_patch(doc, {"status": {"pid": None}}))
+        # Only the state this process wrote: a canary that never started writes nothing (it once left
+        # {"status": {}}), and one refused because another runs must not mark that one as stopped.
+        with self.state.locked():
+            doc = self.state.read()
+            if doc and (doc.get("status") or {}).get("pid") == os.getpid():
+                self.state.write(merge_patch(doc, {"status": {"pid": None, "pid_started": None}}))
 
     # -- the controller -----------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -322,7 +331,8 @@ class LocalCanary:
             "%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         if not ready:
             condition.update(reason="RevisionMissing", message=message)
-        status = {"observedGeneration": generation, "pid": os.getpid(), "url": f"http://127.0.0.1:{self.port}",
+        status = {"observedGeneration": generation, "pid": os.getpid(), "pid_started": process_start_time(os.getpid()),
+                  "url": f"http://127.0.0.1:{self.port}",
                   "conditions": [dict(condition, type=t) for t in ("PredictorReady", "IngressReady", "Ready")],
                   "components": {"predictor": {"latestCreatedRevision": latest}}}
         if traffic is not None:
@@ -395,10 +405,13 @@ def cmd_serve_local(args) -> int:
     stopping = threading.Event()
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: stopping.set())
     try:
+        registry = Registry(settings.model_name, settings.mlflow_tracking_uri) if canary_version else None
+        if registry is not None:  # refused before anything starts (the canary repeats the check)
+            registry.check_servable(canary_version, args.force)
         local.start(args.model, timeout_s=args.startup_timeout)
         if canary_version:
-            registry = Registry(settings.model_name, settings.mlflow_tracking_uri)
-            Rollout(LocalBackend(settings), registry, settings.model_name).canary(canary_version, args.canary_percent)
+            Rollout(LocalBackend(settings), registry, settings.model_name).canary(canary_version, args.canary_percent,
+                                                                                  args.force)
         print("READY " + json.dumps(local.info(), sort_keys=True), flush=True)
         while not stopping.wait(0.5):
             pass

@@ -40,6 +40,8 @@ def add_stack_arguments(parser) -> None:
                                                               "behind the traffic split")
     parser.add_argument("--canary-percent", type=int, default=10, help="share of the traffic for --canary (1-99, "
                                                                        "default 10)")
+    parser.add_argument("--force", action="store_true", help="with --canary: serve it even though it did not pass "
+                                                             "its evaluation gate (as `rollout canary --force`)")
     # No --model-cache: the stack gives each child a download folder of its own.
     add_settings_flags(parser.add_argument_group(
         "serving settings", "each also read from its environment variable; a flag wins over it"), ServingSettings,
@@ -93,6 +95,8 @@ def cmd_serve(args) -> int:
     from serving.stack import LocalStack, StackError, ready_line
 
     _quiet_http_logs()
+    if args.force and not args.canary:
+        raise CommandError("--force applies to --canary only (the version given to --model is served as it is)")
     if args.traffic_split or args.canary:
         # The split is rollout's (nginx, one stack per version, the rollout state); serving sits below rollout.
         return handler_of("rollout", "serve-local")(args)

@@ -102,6 +102,10 @@ def _die_with_parent() -> None:
     _LIBC.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: the children go when the stack goes
 
 
+#: ``preexec_fn`` of a child that must not outlive the thread that starts it (None where prctl is missing)
+DIE_WITH_PARENT = _die_with_parent if _LIBC is not None else None
+
+
 @dataclass
 class _Child:
     role: str
@@ -207,7 +211,7 @@ class LocalStack:
         # A session of its own: a terminal's Ctrl-C reaches only the stack, which stops the children by PID.
         child.process = subprocess.Popen(child.argv, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                                          start_new_session=True,
-                                         preexec_fn=_die_with_parent if _LIBC is not None else None)
+                                         preexec_fn=DIE_WITH_PARENT)
         child.started = time.monotonic()
         log.info("started %s (pid %d)", child.role, child.process.pid)
 

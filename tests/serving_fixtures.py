@@ -46,6 +46,11 @@ def free_port_pair(start: int = 18000, stop: int = 19990) -> int:
 _BUILT: dict = {}
 
 
+#: A folder where shared_bundle keeps its bundles for other pytest processes of one run (the kernel-path
+#: re-runs of test_numerics_kernel_paths.py set it): each is exported once, not once per process.
+BUNDLE_CACHE_ENV = "PNEUMOSCOPE_TEST_BUNDLE_CACHE"
+
+
 def shared_bundle(image_size: int = TEST_IMAGE_SIZE, seed: int = 0, int8: bool = True):
     """build_bundle once per test session and arguments (exporting a ResNet-50 costs about a minute here)."""
     import atexit
@@ -54,10 +59,33 @@ def shared_bundle(image_size: int = TEST_IMAGE_SIZE, seed: int = 0, int8: bool =
 
     key = (image_size, seed, int8)
     if key not in _BUILT:
-        root = Path(tempfile.mkdtemp(prefix="pneumoscope-test-bundle-"))
-        atexit.register(shutil.rmtree, root, True)
-        _BUILT[key] = build_bundle(root / "bundle", image_size=image_size, seed=seed, int8=int8)
+        cache = os.environ.get(BUNDLE_CACHE_ENV)
+        if cache:
+            _BUILT[key] = _cached_bundle(Path(cache) / f"bundle-{image_size}-{seed}-{int(int8)}", *key)
+        else:
+            root = Path(tempfile.mkdtemp(prefix="pneumoscope-test-bundle-"))
+            atexit.register(shutil.rmtree, root, True)
+            _BUILT[key] = build_bundle(root / "bundle", image_size=image_size, seed=seed, int8=int8)
     return _BUILT[key]
+
+
+def _cached_bundle(entry: Path, image_size: int, seed: int, int8: bool):
+    """The bundle and its network from ``entry``, built there first if no earlier process finished it."""
+    import shutil
+
+    import torch
+
+    from model.network import build_resnet50
+
+    if not (entry / "complete").exists():
+        shutil.rmtree(entry, ignore_errors=True)  # an interrupted build
+        path, net = build_bundle(entry / "bundle", image_size=image_size, seed=seed, int8=int8)
+        torch.save(net.state_dict(), entry / "net.pt")
+        (entry / "complete").touch()
+        return path, net
+    net = build_resnet50(for_training=False)
+    net.load_state_dict(torch.load(entry / "net.pt", weights_only=True))
+    return entry / "bundle", net.eval()
 
 
 def build_bundle(dest: Path, image_size: int = TEST_IMAGE_SIZE, seed: int = 0, calibration: int = 16,

@@ -88,16 +88,26 @@ class WebSettings(BaseSettings):
         if self.secret_key:
             return self.secret_key
         path = self.home / "webapp-secret"
-        if not path.exists():
+        secret = path.read_text().strip() if path.exists() else ""
+        if not secret:
+            # Missing, or left empty by a process that died while writing it (an empty key would sign every
+            # session with nothing): a new one is written whole beside it, then moved into place in one step.
             path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as out:
+                out.write(secrets.token_urlsafe(48))
             try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            except FileExistsError:  # another process made it first
+                if path.exists():
+                    os.replace(tmp, path)
+                else:
+                    os.link(tmp, path)  # fails if another process made one meanwhile: theirs is used
+            except FileExistsError:
                 pass
-            else:
-                with os.fdopen(fd, "w") as out:
-                    out.write(secrets.token_urlsafe(48))
-        return path.read_text().strip()
+            finally:
+                tmp.unlink(missing_ok=True)
+            secret = path.read_text().strip()
+        return secret
 
     def field_cipher(self):
         from webapp.field_encryption import FieldCipher

@@ -143,6 +143,33 @@ def test_class_folders_without_splits_and_rgb_inputs(tmp_path):
     assert result.summary["unparsed_patient_ids"] == 20  # each file is its own patient, and we say so
 
 
+def test_an_interrupted_prepare_leaves_no_cache_that_loads(tmp_path, monkeypatch):
+    """summary.json marks a complete cache: a run stopped part-way over an earlier cache must not leave the old
+    summary beside new images, nor a truncated images.npy that loads."""
+    import model.data as data
+    from model.data import CachedData
+
+    root = _synthetic_kaggle(tmp_path / "data")
+    cache = tmp_path / "cache"
+    prepare(str(root), cache, 64, SplitFractions(0.2, 0.0, 0), workers=1)
+    assert len(CachedData.load(cache).manifest) == 24
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # stopped while writing the manifest, after images.npy
+    monkeypatch.setattr(data, "_write_csv", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(str(root), cache, 64, SplitFractions(0.2, 0.0, 0), workers=1)
+    with pytest.raises(DataError, match="incomplete .*run it again"):
+        CachedData.load(cache)
+    monkeypatch.undo()
+
+    prepare(str(root), cache, 64, SplitFractions(0.2, 0.0, 0), workers=1)
+    images = cache / "images.npy"
+    images.write_bytes(images.read_bytes()[:len(images.read_bytes()) // 2])  # a disk that filled up
+    with pytest.raises(DataError, match="incomplete"):
+        CachedData.load(cache)
+
+
 def test_medmnist_npz(tmp_path):
     rng = np.random.default_rng(0)
     arrays = {}

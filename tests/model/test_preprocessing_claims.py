@@ -21,6 +21,7 @@ from claims_fixtures import png
 from model.data import SplitFractions, prepare
 from model.preprocessing import PreprocessConfig, decode, load_resized
 from model.transforms import EvalTransform, TrainTransform
+from numerics import U32, normalize_bound
 
 
 def dicom(frames: np.ndarray, bits_stored: int, photometric: str = "MONOCHROME2", window=None, rescale=None,
@@ -76,14 +77,19 @@ def linear_window(values: np.ndarray, center: float, width: float) -> np.ndarray
 
 def to_8bit(unit: np.ndarray) -> np.ndarray:
     scaled = np.clip(unit, 0, 1) * 255.0
-    # the test data keep clear of rounding ties, so any correct implementation gives exactly these bytes
-    assert np.all(np.abs(scaled - np.floor(scaled) - 0.5) > 1e-6), "test values sit on a rounding tie"
+    # the test data keep clear of rounding ties, so any correct implementation gives exactly these bytes (the
+    # product and pydicom window in float64: a few roundings of u = 1.1e-16 on values below 2^16 move `scaled`
+    # by less than 1e-9, a thousandth of TIE_MARGIN)
+    assert np.all(np.abs(scaled - np.floor(scaled) - 0.5) > TIE_MARGIN), "test values sit on a rounding tie"
     return np.round(scaled).astype(np.uint8)
+
+
+TIE_MARGIN = 1e-6
 
 
 def _tie(unit: np.ndarray) -> np.ndarray:
     scaled = np.clip(unit, 0, 1) * 255.0
-    return np.abs(scaled - np.floor(scaled) - 0.5) <= 1e-6
+    return np.abs(scaled - np.floor(scaled) - 0.5) <= TIE_MARGIN
 
 
 def ramp_12bit(rows: int = 64, cols: int = 96, top: int = 4095, displays=()) -> np.ndarray:
@@ -237,26 +243,29 @@ def test_augmentation_differs_from_the_eval_transform_and_stays_within_bounds():
     train = TrainTransform(config)
     draws = np.stack([train(pixels) for _ in range(200)])
     assert draws.shape == (200, 1, 64, 64) and draws.dtype == np.float32
-    changed = sum(not np.allclose(d, evaluated) for d in draws)
+    rounding = normalize_bound(255, config.mean, config.std)  # one float32 normalisation's worst error, twice
+    changed = sum(not np.allclose(d, evaluated, rtol=0, atol=2 * rounding) for d in draws)
     assert changed >= 180, f"only {changed} of 200 augmented draws differ from the eval transform"
     assert len({d.tobytes() for d in draws}) >= 180, "augmentation repeats itself"
     # back to 0-255: intensities stay in the valid range, centred on the original exposure, and the
     # exposure/contrast changes have the documented size (brightness +-25 %, contrast +-25 %, gamma 0.7-1.3)
     as_pixels = draws * (255 * config.std) + 255 * config.mean
-    assert as_pixels.min() >= -1e-3 and as_pixels.max() <= 255 + 1e-3
+    # the way back rounds too: float32 products and sums of magnitude up to about 255 * 2 (a few u each)
+    slack = 8 * U32 * 255
+    assert as_pixels.min() >= -slack and as_pixels.max() <= 255 + slack
     means = as_pixels.mean(axis=(1, 2, 3))
     assert abs(means.mean() - pixels.mean()) < 0.08 * pixels.mean(), "augmentation shifts the average exposure"
     assert 15 < means.std() < 50, f"exposure varies by {means.std():.1f} grey levels (sd) between draws"
     contrast = as_pixels.std(axis=(1, 2, 3)) / pixels.std()
     assert np.percentile(contrast, 2) > 0.5 and np.percentile(contrast, 98) < 2.6, np.percentile(contrast, [2, 98])
-    assert np.allclose(EvalTransform(config)(pixels), evaluated), "the eval transform is deterministic"
+    assert np.array_equal(EvalTransform(config)(pixels), evaluated), "the eval transform is deterministic"
 
 
 def test_eval_transform_is_the_serving_normalisation():
     config = PreprocessConfig(image_size=64, mean=0.45, std=0.22)
     pixels = _xray()
     expected = ((pixels / 255.0 - 0.45) / 0.22)[None]
-    assert np.allclose(EvalTransform(config)(pixels), expected, atol=1e-5)
+    assert (np.abs(EvalTransform(config)(pixels) - expected) <= normalize_bound(pixels, 0.45, 0.22)[None]).all()
 
 
 def test_colour_rgb_of_gray_decodes_identically():

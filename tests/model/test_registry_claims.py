@@ -13,6 +13,7 @@ from model.data import CachedData
 from model.evaluation import score_bundle_on_images
 from model.metrics import paired_bootstrap_auc
 from model.registry import CHALLENGER, CHAMPION, log_and_register
+from numerics import approx64
 
 pytestmark = pytest.mark.integration
 
@@ -56,7 +57,9 @@ def test_promotion_policies_never_auto_always(tiny_model, tmp_path):
 
 def test_auto_promotes_exactly_when_the_paired_bootstrap_says_so_both_ways(tiny_model, tmp_path):
     """The champion's scores on the val images are fixed; the labels decide whether it is good or bad, and
-    the challenger's val predictions are made better or worse than it."""
+    the challenger's val predictions are made better or worse than it. Registration scores the champion with
+    the same function on the same images and runs the same float64 bootstrap: its numbers are these, up to
+    float64 rounding (numerics.approx64)."""
     from mlflow import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -81,8 +84,8 @@ def test_auto_promotes_exactly_when_the_paired_bootstrap_says_so_both_ways(tiny_
     expected = paired_bootstrap_auc(labels, better, champion_scores, N_BOOT)
     assert expected["delta"] > 0 and expected["p_value"] < 0.05
     up = _register(tiny_model, uri, challenger(labels, better), images=lambda size: val_images)
-    assert up.promotion["promote"] is True and up.promotion["p_value"] == pytest.approx(expected["p_value"])
-    assert up.promotion["auc_old"] == pytest.approx(0.0) and up.promotion["champion_version"] == "1"
+    assert up.promotion["promote"] is True and up.promotion["p_value"] == approx64(expected["p_value"])
+    assert up.promotion["auc_old"] == approx64(0.0) and up.promotion["champion_version"] == "1"
     assert str(client.get_model_version_by_alias("pneumonia", CHAMPION).version) == "2"
 
     # 2) swapped: a perfect champion (same graph, labels that follow its ranking) against a coin-flip challenger
@@ -91,8 +94,8 @@ def test_auto_promotes_exactly_when_the_paired_bootstrap_says_so_both_ways(tiny_
     expected = paired_bootstrap_auc(labels, worse, champion_scores, N_BOOT)
     assert expected["delta"] < 0
     down = _register(tiny_model, uri, challenger(labels, worse), images=lambda size: val_images)
-    assert down.promotion["promote"] is False and down.promotion["p_value"] == pytest.approx(expected["p_value"])
-    assert down.promotion["auc_old"] == pytest.approx(1.0) and down.promotion["champion_version"] == "2"
+    assert down.promotion["promote"] is False and down.promotion["p_value"] == approx64(expected["p_value"])
+    assert down.promotion["auc_old"] == approx64(1.0) and down.promotion["champion_version"] == "2"
     assert str(client.get_model_version_by_alias("pneumonia", CHAMPION).version) == "2"
     assert _aliases(client, "3") == {CHALLENGER}
     assert "does not beat champion v2" in client.get_model_version("pneumonia", "3").tags["promotion"]
@@ -107,7 +110,7 @@ def test_auto_promotes_exactly_when_the_paired_bootstrap_says_so_both_ways(tiny_
     expected = paired_bootstrap_auc(labels, slightly, champion_scores, N_BOOT)
     assert expected["delta"] > 0 and 0.05 < expected["p_value"] < 0.5, expected
     close = _register(tiny_model, uri, challenger(labels, slightly), images=lambda size: val_images)
-    assert close.promotion["promote"] is False and close.promotion["p_value"] == pytest.approx(expected["p_value"])
+    assert close.promotion["promote"] is False and close.promotion["p_value"] == approx64(expected["p_value"])
 
     # 4) equal models: no evidence of improvement, no promotion
     labels = (rank >= len(rank) // 2).astype(int)
@@ -124,18 +127,18 @@ def test_metrics_with_cis_and_plots_are_logged_to_the_run(tiny_model, tmp_path):
     run = client.get_run(registration.run_id)
     metrics = run.data.metrics
     report = tiny_model.report
-    for split, m in report["splits"].items():
+    for split, m in report["splits"].items():  # MLflow keeps metrics as float64: the report's numbers
         for name in ("auc", "accuracy", "sensitivity", "specificity", "f1", "brier", "ece"):
-            assert metrics[f"{split}_{name}"] == pytest.approx(m[name]), (split, name)
+            assert metrics[f"{split}_{name}"] == approx64(m[name]), (split, name)
             if "ci95" in m:
-                assert metrics[f"{split}_{name}_ci_low"] == pytest.approx(m["ci95"][name][0])
-                assert metrics[f"{split}_{name}_ci_high"] == pytest.approx(m["ci95"][name][1])
+                assert metrics[f"{split}_{name}_ci_low"] == approx64(m["ci95"][name][0])
+                assert metrics[f"{split}_{name}_ci_high"] == approx64(m["ci95"][name][1])
             else:
                 assert f"{split}_{name}_ci_low" not in metrics
     assert any(m.get("ci95") for m in report["splits"].values())
-    assert metrics["threshold"] == pytest.approx(report["threshold"])
-    assert metrics["temperature"] == pytest.approx(report["temperature"])
-    assert metrics["logit_bias"] == pytest.approx(report["logit_bias"])
+    assert metrics["threshold"] == approx64(report["threshold"])
+    assert metrics["temperature"] == approx64(report["temperature"])
+    assert metrics["logit_bias"] == approx64(report["logit_bias"])
     plots = {a.path for a in client.list_artifacts(registration.run_id, "plots")}
     assert plots == {"plots/roc.png", "plots/confusion_matrix.png", "plots/calibration.png"}
     for path in plots:

@@ -47,17 +47,20 @@ def serve(tracking_uri: str, model: str, workdir: Path, *flags: str, env: dict |
 @pytest.fixture(scope="module")
 def stacks(pipeline_first_run, tmp_path_factory):
     """Two stacks on version 1: one whose flags override conflicting environment variables (gRPC link,
-    fp32), one configured by an environment variable alone (REST v2 link)."""
+    fp32), one configured by environment variables alone (REST v2 link, fp32: the links are compared on the
+    same precision)."""
     uri = pipeline_first_run["tracking_uri"]
     workdir = tmp_path_factory.mktemp("e2e")
     grpc_link, grpc_info = serve(uri, VERSION_URI, workdir, "--predictor-protocol", "grpc-v2", "--precision", "fp32",
                                  env={"PNEUMOSCOPE_PREDICTOR_PROTOCOL": "v2", "PNEUMOSCOPE_PRECISION": "int8"})
     try:
-        rest_link, rest_info = serve(uri, VERSION_URI, workdir, env={"PNEUMOSCOPE_PREDICTOR_PROTOCOL": "v2"})
+        rest_link, rest_info = serve(uri, VERSION_URI, workdir, env={"PNEUMOSCOPE_PREDICTOR_PROTOCOL": "v2",
+                                                                     "PNEUMOSCOPE_PRECISION": "fp32"})
     except BaseException:
         stop_process(grpc_link, 30)
         raise
-    yield {"grpc": grpc_info, "rest": rest_info, "workdir": workdir, "tracking_uri": uri}
+    yield {"grpc": grpc_info, "rest": rest_info, "workdir": workdir, "tracking_uri": uri,
+           "home": pipeline_first_run["home"]}
     stop_process(grpc_link, 30)
     stop_process(rest_link, 30)
 
@@ -71,7 +74,7 @@ def test_flags_win_over_environment_variables(stacks):
     grpc_info, rest_info = stacks["grpc"], stacks["rest"]
     # PNEUMOSCOPE_PRECISION=int8 would not even start: the pipeline registered no int8 graph
     assert grpc_info["predictor_protocol"] == "grpc-v2" and grpc_info["precision"] == "fp32"
-    assert rest_info["predictor_protocol"] == "v2" and rest_info["precision"] == "auto"  # env over the default
+    assert rest_info["predictor_protocol"] == "v2" and rest_info["precision"] == "fp32"  # env over the default
     for info in (grpc_info, rest_info):
         assert info["model_uri"] == VERSION_URI and info["model_version"] == "1"
 
@@ -101,21 +104,43 @@ def test_pipeline_version_over_rest_and_grpc_matches_the_pyfunc_model(stacks, im
         expected = [p["probability"] for p in pyfunc.predict(pd.DataFrame({"image": images}))]
     finally:
         os.environ.pop("MLFLOW_TRACKING_URI", None)
-    assert len(set(np.round(expected, 6))) > 1, "the model gives every image the same score"
+    # Both stacks serve fp32 (ONNX Runtime or OpenVINO, chosen by timing), the pyfunc model ONNX Runtime with
+    # other threads and batches: float32 rounding apart, at most (tests/numerics.py).
+    allowed = _fp32_probability_bound(stacks, images, np.array(expected))
+    assert (np.abs(np.diff(np.sort(expected))) > 2 * allowed.max()).any(), "the model gives every image one score"
     answers = {}
     for link in ("grpc", "rest"):
         info = stacks[link]
         for protocol, url in (("v2", info["rest"]), ("grpc", info["grpc"])):
             results = predict_in_a_fresh_process(url, images, protocol)
             assert all(r["model_version"] == "1" and r["model_name"] == "pneumonia" for r in results)
-            answers[(link, protocol)] = [r["probability"] for r in results]
-            assert answers[(link, protocol)] == pytest.approx(expected, abs=1e-5), (link, protocol)
+            answers[(link, protocol)] = np.array([r["probability"] for r in results])
+            assert (np.abs(answers[(link, protocol)] - expected) <= allowed).all(), (link, protocol)
             threshold = results[0]["threshold"]
             assert [r["label"] for r in results] == ["PNEUMONIA" if p >= threshold else "NORMAL" for p in
                                                     answers[(link, protocol)]]
-    # the REST v2 link to the predictor answers exactly as the gRPC link
-    assert answers[("rest", "v2")] == pytest.approx(answers[("grpc", "v2")], abs=1e-7)
-    assert answers[("rest", "grpc")] == pytest.approx(answers[("grpc", "grpc")], abs=1e-7)
+    # the transformer's own protocols reach one predictor: identical; the REST v2 link to the predictor answers
+    # as the gRPC link, up to the two stacks' engines (each chose its fp32 engine by timing)
+    for link in ("grpc", "rest"):
+        assert list(answers[(link, "v2")]) == list(answers[(link, "grpc")])
+    assert (np.abs(answers[("rest", "v2")] - answers[("grpc", "v2")]) <= allowed).all()
+
+
+def _fp32_probability_bound(stacks, images: list[bytes], probabilities: np.ndarray) -> np.ndarray:
+    """numerics.network_logit_bound of the pipeline's own network (its checkpoint), through the sigmoid."""
+    from model.network import LogitAndCam
+    from model.preprocessing import load_resized, normalize
+    from model.registry import fetch_model
+    from model.training import load_checkpoint
+    from numerics import network_logit_bound, probability_bound
+
+    # the first run's: test_pipeline_local may run the pipeline again in the same home later
+    checkpoints = sorted(Path(stacks["home"]).rglob("checkpoint.pt"), key=lambda path: path.stat().st_mtime)
+    assert checkpoints, f"no checkpoint of the pipeline run under {stacks['home']}"
+    bundle, _ = fetch_model(VERSION_URI, str(stacks["workdir"] / "bound"), stacks["tracking_uri"])
+    x = normalize(np.stack([load_resized(i, bundle.preprocess).pixels for i in images]), bundle.preprocess)
+    head = LogitAndCam(load_checkpoint(checkpoints[0])[0]).eval()
+    return probability_bound(probabilities, network_logit_bound(head, x), bundle.temperature)
 
 
 def test_dicom_and_its_jpeg_get_the_same_probability(stacks, images):
@@ -125,7 +150,9 @@ def test_dicom_and_its_jpeg_get_the_same_probability(stacks, images):
     for jpeg in images:
         from_jpeg = predict(url, jpeg, "v2")["probability"]
         from_dicom = predict(url, dicom_from_image(jpeg), "v2")["probability"]
-        # the JPEG path decodes in the DCT domain at reduced size; the DICOM carries the full pixels
+        # Not a rounding bound: the JPEG path decodes in the DCT domain at reduced size, the DICOM carries the
+        # full pixels, so the network sees slightly different images. 0.01 is the product's claim for that
+        # (a hundredth of probability: no label near a sensible threshold changes on it).
         assert from_dicom == pytest.approx(from_jpeg, abs=0.01)
 
 

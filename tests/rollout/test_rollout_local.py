@@ -161,8 +161,10 @@ def test_every_answer_through_the_split_is_one_versions_answer(canary, uploads, 
         assert result.returncode == 0, result.stderr
         answer = json.loads(result.stdout)
         expected = alone[answer["model_version"]][0]
-        assert answer["probability"] == pytest.approx(expected["probability"], abs=1e-6)
-        assert answer["threshold"] == pytest.approx(expected["threshold"], abs=1e-9)
+        # that version's predictor on the same image, alone in its request both times: the same engine call,
+        # deterministic, so identical (the float32 values travel unchanged over REST and gRPC)
+        assert answer["probability"] == expected["probability"]
+        assert answer["threshold"] == expected["threshold"]
         assert answer["label"] == expected["label"]
         grpc_versions.add(answer["model_version"])
     assert grpc_versions == {"1", "2"}
@@ -216,6 +218,12 @@ def test_every_dashboard_query_and_alert_expression_runs_on_the_live_stack(canar
 @pytest.mark.integration
 def test_a_slower_canary_is_judged_worse_and_not_promoted(canary, uploads, capsys):
     prometheus = canary["prometheus"]
+    # The delay really reaches the canary's predictor (the 224 px canary is also slower by its size alone, which
+    # on a fast CPU is far less than the delay: the verdict must come from the delay, not from the machine).
+    canary_side = canary["local"].info()["sides"]["canary"]["rest"]
+    started = time.perf_counter()
+    assert ask(canary_side, uploads[0])[0] == 200
+    assert time.perf_counter() - started >= DELAY_MS / 1000
     with Load(canary["url"], uploads):
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:  # the canary-worse alert: pending, then firing
@@ -312,3 +320,133 @@ def test_local_commands_without_a_running_canary_say_how_to_start_one(tmp_path, 
     code, _, err = rollout(capsys, "status")
     assert code != 0 and len(err.splitlines()) == 1
     assert "no local canary is running" in err and "--traffic-split" in err
+
+
+def test_only_a_live_process_that_wrote_the_state_owns_it():
+    """The local canary's state document names the process that runs it; what a failed or killed canary left
+    behind names nobody (pid 0 would be the caller's own process group for os.kill)."""
+    from rollout.local import owner, process_start_time
+
+    me, started = os.getpid(), process_start_time(os.getpid())
+    gone = subprocess.Popen([sys.executable, "-c", ""])
+    gone.wait()
+    for left_behind in (None, {}, {"status": {}}, {"status": None}, {"status": {"pid": None}}, {"status": {"pid": 0}},
+                        {"status": {"pid": -1}}, {"status": {"pid": True}}, {"status": {"pid": "12"}},
+                        {"status": {"pid": gone.pid}}, {"status": {"pid": me, "pid_started": started + 1}}):
+        assert owner(left_behind) is None, left_behind
+    assert owner({"status": {"pid": me, "pid_started": started}}) == me
+    assert owner({"status": {"pid": me}}) == me  # a state file written before the start time was recorded
+
+
+def test_a_canary_that_failed_to_start_leaves_nothing_that_breaks_the_next_one(tmp_path, capsys, monkeypatch):
+    """A canary that never started (e.g. nginx missing) left ``{"status": {}}``: every later command must treat
+    it as no canary, not crash (it was KeyError 'pid')."""
+    monkeypatch.setenv("PNEUMOSCOPE_HOME", str(tmp_path))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    state = tmp_path / "rollout" / "local.json"
+    state.parent.mkdir()
+    state.write_text('{"status": {}}')
+    code, _, err = rollout(capsys, "status")
+    assert code != 0 and len(err.splitlines()) == 1 and "no local canary is running" in err
+    # serve gets past the state file to its next check: this registry has no such model (one line, no traceback)
+    code = main(["serve", "--model", "models:/pneumonia/1", "--traffic-split", "--port", str(_free_pair())])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and "Traceback" not in err and "models:/pneumonia/1 does not exist" in err.splitlines()[-1], err
+
+
+def test_a_canary_that_stops_without_having_started_leaves_the_state_alone(tmp_path):
+    """``serve --traffic-split`` refused (another canary runs, a bad version) still stops its LocalCanary: that
+    must neither write a state file nor mark the canary that does run as stopped."""
+    from rollout.local import LocalCanary, owner, process_start_time
+
+    LocalCanary(tmp_path / "fresh", _free_pair()).stop()
+    assert not (tmp_path / "fresh" / "rollout" / "local.json").exists()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        state = tmp_path / "busy" / "rollout" / "local.json"
+        state.parent.mkdir(parents=True)
+        doc = {"status": {"pid": other.pid, "pid_started": process_start_time(other.pid)}}
+        state.write_text(json.dumps(doc))
+        LocalCanary(tmp_path / "busy", _free_pair()).stop()
+        assert json.loads(state.read_text()) == doc and owner(doc) == other.pid
+    finally:
+        other.kill()
+        other.wait()
+
+
+def _free_pair() -> int:
+    from serving.stack import free_port, port_free
+
+    while True:
+        port = free_port()
+        if port_free(port + 1):
+            return port
+
+
+NGINX_OWNER = """
+import sys, time
+from pathlib import Path
+from rollout.local import Nginx
+
+nginx = Nginx(Path(sys.argv[1]), int(sys.argv[2]))
+nginx.configure({"stable": (int(sys.argv[2]) + 2, int(sys.argv[2]) + 3)}, None)
+print(nginx.process.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_nginx_does_not_outlive_a_killed_canary(tmp_path):
+    """SIGKILL on the canary's process: its nginx goes too, or it would hold the ports of the next canary."""
+    from rollout.local import _alive, nginx_binary
+
+    nginx_binary()
+    port = _free_pair()
+    owner_process = subprocess.Popen([sys.executable, "-c", NGINX_OWNER, str(tmp_path / "nginx"), str(port)],
+                                     stdout=subprocess.PIPE, text=True)
+    try:
+        nginx_pid = int(owner_process.stdout.readline())
+        assert _alive(nginx_pid)
+    finally:
+        owner_process.kill()
+        owner_process.wait()
+    deadline = time.monotonic() + 30
+    while _alive(nginx_pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if _alive(nginx_pid):
+        os.kill(nginx_pid, signal.SIGKILL)
+        pytest.fail("nginx outlived the process that started it")
+
+
+@pytest.mark.integration
+def test_serve_canary_of_a_version_that_failed_its_gate_needs_force_and_runs_with_the_default_home(tmp_path):
+    """As a user runs it: no PNEUMOSCOPE_HOME (the default, relative ``.pneumoscope``, which nginx once read
+    against its own prefix), and a canary version whose evaluation gate failed: refused, before anything
+    starts, with the flag to use; with ``--force`` it serves."""
+    require_data()
+    small, _ = shared_bundle(128, seed=0)
+    work = tmp_path / "work"
+    work.mkdir()
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert register(small, tracking_uri) == "1" and register(small, tracking_uri, alias=None) == "2"
+    from mlflow import MlflowClient
+
+    MlflowClient(tracking_uri, tracking_uri).set_model_version_tag("pneumonia", "2", "evaluation_gate", "failed")
+    env = {k: v for k, v in os.environ.items() if k != "PNEUMOSCOPE_HOME"}
+    env.update(MLFLOW_TRACKING_URI=tracking_uri, PNEUMOSCOPE_THREADS="1")
+    argv = [sys.executable, "-m", "model.cli", "serve", "--model", "models:/pneumonia/1", "--canary",
+            "models:/pneumonia/2", "--port", str(_free_pair())]
+    refused = subprocess.run(argv, cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "use --force" in refused.stderr.strip().splitlines()[-1], refused.stderr
+    assert not (work / ".pneumoscope" / "rollout" / "local.json").exists()  # refused before anything started
+    serving = subprocess.Popen([*argv, "--force"], cwd=work, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = serving.stdout.readline()
+        assert line.startswith("READY "), f"no READY line (exit {serving.poll()})"
+        sides = json.loads(line.removeprefix("READY "))["sides"]
+        assert {side: v["version"] for side, v in sides.items()} == {"stable": "1", "canary": "2"}
+        state = json.loads((work / ".pneumoscope" / "rollout" / "local.json").read_text())
+        assert state["status"]["pid"] == serving.pid
+    finally:
+        serving.terminate()
+        assert serving.wait(120) == 0

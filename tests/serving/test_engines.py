@@ -10,23 +10,37 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from serving_fixtures import XRAY_FULL, build_bundle, free_port_pair, require_data, xray_files
+from numerics import FLOAT64_SAME_FORMULA, engine_logit_bound, network_logit_bound
+from serving_fixtures import XRAY_FULL, free_port_pair, require_data, shared_bundle, xray_files
 
 REPO = Path(__file__).resolve().parents[2]
 NO_OPENVINO = "import sys; sys.modules['openvino'] = None  # as in an environment without the package\n"
 
 
 @pytest.fixture(scope="module")
-def bundle_dir(tmp_path_factory) -> Path:
+def exported() -> tuple:
     require_data()
     pytest.importorskip("openvino", reason="openvino is pinned in pyproject (serve extra); run `make setup`")
-    path, _ = build_bundle(tmp_path_factory.mktemp("engines") / "bundle")
-    return path
+    return shared_bundle()  # the tests change copies only
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(exported) -> Path:
+    return exported[0]
+
+
+@pytest.fixture(scope="module")
+def head(exported):
+    """The bundle's network as PyTorch runs it (LogitAndCam), for the float32 rounding bounds."""
+    from model.network import LogitAndCam
+
+    return LogitAndCam(exported[1]).eval()
 
 
 def _digest(bundle_dir: Path) -> str:
@@ -65,7 +79,7 @@ def _rewrite(folder: Path, **meta_updates) -> None:
 
 # ---------------------------------------------------------------------------------------------------------
 
-def test_both_engines_give_the_same_decisions_on_real_xrays(bundle_dir):
+def test_both_engines_give_the_same_decisions_on_real_xrays(bundle_dir, head):
     from concurrent.futures import ThreadPoolExecutor
 
     from model.bundle import Bundle
@@ -85,12 +99,18 @@ def test_both_engines_give_the_same_decisions_on_real_xrays(bundle_dir):
         narrow = create_engine("openvino", bundle_dir / graph, precision, 1, parallel=2)
         with ThreadPoolExecutor(2) as pool:
             halves = list(pool.map(narrow.run, (x[:12], x[12:])))
-        np.testing.assert_allclose(np.concatenate([h[0] for h in halves]), ov_logits, atol=1e-3)
+        # fp32: other threads and batches round otherwise (the network's float32 bound); int8: the gate's bound
+        same = engine_logit_bound(precision, gate.max_abs_logit_diff, head if precision == "fp32" else None, x)
+        assert (np.abs(np.concatenate([h[0] for h in halves]) - ov_logits) <= same).all()
         assert ov_cams.shape == ort_cams.shape == (len(x), 4, 4)
         if precision == "fp32":
-            np.testing.assert_allclose(ov_logits, ort_logits, atol=1e-3)
-            np.testing.assert_allclose(ov_cams, ort_cams, atol=1e-3 * float(np.abs(ort_cams).max()))
-            assert np.array_equal(ov_logits >= threshold_logit, ort_logits >= threshold_logit)
+            assert (np.abs(ov_logits - ort_logits) <= same).all()
+            # one backward pass per CAM element: the first four images carry the claim at a quarter of the cost
+            cam_bound = network_logit_bound(head, x[:4], output="cam").reshape(ov_cams[:4].shape)
+            assert (np.abs(ov_cams[:4] - ort_cams[:4]) <= cam_bound).all()
+            clear = np.abs(reference - threshold_logit) > same  # further from the threshold than rounding reaches
+            assert clear.sum() >= len(x) // 2
+            assert np.array_equal((ov_logits >= threshold_logit)[clear], (ort_logits >= threshold_logit)[clear])
         else:
             # int8 graphs round differently per engine and CPU; within the gate's logit tolerance of fp32,
             # every image further than that tolerance from the threshold keeps its fp32 decision on both.
@@ -101,40 +121,58 @@ def test_both_engines_give_the_same_decisions_on_real_xrays(bundle_dir):
                 assert np.array_equal((logits >= threshold_logit)[clear], (reference >= threshold_logit)[clear])
 
 
-def test_auto_gates_times_and_reports_its_choice(bundle_dir):
+def _expected_candidates(settings) -> set[tuple[str, str]]:
+    """The selection's rule, restated: every installed engine (or the forced one) times every precision the
+    bundle allows (fp32; int8 only where its export gate passed, which the test bundle's did not; bf16 on
+    OpenVINO where the CPU computes it natively), or the forced precision."""
+    from serving.engine import ENGINES, installed, native_bf16
+
+    engines = [e for e in ENGINES if installed(e)] if settings.engine == "auto" else [settings.engine]
+    if settings.precision != "auto":
+        return {(e, settings.precision) for e in engines if (e, settings.precision) != ("onnxruntime", "bf16")}
+    return {(e, "fp32") for e in engines} | {(e, "bf16") for e in engines if e == "openvino" and native_bf16()}
+
+
+@pytest.mark.engine_choice
+def test_auto_gates_times_and_reports_its_choice(bundle_dir, head):
+    """Also under the engine and precision pins of test_numerics_kernel_paths.py: then the selection is forced."""
     from prometheus_client import REGISTRY
 
     from serving.predictor import PneumoniaPredictor
 
-    model = PneumoniaPredictor("pneumonia", str(bundle_dir), _settings(model_sha256=_digest(bundle_dir)))
+    settings = _settings(model_sha256=_digest(bundle_dir))
+    model = PneumoniaPredictor("pneumonia", str(bundle_dir), settings)
     assert model.load() and model.ready
     table = {(row["engine"], row["precision"]): row for row in model.engine.table}
-    # the test bundle's int8 graph did not pass its export gate: auto compares fp32 on both engines
-    assert set(table) == {("onnxruntime", "fp32"), ("openvino", "fp32")}
+    assert set(table) == _expected_candidates(settings)
     chosen = [key for key, row in table.items() if row["status"] == "chosen"]
     assert chosen == [(model.engine.engine, model.engine.precision)]
     (engine, precision), = chosen
-    other, = set(table) - set(chosen)
-    # the fastest candidate was gated first and passed, so the slower one needed no gate
-    assert table[chosen[0]]["img_per_s"] >= table[other]["img_per_s"] > 0
-    assert table[chosen[0]]["max_abs_logit_diff"] < 1e-3 and table[chosen[0]]["auc_drop"] <= 0.003
-    assert table[other]["status"] == "not gated: slower than the chosen one"
-    assert model.platform == f"{engine}_onnx/{precision}" and model.precision == precision
-    assert REGISTRY.get_sample_value("pneumoscope_engine_info", {
-        "model_name": "pneumonia", "model_version": model.model_version, "engine": engine, "precision": precision,
-        "selection": "auto"}) == 1
-    assert REGISTRY.get_sample_value("pneumoscope_engine_candidate_eligible",
-                                     {"engine": engine, "precision": precision}) == 1
-    for key in table:
-        labels = {"engine": key[0], "precision": key[1]}
-        assert REGISTRY.get_sample_value("pneumoscope_engine_candidate_images_per_second", labels) > 0
-    # the chosen engine serves, wide and narrow, and matches the stored fp32 reference
+    # fastest first: every faster candidate failed the gate, every slower one needed none
+    for key, row in table.items():
+        if key != chosen[0]:
+            faster = row["img_per_s"] > table[chosen[0]]["img_per_s"]
+            assert row["status"] == ("failed the engine parity gate" if faster else "not gated: slower than the chosen one")
     from model.engine_gate import GateSet
 
     gate = GateSet.load(model.bundle)
-    x = gate.tensors(model.bundle.preprocess)[:4]
+    x = gate.tensors(model.bundle.preprocess)
+    allowed = engine_logit_bound(precision, gate.max_abs_logit_diff, head if precision == "fp32" else None, x)
+    # on every stored image the chosen engine stayed within its precision's bound of the fp32 reference (an fp32
+    # engine within float32 rounding, far inside the gate's tolerance)
+    assert table[chosen[0]]["max_abs_logit_diff"] <= allowed.max() and table[chosen[0]]["auc_drop"] <= 0.003
+    assert model.platform == f"{engine}_onnx/{precision}" and model.precision == precision
+    assert REGISTRY.get_sample_value("pneumoscope_engine_info", {
+        "model_name": "pneumonia", "model_version": model.model_version, "engine": engine, "precision": precision,
+        "selection": "auto" if settings.engine == "auto" else "forced"}) == 1
+    assert REGISTRY.get_sample_value("pneumoscope_engine_candidate_eligible",
+                                     {"engine": engine, "precision": precision}) == 1
+    for key in table if len(table) > 1 else ():  # a lone candidate is not timed
+        labels = {"engine": key[0], "precision": key[1]}
+        assert REGISTRY.get_sample_value("pneumoscope_engine_candidate_images_per_second", labels) > 0
+    # the chosen engine serves, wide and narrow, and matches the stored fp32 reference within its bound
     for run in (model.run_engine, model.run_narrow):
-        np.testing.assert_allclose(run(x)[0], gate.logits[:4], atol=1e-3)
+        assert (np.abs(run(x[:4])[0] - gate.logits[:4]) <= allowed[:4]).all(), (precision, run(x[:4])[0])
     model.stop()
 
 
@@ -155,8 +193,13 @@ def test_forced_openvino_serves_through_dynamic_batching_and_streams(bundle_dir)
         return await asyncio.gather(*(model.batcher.submit(x[i:i + 1]) for i in range(len(x))))
 
     answers = asyncio.run(sixteen_in_flight())
-    # every request gets its own row back; they ran as batches on the parallel single-threaded streams
-    np.testing.assert_allclose(np.concatenate([a[0] for a in answers]), alone, atol=1e-3)
+    # every request gets its own row back; they ran as batches on the parallel single-threaded streams, which
+    # may round an int8 graph otherwise: within the bound the gate admitted int8 with (a row of another
+    # image would be off by the logits' spread, several times more)
+    from model.engine_gate import GateSet
+
+    allowed = GateSet.load(model.bundle).max_abs_logit_diff
+    assert (np.abs(np.concatenate([a[0] for a in answers]) - alone) <= allowed).all()
     assert all(a[1].shape == (1, 4, 4) for a in answers)
     assert model.batcher.calls["narrow"] >= 1 and sum(model.batcher.calls.values()) < len(x)
     model.stop()
@@ -183,16 +226,17 @@ def test_a_candidate_that_fails_the_gate_is_never_chosen(bundle_dir, tmp_path):
     _rewrite(broken, int8={"accepted": True, "reason": "deliberately broken for this test"})
     bundle = Bundle.load(broken)
 
-    selection = select_engine(bundle, _settings())
+    settings = _settings(engine="auto", precision="auto")  # about auto, whatever the environment pins
+    selection = select_engine(bundle, settings)
     table = {(row["engine"], row["precision"]): row for row in selection.table}
-    assert set(table) == {(e, p) for e in ("onnxruntime", "openvino") for p in ("fp32", "int8")}
-    assert selection.precision == "fp32" and table[(selection.engine, "fp32")]["status"] == "chosen"
+    assert set(table) == _expected_candidates(settings) | {(e, "int8") for e in ("onnxruntime", "openvino")}
+    assert selection.precision != "int8" and table[(selection.engine, selection.precision)]["status"] == "chosen"
     for engine in ("onnxruntime", "openvino"):  # faster, so gated first, and refused (unless slower: not gated)
         assert table[(engine, "int8")]["status"] in ("failed the engine parity gate", "not gated: slower than the "
                                                                                  "chosen one"), table
     # Only int8 allowed: both broken graphs are gated, both fail, and the predictor refuses to start.
     with pytest.raises(EngineError, match="no engine passed the engine parity gate") as refused:
-        select_engine(bundle, _settings(precision="int8"))
+        select_engine(bundle, _settings(engine="auto", precision="int8"))
     assert str(refused.value).count("max |logit diff|") == 2, refused.value
     for engine in ("onnxruntime", "openvino"):
         assert REGISTRY.get_sample_value("pneumoscope_engine_candidate_eligible",
@@ -214,12 +258,12 @@ def test_a_candidate_that_fails_the_gate_is_never_chosen(bundle_dir, tmp_path):
         real = create_engine(engine, path, precision, threads, parallel, spinning)
         return FastButWrong(real) if (engine, precision) == ("openvino", "fp32") else real
 
-    selection = select_engine(Bundle.load(bundle_dir), _settings(), factory=factory)
+    selection = select_engine(Bundle.load(bundle_dir), settings, factory=factory)
     table = {(row["engine"], row["precision"]): row for row in selection.table}
-    assert table[("openvino", "fp32")]["img_per_s"] > table[("onnxruntime", "fp32")]["img_per_s"]  # the fastest
-    assert table[("openvino", "fp32")]["status"] == "failed the engine parity gate"
-    assert table[("openvino", "fp32")]["auc_drop"] == 0.0  # AUC alone would not have caught it
-    assert (selection.engine, selection.precision) == ("onnxruntime", "fp32")
+    fastest = max(table, key=lambda key: table[key]["img_per_s"])
+    assert fastest == ("openvino", "fp32") and table[fastest]["status"] == "failed the engine parity gate"
+    assert table[fastest]["auc_drop"] == 0.0  # AUC alone would not have caught it
+    assert (selection.engine, selection.precision) != fastest and selection.precision != "int8"
 
 
 def test_forcing_an_engine_that_is_not_installed_fails_in_one_line(bundle_dir):
@@ -263,7 +307,7 @@ def test_gate_set_is_hashed_and_old_bundles_keep_onnx_runtime(bundle_dir, tmp_pa
     old = _copy(bundle_dir, tmp_path / "old")
     (old / "gate.npz").unlink()
     _rewrite(old, engine_gate=None)
-    selection = select_engine(Bundle.load(old), _settings())
+    selection = select_engine(Bundle.load(old), _settings(engine="auto", precision="auto"))
     assert (selection.engine, selection.precision, selection.gated) == ("onnxruntime", "fp32", False)
     assert [row["engine"] for row in selection.table] == ["onnxruntime"]
 
@@ -276,7 +320,8 @@ def test_bf16_is_a_candidate_only_on_openvino_where_the_cpu_has_it(bundle_dir, m
     bundle = Bundle.load(bundle_dir)
 
     def pairs(**overrides):
-        return [(c.engine, c.precision) for c in engine_selection.candidate_list(bundle, _settings(**overrides))]
+        settings = _settings(**{"engine": "auto", "precision": "auto", **overrides})
+        return [(c.engine, c.precision) for c in engine_selection.candidate_list(bundle, settings)]
 
     if not native_bf16():  # this CPU (AVX2 only in development): no bf16 candidate, forcing it says why
         assert pairs() == [("onnxruntime", "fp32"), ("openvino", "fp32")]
@@ -307,7 +352,7 @@ def test_gate_auc_equals_the_training_metric():
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 2, 200)
     scores = np.round(rng.normal(size=200) + labels, 1)  # rounded: many ties
-    assert auc(labels, scores) == pytest.approx(training_auc(labels, scores), abs=1e-12)
+    assert auc(labels, scores) == pytest.approx(training_auc(labels, scores), abs=FLOAT64_SAME_FORMULA)
     assert np.isnan(auc(np.ones(5), scores[:5]))
 
 
@@ -337,3 +382,72 @@ def test_an_engine_that_breaks_while_timed_drops_out():
     assert _time([broken, fine], np.zeros((2, 1, 8, 8), np.float32), streams=1, seconds=0.05) == [fine]
     assert broken.status == "failed while timed: device lost" and broken.wide is None
     assert fine.img_per_s > 0
+
+
+FIRST_CALLS_AT_ONCE = """
+import sys, threading
+import numpy as np
+from serving.engine import OpenVinoEngine
+
+threads = int(sys.argv[2])
+engine = OpenVinoEngine(sys.argv[1], "fp32", 1, threads)
+barrier = threading.Barrier(threads)
+
+def first_call():
+    barrier.wait()  # every thread makes this process's first OpenVINO call at the same moment
+    engine.run(np.zeros((1, 1, 8, 8), np.float32))
+
+workers = [threading.Thread(target=first_call) for _ in range(threads)]
+for w in workers:
+    w.start()
+for w in workers:
+    w.join()
+print("ok")
+"""
+
+
+def _tiny_graph(path: Path) -> Path:
+    """A graph with the bundle's input and output names that compiles in milliseconds: logit = mean, cam = x."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from model.bundle import INPUT_NAME, OUTPUT_NAMES
+
+    constants = [numpy_helper.from_array(np.array(v, np.int64), name)
+                 for name, v in (("cam_shape", [0, 8, 8]), ("axes", [1, 2, 3]), ("one", [1]))]
+    nodes = [helper.make_node("Reshape", [INPUT_NAME, "cam_shape"], [OUTPUT_NAMES[1]]),
+             helper.make_node("ReduceMean", [INPUT_NAME, "axes"], ["mean"], keepdims=0),
+             helper.make_node("Unsqueeze", ["mean", "one"], [OUTPUT_NAMES[0]])]
+    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT,
+                                                                            ["n", 1, 8, 8])],
+                              [helper.make_tensor_value_info(OUTPUT_NAMES[0], TensorProto.FLOAT, ["n", 1]),
+                               helper.make_tensor_value_info(OUTPUT_NAMES[1], TensorProto.FLOAT, ["n", 8, 8])],
+                              constants)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    return path
+
+
+def test_first_openvino_calls_from_several_threads_at_once_do_not_hang(tmp_path):
+    """The engine selection's timing makes a predictor's first OpenVINO calls from ``streams`` threads at once.
+    OpenVINO's bindings deadlocked on that (their numpy bridge is initialised lazily under a C++ static guard
+    that also needs the GIL): the predictor hung at load, idle. Without the fix about one fresh process in three
+    hangs here, so twelve of them leave such a bug less than a 1 % chance to pass."""
+    pytest.importorskip("openvino", reason="openvino is pinned in pyproject (serve extra); run `make setup`")
+    graph = _tiny_graph(tmp_path / "tiny.onnx")
+    processes = [subprocess.Popen([sys.executable, "-c", FIRST_CALLS_AT_ONCE, str(graph), "4"], cwd=REPO,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(12)]
+    hung, deadline = [], time.monotonic() + 90  # each finishes in about a second when nothing hangs
+    try:
+        for p in processes:
+            try:
+                out, err = p.communicate(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                hung.append(p.pid)
+                continue
+            assert p.returncode == 0 and out.strip() == "ok", err[-2000:]
+    finally:
+        for p in processes:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert not hung, f"{len(hung)} of {len(processes)} processes hung in their first concurrent OpenVINO calls"

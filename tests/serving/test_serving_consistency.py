@@ -15,6 +15,7 @@ import httpx
 import numpy as np
 import pytest
 
+from numerics import U32, engine_logit_bound, probability_bound
 from serving_fixtures import (XRAY_224, XRAY_FULL, register, require_data, shared_bundle,
                               spawn_server, stop_server, wait_ready, xray_files)
 
@@ -25,8 +26,8 @@ pytestmark = pytest.mark.integration
 def sides(tmp_path_factory):
     require_data()
     root = tmp_path_factory.mktemp("canary")
-    small, _ = shared_bundle(128, seed=0)
-    large, _ = shared_bundle(224, seed=1, int8=False)
+    small, small_net = shared_bundle(128, seed=0)
+    large, large_net = shared_bundle(224, seed=1, int8=False)
     tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
     assert register(small, tracking_uri) == "1" and register(large, tracking_uri, alias="challenger") == "2"
     env = {"MLFLOW_TRACKING_URI": tracking_uri, "PNEUMOSCOPE_THREADS": "1"}
@@ -65,7 +66,8 @@ def sides(tmp_path_factory):
             wait_ready(process, f"http://127.0.0.1:{http}/v2/models/pneumonia/ready")
         url = {name: f"http://127.0.0.1:{http}" for name, http in urls.items()}
         yield {"alone": {"1": url["t1"], "2": url["t2"]}, "crossed": {"2": url["t1-to-2"], "1": url["t2-to-1"]},
-               "bundles": {"1": small, "2": large}, "predictors": predictors}
+               "bundles": {"1": small, "2": large}, "nets": {"1": small_net, "2": large_net},
+               "predictors": predictors, "predictor_rest": {v: f"http://127.0.0.1:{h}" for v, (h, _) in ports.items()}}
     finally:
         for process in processes:  # all at once: each drains on its own
             if process.poll() is None:
@@ -87,15 +89,32 @@ def ask(url: str, images: list[bytes]) -> list[dict]:
     return response.json()["predictions"]
 
 
-def offline(bundle_dir, images: list[bytes]) -> tuple[np.ndarray, float]:
-    """The version's own answer, without any server: training's preprocessing + its ONNX graph + calibration."""
+def offline(bundle_dir, images: list[bytes]) -> tuple[np.ndarray, float, np.ndarray]:
+    """The version's own answer, without any server: training's preprocessing + its ONNX graph + calibration.
+    Also returns the network's input, for the rounding bounds."""
     from model.bundle import Bundle, make_session, run_images
-    from model.preprocessing import load_resized
+    from model.preprocessing import load_resized, normalize
 
     bundle = Bundle.load(bundle_dir)
     pixels = np.stack([load_resized(i, bundle.preprocess).pixels for i in images])
     logits = run_images(make_session(bundle.onnx_path("fp32"), threads=1), pixels, bundle.preprocess)
-    return bundle.probability(logits), bundle.threshold
+    return bundle.probability(logits), bundle.threshold, normalize(pixels, bundle.preprocess)
+
+
+def served_against_offline(sides, version: str, x: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
+    """How far the predictor's answers may lie from ``offline``: the bound of the engine and precision its
+    selection chose (tests/numerics.py), carried through the calibrated sigmoid."""
+    from model.bundle import Bundle
+    from model.engine_gate import GateSet
+    from model.network import LogitAndCam
+
+    platform = httpx.get(f"{sides['predictor_rest'][version]}/v2/models/pneumonia", timeout=30).json()["platform"]
+    precision = platform.partition("/")[2]
+    bundle = Bundle.load(sides["bundles"][version])
+    head = LogitAndCam(sides["nets"][version]).eval()
+    logit_bound = engine_logit_bound(precision, GateSet.load(bundle).max_abs_logit_diff,
+                                     head if precision == "fp32" else None, x)
+    return probability_bound(probabilities, logit_bound, bundle.temperature)
 
 
 def test_the_two_versions_really_differ(sides):
@@ -103,19 +122,25 @@ def test_the_two_versions_really_differ(sides):
 
     small, large = (Bundle.load(sides["bundles"][v]) for v in ("1", "2"))
     assert (small.preprocess.image_size, large.preprocess.image_size) == (128, 224)
-    assert abs(small.threshold - large.threshold) > 1e-3
+    # further apart than their float32 copies in the answers could blur
+    assert abs(small.threshold - large.threshold) > U32 * (abs(small.threshold) + abs(large.threshold))
 
 
 @pytest.mark.parametrize("version", ["1", "2"])
 def test_every_answer_is_one_versions_whichever_transformer_sends_it(sides, uploads, version):
     alone = ask(sides["alone"][version], uploads)
     crossed = ask(sides["crossed"][version], uploads)
-    probabilities, threshold = offline(sides["bundles"][version], uploads)
+    probabilities, threshold, x = offline(sides["bundles"][version], uploads)
+    allowed = served_against_offline(sides, version, x, probabilities)
+    other, _, _ = offline(sides["bundles"]["2" if version == "1" else "1"], uploads)
+    # the check can tell the versions apart: the other version's answers lie outside the bound
+    assert (np.abs(other - probabilities) > allowed).sum() >= len(uploads) // 2
     for i, (a, c) in enumerate(zip(alone, crossed)):
         assert a["model_version"] == c["model_version"] == version, (i, a, c)
-        assert a["threshold"] == c["threshold"] == pytest.approx(threshold, abs=1e-6)
+        assert a["threshold"] == c["threshold"] == pytest.approx(threshold, rel=U32)  # served as FP32
+        # one predictor, the same batch of images: the same engine call, deterministic, so identical
         assert a["probability"] == c["probability"], f"image {i}: {a['probability']} vs {c['probability']}"
-        assert a["probability"] == pytest.approx(float(probabilities[i]), abs=1e-5), i
+        assert abs(a["probability"] - probabilities[i]) <= allowed[i], (i, a["probability"], probabilities[i])
         assert a["label"] == c["label"] == ("PNEUMONIA" if a["probability"] >= threshold else "NORMAL")
 
 
@@ -129,7 +154,8 @@ def test_one_request_is_answered_by_one_version_over_every_protocol(sides, uploa
     assert outputs["cam"]["shape"] == [len(uploads), 7, 7]  # the 224 px version's CAM, whichever transformer
     assert len(set(outputs["threshold"]["data"])) == 1
     expected = [p["probability"] for p in ask(sides["alone"]["2"], uploads)]
-    np.testing.assert_allclose(outputs["probability"]["data"], expected, atol=1e-6)
+    # one predictor, the same batch of images: the same engine call, deterministic, so identical
+    assert outputs["probability"]["data"] == expected
 
 
 def test_a_predictor_refuses_pixels_from_another_preprocessing(sides):

@@ -49,6 +49,20 @@ def test_settings_from_environment(monkeypatch):
         ServingSettings()
 
 
+def test_a_stacks_own_environment_wins_over_the_shared_settings(monkeypatch):
+    """One side of a local canary is given its own variables (the slower-canary test's delay); the settings
+    every side shares are written into the children's environment too, and must not overwrite them."""
+    from serving.settings import ServingSettings
+    from serving.stack import LocalStack
+
+    monkeypatch.setenv("PNEUMOSCOPE_MAX_INFLIGHT", "7")  # the caller's environment: below both
+    stack = LocalStack("unused", 0, ServingSettings(threads=1, test_delay_ms=0.0, max_inflight=16),
+                       extra_env={"PNEUMOSCOPE_TEST_DELAY_MS": 400})
+    env = stack._env()
+    assert env["PNEUMOSCOPE_TEST_DELAY_MS"] == "400"
+    assert env["PNEUMOSCOPE_MAX_INFLIGHT"] == "16" and env["PNEUMOSCOPE_THREADS"] == "1"
+
+
 def test_one_worker_per_process():
     """Several uvicorn workers would each keep a Prometheus registry: /metrics would show one worker's share."""
     from serving.model_server import check_workers

@@ -655,3 +655,17 @@ def test_the_transformers_quality_flags_are_kept_when_it_sends_them():
     assert without.quality_flags is None
     with pytest.raises(ValueError):
         _parse({**reply, "outputs": [{**reply["outputs"][0], "data": [1.5]}] + reply["outputs"][1:]}, 0.1)
+
+
+def test_an_empty_secret_file_left_by_a_crash_is_replaced_not_used(tmp_path):
+    """The signing key lives in $PNEUMOSCOPE_HOME/webapp-secret; a process that died between creating and
+    writing it left an empty file, and every later start signed sessions with an empty key."""
+    from webapp.settings import WebSettings
+
+    settings = WebSettings(home=tmp_path, secret_key=None)
+    (tmp_path / "webapp-secret").write_text("")
+    key = settings.resolved_secret_key()
+    assert len(key) >= 32 and (tmp_path / "webapp-secret").read_text().strip() == key
+    assert (tmp_path / "webapp-secret").stat().st_mode & 0o077 == 0  # readable by its owner only
+    assert settings.resolved_secret_key() == key  # kept from then on
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["webapp-secret"]  # no temporary file left
