@@ -182,6 +182,10 @@ class StudyService:
         study = await asyncio.to_thread(self._mark_done, study, result)
         return Scoring(study, "scored")
 
+    def record_result(self, study_id: int, result: InferenceResult) -> Study:
+        """Store a result for a study (what scoring does once the transformer has answered)."""
+        return self._mark_done(self._load(study_id), result)
+
     def _load(self, study_id: int) -> Study:
         with self.factory() as db:
             study = db.get(Study, study_id)
