@@ -383,6 +383,24 @@ def wait_for_status(get, study_id: int, want: str, timeout: float = 120.0) -> di
     raise AssertionError(f"study {study_id} is {body.get('status')}, not {want}, after {timeout:.0f} s: {body}")
 
 
+# -- the browser ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's Chromium driven by Playwright (no browser download); screenshots go to ARTIFACTS."""
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} not found: run `make deps-web` (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
 # -- the reading room: films and results made for a test ---------------------------------------------------
 
 def cam_grid(rows: int, cols: int, hot: dict[tuple[int, int], float]) -> dict:
@@ -430,16 +448,17 @@ def film_with_marker(source: Path, box: tuple[float, float, float, float], value
 
 
 def dicom_16bit(source: Path, window: tuple[float, float] | None = None, monochrome1: bool = False) -> bytes:
-    """A DX DICOM with 12 bits of real content: the film's grey values x 16 plus a ramp of 0..15 across each
-    16-pixel run, detail an 8-bit rendering cannot hold. ``window``: (centre, width) written as the file's own
-    Window Center/Width."""
+    """A DX DICOM with 12 bits of real content: the film's grey values x 16, constant over each 16-pixel run of a
+    row, plus a ramp of 0..15 along the run: detail an 8-bit rendering cannot hold. ``window``: (centre, width)
+    written as the file's own Window Center/Width."""
     import pydicom
 
     data = make_dicom(source)
     dataset = pydicom.dcmread(io.BytesIO(data))
     pixels = dataset.pixel_array.astype(np.uint16)
-    ramp = (np.arange(pixels.shape[1], dtype=np.uint16) % 16)[None, :]
-    pixels = np.minimum(pixels + ramp, 4095).astype(np.uint16)
+    columns = np.arange(pixels.shape[1])
+    ramp = (columns % 16).astype(np.uint16)[None, :]
+    pixels = np.minimum(pixels[:, columns - columns % 16] + ramp, 4095).astype(np.uint16)
     if monochrome1:
         pixels = 4095 - pixels
         dataset.PhotometricInterpretation = "MONOCHROME1"

@@ -71,7 +71,7 @@ def lung_share(cam: dict, mask: dict) -> float | None:
 
 
 def overlay_png(film: bytes, cam: dict, colormap: str = DEFAULT_COLORMAP, cutoff: float = DEFAULT_CUTOFF,
-                mask: dict | None = None, max_side: int = 1600, opacity: float = 0.6) -> bytes:
+                mask: dict | None = None, max_side: int = 1200, opacity: float = 0.6) -> bytes:
     """The film (any format Pillow reads) with the CAM drawn over it at the film's resolution: coloured from the
     cut-off up, transparent below it; ``mask`` keeps only the regions inside it (the lung-restricted view)."""
     with Image.open(io.BytesIO(film)) as image:
@@ -86,7 +86,7 @@ def overlay_png(film: bytes, cam: dict, colormap: str = DEFAULT_COLORMAP, cutoff
     base = np.repeat(np.asarray(gray, dtype=np.float32)[..., None], 3, axis=2)
     blended = np.round(base * (1 - alpha) + colours * alpha).astype(np.uint8)
     out = io.BytesIO()
-    Image.fromarray(blended).save(out, format="PNG", compress_level=3)
+    Image.fromarray(blended).save(out, format="PNG", compress_level=1)
     return out.getvalue()
 
 

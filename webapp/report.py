@@ -191,16 +191,6 @@ def finding_rows(study: Study) -> list[tuple[str, str]]:
     return rows
 
 
-def facts(study: Study) -> list[tuple[str, str]]:
-    """Every fact of the finding plus the review and the note (the printable page's list)."""
-    rows = finding_rows(study)
-    if study.feedback:
-        rows.append(("Doctor's review", f"{study.feedback} ({study.feedback_label}) on {when(study.feedback_at)}"))
-    if study.note:
-        rows.append(("Note", study.note))
-    return rows
-
-
 def sign_off_text(version) -> str:
     if version is None:
         return "Not reported: no impression written yet."

@@ -20,7 +20,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import inspect, text
 
-from webapp_fixtures import (cam_grid, dicom_16bit, full_res_xrays, make_dicom, store_result)
+from webapp_fixtures import cam_grid, dicom_16bit, full_res_xrays, store_result
 
 pytestmark = pytest.mark.integration
 

@@ -18,7 +18,7 @@ from webapp.errors import AppError
 from webapp.models import DECISIONS, LABELS
 from webapp import heatmap, report, report_versions
 from webapp.models import Study
-from webapp.report import STATEMENT, decision_text, facts, quality_warnings, when
+from webapp.report import STATEMENT, decision_text, quality_warnings, when
 from webapp.routers.studies_api import accept_upload, give_feedback, identity_from_form, owned_study, \
     read_upload_form
 from webapp.studies import SORTS, StudyConflict, StudyFilter
@@ -153,7 +153,7 @@ def _report_page(request: Request, principal: Principal, db: Session, study: Stu
 def report_page(study_id: int, request: Request, saved: str = "", principal: Principal = Depends(page_principal),
                 db: Session = Depends(db_session)):
     study = owned_study(request, principal, db, study_id)
-    messages = {"draft": "The draft was saved.", "signed": "The report is signed.",
+    messages = {"draft": "The draft was saved.",  # a signed report says so in its own banner
                 "correction": "A new version was started to correct the signed report."}
     return _report_page(request, principal, db, study, report_saved=messages.get(saved))
 

@@ -397,6 +397,7 @@
       if (radio) radio.checked = true;
       const opacity = document.getElementById("heatmap-opacity");
       if (opacity) opacity.disabled = !heat.show;
+      this.heatCanvas.style.opacity = heat.show ? String(heat.opacity) : "0";  // at once, not at the next frame
       if (heat.view !== before.view || heat.cutoff !== before.cutoff || heat.colormap !== before.colormap) {
         this.renderHeat();
       } else {
