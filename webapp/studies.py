@@ -128,7 +128,9 @@ class StudyService:
         what the doctor typed, over what the DICOM header said (both stored encrypted)."""
         prefix = self.store.new_prefix()
         lease = self.settings.inline_wait_s + LEASE_MARGIN_S
-        merged = {**clean_identity(upload.identity), **clean_identity(identity)}
+        # a header's value longer than the field is cut, not refused: the file itself is fine
+        from_header = {k: str(v)[:IDENTITY_FIELDS[k]] for k, v in upload.identity.items() if k in IDENTITY_FIELDS}
+        merged = {**clean_identity(from_header), **clean_identity(identity)}
 
         def write() -> Study:
             with transaction(self.factory) as db:

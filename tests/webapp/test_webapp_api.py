@@ -645,7 +645,8 @@ def test_the_transformers_quality_flags_are_kept_when_it_sends_them():
     result = _parse(reply, 0.1)
     assert result.quality_flags == ["blurred", "text_overlay"] and result.model_version == "7"
     assert result.heatmap_png is None and result.label == "PNEUMONIA"
-    assert quality_warnings(Study(quality_flags=result.quality_flags)) == ["blurred", "text overlay"]
+    # an older transformer's "text_overlay" was a side marker more often than not: no longer shown as a warning
+    assert quality_warnings(Study(quality_flags=result.quality_flags)) == ["blurred"]
     without = _parse({**reply, "outputs": reply["outputs"][:3]}, 0.1)
     assert without.quality_flags is None
     with pytest.raises(ValueError):

@@ -455,11 +455,14 @@
     }
 
     onKey(event) {
+      // A study shown in place of another (live update) has a new viewer: the old one no longer listens.
+      if (window.pneumoscopeViewer !== this) return;
       if (event.ctrlKey || event.metaKey || event.altKey || !this.film) return;
       const target = event.target;
       if (TEXT_ENTRY.test(target.tagName) || (target.tagName === "INPUT" && TEXT_INPUT.test(target.type))) return;
-      // Arrows and +/- belong to a focused slider or radio button; elsewhere they drive the film.
-      const onFilm = target === this.viewport || target === document.body || target.classList.contains("tool");
+      // Arrows and +/- drive the film when it (or a viewer tool) has the focus; elsewhere they scroll the page or
+      // move a slider. Letter keys work anywhere but in a text field.
+      const onFilm = target === this.viewport || target.classList.contains("tool");
       const key = event.key;
       let action = null;
       if (key.startsWith("Arrow")) {
