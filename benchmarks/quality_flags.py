@@ -8,6 +8,10 @@
 Each film is decoded as the transformer decodes an upload (stage 1), then measured by ``model.quality.assess``,
 the function the transformer runs. ``--examples DIR`` writes a contact sheet of the films that got a warning,
 with the boxes drawn, to look at by eye.
+
+And how often the warnings are right on planted marks, on every film of chest_xray_full/train: a label "AP 10:42"
+printed in bold white over the right lung (it should warn: ``object_over_lungs``) and an "R" side marker in its
+dark box in the top-left corner (it should not), as ``tests/model/test_quality_gate.py`` plants them.
 """
 
 from __future__ import annotations
@@ -51,6 +55,40 @@ def measure(folder: Path, examples: list | None = None) -> dict:
     return out
 
 
+def planted(data: bytes, text: str, where: str) -> bytes:
+    """The film with ``text`` burned in: over the right lung (bold) or in the top-left corner (in a dark box)."""
+    import io
+
+    from PIL import Image, ImageDraw, ImageFont
+
+    image = Image.open(io.BytesIO(data)).convert("L")
+    w, h = image.size
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=max(12, h // 12) if len(text) == 1 else max(9, h // 22))
+    x, y = (int(0.24 * w), int(0.4 * h)) if where == "lung" else (int(0.03 * w), int(0.03 * h))
+    if where != "lung":
+        left, top, right, bottom = draw.textbbox((x, y), text, font=font)
+        draw.rectangle((left - 3, top - 3, right + 3, bottom + 3), fill=10)
+    draw.text((x, y), text, fill=250, font=font, stroke_width=max(0, h // 250) if where == "lung" else 0,
+              stroke_fill=250)
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=95)
+    return out.getvalue()
+
+
+def planted_marks(folder: Path) -> dict:
+    """How many films warn with a label planted over the lung, and with a side marker planted in a corner."""
+    files = sorted(f for f in folder.rglob("*") if f.is_file())
+    over_lung = corner = 0
+    for f in files:
+        data = f.read_bytes()
+        over_lung += quality.FLAG_OVER_LUNGS in quality.assess(decode(planted(data, "AP 10:42", "lung")).pixels).flags
+        corner += bool(quality.assess(decode(planted(data, "R", "corner")).pixels).flags)
+    return {"films": len(files), "label_over_lung_warned": over_lung, "corner_marker_warned": corner,
+            "percent": {"label_over_lung_warned": round(100 * over_lung / len(files), 1),
+                        "corner_marker_warned": round(100 * corner / len(files), 1)}}
+
+
 def contact_sheet(examples: list, path: Path, columns: int = 6) -> None:
     from PIL import Image, ImageDraw
 
@@ -88,6 +126,8 @@ def main() -> None:
         report["sets"][name] = measure(folder, examples)
         if examples:
             contact_sheet(examples[:60], Path(args.examples) / f"{name.replace('/', '_')}.png")
+    print("planting marks on chest_xray_full/train", file=sys.stderr, flush=True)
+    report["planted"] = planted_marks(Path(args.data) / "chest_xray_full" / "train")
     report["seconds"] = round(time.perf_counter() - started, 1)
     write_report(report, args.out)
 

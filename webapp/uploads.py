@@ -246,7 +246,8 @@ def _dicom_display_copy(data: bytes) -> tuple[bytes, dict]:
         stored, meta = display_copy(data, DEFAULT_MAX_PIXELS)
     except InvalidImageError as exc:
         raise UploadRejected(exc.reason, str(exc), 422) from None
-    return gzip.compress(stored.astype("<u2").tobytes(), compresslevel=4), meta
+    # level 1: half the time of level 4 for 7 % more bytes (a 1,500 px film: 1.5 MB, ~0.1 s on the dev machine)
+    return gzip.compress(stored.astype("<u2").tobytes(), compresslevel=1), meta
 
 
 def _dicom_preview(data: bytes) -> bytes:

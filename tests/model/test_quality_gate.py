@@ -52,7 +52,10 @@ def stamped(data: bytes, text: str = "R", where: str = "top-left") -> bytes:
     left, top, right, bottom = draw.textbbox((x, y), text, font=font)
     if where != "right-lung":  # over the lung the label sits on tissue, as a printed annotation or an electrode does
         draw.rectangle((left - 3, top - 3, right + 3, bottom + 3), fill=10)  # the label's dark surround
-    draw.text((x, y), text, fill=250, font=font)
+    # over the lung: bold, as an annotation printed on the chest; its strokes keep about a pixel at the 224 px
+    # analysis size whatever the film's size (a hairline on a 2,000 px film would fade below it)
+    bold = max(0, h // 250) if where == "right-lung" else 0
+    draw.text((x, y), text, fill=250, font=font, stroke_width=bold, stroke_fill=250)
     return _jpeg(image)
 
 
