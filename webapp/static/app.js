@@ -150,10 +150,7 @@ function setupTheme() {
   const button = document.getElementById("theme-toggle");
   function show() {
     const dark = document.documentElement.dataset.theme === "dark";
-    if (button) {
-      button.textContent = dark ? "Light theme" : "Dark theme";
-      button.setAttribute("aria-pressed", String(dark));
-    }
+    if (button) button.setAttribute("aria-pressed", String(dark));  // a toggle: one name, its state pressed or not
   }
   function toggle() {
     const dark = document.documentElement.dataset.theme !== "dark";
