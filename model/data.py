@@ -369,7 +369,7 @@ def prepare(source: str, out_dir: str | Path, image_size: int, fractions: SplitF
         split = assignment.get(img.key) or OFFICIAL_SPLITS[img.official_split]
         rows.append({"index": len(rows), "file": img.key, "sha256": digest, "patient": img.patient,
                      "label": img.label, "subtype": img.subtype, "split": split, "width": width, "height": height,
-                     "sharpness": round(report.sharpness, 2), "quality_flags": ";".join(report.flags)})
+                     "sharpness": round(report.sharpness, 2), "quality_flags": ";".join(report.detections)})
         arrays.append(pixels)
     stack = np.stack(arrays).astype(np.uint8)
     np.save(out / "images.npy", stack)
@@ -426,13 +426,15 @@ def _quality_gate(kept: list[SourceImage], accepted: dict, rejected: dict, out: 
     pool = [img for img in kept if img.official_split == "train"]
     values = np.array([accepted[img.key][3].sharpness for img in pool]) if pool else np.array([1.0])
     cutoff = quality.sharpness_cutoff(values)
-    blurred, texts, excluded, masked = [], [], 0, 0
+    blurred, texts, over_lungs, excluded, masked = [], [], [], 0, 0
     for img in kept:
         digest, pixels, size, report = accepted[img.key]
         report.flags = [f for f in report.flags if f != quality.FLAG_BLURRED]
         if report.sharpness < cutoff:
             report.flags.insert(0, quality.FLAG_BLURRED)
             blurred.append(img)
+        if report.lung_boxes:
+            over_lungs.append(img)
         if report.text_boxes:
             texts.append(img)
             if mask_text:
@@ -446,10 +448,12 @@ def _quality_gate(kept: list[SourceImage], accepted: dict, rejected: dict, out: 
                 rejected[img.key] = ("blurred", detail, accepted[img.key][0])
                 excluded += 1
         kept = [img for img in kept if img.key not in rejected]
-    thumbnails = _write_thumbnails(out / "quality", {"blurred": blurred, "text_overlay": texts}, accepted)
+    thumbnails = _write_thumbnails(out / "quality", {"blurred": blurred, "text_overlay": texts,
+                                                     quality.FLAG_OVER_LUNGS: over_lungs}, accepted)
     return kept, {"analysis_size": quality.ANALYSIS_SIZE, "sharpness_cutoff": round(cutoff, 2),
                   "sharpness_median": round(float(np.median(values)), 2), "blurred": len(blurred),
-                  "text_overlay": len(texts), "excluded_blurred": excluded, "masked_text": masked,
+                  "text_overlay": len(texts), quality.FLAG_OVER_LUNGS: len(over_lungs),
+                  "excluded_blurred": excluded, "masked_text": masked,
                   "thumbnails": thumbnails}
 
 
@@ -464,7 +468,7 @@ def _write_thumbnails(folder: Path, groups: dict[str, list[SourceImage]], accept
             pixels, report = accepted[img.key][1], accepted[img.key][3]
             shown = np.array(pixels, copy=True)
             h, w = shown.shape
-            for y0, x0, y1, x1 in report.text_boxes:
+            for y0, x0, y1, x1 in report.text_boxes + report.lung_boxes:
                 shown[int(y0 * h):int(np.ceil(y1 * h)), int(x0 * w):int(np.ceil(x1 * w))] = 0
             name = f"{flag}_{i + 1}.png"
             Image.fromarray(shown).resize((128, 128)).save(folder / name)

@@ -19,6 +19,7 @@ import numpy as np
 import pydicom
 from pydicom import uid
 from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
 from model.errors import InvalidImageError
@@ -199,3 +200,61 @@ def _voi_range(ds) -> tuple[float, float]:
     if slope is not None and intercept is not None:
         low, high = low * float(slope) + float(intercept), high * float(slope) + float(intercept)
     return low, high
+
+
+def display_copy(data: bytes, max_pixels: int, max_bytes: int | None = None) -> tuple[np.ndarray, dict]:
+    """The first frame at full resolution and full bit depth, for a viewer's window/level: uint16 (H, W) of
+    modality values shifted (and, past 16 bits, scaled) into 0..65535, and how to read it.
+
+    ``meta``: ``width``, ``height``, ``offset`` and ``scale`` (modality value = stored * scale + offset), ``min``
+    and ``max`` of the stored values, ``window_center`` / ``window_width`` in stored units (the file's own
+    window, or for a VOI LUT the range of its input, or the 0.5-99.5 % range of the pixels when it has neither),
+    ``window_source`` (``window``, ``voi_lut`` or ``pixels``) and ``invert`` (MONOCHROME1: low values are white).
+    """
+    ds = _read_checked(data, max_pixels, max_bytes or DEFAULT_MAX_BYTES)
+    try:
+        ds.pixel_array_options(index=0)
+        raw = ds.pixel_array
+        if raw.ndim == 3 and ds.get("SamplesPerPixel", 1) == 1:
+            raw = raw[0]
+        if raw.ndim != 2:
+            raise InvalidImageError("not_grayscale", "colour DICOM images are not chest radiographs")
+        values = apply_modality_lut(raw, ds).astype(np.float64)
+    except InvalidImageError:
+        raise
+    except Exception as exc:  # pydicom raises many types for corrupt or unsupported pixel data
+        raise InvalidImageError("corrupt", f"the DICOM pixel data could not be decoded: {exc}") from None
+    low, high = float(np.min(values)), float(np.max(values))
+    scale = max(1.0, (high - low) / 65535.0) if np.isfinite(high - low) else 1.0
+    stored = np.round((np.nan_to_num(values) - low) / scale).clip(0, 65535).astype(np.uint16)
+
+    def to_stored(value: float) -> float:
+        return (value - low) / scale
+
+    center = width = None
+    source = "pixels"
+    try:
+        if "WindowCenter" in ds and "WindowWidth" in ds:
+            center, width = _first_value(ds.WindowCenter), _first_value(ds.WindowWidth)
+            center, width, source = to_stored(center), width / scale, "window"
+        elif "VOILUTSequence" in ds:
+            descriptor = ds.VOILUTSequence[0].LUTDescriptor
+            entries, first_input = int(descriptor[0]) or 65536, float(descriptor[1])
+            center, width, source = to_stored(first_input + entries / 2), entries / scale, "voi_lut"
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError):
+        center = width = None
+    if center is None or not width or width <= 0 or not np.isfinite(center):
+        p_low, p_high = np.percentile(stored, [0.5, 99.5])
+        center, width, source = (p_low + p_high) / 2, max(1.0, float(p_high - p_low)), "pixels"
+    height_px, width_px = stored.shape
+    meta = {"width": int(width_px), "height": int(height_px), "offset": low, "scale": scale,
+            "min": int(stored.min()), "max": int(stored.max()), "window_center": round(float(center), 3),
+            "window_width": round(float(width), 3), "window_source": source,
+            "invert": str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper() == "MONOCHROME1",
+            "bits_stored": int(ds.get("BitsStored", 16) or 16)}
+    return stored, meta
+
+
+def _first_value(value) -> float:
+    """The first of a multi-valued attribute (Window Center/Width may list several windows)."""
+    return float(value[0]) if isinstance(value, MultiValue) else float(value)

@@ -1,4 +1,5 @@
-"""Image-quality checks that neither training nor serving decisions depend on: blur and burned-in text.
+"""Image-quality checks that neither training nor serving decisions depend on: blur, burned-in text, objects
+over the lungs.
 
 No torch, no OpenCV: numpy and Pillow only, so the KServe transformer runs exactly these functions on the
 gray pixels it decoded, and ``data prepare`` runs them on every training image.
@@ -8,14 +9,23 @@ gray pixels it decoded, and ``data prepare`` runs them on every training image.
   are measured alike. A film is *blurred* when its log-sharpness lies far below the training distribution
   (robust z-score: median and MAD of log-sharpness, cut-off at ``BLUR_Z`` deviations).
 - **Burned-in text and markers**: bright, small, high-contrast connected components inside the border band
-  (side markers such as "R"/"L", annotations, labels), where anatomy does not produce them.
+  (side markers such as "R"/"L", annotations, labels), where anatomy does not produce them. They are
+  *detected* (``data prepare --mask-text`` paints them out of the training cache) but they are not a
+  warning: every film carries a side marker, and a corner label hides no lung.
+- **Text or objects over the lung fields**: much brighter, small, compact blobs inside a fixed prior of
+  the two lung fields (:func:`lung_fields`): electrodes, clips, buttons, text printed over the chest. They
+  may hide or mimic an opacity, so they are a warning.
 
-Neither check changes a prediction: the transformer reports them as ``quality_flags``; ``data prepare``
-reports them, excludes blurred films only when asked, and can mask detected text in the cache.
+Detection is separate from warning: :class:`QualityReport` holds what was found (``text_boxes``,
+``lung_boxes``) and ``flags``, the warnings, each with what the reader should do (:data:`ADVICE`).
+No check changes a prediction: the transformer reports the warnings as ``quality_flags``; ``data prepare``
+reports them, excludes blurred films only when asked, and can mask detected text in the cache. How often
+each flag fires on the development data is in BENCHMARKS.md ("Quality flags"; ``benchmarks/quality_flags.py``).
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,7 +37,20 @@ BLUR_Z = 3.5
 #: training data (../shared/data/chest_xray_224/train, 5,216 files: median 112, cut-off 20.2, 13 films below).
 #: ``data prepare`` recomputes it on whatever data it ingests; serving uses this one (it is version-free).
 DEFAULT_MIN_SHARPNESS = 20.2
-FLAG_BLURRED, FLAG_TEXT = "blurred", "text_overlay"
+#: ``FLAG_TEXT`` names detected markers and text (a record of the training data, never a warning).
+FLAG_BLURRED, FLAG_TEXT, FLAG_OVER_LUNGS = "blurred", "text_overlay", "object_over_lungs"
+#: The warnings, in words, with what to do: (what it is, what to do). The web app, the report and the DICOM
+#: results take their wording from here.
+ADVICE = {
+    FLAG_BLURRED: ("The film is blurred (motion or focus): fine detail such as an early opacity may be lost.",
+                   "Repeat the film if the finding matters; otherwise read with care."),
+    FLAG_OVER_LUNGS: ("Text or an object (an electrode, a clip, a button) lies over a lung field: it may hide or "
+                      "mimic an opacity, and the model may react to it.",
+                      "Read with care; repeat the film without the object if it hides the finding."),
+}
+#: The two lung fields of a centred frontal film as ellipses (centre y, centre x, radius y, radius x, as shares of
+#: the image's height and width): a prior, not a segmentation, drawn on the development films.
+LUNG_FIELDS = ((0.45, 0.30, 0.28, 0.16), (0.45, 0.70, 0.28, 0.16))
 MAX_CANDIDATES = 6000  # bright border pixels beyond this are not text (a white frame): nothing is reported
 
 
@@ -43,13 +66,27 @@ class QualityThresholds:
     max_area: int = 900
     max_extent: float = 0.4  # a component (a glyph, a word) spans at most this share of the side
     min_fill: float = 0.12  # strokes fill a fair part of their bounding box (thin long edges do not)
+    # Over the lung fields the background is tissue, not air outside the body: an object must stand out far more
+    # than a rib's edge does (on the development data these cut-offs fire on 0.3 % of the films; BENCHMARKS.md).
+    lung_min_brightness: int = 180
+    lung_min_local_contrast: float = 60.0
+    lung_min_contrast: float = 100.0
 
 
 @dataclass
 class QualityReport:
     sharpness: float
-    text_boxes: list[tuple[float, float, float, float]] = field(default_factory=list)  # (y0, x0, y1, x1) in 0..1
+    #: markers and text near the border, (y0, x0, y1, x1) in 0..1: detected (for masking), never a warning
+    text_boxes: list[tuple[float, float, float, float]] = field(default_factory=list)
+    #: text or objects over the lung fields, same form: a warning
+    lung_boxes: list[tuple[float, float, float, float]] = field(default_factory=list)
+    #: the warnings (keys of ADVICE)
     flags: list[str] = field(default_factory=list)
+
+    @property
+    def detections(self) -> list[str]:
+        """The warnings plus ``text_overlay`` when markers or text were found: what ``data prepare`` records."""
+        return self.flags + ([FLAG_TEXT] if self.text_boxes else [])
 
 
 def analysis_pixels(gray: np.ndarray) -> np.ndarray:
@@ -93,16 +130,25 @@ def _components(mask: np.ndarray, reach: int = 2) -> list[tuple[np.ndarray, np.n
     return components
 
 
-def text_components(pixels: np.ndarray, t: QualityThresholds = QualityThresholds()
-                    ) -> list[tuple[float, float, float, float]]:
-    """Bounding boxes (relative y0, x0, y1, x1) of bright, small, high-contrast blobs in the border band."""
+@functools.lru_cache(maxsize=4)
+def lung_fields(height: int, width: int) -> np.ndarray:
+    """bool (H, W), True inside the two lung-field ellipses of :data:`LUNG_FIELDS`."""
+    y, x = np.mgrid[0:height, 0:width]
+    inside = np.zeros((height, width), dtype=bool)
+    for cy, cx, ry, rx in LUNG_FIELDS:
+        inside |= ((y + 0.5 - cy * height) / (ry * height)) ** 2 + ((x + 0.5 - cx * width) / (rx * width)) ** 2 <= 1
+    return inside
+
+
+def _bright_blobs(pixels: np.ndarray, region: np.ndarray, min_brightness: int, min_local_contrast: float,
+                  min_contrast: float, max_background: float, t: QualityThresholds
+                  ) -> list[tuple[float, float, float, float]]:
+    """Bounding boxes (relative y0, x0, y1, x1) of bright, small, compact blobs inside ``region`` that stand out
+    from their 15-px neighbourhood and from the ring around them."""
     size = pixels.shape[0]
     local_mean = np.asarray(Image.fromarray(pixels).filter(ImageFilter.BoxBlur(7)), dtype=np.float32)
-    band = int(round(t.border_band * size))
-    border = np.ones(pixels.shape, dtype=bool)
-    border[band:size - band, band:size - band] = False
     contrast = pixels.astype(np.float32) - local_mean
-    candidates = border & (pixels >= t.min_brightness) & (contrast >= t.min_local_contrast)
+    candidates = region & (pixels >= min_brightness) & (contrast >= min_local_contrast)
     if not candidates.any() or candidates.sum() > MAX_CANDIDATES:  # bounded cost on any input
         return []
     boxes = []
@@ -115,25 +161,45 @@ def text_components(pixels: np.ndarray, t: QualityThresholds = QualityThresholds
         ry0, rx0, ry1, rx1 = max(0, y0 - 4), max(0, x0 - 4), min(size, y1 + 4), min(size, x1 + 4)
         ring = pixels[ry0:ry1, rx0:rx1][~candidates[ry0:ry1, rx0:rx1]]
         background = float(np.median(ring)) if ring.size else 255.0
-        if background > t.max_background or float(pixels[ys, xs].mean()) - background < t.min_contrast:
+        if background > max_background or float(pixels[ys, xs].mean()) - background < min_contrast:
             continue
         boxes.append((y0 / size, x0 / size, y1 / size, x1 / size))
     return boxes
 
 
+def text_components(pixels: np.ndarray, t: QualityThresholds = QualityThresholds()
+                    ) -> list[tuple[float, float, float, float]]:
+    """Markers and text: bright, small, high-contrast blobs on the dark background of the border band."""
+    size = pixels.shape[0]
+    band = int(round(t.border_band * size))
+    border = np.ones(pixels.shape, dtype=bool)
+    border[band:size - band, band:size - band] = False
+    return _bright_blobs(pixels, border, t.min_brightness, t.min_local_contrast, t.min_contrast, t.max_background, t)
+
+
+def objects_over_lungs(pixels: np.ndarray, t: QualityThresholds = QualityThresholds()
+                       ) -> list[tuple[float, float, float, float]]:
+    """Text or objects over the lung fields: blobs far brighter than the lung around them."""
+    region = lung_fields(*pixels.shape)
+    return _bright_blobs(pixels, region, t.lung_min_brightness, t.lung_min_local_contrast, t.lung_min_contrast,
+                         255.0, t)
+
+
 def assess(gray: np.ndarray, thresholds: QualityThresholds = QualityThresholds()) -> QualityReport:
-    """Sharpness, text boxes and flags of one decoded gray image (any size)."""
+    """Sharpness, what was found (markers, objects over the lungs) and the warnings of one gray image (any size)."""
     pixels = analysis_pixels(gray)
-    report = QualityReport(sharpness(pixels), text_components(pixels, thresholds))
+    report = QualityReport(sharpness(pixels), text_components(pixels, thresholds),
+                           objects_over_lungs(pixels, thresholds))
     if report.sharpness < thresholds.min_sharpness:
         report.flags.append(FLAG_BLURRED)
-    if report.text_boxes:
-        report.flags.append(FLAG_TEXT)
+    if report.lung_boxes:
+        report.flags.append(FLAG_OVER_LUNGS)
     return report
 
 
 def quality_flags(gray: np.ndarray, thresholds: QualityThresholds = QualityThresholds()) -> list[str]:
-    """``["blurred", "text_overlay"]``, either, or nothing: what the transformer returns beside a prediction."""
+    """The warnings: ``["blurred", "object_over_lungs"]``, either, or nothing: what the transformer returns beside
+    a prediction. Side markers and corner labels are not among them."""
     return assess(gray, thresholds).flags
 
 

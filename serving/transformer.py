@@ -9,8 +9,8 @@ Requests (model name ``pneumonia``):
   one encoded file per element (raw bytes, or base64 text in JSON). Outputs ``probability`` FP32 [N],
   ``label`` BYTES [N], ``threshold`` FP32 [N]; with the request parameter ``heatmap: true`` also
   ``heatmap_png`` BYTES [N] (base64 text of a PNG) and ``cam`` FP32 [N,h,w] (ReLU'd, scaled to [0, 1]).
-  ``quality_flags`` BYTES [N]: per image a JSON list, e.g. ``["blurred", "text_overlay"]`` (v1: a list per
-  prediction) from :mod:`model.quality`; reported beside the answer, never part of it.
+  ``quality_flags`` BYTES [N]: per image a JSON list of warnings, e.g. ``["blurred", "object_over_lungs"]``
+  (v1: a list per prediction) from :mod:`model.quality`; reported beside the answer, never part of it.
 
 The transformer is version-agnostic: it runs stage 1 of ``model.preprocessing`` (decode to bounded
 grayscale, with bounded cost) and the X-ray gate of :mod:`serving.inputs`, sends the pixels of all

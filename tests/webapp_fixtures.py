@@ -381,3 +381,92 @@ def wait_for_status(get, study_id: int, want: str, timeout: float = 120.0) -> di
             return body
         time.sleep(0.25)
     raise AssertionError(f"study {study_id} is {body.get('status')}, not {want}, after {timeout:.0f} s: {body}")
+
+
+# -- the browser ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's Chromium driven by Playwright (no browser download); screenshots go to ARTIFACTS."""
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} not found: run `make deps-web` (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+# -- the reading room: films and results made for a test ---------------------------------------------------
+
+def cam_grid(rows: int, cols: int, hot: dict[tuple[int, int], float]) -> dict:
+    """A class-activation map grid (the transformer's ``cam`` for one image): zero but the ``hot`` cells."""
+    values = np.zeros((rows, cols), dtype=np.float32)
+    for (row, col), value in hot.items():
+        values[row, col] = value
+    return {"rows": rows, "cols": cols, "values": [float(v) for v in values.ravel()]}
+
+
+def store_result(env: dict, study_id: int, **fields) -> None:
+    """Give a study a result through the storage layer (``StudyService.record_result``), as the transformer's
+    answer would: for the fields this branch's transformer does not send yet (REFER, the reasons, the intended
+    use, the model's description) and for CAMs with known hot spots. ``fields`` override a plain NORMAL answer."""
+    from webapp.db import make_engine, session_factory
+    from webapp.inference import InferenceResult
+    from webapp.settings import WebSettings
+    from webapp.storage import ImageStore
+    from webapp.studies import StudyService
+
+    settings = WebSettings(home=Path(env["PNEUMOSCOPE_HOME"]), database_url=env.get("PNEUMOSCOPE_DATABASE_URL"),
+                           image_store=env.get("PNEUMOSCOPE_IMAGE_STORE"))
+    engine = make_engine(settings.resolved_database_url())
+    answer = {"probability": 0.1, "label": "NORMAL", "threshold": 0.5, "model_name": "pneumonia",
+              "model_version": "7", "heatmap_png": None, **fields}
+    try:
+        StudyService(settings, session_factory(engine), ImageStore(settings.resolved_image_store()), None) \
+            .record_result(study_id, InferenceResult(**answer))
+    finally:
+        engine.dispose()
+
+
+def film_with_marker(source: Path, box: tuple[float, float, float, float], value: int = 255) -> bytes:
+    """A real X-ray (PNG) with a filled square planted at ``box`` = (y0, x0, y1, x1), shares of the height/width."""
+    from PIL import Image
+
+    with Image.open(source) as image:
+        gray = np.asarray(image.convert("L")).copy()
+    height, width = gray.shape
+    y0, x0, y1, x1 = box
+    gray[int(y0 * height):int(y1 * height), int(x0 * width):int(x1 * width)] = value
+    out = io.BytesIO()
+    Image.fromarray(gray).save(out, format="PNG")
+    return out.getvalue()
+
+
+def dicom_16bit(source: Path, window: tuple[float, float] | None = None, monochrome1: bool = False) -> bytes:
+    """A DX DICOM with 12 bits of real content: the film's grey values x 16, constant over each 16-pixel run of a
+    row, plus a ramp of 0..15 along the run: detail an 8-bit rendering cannot hold. ``window``: (centre, width)
+    written as the file's own Window Center/Width."""
+    import pydicom
+
+    data = make_dicom(source)
+    dataset = pydicom.dcmread(io.BytesIO(data))
+    pixels = dataset.pixel_array.astype(np.uint16)
+    columns = np.arange(pixels.shape[1])
+    ramp = (columns % 16).astype(np.uint16)[None, :]
+    pixels = np.minimum(pixels[:, columns - columns % 16] + ramp, 4095).astype(np.uint16)
+    if monochrome1:
+        pixels = 4095 - pixels
+        dataset.PhotometricInterpretation = "MONOCHROME1"
+    dataset.PixelData = pixels.tobytes()
+    if window is not None:
+        dataset.WindowCenter, dataset.WindowWidth = window
+    dataset.ViewPosition = "PA"
+    dataset.ReasonForTheRequestedProcedure = "fever and cough for three days"
+    out = io.BytesIO()
+    dataset.save_as(out, enforce_file_format=True)
+    return out.getvalue()

@@ -87,8 +87,8 @@ def build_context(settings: WebSettings) -> AppContext:
     client = InferenceClient(settings.inference_url, settings.model_name, settings.inference_timeout_s,
                              settings.inference_host)
     factory = database.session_factory(engine)
-    return AppContext(settings, engine, factory, store, client, StudyService(settings, factory, store, client),
-                      settings.resolved_secret_key())
+    service = StudyService(settings, factory, store, client, settings.field_cipher())  # a bad key fails at start
+    return AppContext(settings, engine, factory, store, client, service, settings.resolved_secret_key())
 
 
 def create_app(settings: WebSettings | None = None, start_worker: bool = True) -> FastAPI:
@@ -110,7 +110,7 @@ def create_app(settings: WebSettings | None = None, start_worker: bool = True) -
             await context.client.aclose()
             context.engine.dispose()
 
-    from webapp.routers import auth, health, pages, studies_api
+    from webapp.routers import auth, health, pages, reading_api, studies_api
 
     app = FastAPI(title="pneumoscope", version="1", lifespan=lifespan,
                   description="The doctor's app: upload a chest X-ray, see the probability of pneumonia and the "
@@ -121,7 +121,7 @@ def create_app(settings: WebSettings | None = None, start_worker: bool = True) -
     app.add_middleware(MetricsMiddleware)
 
     app.mount("/static", StaticFiles(directory=str(PACKAGE / "static")), name="static")
-    for router in (health.router, auth.router, studies_api.router, pages.router):
+    for router in (health.router, auth.router, studies_api.router, reading_api.router, pages.router):
         app.include_router(router)
     install_error_handlers(app)
     return app

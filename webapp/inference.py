@@ -5,12 +5,21 @@ data extension, so a 30 MB upload does not grow by a third in base64) and ``para
 Outcomes: a :class:`InferenceResult`; :class:`InferenceRejected` when the transformer refuses the image
 (400/413/415/422: the X-ray gate's message is for the doctor); :class:`InferenceUnavailable` for
 anything that may pass with time (5xx, timeouts, refused connections, 404/429 while a rollout settles).
+
+Besides ``probability``, ``label`` and ``threshold`` the app keeps what the answer carries when the model
+server sends it (older servers send none of it, and the study shows what it has): ``decision``
+(PNEUMONIA | NORMAL | REFER), ``refer_reasons`` (a JSON list of ``{code, text}`` per image), ``ood_score``,
+``in_intended_use``, ``cam`` (the class-activation map, [N, h, w]), ``lung_mask`` ([N, h, w]) and
+``cam_lung_share`` ([N]), and the model's description: a ``model_info`` output (JSON per image) or the
+response's ``parameters`` (``model_profile``/``profile``, ``demonstration``, ``heldout``, ``refer_band``,
+``intended_use``).
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -47,6 +56,14 @@ class InferenceResult:
     quality_flags: dict | list | None = None
     seconds: float = 0.0
     extra: dict = field(default_factory=dict)
+    decision: str | None = None
+    refer_reasons: list | None = None
+    ood_score: float | None = None
+    in_intended_use: bool | None = None
+    model_info: dict | None = None
+    cam: dict | None = None  # {"rows", "cols", "values"}: row-major, ReLU'd and scaled to [0, 1]
+    lung_mask: dict | None = None  # same form, 0..1
+    cam_lung_share: float | None = None
 
 
 class InferenceClient:
@@ -95,21 +112,85 @@ def _error_message(response: httpx.Response) -> str:
     return " ".join(str(message).split())[:500] or f"HTTP {response.status_code}"
 
 
+#: The model description's keys, as the answer's ``parameters`` may carry them.
+MODEL_INFO_KEYS = ("model_profile", "profile", "demonstration", "heldout", "refer_band", "intended_use")
+DECISIONS = ("PNEUMONIA", "NORMAL", "REFER")
+
+
 def _parse(reply: dict, seconds: float) -> InferenceResult:
     outputs = {o["name"]: o.get("data") for o in reply["outputs"]}
+    shapes = {o["name"]: o.get("shape") for o in reply["outputs"]}
     heatmap = outputs.get("heatmap_png")
-    flags = outputs.get("quality_flags")
-    if isinstance(flags, list) and len(flags) == 1:
-        flags = flags[0]
+    flags = _json_element(outputs.get("quality_flags"))
     if isinstance(flags, str):
-        try:
-            flags = json.loads(flags)
-        except ValueError:
-            flags = {"value": flags}
+        flags = {"value": flags}
     probability = float(outputs["probability"][0])
     if not 0.0 <= probability <= 1.0:
         raise ValueError(f"probability {probability} outside [0, 1]")
+    decision = str(outputs["decision"][0]) if outputs.get("decision") else None
+    if decision is not None and decision not in DECISIONS:
+        raise ValueError(f"decision {decision!r} is not one of {', '.join(DECISIONS)}")
+    reasons = _json_element(outputs.get("refer_reasons"))
+    model_info = _json_element(outputs.get("model_info"))
+    if not isinstance(model_info, dict):
+        parameters = reply.get("parameters") or {}
+        model_info = {k: parameters[k] for k in MODEL_INFO_KEYS if k in parameters} or None
+    in_use = outputs.get("in_intended_use")
     return InferenceResult(
         probability=probability, label=str(outputs["label"][0]), threshold=float(outputs["threshold"][0]),
         model_name=str(reply.get("model_name") or ""), model_version=str(reply.get("model_version") or ""),
-        heatmap_png=base64.b64decode(heatmap[0]) if heatmap else None, quality_flags=flags, seconds=seconds)
+        heatmap_png=base64.b64decode(heatmap[0]) if heatmap else None, quality_flags=flags, seconds=seconds,
+        decision=decision, refer_reasons=_reasons(reasons),
+        ood_score=float(outputs["ood_score"][0]) if outputs.get("ood_score") else None,
+        in_intended_use=_boolean(in_use[0]) if in_use else None, model_info=model_info,
+        cam=_grid(outputs.get("cam"), shapes.get("cam")), lung_mask=_grid(outputs.get("lung_mask"),
+                                                                            shapes.get("lung_mask")),
+        cam_lung_share=float(outputs["cam_lung_share"][0]) if outputs.get("cam_lung_share") else None)
+
+
+def _json_element(data):
+    """The first element of a BYTES output that holds JSON per image (the element itself when it is not JSON)."""
+    if isinstance(data, list):
+        if len(data) != 1:
+            return data or None
+        data = data[0]
+    if isinstance(data, str):
+        try:
+            return json.loads(data)
+        except ValueError:
+            return data
+    return data
+
+
+def _reasons(value) -> list | None:
+    """``[{"code", "text"}]`` from a list of such objects or of bare codes."""
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        raise ValueError("refer_reasons must be a list")
+    reasons = []
+    for item in value:
+        if isinstance(item, dict):
+            reasons.append({"code": str(item.get("code", "")), "text": str(item.get("text", ""))})
+        else:
+            reasons.append({"code": str(item), "text": ""})
+    return reasons
+
+
+def _boolean(value) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes")
+    return bool(value)
+
+
+def _grid(data, shape) -> dict | None:
+    """The first image's map of a [N, h, w] output, flattened row-major in JSON, as {"rows", "cols", "values"}."""
+    if not data or not shape or len(shape) != 3:
+        return None
+    rows, cols = int(shape[1]), int(shape[2])
+    if rows < 1 or cols < 1 or rows * cols > 256 * 256 or len(data) < rows * cols:
+        raise ValueError(f"a map of shape {shape} with {len(data)} values")
+    values = [round(float(v), 5) for v in data[:rows * cols]]
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError("a map with non-finite values")
+    return {"rows": rows, "cols": cols, "values": values}

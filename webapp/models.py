@@ -1,6 +1,8 @@
 """The database tables (SQLAlchemy 2 declarative). Alembic migrations in ``webapp/migrations`` create them.
 
-Studies hold no PHI beyond what the doctor types (the note): no file name, no DICOM header fields.
+Studies hold no PHI in the clear beyond what the doctor types (the note, the impression): no file name, no DICOM
+header fields. The identifying fields (patient reference, accession number, view, clinical question) are one
+Fernet token (``Study.identity``, ``ReportVersion.patient``; :mod:`webapp.field_encryption`).
 Secrets are stored hashed: passwords with argon2, API and session tokens with SHA-256 (they are
 random 256-bit values, so a fast hash is enough).
 """
@@ -9,11 +11,17 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, TypeDecorator
+from sqlalchemy import (JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, TypeDecorator,
+                        UniqueConstraint)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 STATUSES = ("pending", "done", "rejected")
 LABELS = ("NORMAL", "PNEUMONIA")
+#: A served answer's decision: the label, or REFER (in the indeterminate band fitted on val, or outside the
+#: intended use: a reader must decide without the model).
+DECISIONS = ("PNEUMONIA", "NORMAL", "REFER")
+VIEWS = ("PA", "AP")
+REPORT_STATES = ("draft", "signed")
 VERDICTS = ("confirmed", "corrected")
 #: File extension and media type of each stored format.
 FORMATS = {"jpeg": ("jpg", "image/jpeg"), "png": ("png", "image/png"), "dicom": ("dcm", "application/dicom")}
@@ -120,6 +128,22 @@ class Study(Base):
     scored_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     inference_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
     rejection: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # the served answer's uncertainty and provenance (migration 0002; absent from older model servers)
+    decision: Mapped[str | None] = mapped_column(String(16), nullable=True, index=True)  # DECISIONS
+    refer_reasons: Mapped[list | None] = mapped_column(JSON, nullable=True)  # [{"code", "text"}]
+    ood_score: Mapped[float | None] = mapped_column(Float, nullable=True)
+    in_intended_use: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    model_info: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # profile, demonstration, held-out figures
+    # the class-activation map as the model returned it ({"rows", "cols", "values"}: ReLU'd, scaled to [0, 1]),
+    # drawn by the viewer at the film's resolution, and the share of its mass inside the lungs
+    cam: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    lung_mask: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # the served lung mask, same form
+    cam_lung_share: Mapped[float | None] = mapped_column(Float, nullable=True)
+    lung_share_source: Mapped[str | None] = mapped_column(String(32), nullable=True)  # lung model | lung prior
+    # the identifying fields, one Fernet token of {"patient_ref", "accession", "view", "clinical_question"}
+    identity: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # a DICOM film's 16-bit display copy (display16.gz): width, height, window centre/width in its units, ...
+    display: Mapped[dict | None] = mapped_column(JSON, nullable=True)
 
     # the retry worker's bookkeeping
     attempts: Mapped[int] = mapped_column(Integer, default=0)
@@ -143,3 +167,44 @@ class Study(Base):
 
     def heatmap_key(self) -> str:
         return f"{self.storage_prefix}/heatmap.png"
+
+    def shown_key(self) -> str:
+        """The file a browser or a PDF shows: the PNG rendering of a DICOM film, else the stored image."""
+        return self.preview_key() if self.has_preview else self.image_key()
+
+    def thumbnail_key(self) -> str:
+        return f"{self.storage_prefix}/thumbnail.png"
+
+    def display16_key(self) -> str:
+        return f"{self.storage_prefix}/display16.gz"
+
+    def shown_decision(self) -> str | None:
+        """The served decision, or the label of an answer from a model server that sends no decision."""
+        return self.decision or self.label
+
+
+class ReportVersion(Base):
+    """One version of a study's report. A draft is edited; once signed it never changes: a correction is a new
+    version (``corrects``) with its reason. What was signed is kept with it (the patient block, encrypted, and
+    the AI finding), so a later change to the study cannot alter a signed report."""
+
+    __tablename__ = "report_versions"
+    __table_args__ = (UniqueConstraint("study_id", "version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(16), default="draft")  # REPORT_STATES
+    impression: Mapped[str] = mapped_column(Text, default="")
+    corrects: Mapped[int | None] = mapped_column(Integer, nullable=True)  # the signed version this one corrects
+    correction_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    created_by_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    signed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    signed_by_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"), nullable=True)
+    patient: Mapped[str | None] = mapped_column(Text, nullable=True)  # Fernet token, frozen at sign-off
+    finding: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # the AI finding, frozen at sign-off
+
+    signed_by: Mapped[User | None] = relationship(foreign_keys=[signed_by_id])
+    created_by: Mapped[User] = relationship(foreign_keys=[created_by_id])

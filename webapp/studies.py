@@ -19,13 +19,14 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import case, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from webapp.db import transaction
 from webapp.inference import InferenceClient, InferenceRejected, InferenceResult, InferenceUnavailable
 from webapp.metrics import INFERENCE_SECONDS, PENDING, RETRIES
-from webapp.models import FORMATS, LABELS, STATUSES, VERDICTS, Study, User, utcnow
+from webapp import heatmap
+from webapp.models import FORMATS, LABELS, STATUSES, VERDICTS, VIEWS, Study, User, utcnow
 from webapp.settings import WebSettings
 from webapp.storage import ImageStore
 from webapp.uploads import CheckedUpload
@@ -33,6 +34,9 @@ from webapp.uploads import CheckedUpload
 log = logging.getLogger(__name__)
 
 MAX_NOTE = 2000
+#: The identifying fields a study may carry and their longest values (DICOM's LO is 64 characters).
+IDENTITY_FIELDS = {"patient_ref": 64, "accession": 64, "view": 2, "clinical_question": 500}
+SORTS = ("time", "suspicion")
 #: Extra lease beyond the inference deadline, so a slow answer is not claimed twice.
 LEASE_MARGIN_S = 15.0
 
@@ -56,6 +60,8 @@ class StudyFilter:
     owner: str | None = None  # admins only
     page: int = 1
     per_page: int = 20
+    sort: str = "time"  # time | suspicion
+    decision: str | None = None  # PNEUMONIA | NORMAL | REFER
 
 
 @dataclass
@@ -63,6 +69,24 @@ class Scoring:
     study: Study
     outcome: str  # scored | pending | rejected
     message: str = ""
+
+
+def clean_identity(values: dict | None) -> dict:
+    """The identifying fields, stripped and checked; empty ones are left out. Raises ValueError with the reason."""
+    out = {}
+    for key, value in (values or {}).items():
+        if key not in IDENTITY_FIELDS:
+            raise ValueError(f"unknown patient field {key!r}; the fields are {', '.join(IDENTITY_FIELDS)}")
+        value = " ".join(str(value or "").split())
+        if key == "view":
+            value = value.upper()
+            if value and value not in VIEWS:
+                raise ValueError(f"view must be one of {', '.join(VIEWS)} (or empty), not {value!r}")
+        if len(value) > IDENTITY_FIELDS[key]:
+            raise ValueError(f"the {key.replace('_', ' ')} is too long: at most {IDENTITY_FIELDS[key]} characters")
+        if value:
+            out[key] = value
+    return out
 
 
 def clean_note(note: str | None) -> str:
@@ -74,17 +98,39 @@ def clean_note(note: str | None) -> str:
 
 class StudyService:
     def __init__(self, settings: WebSettings, factory: sessionmaker[Session], store: ImageStore,
-                 client: InferenceClient):
+                 client: InferenceClient, cipher=None):
         self.settings = settings
         self.factory = factory
         self.store = store
         self.client = client
+        self._cipher = cipher
+
+    @property
+    def cipher(self):
+        """The field cipher (webapp.field_encryption), made from the settings when first needed."""
+        if self._cipher is None:
+            self._cipher = self.settings.field_cipher()
+        return self._cipher
+
+    # -- identity (encrypted at rest; never logged) -----------------------------------------------------
+    def identity_of(self, study: Study) -> dict:
+        if not study.identity:
+            return {}
+        return self.cipher.decrypt(study.identity) or {}
+
+    def set_identity(self, study: Study, identity: dict) -> None:
+        identity = clean_identity(identity)
+        study.identity = self.cipher.encrypt(identity) if identity else None
 
     # -- create + score ------------------------------------------------------------------------------
-    async def create(self, owner: User, upload: CheckedUpload, note: str) -> Study:
-        """Store the file and its row in one transaction; the new study is leased to the caller."""
+    async def create(self, owner: User, upload: CheckedUpload, note: str, identity: dict | None = None) -> Study:
+        """Store the file and its row in one transaction; the new study is leased to the caller. ``identity``:
+        what the doctor typed, over what the DICOM header said (both stored encrypted)."""
         prefix = self.store.new_prefix()
         lease = self.settings.inline_wait_s + LEASE_MARGIN_S
+        # a header's value longer than the field is cut, not refused: the file itself is fine
+        from_header = {k: str(v)[:IDENTITY_FIELDS[k]] for k, v in upload.identity.items() if k in IDENTITY_FIELDS}
+        merged = {**clean_identity(from_header), **clean_identity(identity)}
 
         def write() -> Study:
             with transaction(self.factory) as db:
@@ -93,12 +139,17 @@ class StudyService:
                               image_sha256=upload.sha256, image_bytes=len(upload.data),
                               has_preview=upload.preview_png is not None, deidentified=upload.deidentified,
                               status="pending", created_at=now, next_attempt_at=now,
-                              lease_until=now + timedelta(seconds=lease))
+                              lease_until=now + timedelta(seconds=lease), display=upload.display_meta)
+                self.set_identity(study, merged)
                 db.add(study)
                 db.flush()
                 self.store.put(study.image_key(), upload.data)
                 if upload.preview_png is not None:
                     self.store.put(study.preview_key(), upload.preview_png)
+                if upload.thumbnail_png is not None:
+                    self.store.put(study.thumbnail_key(), upload.thumbnail_png)
+                if upload.display16_gz is not None:
+                    self.store.put(study.display16_key(), upload.display16_gz)
                 return study
 
         try:
@@ -132,6 +183,10 @@ class StudyService:
         INFERENCE_SECONDS.labels("ok").observe(result.seconds)
         study = await asyncio.to_thread(self._mark_done, study, result)
         return Scoring(study, "scored")
+
+    def record_result(self, study_id: int, result: InferenceResult) -> Study:
+        """Store a result for a study (what scoring does once the transformer has answered)."""
+        return self._mark_done(self._load(study_id), result)
 
     def _load(self, study_id: int) -> Study:
         with self.factory() as db:
@@ -174,6 +229,11 @@ class StudyService:
             row.model_name, row.model_version = result.model_name, result.model_version
             row.quality_flags = result.quality_flags
             row.has_heatmap = result.heatmap_png is not None
+            row.decision, row.refer_reasons = result.decision, result.refer_reasons
+            row.ood_score, row.in_intended_use, row.model_info = result.ood_score, result.in_intended_use, \
+                result.model_info
+            row.cam, row.lung_mask = result.cam, result.lung_mask
+            row.cam_lung_share, row.lung_share_source = _lung_share(result)
             row.scored_at, row.inference_ms = utcnow(), round(result.seconds * 1000, 1)
             row.attempts += 1
             row.lease_until = row.next_attempt_at = None
@@ -219,6 +279,8 @@ class StudyService:
             query = query.where(Study.status == f.status)
         if f.label:
             query = query.where(Study.label == f.label)
+        if f.decision:
+            query = query.where(func.coalesce(Study.decision, Study.label) == f.decision)
         if f.feedback == "none":
             query = query.where(Study.feedback.is_(None))
         elif f.feedback:
@@ -231,8 +293,10 @@ class StudyService:
         if f.q:
             query = query.where(func.lower(Study.note).contains(f.q.lower(), autoescape=True))
         total = db.scalar(select(func.count()).select_from(query.subquery()))
-        rows = db.scalars(query.order_by(Study.created_at.desc(), Study.id.desc())
-                          .offset((f.page - 1) * f.per_page).limit(f.per_page)).all()
+        order = (Study.created_at.desc(), Study.id.desc())
+        if f.sort == "suspicion":
+            order = (suspicion_rank(), Study.probability.desc().nulls_last(), *order)
+        rows = db.scalars(query.order_by(*order).offset((f.page - 1) * f.per_page).limit(f.per_page)).all()
         return list(rows), total
 
     def give_feedback(self, db: Session, user: User, study_id: int, verdict: str, label: str | None,
@@ -256,6 +320,25 @@ class StudyService:
         if note is not None:
             study.note = clean_note(note)
         return study
+
+
+def suspicion_rank():
+    """The worklist's triage order: REFER and PNEUMONIA first, then NORMAL, then studies waiting for a result,
+    then those the service refused (each group by probability, highest first, then newest first)."""
+    decision = func.coalesce(Study.decision, Study.label)
+    return case(((Study.status == "done") & decision.in_(("REFER", "PNEUMONIA")), 0), (Study.status == "done", 1),
+                (Study.status == "pending", 2), else_=3)
+
+
+def _lung_share(result: InferenceResult) -> tuple[float | None, str | None]:
+    """The model server's CAM lung share when it sends one, else the lung-field prior's (None without a CAM)."""
+    if result.cam_lung_share is not None:
+        return result.cam_lung_share, heatmap.SOURCE_MODEL
+    if result.lung_mask is not None and result.cam is not None:
+        return heatmap.lung_share(result.cam, result.lung_mask), heatmap.SOURCE_MODEL
+    if result.cam is not None:
+        return heatmap.lung_share(result.cam, heatmap.lung_prior_grid()), heatmap.SOURCE_PRIOR
+    return None, None
 
 
 class RetryWorker:
@@ -338,22 +421,38 @@ def export_reviewed(factory: sessionmaker[Session], store: ImageStore, out: Path
     return {"out": str(out), "exported": len(manifest), **counts}
 
 
-def study_json(study: Study, owner_name: str | None = None) -> dict:
+def study_json(study: Study, owner_name: str | None = None, identity: dict | None = None,
+               report=None) -> dict:
+    """The study as the API shows it. ``identity``: the decrypted patient block (only for its owner or an admin:
+    the callers' access check); ``report``: its newest report version."""
+    from webapp.report import quality_advice
+
     base = f"/api/studies/{study.id}"
     result = None
     if study.status == "done":
         result = {"probability": study.probability, "label": study.label, "threshold": study.threshold,
+                  "decision": study.shown_decision(), "decision_from_model_server": study.decision is not None,
+                  "refer_reasons": study.refer_reasons or [], "ood_score": study.ood_score,
+                  "in_intended_use": study.in_intended_use, "model_info": study.model_info,
                   "model_name": study.model_name, "model_version": study.model_version,
-                  "quality_flags": study.quality_flags, "scored_at": _iso(study.scored_at),
-                  "inference_ms": study.inference_ms}
+                  "quality_flags": study.quality_flags, "quality_warnings": quality_advice(study),
+                  "cam_lung_share": study.cam_lung_share, "lung_share_source": study.lung_share_source,
+                  "scored_at": _iso(study.scored_at), "inference_ms": study.inference_ms}
     feedback = None
     if study.feedback:
         feedback = {"verdict": study.feedback, "label": study.feedback_label, "at": _iso(study.feedback_at)}
     out = {"id": study.id, "status": study.status, "created_at": _iso(study.created_at), "note": study.note,
            "image_format": study.image_format, "deidentified": study.deidentified, "result": result,
            "rejection": study.rejection, "attempts": study.attempts, "feedback": feedback,
+           "report": None if report is None else {"version": report.version, "state": report.state,
+                                                  "signed_at": _iso(report.signed_at)},
+           "display": study.display,
            "links": {"self": base, "image": f"{base}/image", "heatmap": f"{base}/heatmap" if study.has_heatmap
-                     else None, "report": f"{base}/report", "page": f"/studies/{study.id}"}}
+                     else None, "cam": f"{base}/cam" if study.cam else None, "thumbnail": f"{base}/thumbnail",
+                     "pixels": f"{base}/pixels" if study.display else None, "report": f"{base}/report",
+                     "report_versions": f"{base}/report/versions", "page": f"/studies/{study.id}"}}
+    if identity is not None:
+        out["patient"] = identity
     if study.status == "pending":
         out["next_attempt_at"] = _iso(study.next_attempt_at)
     if owner_name is not None:
@@ -365,4 +464,4 @@ def _iso(moment: datetime | None) -> str | None:
     return moment.astimezone(timezone.utc).isoformat().replace("+00:00", "Z") if moment else None
 
 
-__all__ = ["STATUSES", "StudyService", "RetryWorker", "StudyFilter", "StudyNotFound", "StudyConflict", "study_json"]
+__all__ = ["STATUSES", "SORTS", "StudyService", "clean_identity", "RetryWorker", "StudyFilter", "StudyNotFound", "StudyConflict", "study_json"]

@@ -104,3 +104,27 @@ def test_prepare_reports_and_skips_a_dicom_without_pixels(tmp_path):
     result = prepare(str(tmp_path / "data"), tmp_path / "cache", 64, SplitFractions(0.25, 0.0, 0), workers=1)
     assert result.summary["excluded"] == {"no_pixel_data": 1}
     assert result.summary["kept"] == 16
+
+
+def test_the_display_copy_keeps_every_value_and_the_files_window_in_its_units():
+    """The viewer's 16-bit copy: modality values (rescale applied) exactly, the window moved into its units."""
+    from model.dicom import display_copy
+
+    pixels = ramp(12)
+    stored, meta = display_copy(make_dicom(pixels, bits_stored=12, window=(1100, 800), rescale=(2, -1000)), 10**6)
+    modality = pixels.astype(np.float64) * 2 - 1000
+    assert np.array_equal(stored * meta["scale"] + meta["offset"], modality)
+    assert (meta["offset"], meta["scale"], meta["window_source"]) == (-1000.0, 1.0, "window")
+    assert meta["window_center"] == 1100 - meta["offset"] and meta["window_width"] == 800
+    assert (meta["width"], meta["height"], meta["invert"]) == (128, 128, False)
+
+
+def test_the_display_copy_without_a_window_uses_the_pixels_and_marks_monochrome1():
+    from model.dicom import display_copy
+
+    stored, meta = display_copy(make_dicom(ramp(16), photometric="MONOCHROME1"), 10**6)
+    assert meta["window_source"] == "pixels" and meta["invert"] is True
+    low, high = np.percentile(stored, [0.5, 99.5])
+    assert meta["window_center"] == pytest.approx((low + high) / 2, abs=1e-3)
+    with pytest.raises(InvalidImageError):
+        display_copy(make_dicom(ramp(12), bits_stored=12), max_pixels=100)  # the decoder's cost bound holds

@@ -139,15 +139,10 @@ def csrf_of(client: TestClient, path: str = "/") -> str:
 
 
 def pdf_text(pdf: bytes) -> str:
-    """The text shown by a PDF's content streams (fpdf2 writes each line as one (...) Tj string)."""
-    import zlib
+    """The text a reader sees in a PDF, every page (pypdf, through the embedded fonts' Unicode maps)."""
+    from pypdf import PdfReader
 
-    shown = []
-    for stream in re.findall(rb"stream\r?\n(.*?)\r?\nendstream", pdf, re.S):
-        with contextlib.suppress(zlib.error):
-            stream = zlib.decompress(stream)
-        shown += [s.decode("latin-1") for s in re.findall(rb"\((.*?)(?<!\\)\)\s*Tj", stream, re.S)]
-    return " ".join(shown)
+    return "\n".join(page.extract_text() for page in PdfReader(io.BytesIO(pdf)).pages)
 
 
 def metric(backend: Backend, name: str, **labels) -> float:
@@ -590,7 +585,7 @@ def test_study_page_report_page_and_review_form(backend, scored):
     client = login(backend, "alice")
     page = client.get(f"/studies/{scored['id']}")
     assert page.status_code == 200
-    for text in ("Show heatmap", "Heatmap opacity", "Probability of pneumonia", "Open printable report",
+    for text in ("Heatmap (H)", "Opacity", "Probability of pneumonia", "Write the report", "Keyboard shortcuts",
                  "does not replace"):
         assert text in page.text
     report = client.get(f"/studies/{scored['id']}/report")
@@ -650,7 +645,8 @@ def test_the_transformers_quality_flags_are_kept_when_it_sends_them():
     result = _parse(reply, 0.1)
     assert result.quality_flags == ["blurred", "text_overlay"] and result.model_version == "7"
     assert result.heatmap_png is None and result.label == "PNEUMONIA"
-    assert quality_warnings(Study(quality_flags=result.quality_flags)) == ["blurred", "text overlay"]
+    # an older transformer's "text_overlay" was a side marker more often than not: no longer shown as a warning
+    assert quality_warnings(Study(quality_flags=result.quality_flags)) == ["blurred"]
     without = _parse({**reply, "outputs": reply["outputs"][:3]}, 0.1)
     assert without.quality_flags is None
     with pytest.raises(ValueError):

@@ -1,8 +1,8 @@
 """The doctor's view, in a real browser: Playwright driving Debian's Chromium against the web app that
 ``pneumoscope serve`` started beside the real predictor and transformer.
 
-Each test signs in, uploads a real full-resolution X-ray, sees the probability and the heatmap, toggles
-the overlay, opens the report and gives feedback; the first does it all with the keyboard alone, the
+Each test signs in, uploads a real full-resolution X-ray, sees the probability and the heatmap drawn by the
+viewer over the film, toggles the overlay, opens the report and gives feedback; the first does it all with the keyboard alone, the
 second drops the file on the page and watches a pending study turn into a result without a reload.
 Every page is checked for labelled controls and text contrast >= 4.5:1. Screenshots go to
 test-artifacts/webapp/ (kept by CI as artefacts).
@@ -15,11 +15,10 @@ import os
 import re
 import signal
 import time
-from pathlib import Path
 
 import pytest
 
-from webapp_fixtures import ARTIFACTS, CHROMIUM, CHROMIUM_FLAGS, PASSWORD, full_res_xrays, predictor_pid
+from webapp_fixtures import ARTIFACTS, PASSWORD, full_res_xrays, predictor_pid
 
 pytestmark = pytest.mark.integration
 
@@ -72,21 +71,6 @@ A11Y_SCRIPT = """() => {
 }"""
 
 
-@pytest.fixture(scope="module")
-def browser():
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} not found: run `make deps-web` (apt-get install chromium)")
-    from playwright.sync_api import sync_playwright
-
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
-        try:
-            yield browser
-        finally:
-            browser.close()
-
-
 def check_accessibility(page, name: str) -> None:
     result = page.evaluate(A11Y_SCRIPT)
     assert result["checked"] > 3, f"{name}: no text was checked"
@@ -97,7 +81,7 @@ def shot(page, name: str) -> None:
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
 
 
-def tab_to(page, element_id: str, most: int = 30) -> None:
+def tab_to(page, element_id: str, most: int = 60) -> None:
     for _ in range(most):
         if page.evaluate("() => document.activeElement && document.activeElement.id") == element_id:
             return
@@ -110,8 +94,8 @@ def expect_result(page) -> None:
     assert re.fullmatch(r"\d{1,3}\.\d %", page.inner_text("#probability"))
     assert page.inner_text("#decision") in ("Pneumonia suspected", "No pneumonia detected")
     assert page.inner_text("#model") == "pneumonia version local"
-    page.wait_for_function("() => { const h = document.getElementById('heatmap'); "
-                           "return h && h.complete && h.naturalWidth > 0; }", timeout=30_000)
+    # the viewer has drawn the film and the transformer's CAM over it
+    page.wait_for_function("() => document.getElementById('viewer').dataset.ready === 'heat'", timeout=30_000)
 
 
 def opacity(page) -> float:
@@ -151,6 +135,7 @@ def test_keyboard_only_upload_result_heatmap_report_and_feedback(browser, web_st
         check_accessibility(page, "result page")
         shot(page, "03-result")
 
+        assert opacity(page) == 0.7  # the default opacity
         tab_to(page, "show-heatmap")
         page.keyboard.press("Space")
         assert opacity(page) == 0.0 and not page.is_checked("#show-heatmap")
@@ -164,7 +149,7 @@ def test_keyboard_only_upload_result_heatmap_report_and_feedback(browser, web_st
         shot(page, "05-heatmap-40")
 
         study_url = page.url
-        page.click("text=Open printable report")
+        page.click("text=Write the report")
         page.wait_for_selector("#print-button")
         check_accessibility(page, "report page")
         assert "does not replace" in page.inner_text(".statement")
@@ -240,7 +225,7 @@ def test_drop_upload_then_a_pending_study_updates_without_reload(browser, web_st
         page.fill("#heatmap-opacity", "50")
         assert abs(opacity(page) - 0.5) <= OPACITY_READBACK
         shot(page, "11-live-result")
-        page.click("text=Open printable report")
+        page.click("text=Write the report")
         page.wait_for_selector("#print-button")
         page.go_back()
         page.check("#verdict-confirmed")

@@ -21,8 +21,9 @@ from webapp.dependencies import Principal, api_principal, ctx, db_session
 from webapp.errors import AppError, Conflict, NotFound
 from webapp.metrics import UPLOADS
 from webapp.models import FORMATS, Study
-from webapp.report import render_pdf
-from webapp.studies import StudyConflict, StudyFilter, StudyNotFound, clean_note, study_json
+from webapp import report_versions
+from webapp.studies import IDENTITY_FIELDS, StudyConflict, StudyFilter, StudyNotFound, clean_identity, clean_note, \
+    study_json
 from webapp.uploads import UploadRejected, check_upload
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ async def _read_upload_form(request: Request):
     limited = Request(request.scope, counting_receive)
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise UploadRejected("invalid_request", "send the image as multipart/form-data with the field 'file'", 415)
-    form = await limited.form(max_files=1, max_fields=8)
+    form = await limited.form(max_files=1, max_fields=8 + len(IDENTITY_FIELDS))
     upload = form.get("file")
     if not isinstance(upload, UploadFile):
         raise UploadRejected("invalid_request", "no file: send the image in the multipart field 'file'")
@@ -93,12 +94,19 @@ async def _read_upload_form(request: Request):
     return data, upload.content_type or "", upload.filename or "", form
 
 
+def identity_from_form(form) -> dict:
+    """The patient fields of an upload form (all optional)."""
+    return {key: form.get(key) for key in IDENTITY_FIELDS if isinstance(form.get(key), str)}
+
+
 async def accept_upload(request: Request, principal: Principal, data: bytes, content_type: str, filename: str,
-                        note: str | None):
-    """Check, store, score inline (bounded wait). Returns the Scoring; raises for refused files."""
+                        note: str | None, identity: dict | None = None):
+    """Check, store, score inline (bounded wait). Returns the Scoring; raises for refused files. ``identity``:
+    the patient fields the doctor typed (stored encrypted, never logged)."""
     context = ctx(request)
     try:
         note = clean_note(note)
+        identity = clean_identity(identity)
         checked = await asyncio.to_thread(check_upload, data, content_type, filename,
                                           context.settings.deidentify_dicom,
                                           context.settings.strip_image_metadata)
@@ -109,7 +117,7 @@ async def accept_upload(request: Request, principal: Principal, data: bytes, con
         UPLOADS.labels("invalid_request").inc()
         raise AppError(str(exc)) from None
     service = context.service
-    study = await service.create(principal.user, checked, note)
+    study = await service.create(principal.user, checked, note, identity)
     scoring = await service.score(study.id, context.settings.inline_wait_s, discard_rejected=True,
                                   data=checked.data)
     if scoring.outcome == "rejected":
@@ -120,16 +128,19 @@ async def accept_upload(request: Request, principal: Principal, data: bytes, con
     return scoring
 
 
-@router.post("", status_code=201, summary="upload an X-ray (multipart field 'file', optional 'note')",
+@router.post("", status_code=201, summary="upload an X-ray (multipart field 'file'; optional 'note', 'patient_ref', "
+                                          "'accession', 'view' (PA|AP), 'clinical_question')",
              responses={201: {"description": "stored and scored"},
                         202: {"description": "stored; the inference service is busy or down, so it is pending"},
                         413: {"description": "larger than the limit"}, 415: {"description": "not an image"},
                         422: {"description": "unreadable, no pixel data, or refused by the X-ray gate"}})
 async def upload_study(request: Request, principal: Principal = Depends(api_principal)):
     data, content_type, filename, form = await read_upload_form(request)
-    scoring = await accept_upload(request, principal, data, content_type, filename, form.get("note"))
+    scoring = await accept_upload(request, principal, data, content_type, filename, form.get("note"),
+                                  identity_from_form(form))
     status = 201 if scoring.outcome == "scored" else 202
-    return JSONResponse(study_json(scoring.study), status_code=status,
+    service = ctx(request).service
+    return JSONResponse(study_json(scoring.study, identity=service.identity_of(scoring.study)), status_code=status,
                         headers={"location": f"/api/studies/{scoring.study.id}"})
 
 
@@ -142,7 +153,7 @@ def owned_study(request: Request, principal: Principal, db: Session, study_id: i
         raise NotFound(f"study {study_id} not found") from None
 
 
-@router.get("", response_model=StudyPage, summary="your studies, newest first (admins: everyone's)")
+@router.get("", response_model=StudyPage, summary="your studies, newest first or by suspicion (admins: everyone's)")
 def list_studies(request: Request, principal: Principal = Depends(api_principal), db: Session = Depends(db_session),
                  status: Literal["pending", "done", "rejected"] | None = None,
                  label: Literal["NORMAL", "PNEUMONIA"] | None = Query(None, description="the model's decision"),
@@ -151,11 +162,18 @@ def list_studies(request: Request, principal: Principal = Depends(api_principal)
                  date_to: date | None = Query(None, alias="to", description="uploaded on or before (UTC)"),
                  q: str | None = Query(None, max_length=200, description="text in the note"),
                  owner: str | None = Query(None, description="admins: one user's studies"),
-                 page: int = Query(1, ge=1), per_page: int = Query(20, ge=1, le=100)):
-    f = StudyFilter(status, label, feedback, date_from, date_to, q, owner, page, per_page)
-    rows, total = ctx(request).service.search(db, principal.user, f)
+                 page: int = Query(1, ge=1), per_page: int = Query(20, ge=1, le=100),
+                 sort: Literal["time", "suspicion"] = Query("time", description="time: newest first; suspicion: "
+                                                            "REFER and PNEUMONIA first, then by probability"),
+                 decision: Literal["PNEUMONIA", "NORMAL", "REFER"] | None = Query(None, description="the served "
+                                                                                  "decision")):
+    f = StudyFilter(status, label, feedback, date_from, date_to, q, owner, page, per_page, sort, decision)
+    service = ctx(request).service
+    rows, total = service.search(db, principal.user, f)
+    reports = report_versions.latest_of(db, [s.id for s in rows])
     admin = principal.user.is_admin
-    return {"items": [study_json(s, s.owner.username if admin else None) for s in rows], "page": page,
+    return {"items": [study_json(s, s.owner.username if admin else None, service.identity_of(s), reports.get(s.id))
+                      for s in rows], "page": page,
             "per_page": per_page, "total": total, "pages": (total + per_page - 1) // per_page}
 
 
@@ -163,7 +181,8 @@ def list_studies(request: Request, principal: Principal = Depends(api_principal)
 def get_study(study_id: int, request: Request, principal: Principal = Depends(api_principal),
               db: Session = Depends(db_session)):
     study = owned_study(request, principal, db, study_id)
-    return study_json(study, study.owner.username if principal.user.is_admin else None)
+    return study_json(study, study.owner.username if principal.user.is_admin else None,
+                      ctx(request).service.identity_of(study), report_versions.latest(db, study))
 
 
 @router.get("/{study_id}/image", summary="the stored (de-identified) file, or with variant=display an image a "
@@ -187,18 +206,6 @@ def get_heatmap(study_id: int, request: Request, principal: Principal = Depends(
     if not study.has_heatmap:
         raise Conflict(f"study {study_id} has no heatmap (status: {study.status})")
     return Response(ctx(request).store.get(study.heatmap_key()), media_type="image/png")
-
-
-@router.get("/{study_id}/report", summary="the printable report (PDF)")
-def get_report(study_id: int, request: Request, principal: Principal = Depends(api_principal),
-               db: Session = Depends(db_session)):
-    study = owned_study(request, principal, db, study_id)
-    store = ctx(request).store
-    image = store.get(study.preview_key() if study.has_preview else study.image_key())
-    heatmap = store.get(study.heatmap_key()) if study.has_heatmap else None
-    pdf = render_pdf(study, image, heatmap)
-    return Response(pdf, media_type="application/pdf",
-                    headers={"content-disposition": f'inline; filename="pneumoscope-study-{study.id}.pdf"'})
 
 
 @router.post("/{study_id}/feedback", summary="confirm or correct the finding, with an optional note")

@@ -6,13 +6,6 @@ function csrfToken() {
   return meta ? meta.content : "";
 }
 
-function percent(x) { return (x * 100).toFixed(1) + " %"; }
-
-function formatWhen(iso) {
-  if (!iso) return "";
-  return iso.replace("T", " ").slice(0, 16) + " UTC";
-}
-
 // -- upload: drag and drop, size check, upload without a page reload -------------------------------
 function setupUpload() {
   const form = document.getElementById("upload-form");
@@ -58,6 +51,10 @@ function setupUpload() {
     const body = new FormData();
     body.append("file", file);
     body.append("note", document.getElementById("note").value);
+    for (const name of ["patient_ref", "accession", "view", "clinical_question"]) {
+      const field = document.getElementById(name);
+      if (field && field.value) body.append(name, field.value);
+    }
     button.disabled = true;
     say("Uploading and analysing…", "info");
     try {
@@ -85,18 +82,13 @@ function setupUpload() {
 async function showStudyInPlace(study, file) {
   const url = "/studies/" + study.id;
   try {
-    const response = await fetch(url, { credentials: "same-origin" });
-    if (!response.ok) throw new Error("HTTP " + response.status);
-    const doc = new DOMParser().parseFromString(await response.text(), "text/html");
-    const main = doc.getElementById("main");
+    const main = await fetchMain(url);
     if (study.image_format !== "dicom") {
-      main.querySelector("#xray").src = URL.createObjectURL(file);  // browsers draw JPEG/PNG themselves
+      const viewer = main.querySelector("#viewer");
+      if (viewer) viewer.dataset.imageUrl = URL.createObjectURL(file);  // browsers decode JPEG/PNG themselves
     }
-    document.getElementById("main").replaceWith(document.adoptNode(main));
-    document.title = doc.title;
+    swapMain(main);
     history.pushState({ study: study.id }, "", url);
-    setupHeatmapControls();
-    setupLiveStudy();
     const heading = document.querySelector("#main h1");
     if (heading) { heading.tabIndex = -1; heading.focus(); }  // screen readers announce the new page
   } catch (err) {
@@ -104,63 +96,22 @@ async function showStudyInPlace(study, file) {
   }
 }
 
+async function fetchMain(url) {
+  const response = await fetch(url, { credentials: "same-origin" });
+  if (!response.ok) throw new Error("HTTP " + response.status);
+  const doc = new DOMParser().parseFromString(await response.text(), "text/html");
+  document.title = doc.title;
+  return doc.getElementById("main");
+}
+
+function swapMain(main) {
+  document.getElementById("main").replaceWith(document.adoptNode(main));
+  startStudyPage();
+}
+
 window.addEventListener("popstate", () => window.location.reload());
 
-// -- study page: heatmap controls, live update of a pending study -----------------------------------
-function setupHeatmapControls() {
-  const overlay = document.getElementById("heatmap");
-  const toggle = document.getElementById("show-heatmap");
-  const opacity = document.getElementById("heatmap-opacity");
-  const value = document.getElementById("opacity-value");
-  if (!overlay || !toggle || !opacity) return;
-  function apply() {
-    overlay.style.opacity = toggle.checked ? String(Number(opacity.value) / 100) : "0";
-    value.textContent = opacity.value + " %";
-    opacity.setAttribute("aria-valuetext", opacity.value + " %");
-    opacity.disabled = !toggle.checked;
-  }
-  toggle.addEventListener("change", apply);
-  opacity.addEventListener("input", apply);
-  apply();
-}
-
-function showResult(study) {
-  const id = study.id;
-  const r = study.result;
-  document.getElementById("state-pending").hidden = true;
-  if (study.status === "rejected") {
-    document.getElementById("rejection").textContent = study.rejection || "";
-    document.getElementById("state-rejected").hidden = false;
-    return;
-  }
-  const decision = document.getElementById("decision");
-  decision.textContent = r.label === "PNEUMONIA" ? "Pneumonia suspected" : "No pneumonia detected";
-  decision.className = "badge badge-large badge-" + r.label.toLowerCase();
-  document.getElementById("probability").textContent = percent(r.probability);
-  document.getElementById("threshold").textContent = percent(r.threshold);
-  document.getElementById("model").textContent = r.model_name + " version " + r.model_version;
-  document.getElementById("scored-at").textContent = formatWhen(r.scored_at);
-  const flags = Array.isArray(r.quality_flags) ? r.quality_flags
-    : Object.keys(r.quality_flags || {}).filter((k) => r.quality_flags[k]);
-  const list = document.getElementById("quality-flags");
-  list.replaceChildren(...flags.map((flag) => {
-    const item = document.createElement("li");
-    item.textContent = "Image quality: " + String(flag).replace(/_/g, " ");
-    return item;
-  }));
-  list.hidden = flags.length === 0;
-  if (study.links.heatmap) {
-    const overlay = document.getElementById("heatmap");
-    overlay.src = study.links.heatmap;
-    overlay.hidden = false;
-    document.getElementById("heatmap-controls").hidden = false;
-  }
-  document.getElementById("state-done").hidden = false;
-  document.getElementById("review").hidden = false;
-  document.getElementById("study").dataset.status = "done";
-  document.title = "Study #" + id + " · pneumoscope";
-}
-
+// -- study page: the viewer, and the live update of a pending study ---------------------------------------
 function setupLiveStudy() {
   const root = document.getElementById("study");
   if (!root || root.dataset.status !== "pending") return;
@@ -172,7 +123,14 @@ function setupLiveStudy() {
                                                          headers: { "Accept": "application/json" } });
       if (response.ok) {
         const study = await response.json();
-        if (study.status !== "pending") { showResult(study); return; }
+        if (study.status !== "pending") {
+          // The result, its explanation and the heatmap come with the page: swap it in, no reload.
+          const focused = document.activeElement && document.activeElement.id;
+          swapMain(await fetchMain("/studies/" + id));
+          const again = focused && document.getElementById(focused);
+          if (again) again.focus();
+          return;
+        }
       }
     } catch (err) { /* the app may be restarting: keep polling */ }
     delay = Math.min(delay * 1.5, 10000);
@@ -181,14 +139,43 @@ function setupLiveStudy() {
   window.setTimeout(poll, delay);
 }
 
+function startStudyPage() {
+  if (window.startViewer) window.startViewer();
+  setupLiveStudy();
+  setupPrint();
+}
+
+// -- theme: dark reading room or light; follows the system until the doctor chooses ---------------------------
+function setupTheme() {
+  const button = document.getElementById("theme-toggle");
+  function show() {
+    const dark = document.documentElement.dataset.theme === "dark";
+    if (button) button.setAttribute("aria-pressed", String(dark));  // a toggle: one name, its state pressed or not
+  }
+  function toggle() {
+    const dark = document.documentElement.dataset.theme !== "dark";
+    document.documentElement.dataset.theme = dark ? "dark" : "light";
+    try { window.localStorage.setItem("pneumoscope-theme", dark ? "dark" : "light"); } catch (err) { /* blocked */ }
+    show();
+  }
+  if (button) button.addEventListener("click", toggle);
+  document.addEventListener("keydown", (event) => {
+    const target = event.target;
+    if (event.key.toLowerCase() !== "t" || event.ctrlKey || event.metaKey || event.altKey) return;
+    if (/^(textarea|select)$/i.test(target.tagName) || target.tagName === "INPUT" && /^(text|search|password|date|number)$/i.test(target.type)) return;
+    toggle();
+    event.preventDefault();
+  });
+  show();
+}
+
 function setupPrint() {
   const button = document.getElementById("print-button");
   if (button) button.addEventListener("click", () => window.print());
 }
 
 document.addEventListener("DOMContentLoaded", () => {
+  setupTheme();
   setupUpload();
-  setupHeatmapControls();
-  setupLiveStudy();
-  setupPrint();
+  startStudyPage();
 });
