@@ -16,6 +16,7 @@ import functools
 import importlib
 import logging
 import queue
+import threading
 from pathlib import Path
 from typing import Protocol
 
@@ -121,6 +122,29 @@ def _ov_core():
     return ov.Core()
 
 
+_NUMPY_BRIDGE = threading.Lock()
+_numpy_bridge_ready = False
+
+
+def _init_numpy_bridge() -> None:
+    """Make OpenVINO's first numpy <-> Tensor conversion in this process, from one thread.
+
+    OpenVINO's Python bindings initialise their numpy bridge lazily, inside a C++ function-local static whose
+    initialiser releases and re-takes the GIL (pybind11's call-once). Two threads making the process's first
+    conversions at once deadlock: one holds the static's guard and waits for the GIL, the other holds the GIL
+    and waits for the guard. The engine selection's timing makes exactly that first call from ``streams``
+    threads at once, so a predictor could hang at load, idle, forever. Converting once here, under a lock,
+    before any engine runs, leaves nothing to initialise later.
+    """
+    global _numpy_bridge_ready
+    with _NUMPY_BRIDGE:
+        if not _numpy_bridge_ready:
+            import openvino as ov
+
+            np.asarray(ov.Tensor(np.zeros((1, 1), np.float32)).data).sum()  # numpy -> Tensor -> numpy
+            _numpy_bridge_ready = True
+
+
 class OpenVinoEngine:
     """The ONNX graph compiled by OpenVINO's CPU plugin, with ``parallel`` streams of ``threads`` threads.
 
@@ -138,6 +162,7 @@ class OpenVinoEngine:
         if precision == "bf16" and not native_bf16():
             raise EngineError("bf16 needs a CPU with native bf16 (AVX512_BF16 or AMX); this one has neither")
         self.precision, self.threads, self.parallel = precision, threads, parallel
+        _init_numpy_bridge()
         core = _ov_core()
         config = {
             props.inference_num_threads: threads * parallel,

@@ -32,6 +32,7 @@ from kserve.protocol.infer_type import InferRequest, InferResponse, to_http_para
 from model.preprocessing import DECODED_MAX_SIDE, PREPROCESSING_VERSION, normalize, resize
 from model.registry import fetch_model
 from serving.admission import deadline
+from serving import engine_choice
 from serving.batching import DynamicBatcher
 from serving.engine_selection import select_engine
 from serving.errors import RequestRejected, ServiceError
@@ -90,7 +91,8 @@ class PneumoniaPredictor(Model):
         self.threshold = self.bundle.threshold
         # Engine x precision: gated for accuracy and timed on this machine (serving.engine_selection). Under
         # load, single-threaded runs go side by side on the narrow engine.
-        self.engine = select_engine(self.bundle, s, self.name, self.model_version)
+        self.engine = select_engine(self.bundle, s, self.name, self.model_version,
+                                    choice=engine_choice.for_bundle(s, self.pinned_uri, self.bundle.sha256))
         self.precision, self.platform = self.engine.precision, self.engine.platform
         self.session, self.narrow = self.engine.wide, self.engine.narrow
         self.image_size = self.config.image_size

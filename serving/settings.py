@@ -76,6 +76,17 @@ class ServingSettings(BaseSettings):
         "auto", description="auto: every precision the bundle allows (int8 when it passed its export gate; bf16 on "
         "OpenVINO where the CPU has native bf16), chosen with the engine")
     engine_timing_s: float = Field(1.0, ge=0, description="seconds of timing per engine x precision candidate at load")
+    engine_choice: Literal["reuse", "refresh", "off"] = Field(
+        "reuse", description="the engine choice per kind of machine (bundle digest, CPU model and flags, engine "
+        "versions): reuse = a replica that finds a recorded choice for its key only gates it, one that times records "
+        "its choice; refresh = time and overwrite the record; off = time at every start, record nothing. Kept as a "
+        "tag of the served registry version (or engine_choice_model), else in engine_choice_dir, else nowhere")
+    engine_choice_model: str | None = Field(
+        None, description="models:/NAME/N whose tags keep the engine choice when the bundle comes from a folder "
+        "(KServe's storageUri, a modelcar); it must hold the same bundle. Default: the served models:/ URI itself")
+    engine_choice_dir: str | None = Field(
+        None, description="a writable folder for the engine choice when no registry version keeps it (e.g. a "
+        "volume the replicas share); default: none")
     threads: int | None = Field(None, ge=1, description="engine intra-op threads of one call (default: all cores)")
     engine_streams: int | None = Field(
         None, ge=1, description="parallel single-threaded engine runs under load (default: = threads); a lone "
