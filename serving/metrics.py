@@ -18,6 +18,10 @@ PROBABILITY = Histogram("pneumoscope_probability", "calibrated pneumonia probabi
 REJECTIONS = Counter("pneumoscope_input_rejections_total", "requests refused before inference, by reason "
                      "(bad input, overloaded, shutting_down, deadline_exceeded)", ["reason"])
 INFLIGHT = Gauge("pneumoscope_inflight_requests", "inference requests this process is working on")
+ADMISSION_LIMIT = Gauge("pneumoscope_admission_limit", "inference requests this process admits at once now: its "
+                        "measured service rate times its latency budget, within its bounds")
+SERVICE_RATE = Gauge("pneumoscope_service_rate", "requests this process completes per second of busy time (recent)")
+ADMISSION_BUDGET = Gauge("pneumoscope_latency_budget_seconds", "the latency budget admission keeps requests within")
 CANCELLED = Counter("pneumoscope_cancelled_requests_total", "requests dropped because the client went away")
 MODEL_INFO = Gauge("pneumoscope_model_info", "the model version this process serves (value 1)",
                    ["model_name", "model_version", "model_uri", "bundle_sha256", "role", "precision"])

@@ -58,10 +58,17 @@ class ServingSettings(BaseSettings):
 
     # --- admission, deadlines, shutdown (both) ---
     max_inflight: int | None = Field(
-        None, ge=1, description="inference requests one process works on at once; more are refused at once with "
-        "503 + Retry-After (REST) or RESOURCE_EXHAUSTED (gRPC). Default: the CPUs the process may use (its cgroup "
-        "quota), at least 2 -- measured to keep the accepted p99 near 2x the unloaded p99 under 4x overload "
-        "(BENCHMARKS.md, overload); larger values queue more and answer later")
+        None, ge=1, description="hard bound on the inference requests one process holds at once (memory), whatever "
+        "admission measures; default 64. Within it, admission follows the latency budget; more are refused at once "
+        "with 503 + Retry-After (REST, before the body is read) or RESOURCE_EXHAUSTED (gRPC, before the message is "
+        "parsed)")
+    latency_budget_ms: float | None = Field(
+        None, gt=0, description="the time from a request's arrival to its answer that admission keeps within: it "
+        "admits as many requests as the measured service rate answers within it, and refuses the rest at once. "
+        "Default: the transformer uses twice the median latency of its recent requests that found it idle (so "
+        "that under overload an accepted request takes about twice its unloaded time); the predictor, fed by "
+        "transformers that bound their own queues, keeps a queue for batching and refuses only what would miss "
+        "its deadline")
     request_timeout_s: float = Field(30.0, gt=0, description="deadline of a request that brings none (gRPC "
                                      "deadline, or the x-request-timeout-ms header, otherwise)")
     drain_timeout_s: Annotated[float, Cli(aliases=("drain_seconds",))] = Field(
@@ -117,6 +124,18 @@ class ServingSettings(BaseSettings):
         return self.decode_threads or os.cpu_count() or 1
 
     def inflight_limit(self) -> int:
+        return self.max_inflight or 64
+
+    def min_inflight(self) -> int:
+        """Always admitted, whatever the estimate: the CPUs the process may use, at least 2."""
         from model.settings import available_cpus
 
-        return self.max_inflight or max(2, available_cpus())
+        return min(self.inflight_limit(), max(2, available_cpus()))
+
+    def admission(self, role: str):
+        """The admission policy of one server process (``role``: transformer or predictor)."""
+        from serving.admission import Admission
+
+        budget = None if self.latency_budget_ms is None else self.latency_budget_ms / 1000.0
+        return Admission(self.inflight_limit(), role, min_inflight=self.min_inflight(), latency_budget_s=budget,
+                         auto_budget=role == "transformer")
