@@ -104,6 +104,8 @@ class ServingSettings(BaseSettings):
         0.0, ge=0, description="dynamic batching: how long the first queued request may wait for company; "
         "0 = no waiting, batch whatever queued up while the engine was busy")
     model_cache: str | None = Field(None, description="where registry models are downloaded (default: a temp dir)")
+    model_wait_s: float = Field(60.0, ge=0, description="with MODEL_INIT_MODE=async (KServe's modelcar sidecar, which "
+                                "links the model folder while the predictor starts): how long to wait for the folder")
     test_delay_ms: Annotated[float, Cli(env_only=True)] = Field(
         0.0, ge=0, description="TESTS ONLY: the predictor waits this long before each answer (makes one side of a "
         "local canary deliberately slower); never set it in production")
