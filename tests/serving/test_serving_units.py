@@ -499,6 +499,24 @@ def _asgi_call(guard, path="/v2/models/pneumonia/infer", body=b"{}", headers=(),
     return (start["status"] if start else None), dict(start["headers"]) if start else {}, payload
 
 
+def test_load_refusals_are_logged_once_per_interval_with_their_count(caplog, monkeypatch):
+    from serving import refusals
+
+    clock = FakeClock()
+    monkeypatch.setattr(refusals.time, "monotonic", clock)
+    monkeypatch.setattr(refusals, "_summaries", {})
+    with caplog.at_level("INFO", logger="pneumoscope.serving"):
+        for _ in range(500):  # an overload: 500 refusals in 5 s
+            refusals.log_refusal(503, "overloaded", "at its limit", "request x")
+            clock.now += 0.01
+        refusals.log_refusal(400, "invalid_request", "bad", "request y")  # other refusals: every one
+        clock.now += 6.0
+        refusals.log_refusal(503, "overloaded", "at its limit", "request z")
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 3 and "invalid_request" in lines[1]
+    assert "499 more refused in the last 11 s" in lines[2]
+
+
 class FakeClock:
     def __init__(self):
         self.now = 100.0
