@@ -107,7 +107,7 @@ def refusal_cost(info: dict, payloads, count: int) -> dict:
         out["grpc"] = {"statuses": codes, "cpu_ms_per_refusal": round(
             1000 * ((after.user + after.system) - (before.user + before.system)) / count, 3)}
     finally:
-        out["held_answered"] = [h.finish() for h in held]
+        out["held_answered"] = [h.finish()[0] for h in held]
     return out
 
 

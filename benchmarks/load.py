@@ -157,7 +157,8 @@ def closed_loop(url: str, payloads: list[tuple[bytes, dict]], clients: int, seco
 
 class HeldRequest:
     """A raw HTTP/1.1 POST whose headers and first half of the body are sent: admitted (it holds a slot) and
-    answered only after :meth:`finish`. Holds a server at its limit without using its CPU."""
+    answered only after :meth:`finish`. Holds a server at its limit without using its CPU (no timing
+    assumptions about how fast the server is)."""
 
     def __init__(self, url: str, path: str, body: bytes, headers: dict | None = None):
         import socket
@@ -165,17 +166,37 @@ class HeldRequest:
         host, port = url.removeprefix("http://").split(":")
         self.body = body
         self.sock = socket.create_connection((host, int(port)), timeout=120)
-        extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+        headers = {"Content-Type": "application/json", **(headers or {})}
+        extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
         self.sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {len(body)}\r\n{extra}\r\n"
                           .encode() + body[:len(body) // 2])
 
-    def finish(self) -> int:
+    def finish(self) -> tuple[int, dict]:
+        """Send the rest of the body; the answer's status and JSON body."""
         self.sock.sendall(self.body[len(self.body) // 2:])
-        head = b""
-        while b"\r\n\r\n" not in head:
+        return self.response()
+
+    def response(self) -> tuple[int, dict]:
+        import json
+
+        data = b""
+        while b"\r\n\r\n" not in data:
             chunk = self.sock.recv(65536)
             if not chunk:
-                break
-            head += chunk
+                raise ConnectionError("closed before a response")
+            data += chunk
+        head, rest = data.split(b"\r\n\r\n", 1)
+        lines = head.decode("latin-1").split("\r\n")
+        fields = {k.lower(): v for k, v in (line.split(": ", 1) for line in lines[1:])}
+        length = int(fields.get("content-length", 0))
+        while len(rest) < length:
+            rest += self.sock.recv(65536)
         self.sock.close()
-        return int(head.split(b" ", 2)[1]) if head else 0
+        try:
+            answer = json.loads(rest[:length] or b"{}")
+        except ValueError:
+            answer = {}
+        return int(lines[0].split()[1]), answer if isinstance(answer, dict) else {"body": answer}
+
+    def close(self) -> None:
+        self.sock.close()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import json
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
+from benchmarks.load import HeldRequest
 from serving_fixtures import XRAY_FULL, free_port_pair, require_data, shared_bundle, xray_files
 
 pytestmark = pytest.mark.integration
@@ -58,41 +58,6 @@ def start_stack(bundle, tmp_path, **overrides):
 
 def v1_body(data: bytes) -> bytes:
     return json.dumps({"instances": [{"image": {"b64": base64.b64encode(data).decode()}}]}).encode()
-
-
-class HeldRequest:
-    """A raw HTTP/1.1 request whose body is sent in two halves: admitted after the first, answered after both."""
-
-    def __init__(self, url: str, path: str, body: bytes, headers: dict | None = None):
-        host, port = url.removeprefix("http://").split(":")
-        self.body = body
-        self.sock = socket.create_connection((host, int(port)), timeout=60)
-        extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
-        self.sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-                          f"Content-Length: {len(body)}\r\n{extra}\r\n".encode() + body[:len(body) // 2])
-
-    def finish(self) -> tuple[int, dict]:
-        self.sock.sendall(self.body[len(self.body) // 2:])
-        return self.response()
-
-    def response(self) -> tuple[int, dict]:
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionError("closed before a response")
-            data += chunk
-        head, rest = data.split(b"\r\n\r\n", 1)
-        lines = head.decode("latin-1").split("\r\n")
-        headers = dict(line.split(": ", 1) for line in lines[1:])
-        length = int({k.lower(): v for k, v in headers.items()}.get("content-length", 0))
-        while len(rest) < length:
-            rest += self.sock.recv(65536)
-        self.sock.close()
-        return int(lines[0].split()[1]), json.loads(rest[:length] or b"{}")
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def metric(url: str, name: str, **labels) -> float:
