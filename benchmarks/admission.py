@@ -2,7 +2,8 @@
 
     python benchmarks/admission.py [--seconds 60] [--clients 16] [--factor 4] [--refusals 1000] [--out FILE]
 
-Two ``LocalStack`` runs on the 224 px benchmark bundle (engine auto, full-resolution X-rays over REST v2):
+Two ``LocalStack`` runs on the 224 px benchmark bundle (engine auto, real X-rays over REST v2: the 224 px copies,
+as the earlier overload benchmark, or with ``--full-resolution`` the originals):
 
 1. reference: a budget no request reaches (``latency_budget_ms`` = 10 min, so everything up to ``max_inflight``
    is admitted, what ``PNEUMOSCOPE_MAX_INFLIGHT=16`` did before): the saturation throughput of ``--clients``
@@ -15,7 +16,7 @@ Two ``LocalStack`` runs on the 224 px benchmark bundle (engine auto, full-resolu
    - ``--factor`` x the saturation rate, open loop, for ``--seconds``: accepted p99 (goal <= 2 x the unloaded
      p99), refused p99 (at once), anything else (goal: none);
    - refusal cost: the transformer held at its limit by requests that sent half their body (admitted, no CPU),
-     then ``--refusals`` full-resolution REST requests and as many gRPC ones, each refused: the transformer's
+     then ``--refusals`` REST requests and as many gRPC ones, each refused: the transformer's
      CPU seconds (user + system) per refusal (goal <= 1 ms).
 
 The load generator shares the CPUs with the servers. One JSON document (``--out``, and stdout).
@@ -72,7 +73,7 @@ def refusal_cost(info: dict, payloads, count: int) -> dict:
 
     rest = info["rest"]
     limit = int(metric(rest, "pneumoscope_admission_limit") or 2)
-    body, headers = payloads[0]
+    body, headers, raw = payloads[0]
     held = [HeldRequest(rest, "/v2/models/pneumonia/infer", body, headers) for _ in range(limit)]
     deadline = time.monotonic() + 30
     while metric(rest, "pneumoscope_inflight_requests") != limit and time.monotonic() < deadline:
@@ -94,7 +95,7 @@ def refusal_cost(info: dict, payloads, count: int) -> dict:
         tensor = tg.InferInput("image", [1], "BYTES")
         import numpy as np
 
-        tensor.set_data_from_numpy(np.array([payloads[0][2]], dtype=np.object_))
+        tensor.set_data_from_numpy(np.array([raw], dtype=np.object_))
         before, codes = transformer.cpu_times(), {}
         for _ in range(count):
             try:
@@ -119,6 +120,9 @@ def main() -> int:
     parser.add_argument("--unloaded-seconds", type=float, default=20.0)
     parser.add_argument("--refusals", type=int, default=1000)
     parser.add_argument("--images", type=int, default=32)
+    parser.add_argument("--full-resolution", action="store_true",
+                        help="send the originals of chest_xray_full (up to 2 MB; the client's own cost grows with them) "
+                             "instead of the 224 px copies")
     parser.add_argument("--bundle", default=str(ROOT / ".pneumoscope" / "bench" / "bundle224"))
     parser.add_argument("--log-dir", default=str(ROOT / "runs" / "bench-logs"))
     parser.add_argument("--port", type=int, default=23400)
@@ -127,7 +131,7 @@ def main() -> int:
 
     encoded_224, _ = load_images(args.images)
     bundle_dir = build_bundle(Path(args.bundle), encoded_224)
-    full = sorted(FULL_RESOLUTION.iterdir())[:args.images] if FULL_RESOLUTION.is_dir() else []
+    full = sorted(FULL_RESOLUTION.iterdir())[:args.images] if args.full_resolution else []
     encoded = [f.read_bytes() for f in full] or encoded_224
     payloads = [(*v2_request(b), b) for b in encoded]
     requests = [(body, headers) for body, headers, _ in payloads]

@@ -11,7 +11,7 @@ endpoint does, by a graceful nginx reload. The replicas share an engine-choice f
 is in a cluster): replica 0 times the engines and records its choice, the burst's replicas reuse it.
 
 Reported: p50/p99 and throughput in the steady state, during the burst (its start to the last replica ready,
-plus 10 s) and after it; requests failed (anything but 200 and the admission's 503: goal 0) and refused; each
+plus 10 s, or half of ``--after-seconds`` if shorter) and after it; requests failed (anything but 200 and the admission's 503: goal 0) and refused; each
 new replica's start to ready. On 2 shared cores a new replica adds no capacity -- it competes for the same
 cores while it starts -- so the drill measures what a scale-out costs the requests in flight.
 """
@@ -139,9 +139,10 @@ def main() -> int:
                 stack.stop()
             pool.stop()
     snapshot = [r for r in results if r.sent < end]
+    settle = min(10.0, args.after_seconds / 2)  # the new replicas' first requests belong to the burst
     report["steady"] = window(snapshot, 0, burst_start)
-    report["burst"] = window(snapshot, burst_start, burst_end + 10)
-    report["after"] = window(snapshot, burst_end + 10, end)
+    report["burst"] = window(snapshot, burst_start, burst_end + settle)
+    report["after"] = window(snapshot, burst_end + settle, end)
     report["replica_start_to_ready_s"] = starts
     report["failed_total"] = sum(w["failed"] for w in (report["steady"], report["burst"], report["after"]))
     report["goal_no_failed_request"] = report["failed_total"] == 0

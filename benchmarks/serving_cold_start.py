@@ -86,7 +86,7 @@ def main() -> int:
     args = parser.parse_args()
     load_start = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
-        bundle = args.bundle
+        bundle = args.bundle.resolve() if args.bundle else None
         if bundle is None:
             sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
             from serving_fixtures import build_bundle

@@ -265,10 +265,11 @@ class PredictorGrpcClient(GrpcClient):
     """The predictor alone over gRPC: stage-1 pixels (decoded here once, as the transformer sends them)."""
 
     def payload(self, data: bytes):
+        # not serving.protocol: it imports kserve, whose protobufs clash with tritonclient's in one process
         from model.preprocessing import PREPROCESSING_VERSION, decode
-        from serving.protocol import pack_images
 
-        pixels, sizes = pack_images([decode(data).pixels])
+        image = decode(data).pixels
+        pixels, sizes = image[None], np.array([image.shape], dtype=np.int32)
         tensors = [self.tg.InferInput("pixels", list(pixels.shape), "UINT8"),
                    self.tg.InferInput("sizes", list(sizes.shape), "INT32")]
         tensors[0].set_data_from_numpy(pixels)
