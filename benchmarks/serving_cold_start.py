@@ -48,11 +48,11 @@ def run(image: str, bundle: Path, role: str, network: str, predictor: str | None
         choices: Path) -> tuple[float, float | None, str]:
     from model.bundle import Bundle
 
-    args = ["--model_name=pneumonia", "--model_uri=/mnt/models", "--http_port=8080", "--grpc_port=8081"]
+    args = ["--model_name=pneumonia", "--http_port=8080", "--grpc_port=8081"]
     extra = []
     if role == "predictor":
         command = "pneumoscope-predictor"
-        args += ["--engine=auto", "--precision=auto", "--threads=2", "--engine_choice_dir=/var/cache/engine-choice",
+        args += ["--model_uri=/mnt/models", "--engine=auto", "--precision=auto", "--threads=2", "--engine_choice_dir=/var/cache/engine-choice",
                  f"--sha256={Bundle.load(bundle, verify=False).sha256}"]
         extra = ["--volume", f"{choices}:/var/cache/engine-choice:rw"]
     else:
@@ -76,6 +76,13 @@ def run(image: str, bundle: Path, role: str, network: str, predictor: str | None
             pass
         time.sleep(0.05)
     raise SystemExit(f"{role} not ready within 120 s")
+
+
+def _started(role: str) -> list[str]:
+    """Containers of this role still there (a run that failed before it returned its name)."""
+    found = subprocess.run([DOCKER, "ps", "-aq", "--filter", f"name=cold-start-{role}-"], capture_output=True,
+                           text=True).stdout.split()
+    return found
 
 
 def main() -> int:
@@ -106,7 +113,11 @@ def main() -> int:
                 names = []
                 predictor = None
                 for role in ("predictor", "transformer"):
-                    seconds, used, name = run(args.image, bundle, role, network, predictor, choices)
+                    try:
+                        seconds, used, name = run(args.image, bundle, role, network, predictor, choices)
+                    except BaseException:
+                        subprocess.run([DOCKER, "rm", "--force", *names, *_started(role)], capture_output=True)
+                        raise
                     predictor = predictor or name
                     names.append(name)
                     times[role].append(round(seconds, 2))
