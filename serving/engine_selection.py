@@ -8,7 +8,9 @@ At load (before the predictor reports ready):
 2. Timing: the candidates run the load the predictor sees under saturation (``streams`` parallel
    single-threaded calls, or all threads on one call with one stream) for a bounded ``engine_timing_s``
    each, in interleaved rounds so that a neighbour's burst on a shared machine hits them all alike; the
-   median round counts.
+   median round counts. A candidate under half the fastest's rate after the first round is not timed further,
+   and only the narrow engines are built for timing: a candidate's wide engine (all threads) is built when it
+   is gated.
 3. The engine parity gate (:mod:`model.engine_gate`), fastest candidate first: it runs the bundle's stored
    validation images and is eligible only if its logits stay within the stored tolerance of the fp32
    reference, its AUC drops by no more than the int8 export gate's limit, and its CAMs keep their shape. The first
@@ -48,6 +50,8 @@ log = logging.getLogger(__name__)
 
 GRAPHS = {"fp32": "model.onnx", "int8": "model.int8.onnx", "bf16": "model.onnx"}
 TIMING_ROUNDS = 3
+#: after the first round, candidates under this share of the fastest's rate are not timed further
+DROP_BELOW = 0.5
 
 
 @dataclass
@@ -146,11 +150,14 @@ def select_engine(bundle: Bundle, settings: ServingSettings, model_name: str = "
         candidates = _ungated(bundle, settings, candidates)
     threads, streams = settings.engine_threads(), settings.streams()
 
-    def build(c: Candidate) -> None:
+    def build(c: Candidate, wide: bool = True) -> None:
+        """The engines of a candidate: the narrow streams (what is timed under load) and, unless deferred, the
+        wide one (all threads: the gate and lone requests), built only for the candidates that get gated."""
         path = bundle.root / GRAPHS[c.precision]
-        c.wide = factory(c.engine, path, c.precision, threads, 1, settings.spinning)
-        if streams > 1:
+        if streams > 1 and c.narrow is None:
             c.narrow = factory(c.engine, path, c.precision, 1, streams, settings.spinning)
+        if (wide or streams == 1) and c.wide is None:
+            c.wide = factory(c.engine, path, c.precision, threads, 1, settings.spinning)
 
     batch = _timing_batch_size(settings.max_batch_size)
     if choice is not None and gate is not None and len(candidates) > 1:
@@ -166,7 +173,7 @@ def select_engine(bundle: Bundle, settings: ServingSettings, model_name: str = "
     for c in candidates:
         t0 = time.perf_counter()
         try:
-            build(c)
+            build(c, wide=len(candidates) == 1)
         except EngineError:
             if mode == "forced" or len(candidates) == 1:
                 raise
@@ -193,6 +200,13 @@ def select_engine(bundle: Bundle, settings: ServingSettings, model_name: str = "
         else:
             t0 = time.perf_counter()
             log.info("engine selection: gating %s (%.1f img/s)", c.key, c.img_per_s or float("nan"))
+            try:
+                build(c)  # its wide engine, deferred until now
+            except Exception as exc:
+                c.status = f"failed to load: {str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__}"
+                log.warning("engine %s could not load the bundle: %s", c.key, exc)
+                c.wide = c.narrow = None
+                continue
             c.gate = _run_gate(c, gate, bundle, settings.max_batch_size, batch)
             c.load_s += time.perf_counter() - t0
             ENGINE_CANDIDATE_ELIGIBLE.labels(engine=c.engine, precision=c.precision).set(int(c.gate.passed))
@@ -319,14 +333,22 @@ def _time(candidates: list[Candidate], x: np.ndarray, streams: int, seconds: flo
     for c in list(running):  # the first call of a shape allocates (and, for OpenVINO, specialises) the graph
         timed(c, 0.0, record=False)
     budget = max(0.05, seconds / TIMING_ROUNDS)
+    dropped = []
     for r in range(TIMING_ROUNDS):
         shift = r % max(1, len(running))  # a different candidate leads each round
         for c in running[shift:] + running[:shift]:
             if c in running:
                 timed(c, budget)
-    for c in running:
+        if r == 0 and len(running) > 1:
+            # A candidate at under half the fastest's rate will not catch up: no more time on it (a first start
+            # with five candidates then times two or three).
+            best = max(rates[c.key][-1] for c in running)
+            for c in [c for c in running if rates[c.key][-1] < DROP_BELOW * best]:
+                running.remove(c)
+                dropped.append(c)
+    for c in running + dropped:
         c.img_per_s = statistics.median(rates[c.key])
-    return running
+    return running + dropped
 
 
 def _burst(c: Candidate, x: np.ndarray, streams: int, seconds: float) -> float:

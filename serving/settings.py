@@ -82,7 +82,8 @@ class ServingSettings(BaseSettings):
     precision: Literal["auto", "fp32", "int8", "bf16"] = Field(
         "auto", description="auto: every precision the bundle allows (int8 when it passed its export gate; bf16 on "
         "OpenVINO where the CPU has native bf16), chosen with the engine")
-    engine_timing_s: float = Field(1.0, ge=0, description="seconds of timing per engine x precision candidate at load")
+    engine_timing_s: float = Field(1.0, ge=0, description="seconds of timing per engine x precision candidate at load "
+                                   "(a third of it for one under half the fastest's rate after the first round)")
     engine_choice: Literal["reuse", "refresh", "off"] = Field(
         "reuse", description="the engine choice per kind of machine (bundle digest, CPU model and flags, engine "
         "versions): reuse = a replica that finds a recorded choice for its key only gates it, one that times records "
