@@ -166,7 +166,8 @@ class HeldRequest:
         host, port = url.removeprefix("http://").split(":")
         self.body = body
         self.sock = socket.create_connection((host, int(port)), timeout=120)
-        headers = {"Content-Type": "application/json", **(headers or {})}
+        given = {k.lower() for k in (headers or {})}
+        headers = {**({} if "content-type" in given else {"Content-Type": "application/json"}), **(headers or {})}
         extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
         self.sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {len(body)}\r\n{extra}\r\n"
                           .encode() + body[:len(body) // 2])
