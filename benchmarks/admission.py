@@ -121,8 +121,8 @@ def main() -> int:
     parser.add_argument("--refusals", type=int, default=1000)
     parser.add_argument("--images", type=int, default=32)
     parser.add_argument("--full-resolution", action="store_true",
-                        help="send the originals of chest_xray_full (up to 2 MB; the client's own cost grows with them) "
-                             "instead of the 224 px copies")
+                        help="send the originals of chest_xray_full (up to 2 MB; the client's own cost grows with "
+                             "them) instead of the 224 px copies")
     parser.add_argument("--bundle", default=str(ROOT / ".pneumoscope" / "bench" / "bundle224"))
     parser.add_argument("--log-dir", default=str(ROOT / "runs" / "bench-logs"))
     parser.add_argument("--port", type=int, default=23400)
@@ -170,8 +170,9 @@ def main() -> int:
             f"budget {report['closed_loop']['budget_ms']} ms, limit {report['closed_loop']['limit']}")
         overload = summarize(open_loop(url, requests, args.factor * saturation, args.seconds))
         over_p99 = overload.get("latency_ms_200", {}).get("p99")
+        ratio = round(over_p99 / unloaded_p99, 2) if over_p99 else None
         report["overload"] = dict(overload, offered_per_s=round(args.factor * saturation, 1),
-                                  accepted_p99_over_unloaded_p99=round(over_p99 / unloaded_p99, 2) if over_p99 else None)
+                                  accepted_p99_over_unloaded_p99=ratio)
         report["goal_overload_accepted_p99_within_2x_unloaded"] = bool(over_p99) and over_p99 <= 2 * unloaded_p99
         report["goal_overload_nothing_but_200_and_503"] = set(overload["statuses"]) <= {"200", "503"}
         log(f"defaults, {args.factor}x overload: {overload['statuses']}, accepted p99 {over_p99} ms = "

@@ -11,9 +11,10 @@ endpoint does, by a graceful nginx reload. The replicas share an engine-choice f
 is in a cluster): replica 0 times the engines and records its choice, the burst's replicas reuse it.
 
 Reported: p50/p99 and throughput in the steady state, during the burst (its start to the last replica ready,
-plus 10 s, or half of ``--after-seconds`` if shorter) and after it; requests failed (anything but 200 and the admission's 503: goal 0) and refused; each
-new replica's start to ready. On 2 shared cores a new replica adds no capacity -- it competes for the same
-cores while it starts -- so the drill measures what a scale-out costs the requests in flight.
+plus 10 s, or half of ``--after-seconds`` if shorter) and after it; requests failed (anything but 200 and the
+admission's 503: goal 0) and refused; each new replica's start to ready. On 2 shared cores a new replica adds
+no capacity -- it competes for the same cores while it starts -- so the drill measures what a scale-out costs
+the requests in flight.
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ def window(results, start: float, stop: float) -> dict:
     inside = [r for r in results if start <= r.sent < stop]
     ok = [r.latency_s for r in inside if r.status == "200"]
     p50, p99 = percentiles(ok, 50, 99)
-    return {"seconds": round(stop - start, 1), "answered": len(ok), "img_per_s": round(len(ok) / max(stop - start, 1e-9), 2),
+    span = max(stop - start, 1e-9)
+    return {"seconds": round(stop - start, 1), "answered": len(ok), "img_per_s": round(len(ok) / span, 2),
             "p50_ms": p50, "p99_ms": p99, "refused_503": sum(r.status == "503" for r in inside),
             "failed": sum(r.status not in ("200", "503") for r in inside)}
 

@@ -32,7 +32,8 @@ DOCKER = "/usr/bin/docker"
 
 def cpu_seconds(container: str) -> float | None:
     """CPU seconds the container has used: cgroup v1 cpuacct, or cgroup v2 cpu.stat (systemd or cgroupfs driver)."""
-    full = subprocess.run([DOCKER, "inspect", "-f", "{{.Id}}", container], capture_output=True, text=True).stdout.strip()
+    full = subprocess.run([DOCKER, "inspect", "-f", "{{.Id}}", container], capture_output=True,
+                          text=True).stdout.strip()
     usage = Path(f"/sys/fs/cgroup/cpuacct/docker/{full}/cpuacct.usage")
     if usage.exists():
         return int(usage.read_text()) / 1e9
@@ -52,7 +53,8 @@ def run(image: str, bundle: Path, role: str, network: str, predictor: str | None
     extra = []
     if role == "predictor":
         command = "pneumoscope-predictor"
-        args += ["--model_uri=/mnt/models", "--engine=auto", "--precision=auto", "--threads=2", "--engine_choice_dir=/var/cache/engine-choice",
+        args += ["--model_uri=/mnt/models", "--engine=auto", "--precision=auto", "--threads=2",
+                 "--engine_choice_dir=/var/cache/engine-choice",
                  f"--sha256={Bundle.load(bundle, verify=False).sha256}"]
         extra = ["--volume", f"{choices}:/var/cache/engine-choice:rw"]
     else:

@@ -25,7 +25,9 @@ The policy (Little's law, as a deadline-aware queue does it; Triton's queue poli
   once the engine is saturated, X stops growing and the limit settles where the wait equals B;
 - deadline-aware: a request whose own deadline is shorter than its expected time (in flight + 1) / X is
   refused at once, rather than accepted and timed out;
-- until X is measured (fewer than :data:`MIN_RATE_SAMPLES` completions) the limit is ``min_inflight``.
+- until X is measured (fewer than :data:`MIN_RATE_SAMPLES` completions) it is taken as ``min_inflight`` requests
+  per unloaded latency (from the first request that found the process idle); before even that, the limit is
+  ``min_inflight``.
 """
 
 from __future__ import annotations
@@ -153,10 +155,20 @@ class Admission:
             return None if unloaded is None else AUTO_BUDGET_FACTOR * unloaded
         return None
 
+    def rate(self) -> float | None:
+        """The measured service rate; before there is one, a prior from the unloaded latency (the floor's requests
+        served side by side in that time), so that a fresh process with a known budget does not sit at the floor
+        while its first requests are measured; None when nothing is known yet."""
+        rate = self.estimate.rate()
+        if rate is None:
+            unloaded = self.estimate.unloaded_latency()
+            rate = None if not unloaded else self.min_inflight / unloaded
+        return rate
+
     @property
     def limit(self) -> int:
         """Requests admitted at once now: the measured rate times the budget, within the bounds."""
-        rate, budget = self.estimate.rate(), self.budget()
+        rate, budget = self.rate(), self.budget()
         if budget is None:  # no budget at all (the predictor), or not measured yet (the floor until it is)
             return self.min_inflight if self.auto_budget else self.max_inflight
         if rate is None:
@@ -164,8 +176,8 @@ class Admission:
         return max(self.min_inflight, min(self.max_inflight, math.floor(rate * budget + 1e-9)))
 
     def expected_wait(self) -> float | None:
-        """Seconds a request admitted now would take, at the measured rate (None before it is measured)."""
-        rate = self.estimate.rate()
+        """Seconds a request admitted now would take, at the measured rate (None before it is known)."""
+        rate = self.rate()
         return None if rate is None else (self.inflight + 1) / rate
 
     def refusal(self, deadline_s: float | None = None):

@@ -4,7 +4,7 @@
 - **Admission** (one :class:`~serving.admission.Admission`, shared with the REST server): ``ModelInfer``
   calls that can be answered within the latency budget (and their own deadline); the rest are refused at
   once with RESOURCE_EXHAUSTED -- when the call starts, before its message is parsed
-  (:class:`_EarlyRefusal`), and again by the servicer, which knows the call's deadline. Every call runs
+  (:func:`_early_refusal`), and again by the servicer, which knows the call's deadline. Every call runs
   under the smaller of the client's deadline and ``default_timeout_s``.
 - **Message sizes**: gRPC's own receive and send limits, per hop and role.
 - **Errors**: refusals are answered and logged by :mod:`serving.refusals`; anything unexpected becomes

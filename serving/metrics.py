@@ -37,9 +37,8 @@ ENGINE_RUNS = Counter("pneumoscope_engine_runs_total", "engine calls: wide (all 
 ENGINE_TIME = Histogram("pneumoscope_engine_seconds", "ONNX Runtime time per engine call",
                         buckets=[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10])
 ENGINE_INFO = Gauge("pneumoscope_engine_info", "the inference engine and precision the predictor serves with "
-                    "(value 1); selection: auto (measured here), reused (measured earlier on this kind of machine, gated here) or "
-                    "forced", ["model_name", "model_version", "engine",
-                                                                      "precision", "selection"])
+                    "(value 1); selection: auto (measured here), reused (measured earlier on this kind of machine, "
+                    "gated here) or forced", ["model_name", "model_version", "engine", "precision", "selection"])
 ENGINE_CANDIDATE_SPEED = Gauge("pneumoscope_engine_candidate_images_per_second", "images/s of each eligible "
                                "engine x precision, measured at load under the predictor's saturated load",
                                ["engine", "precision"])

@@ -33,8 +33,8 @@ from kserve.protocol.infer_type import InferRequest, InferResponse, to_http_para
 
 from model.preprocessing import DECODED_MAX_SIDE, PREPROCESSING_VERSION, normalize, resize
 from model.registry import fetch_model
-from serving.admission import deadline
 from serving import engine_choice
+from serving.admission import deadline
 from serving.batching import DynamicBatcher
 from serving.engine_selection import select_engine
 from serving.errors import RequestRejected, ServiceError

@@ -574,7 +574,8 @@ def test_the_predictor_starts_from_a_modelcar_read_only(serving_image, base_imag
                            "--volume", f"{volume}:/mnt", "--env", "MODEL_INIT_MODE=async",
                            "--publish", "127.0.0.1::8080", "--entrypoint", "pneumoscope-predictor", serving_image,
                            "--model_name=pneumonia", "--model_uri=/mnt/models", f"--sha256={digest}",
-                           "--http_port=8080", "--grpc_port=8081", "--threads=2", "--engine_timing_s=0.2").stdout.strip()
+                           "--http_port=8080", "--grpc_port=8081", "--threads=2",
+                           "--engine_timing_s=0.2").stdout.strip()
         port = docker("port", predictor, "8080/tcp").stdout.split()[0].rpartition(":")[2]
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 240

@@ -1,5 +1,6 @@
 """Serving under pressure, on real processes: admission by latency budget and deadline, within a hard bound
-(503 + Retry-After / RESOURCE_EXHAUSTED at once, before the body is read), deadlines, draining on SIGTERM (readiness first, then intake, then in-flight work), and a stack stopped
+(503 + Retry-After / RESOURCE_EXHAUSTED at once, before the body is read), deadlines, draining on SIGTERM
+(readiness first, then intake, then in-flight work), and a stack stopped
 under load: zero hung requests, zero 500s, exit 0, the transformer before the predictor.
 
 Requests are held in flight deterministically: a client that has sent its headers and half its body is

@@ -564,6 +564,19 @@ def test_admission_follows_the_measured_service_rate_and_the_latency_budget():
     assert admission.inflight == 3
 
 
+def test_a_fresh_process_takes_its_unloaded_latency_as_a_prior_for_the_rate():
+    from serving.admission import Admission
+
+    clock = FakeClock()
+    admission = Admission(64, min_inflight=2, latency_budget_s=1.0, clock=clock)
+    assert admission.limit == 2  # nothing known: the floor
+    admission.enter()
+    clock.now += 0.05
+    admission.leave()  # one request alone, 50 ms: 2 side by side per 50 ms until the rate is measured
+    assert admission.estimate.rate() is None and admission.limit == 40
+    assert admission.expected_wait() == pytest.approx(1 / 40)
+
+
 def test_admission_budget_follows_the_unloaded_latency_and_bounds_memory():
     from serving.admission import Admission
 
