@@ -27,7 +27,8 @@ The policy (Little's law, as a deadline-aware queue does it; Triton's queue poli
   refused at once, rather than accepted and timed out;
 - until X is measured (fewer than :data:`MIN_RATE_SAMPLES` completions) it is taken as ``min_inflight`` requests
   per unloaded latency (from the first request that found the process idle); before even that, the limit is
-  ``min_inflight``.
+  ``max_inflight`` under a budget the operator set (a fresh replica joining under load refuses nothing it may
+  queue) and ``min_inflight`` under the automatic one (whose budget is not known yet either).
 """
 
 from __future__ import annotations
@@ -171,8 +172,8 @@ class Admission:
         rate, budget = self.rate(), self.budget()
         if budget is None:  # no budget at all (the predictor), or not measured yet (the floor until it is)
             return self.min_inflight if self.auto_budget else self.max_inflight
-        if rate is None:
-            return self.min_inflight
+        if rate is None:  # nothing measured: an operator's budget trusts the hard bound, an automatic one the floor
+            return self.max_inflight if self.latency_budget_s is not None else self.min_inflight
         return max(self.min_inflight, min(self.max_inflight, math.floor(rate * budget + 1e-9)))
 
     def expected_wait(self) -> float | None:
