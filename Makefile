@@ -19,6 +19,8 @@ BASE_IMAGE ?= python:3.11.14-slim-bookworm
 IMAGES ?= serving web pipeline
 # Extra build arguments, e.g. BUILD_ARGS=RESNET50_WEIGHTS_URL= (no ImageNet weights in the pipeline image).
 BUILD_ARGS ?=
+# MODEL=models:/pneumonia/N: `make images` also builds that version's Modelcar image (REGISTRY/pneumonia-modelcar:N).
+MODEL ?=
 # checkov pins its own dependency versions (boto3, packaging, ...): it lives in a venv of its own.
 CHECKOV_VERSION := 3.3.30
 CHECKOV := $(VENV)/checkov/bin/checkov
@@ -112,6 +114,11 @@ images:
 	@if [[ " $(IMAGES) " == *" pipeline "* ]] && [ -x $(BIN)/pneumoscope ]; then \
 	  mkdir -p build && $(BIN)/pneumoscope pipeline compile --image "$(or $(REGISTRY),ghcr.io/pneumoscope)/pipeline:$(TAG)" \
 	    --output build/pneumonia_training.yaml && echo "wrote build/pneumonia_training.yaml (upload it in the KFP UI)"; fi
+	@if [ -n "$(MODEL)" ]; then \
+	  base="$(BASE_IMAGE)"; if [ "$$base" = debootstrap ]; then base=$$(docker/base-image.sh) || exit 1; fi; \
+	  $(BIN)/pneumoscope export-modelcar "$(MODEL)" --registry "$(or $(REGISTRY),ghcr.io/pneumoscope)" \
+	    --base-image "$$base" $(if $(REGISTRY),--push); \
+	else echo "no modelcar: MODEL=models:/pneumonia/N builds that version's (pneumoscope export-modelcar)"; fi
 
 clean:
 	rm -rf .pneumoscope local_outputs .pytest_cache build

@@ -117,8 +117,10 @@ def open_loop(url: str, payloads: list[tuple[bytes, dict]], rate_per_s: float, s
 
 
 def closed_loop(url: str, payloads: list[tuple[bytes, dict]], clients: int, seconds: float,
-                timeout_s: float = 60.0, on_result=None) -> list[Result]:
-    """``clients`` threads, each sending its next request when the last one is answered."""
+                timeout_s: float = 60.0, on_result=None, retry_pause_s: float = 0.05,
+                stop: threading.Event | None = None) -> list[Result]:
+    """``clients`` threads, each sending its next request when the last one is answered (after a refusal,
+    ``retry_pause_s`` later: 1.0 is what the servers' Retry-After asks for), for ``seconds`` or until ``stop``."""
     import httpx
 
     out: list[Result] = []
@@ -129,7 +131,7 @@ def closed_loop(url: str, payloads: list[tuple[bytes, dict]], clients: int, seco
     def worker(k: int) -> None:
         with httpx.Client(timeout=timeout_s) as client:
             i = k * 13
-            while time.perf_counter() < stop_at:
+            while time.perf_counter() < stop_at and not (stop is not None and stop.is_set()):
                 body, headers = payloads[i % len(payloads)]
                 sent = time.perf_counter()
                 try:
@@ -142,7 +144,7 @@ def closed_loop(url: str, payloads: list[tuple[bytes, dict]], clients: int, seco
                 if on_result is not None:
                     on_result(result)
                 if status == "503":
-                    time.sleep(0.05)
+                    time.sleep(retry_pause_s)
                 i += 1
 
     threads = [threading.Thread(target=worker, args=(k,), daemon=True) for k in range(clients)]
@@ -151,3 +153,51 @@ def closed_loop(url: str, payloads: list[tuple[bytes, dict]], clients: int, seco
     for t in threads:
         t.join()
     return out
+
+
+class HeldRequest:
+    """A raw HTTP/1.1 POST whose headers and first half of the body are sent: admitted (it holds a slot) and
+    answered only after :meth:`finish`. Holds a server at its limit without using its CPU (no timing
+    assumptions about how fast the server is)."""
+
+    def __init__(self, url: str, path: str, body: bytes, headers: dict | None = None):
+        import socket
+
+        host, port = url.removeprefix("http://").split(":")
+        self.body = body
+        self.sock = socket.create_connection((host, int(port)), timeout=120)
+        given = {k.lower() for k in (headers or {})}
+        headers = {**({} if "content-type" in given else {"Content-Type": "application/json"}), **(headers or {})}
+        extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        self.sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {len(body)}\r\n{extra}\r\n"
+                          .encode() + body[:len(body) // 2])
+
+    def finish(self) -> tuple[int, dict]:
+        """Send the rest of the body; the answer's status and JSON body."""
+        self.sock.sendall(self.body[len(self.body) // 2:])
+        return self.response()
+
+    def response(self) -> tuple[int, dict]:
+        import json
+
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("closed before a response")
+            data += chunk
+        head, rest = data.split(b"\r\n\r\n", 1)
+        lines = head.decode("latin-1").split("\r\n")
+        fields = {k.lower(): v for k, v in (line.split(": ", 1) for line in lines[1:])}
+        length = int(fields.get("content-length", 0))
+        while len(rest) < length:
+            rest += self.sock.recv(65536)
+        self.sock.close()
+        try:
+            answer = json.loads(rest[:length] or b"{}")
+        except ValueError:
+            answer = {}
+        return int(lines[0].split()[1]), answer if isinstance(answer, dict) else {"body": answer}
+
+    def close(self) -> None:
+        self.sock.close()

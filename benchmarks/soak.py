@@ -2,8 +2,9 @@
 
     python benchmarks/soak.py [--clients 16] [--minutes 10] [--out runs/soak.json]
 
-A ``LocalStack`` (224 px ResNet-50, the shipped defaults except ``max_inflight`` = the number of
-clients, so that every client is admitted and what is measured is stability, not admission) receives
+A ``LocalStack`` (224 px ResNet-50, the shipped defaults except ``max_inflight`` = the number of clients and a
+latency budget no request reaches, so that every client is admitted and what is measured is stability, not
+admission) receives
 the 200 originals of ``../shared/data/chest_xray_full`` (399-2890 px wide, up to 2 MB), each client in a
 closed loop over REST v2. Per minute: requests, errors (anything but 200), p50/p99 latency, and the
 RSS of the transformer and the predictor (highest sample of the minute, sampled every 5 s).
@@ -47,7 +48,7 @@ def main() -> int:
         sys.exit(f"full-resolution X-rays not found at {FULL}")
     payloads = [v2_request(f.read_bytes()) for f in files]
     bundle_dir = build_bundle(Path(args.bundle), load_images(64)[0])
-    settings = ServingSettings(max_inflight=args.clients, threads=args.threads,
+    settings = ServingSettings(max_inflight=args.clients, latency_budget_ms=600_000, threads=args.threads,
                                model_sha256=Bundle.load(bundle_dir, verify=False).sha256)
     log_file = Path(args.log_dir) / "soak.log"
     log_file.parent.mkdir(parents=True, exist_ok=True)

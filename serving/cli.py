@@ -80,6 +80,10 @@ def add_commands(commands) -> None:
     predict.add_argument("--timeout", type=float, default=60.0)
     predict.set_defaults(func=cmd_predict)
 
+    from serving.modelcar import add_command as add_export_modelcar
+
+    add_export_modelcar(commands)
+
 
 def _quiet_http_logs() -> None:
     import logging

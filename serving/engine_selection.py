@@ -8,12 +8,19 @@ At load (before the predictor reports ready):
 2. Timing: the candidates run the load the predictor sees under saturation (``streams`` parallel
    single-threaded calls, or all threads on one call with one stream) for a bounded ``engine_timing_s``
    each, in interleaved rounds so that a neighbour's burst on a shared machine hits them all alike; the
-   median round counts.
+   median round counts. A candidate under half the fastest's rate after the first round is not timed further,
+   and only the narrow engines are built for timing: a candidate's wide engine (all threads) is built when it
+   is gated.
 3. The engine parity gate (:mod:`model.engine_gate`), fastest candidate first: it runs the bundle's stored
    validation images and is eligible only if its logits stay within the stored tolerance of the fp32
    reference, its AUC drops by no more than the int8 export gate's limit, and its CAMs keep their shape. The first
    that passes serves; slower ones need no gate (that keeps the start short: gating costs more than timing).
 4. The table is logged and exported (Prometheus, v2 ``platform``).
+
+With a :class:`~serving.engine_choice.Choice` (a store and this machine's key), steps 2-3 run once per kind of
+machine: a replica that finds a record for its key builds only the recorded candidate and runs the gate on it
+("reused"); one that times records what it chose. A recorded candidate that fails the gate here, or is not
+available here, is timed again with the others.
 
 A bundle exported before the gate existed carries no gate images: ``auto`` then keeps ONNX Runtime with the
 bundle's own precision rule (what earlier releases served); a forced engine runs unchecked, with a warning.
@@ -33,14 +40,18 @@ import numpy as np
 
 from model.bundle import Bundle
 from model.engine_gate import GateResult, GateSet, check
+from serving.engine_choice import Choice
 from serving.engine import ENGINES, PLATFORMS, Engine, EngineError, create_engine, installed, native_bf16, require
-from serving.metrics import ENGINE_CANDIDATE_ELIGIBLE, ENGINE_CANDIDATE_SPEED, ENGINE_INFO, ENGINE_SELECTION_SECONDS
+from serving.metrics import (ENGINE_CANDIDATE_ELIGIBLE, ENGINE_CANDIDATE_SPEED, ENGINE_INFO, ENGINE_SELECTION_SECONDS,
+                             ENGINE_TIMING_SECONDS)
 from serving.settings import ServingSettings
 
 log = logging.getLogger(__name__)
 
 GRAPHS = {"fp32": "model.onnx", "int8": "model.int8.onnx", "bf16": "model.onnx"}
 TIMING_ROUNDS = 3
+#: after the first round, candidates under this share of the fastest's rate are not timed further
+DROP_BELOW = 0.5
 
 
 @dataclass
@@ -76,10 +87,11 @@ class Selection:
     precision: str
     wide: Engine
     narrow: Engine | None
-    mode: str  # "auto" or "forced"
+    mode: str  # "auto", "forced", or "reused" (a recorded choice for this kind of machine, gated here)
     gated: bool
     table: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    timing_seconds: float = 0.0  # spent timing candidates (0 when a recorded choice was reused)
 
     @property
     def platform(self) -> str:
@@ -121,11 +133,12 @@ def candidate_list(bundle: Bundle, settings: ServingSettings) -> list[Candidate]
 
 
 def select_engine(bundle: Bundle, settings: ServingSettings, model_name: str = "", model_version: str = "",
-                  factory=create_engine) -> Selection:
+                  factory=create_engine, choice: Choice | None = None) -> Selection:
     """Time, gate (fastest first) and choose; returns the winner's engines (the others are released).
 
     ``factory(engine, onnx_path, precision, threads, parallel, spinning)`` builds an engine (tests pass a
-    wrapper to plant a broken candidate).
+    wrapper to plant a broken candidate). ``choice``: where the choice for this kind of machine is recorded
+    (:mod:`serving.engine_choice`); None times at every start.
     """
     started = time.perf_counter()
     if settings.engine != "auto":
@@ -137,13 +150,22 @@ def select_engine(bundle: Bundle, settings: ServingSettings, model_name: str = "
         candidates = _ungated(bundle, settings, candidates)
     threads, streams = settings.engine_threads(), settings.streams()
 
-    def build(c: Candidate) -> None:
+    def build(c: Candidate, wide: bool = True) -> None:
+        """The engines of a candidate: the narrow streams (what is timed under load) and, unless deferred, the
+        wide one (all threads: the gate and lone requests), built only for the candidates that get gated."""
         path = bundle.root / GRAPHS[c.precision]
-        c.wide = factory(c.engine, path, c.precision, threads, 1, settings.spinning)
-        if streams > 1:
+        if streams > 1 and c.narrow is None:
             c.narrow = factory(c.engine, path, c.precision, 1, streams, settings.spinning)
+        if (wide or streams == 1) and c.wide is None:
+            c.wide = factory(c.engine, path, c.precision, threads, 1, settings.spinning)
 
     batch = _timing_batch_size(settings.max_batch_size)
+    if choice is not None and gate is not None and len(candidates) > 1:
+        reused = _reuse(choice, candidates, build, gate, bundle, settings, batch, started)
+        if reused is not None:
+            _report(reused, [], model_name, model_version, threads, streams, settings)
+            return reused
+        candidates = candidate_list(bundle, settings)  # fresh: the recorded one may have been built and gated
     log.info("engine selection (%s): %d candidate(s): %s; loading, timing %.1f s each, then gating fastest first "
              "on %s", mode, len(candidates), ", ".join(c.key for c in candidates), settings.engine_timing_s,
              f"{len(gate.labels)} stored val images" if gate is not None else "nothing (no gate set in this bundle)")
@@ -151,7 +173,7 @@ def select_engine(bundle: Bundle, settings: ServingSettings, model_name: str = "
     for c in candidates:
         t0 = time.perf_counter()
         try:
-            build(c)
+            build(c, wide=len(candidates) == 1)
         except EngineError:
             if mode == "forced" or len(candidates) == 1:
                 raise
@@ -163,8 +185,10 @@ def select_engine(bundle: Bundle, settings: ServingSettings, model_name: str = "
             continue
         c.load_s = time.perf_counter() - t0
         built.append(c)
+    timing_started = time.perf_counter()
     if len(built) > 1:
         built = _time(built, _timing_batch(gate, bundle, batch), streams, settings.engine_timing_s)
+    timing_seconds = time.perf_counter() - timing_started
 
     # Fastest first; the first that passes the gate serves, and nothing slower needs gating.
     chosen = None
@@ -176,6 +200,13 @@ def select_engine(bundle: Bundle, settings: ServingSettings, model_name: str = "
         else:
             t0 = time.perf_counter()
             log.info("engine selection: gating %s (%.1f img/s)", c.key, c.img_per_s or float("nan"))
+            try:
+                build(c)  # its wide engine, deferred until now
+            except Exception as exc:
+                c.status = f"failed to load: {str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__}"
+                log.warning("engine %s could not load the bundle: %s", c.key, exc)
+                c.wide = c.narrow = None
+                continue
             c.gate = _run_gate(c, gate, bundle, settings.max_batch_size, batch)
             c.load_s += time.perf_counter() - t0
             ENGINE_CANDIDATE_ELIGIBLE.labels(engine=c.engine, precision=c.precision).set(int(c.gate.passed))
@@ -191,9 +222,47 @@ def select_engine(bundle: Bundle, settings: ServingSettings, model_name: str = "
         table = "; ".join(f"{c.key}: {c.gate.reason if c.gate else c.status}" for c in candidates)
         raise EngineError(f"no engine passed the engine parity gate on this machine ({table})")
     selection = Selection(chosen.engine, chosen.precision, chosen.wide, chosen.narrow, mode, gate is not None,
-                          [c.row() for c in candidates], time.perf_counter() - started)
+                          [c.row() for c in candidates], time.perf_counter() - started, timing_seconds)
+    if choice is not None and len(built) > 1:  # a measured choice: later replicas on this kind of machine reuse it
+        choice.record(selection.engine, selection.precision, selection.table, selection.seconds)
     _report(selection, candidates, model_name, model_version, threads, streams, settings)
     return selection
+
+
+def _reuse(choice: Choice, candidates: list[Candidate], build, gate: GateSet, bundle: Bundle,
+           settings: ServingSettings, batch: int, started: float) -> Selection | None:
+    """The recorded candidate for this kind of machine, built and gated here; None to time them all."""
+    record = choice.recorded()
+    if record is None:
+        return None
+    c = next((c for c in candidates if (c.engine, c.precision) == (record["engine"], record["precision"])), None)
+    if c is None:
+        log.warning("engine choice: the recorded %s/%s is not a candidate here; timing again", record["engine"],
+                    record["precision"])
+        return None
+    log.info("engine selection: reusing %s, chosen on this kind of machine by %s at %s (%s); gating it on %d "
+             "stored val images, no timing", c.key, record.get("recorded_by", "?"), record.get("recorded_at", "?"),
+             choice.store.where, len(gate.labels))
+    t0 = time.perf_counter()
+    try:
+        build(c)
+        c.gate = _run_gate(c, gate, bundle, settings.max_batch_size, batch)
+    except Exception as exc:  # could not even build here: time them all
+        log.warning("engine choice: the recorded %s cannot load here (%s); timing again", c.key, exc)
+        return None
+    c.load_s = time.perf_counter() - t0
+    ENGINE_CANDIDATE_ELIGIBLE.labels(engine=c.engine, precision=c.precision).set(int(c.gate.passed))
+    if not c.gate.passed:
+        log.warning("engine choice: the recorded %s failed the engine parity gate here (%s); timing again", c.key,
+                    c.gate.reason)
+        return None
+    recorded = {(r.get("engine"), r.get("precision")): r for r in record.get("table", []) if isinstance(r, dict)}
+    c.img_per_s = (recorded.get((c.engine, c.precision)) or {}).get("img_per_s")
+    c.status = "chosen (reused: timed on this kind of machine before)"
+    table = [c.row()] + [dict(row, status=f"recorded: {row.get('status', '')}", load_and_gate_s=None)
+                         for key, row in recorded.items() if key != (c.engine, c.precision)]
+    return Selection(c.engine, c.precision, c.wide, c.narrow, "reused", True, table, time.perf_counter() - started,
+                     0.0)
 
 
 def _ungated(bundle: Bundle, settings: ServingSettings, candidates: list[Candidate]) -> list[Candidate]:
@@ -264,14 +333,22 @@ def _time(candidates: list[Candidate], x: np.ndarray, streams: int, seconds: flo
     for c in list(running):  # the first call of a shape allocates (and, for OpenVINO, specialises) the graph
         timed(c, 0.0, record=False)
     budget = max(0.05, seconds / TIMING_ROUNDS)
+    dropped = []
     for r in range(TIMING_ROUNDS):
         shift = r % max(1, len(running))  # a different candidate leads each round
         for c in running[shift:] + running[:shift]:
             if c in running:
                 timed(c, budget)
-    for c in running:
+        if r == 0 and len(running) > 1:
+            # A candidate at under half the fastest's rate will not catch up: no more time on it (a first start
+            # with five candidates then times two or three).
+            best = max(rates[c.key][-1] for c in running)
+            for c in [c for c in running if rates[c.key][-1] < DROP_BELOW * best]:
+                running.remove(c)
+                dropped.append(c)
+    for c in running + dropped:
         c.img_per_s = statistics.median(rates[c.key])
-    return running
+    return running + dropped
 
 
 def _burst(c: Candidate, x: np.ndarray, streams: int, seconds: float) -> float:
@@ -309,22 +386,32 @@ def _report(selection: Selection, candidates: list[Candidate], model_name: str, 
             streams: int, settings: ServingSettings) -> None:
     lines = [f"{'engine':<12} {'precision':<9} {'img/s':>8} {'|dlogit|':>9} {'AUC drop':>9} {'CAM r':>6} "
              f"{'load s':>6}  status"]
+    if selection.mode == "reused":
+        lines += [f"{row['engine']:<12} {row['precision']:<9} {_fmt(row.get('img_per_s'), '.1f'):>8} "
+                  f"{_fmt(row.get('max_abs_logit_diff'), '.4f'):>9} {_fmt(row.get('auc_drop'), '+.4f'):>9} "
+                  f"{_fmt(row.get('min_cam_correlation'), '.3f'):>6} {_fmt(row.get('load_and_gate_s'), '.1f'):>6}  "
+                  f"{row['status']}" for row in selection.table]
     for c in candidates:
         g = c.gate
         lines.append(f"{c.engine:<12} {c.precision:<9} {_fmt(c.img_per_s, '.1f'):>8} "
                      f"{_fmt(g and g.max_abs_logit_diff, '.4f'):>9} {_fmt(g and g.auc_drop, '+.4f'):>9} "
                      f"{_fmt(g and g.min_cam_correlation, '.3f'):>6} {c.load_s:>6.1f}  {c.status}"
                      + (f" ({g.reason})" if g is not None and not g.passed else ""))
-    log.info("engine selection (%s; timed: %d streams x %d threads, batches of %d; %.1f s in all):\n%s",
-             selection.mode, streams if streams > 1 else 1, 1 if streams > 1 else threads,
-             _timing_batch_size(settings.max_batch_size), selection.seconds, "\n".join(lines))
+    log.info("engine selection (%s; timed: %d streams x %d threads, batches of %d; %.1f s in all, %.1f s of "
+             "timing):\n%s", selection.mode, streams if streams > 1 else 1, 1 if streams > 1 else threads,
+             _timing_batch_size(settings.max_batch_size), selection.seconds, selection.timing_seconds,
+             "\n".join(lines))
     log.info("serving with %s %s", selection.engine, selection.precision)
     ENGINE_INFO.labels(model_name=model_name, model_version=str(model_version), engine=selection.engine,
                        precision=selection.precision, selection=selection.mode).set(1)
     ENGINE_SELECTION_SECONDS.set(selection.seconds)
-    for c in candidates:
-        if c.img_per_s is not None:
-            ENGINE_CANDIDATE_SPEED.labels(engine=c.engine, precision=c.precision).set(c.img_per_s)
+    ENGINE_TIMING_SECONDS.set(selection.timing_seconds)
+    speeds = {(c.engine, c.precision): c.img_per_s for c in candidates}
+    if selection.mode == "reused":  # as measured on this kind of machine by the replica that timed them
+        speeds = {(r["engine"], r["precision"]): r.get("img_per_s") for r in selection.table}
+    for (engine, precision), speed in speeds.items():
+        if isinstance(speed, (int, float)):
+            ENGINE_CANDIDATE_SPEED.labels(engine=engine, precision=precision).set(speed)
 
 
 def _fmt(value, spec: str) -> str:

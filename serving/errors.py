@@ -59,8 +59,17 @@ class Overloaded(ServiceError):
     grpc_code = "RESOURCE_EXHAUSTED"
     retry_after = 1
 
-    def __init__(self, limit: int):
-        super().__init__("overloaded", f"the server is at its limit of {limit} requests in flight; retry shortly")
+    def __init__(self, limit: int, budget_s: float | None = None, deadline_s: float | None = None,
+                 expected_s: float | None = None):
+        if expected_s is not None and deadline_s is not None:
+            message = (f"the server expects to answer in about {expected_s * 1000:.0f} ms, after this request's "
+                       f"deadline of {deadline_s * 1000:.0f} ms; retry shortly")
+        elif budget_s is not None:
+            message = (f"the server is at its limit of {limit} requests in flight (what it answers within its "
+                       f"latency budget of {budget_s * 1000:.0f} ms); retry shortly")
+        else:
+            message = f"the server is at its limit of {limit} requests in flight; retry shortly"
+        super().__init__("overloaded", message)
 
 
 class ShuttingDown(ServiceError):

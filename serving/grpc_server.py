@@ -1,9 +1,11 @@
 """The gRPC server: kserve's servicer without the repository extension, with admission and quiet errors.
 
 - **No control plane**: ``RepositoryModelLoad/Unload`` answer UNIMPLEMENTED.
-- **Admission** (one :class:`~serving.admission.Admission`, shared with the REST server): a bounded
-  number of ``ModelInfer`` calls in flight, the rest refused at once with RESOURCE_EXHAUSTED; every call
-  runs under the smaller of the client's deadline and ``default_timeout_s``.
+- **Admission** (one :class:`~serving.admission.Admission`, shared with the REST server): ``ModelInfer``
+  calls that can be answered within the latency budget (and their own deadline); the rest are refused at
+  once with RESOURCE_EXHAUSTED -- when the call starts, before its message is parsed
+  (:func:`_early_refusal`), and again by the servicer, which knows the call's deadline. Every call runs
+  under the smaller of the client's deadline and ``default_timeout_s``.
 - **Message sizes**: gRPC's own receive and send limits, per hop and role.
 - **Errors**: refusals are answered and logged by :mod:`serving.refusals`; anything unexpected becomes
   INTERNAL carrying a request id, logged once with its traceback.
@@ -21,7 +23,7 @@ from kserve.protocol.grpc.servicer import InferenceServicer
 
 from serving.admission import Admission, set_deadline
 from serving.errors import ServiceError, ShuttingDown
-from serving.metrics import CANCELLED, GRPC_TO_HTTP, count_request
+from serving.metrics import CANCELLED, GRPC_TO_HTTP, count_request, reject_count
 from serving.refusals import check_request_id, describe, is_known, log_refusal, request_id
 
 log = logging.getLogger("pneumoscope.serving")
@@ -72,14 +74,15 @@ class Servicer(InferenceServicer):
         metadata = dict(context.invocation_metadata() or ())
         rid = request_id(metadata.get("x-request-id"))
         task = asyncio.current_task()
+        left = context.time_remaining()
+        budget = self.default_timeout_s if left is None else min(left, self.default_timeout_s)
         try:
             check_request_id(metadata.get("x-request-id"))
-            self.admission.enter(task)
+            self.admission.enter(task, budget)
         except ServiceError as exc:
             return await self._refuse(context, exc, rid)
         try:
-            left = context.time_remaining()
-            set_deadline(self.default_timeout_s if left is None else min(left, self.default_timeout_s))
+            set_deadline(budget)
             model = self._data_plane.model_registry.get_model(request.model_name)
             if model is not None and hasattr(model, "precheck_grpc"):
                 model.precheck_grpc(request)
@@ -137,6 +140,32 @@ class _QuietErrors:
         return Interceptor()
 
 
+def _early_refusal(admission: Admission):
+    """A gRPC interceptor that refuses ``ModelInfer`` when the call starts, before its message is read into a
+    protobuf: a refusal then costs no parsing of a message of megabytes (the servicer refuses again, with the
+    call's deadline, what slips through)."""
+    import grpc
+
+    class EarlyRefusal(grpc.aio.ServerInterceptor):
+        async def intercept_service(self, continuation, details):
+            refused = admission.refusal() if details.method.endswith("/ModelInfer") else None
+            if refused is None:
+                return await continuation(details)
+            started = time.perf_counter()
+            reject_count(refused.reason)
+            status, code, reason, message, _ = describe(refused)
+            rid = request_id(dict(details.invocation_metadata or ()).get("x-request-id"))
+
+            async def refuse(request, context):
+                log_refusal(status, reason, message, f"gRPC request {rid}")
+                count_request("grpc", GRPC_TO_HTTP[code], time.perf_counter() - started)
+                await context.abort(getattr(grpc.StatusCode, code), message)
+
+            return grpc.unary_unary_rpc_method_handler(refuse, request_deserializer=lambda data: None)
+
+    return EarlyRefusal()
+
+
 class GRPCServer:
     """kserve's gRPC server setup with our servicer, limits and bind address."""
 
@@ -155,10 +184,11 @@ class GRPCServer:
         from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
 
         self._server = aio.server(
-            futures.ThreadPoolExecutor(max_workers=max_workers), interceptors=(_QuietErrors(),),
-            # gRPC's own bound counts every RPC (health checks too): leave room above the inference limit,
-            # which the servicer enforces with a clear message.
-            maximum_concurrent_rpcs=2 * self.admission.limit + 16,
+            futures.ThreadPoolExecutor(max_workers=max_workers),
+            interceptors=(_early_refusal(self.admission), _QuietErrors()),
+            # gRPC's own bound counts every RPC (health checks too): leave room above the inference bound,
+            # which admission enforces with a clear message.
+            maximum_concurrent_rpcs=2 * self.admission.max_inflight + 16,
             options=[("grpc.max_send_message_length", self.max_send_bytes),
                      ("grpc.max_receive_message_length", self.max_receive_bytes)])
         grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, self._server)

@@ -18,6 +18,10 @@ PROBABILITY = Histogram("pneumoscope_probability", "calibrated pneumonia probabi
 REJECTIONS = Counter("pneumoscope_input_rejections_total", "requests refused before inference, by reason "
                      "(bad input, overloaded, shutting_down, deadline_exceeded)", ["reason"])
 INFLIGHT = Gauge("pneumoscope_inflight_requests", "inference requests this process is working on")
+ADMISSION_LIMIT = Gauge("pneumoscope_admission_limit", "inference requests this process admits at once now: its "
+                        "measured service rate times its latency budget, within its bounds")
+SERVICE_RATE = Gauge("pneumoscope_service_rate", "requests this process completes per second of busy time (recent)")
+ADMISSION_BUDGET = Gauge("pneumoscope_latency_budget_seconds", "the latency budget admission keeps requests within")
 CANCELLED = Counter("pneumoscope_cancelled_requests_total", "requests dropped because the client went away")
 MODEL_INFO = Gauge("pneumoscope_model_info", "the model version this process serves (value 1)",
                    ["model_name", "model_version", "model_uri", "bundle_sha256", "role", "precision"])
@@ -33,8 +37,8 @@ ENGINE_RUNS = Counter("pneumoscope_engine_runs_total", "engine calls: wide (all 
 ENGINE_TIME = Histogram("pneumoscope_engine_seconds", "ONNX Runtime time per engine call",
                         buckets=[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10])
 ENGINE_INFO = Gauge("pneumoscope_engine_info", "the inference engine and precision the predictor serves with "
-                    "(value 1); selection: auto (measured) or forced", ["model_name", "model_version", "engine",
-                                                                      "precision", "selection"])
+                    "(value 1); selection: auto (measured here), reused (measured earlier on this kind of machine, "
+                    "gated here) or forced", ["model_name", "model_version", "engine", "precision", "selection"])
 ENGINE_CANDIDATE_SPEED = Gauge("pneumoscope_engine_candidate_images_per_second", "images/s of each eligible "
                                "engine x precision, measured at load under the predictor's saturated load",
                                ["engine", "precision"])
@@ -42,6 +46,8 @@ ENGINE_CANDIDATE_ELIGIBLE = Gauge("pneumoscope_engine_candidate_eligible", "1 if
                                   "engine parity gate at load, else 0", ["engine", "precision"])
 ENGINE_SELECTION_SECONDS = Gauge("pneumoscope_engine_selection_seconds", "duration of the engine parity gate and "
                                  "timing at load")
+ENGINE_TIMING_SECONDS = Gauge("pneumoscope_engine_timing_seconds", "part of the engine selection spent timing "
+                              "candidates at load (0 when a choice recorded on this kind of machine was reused)")
 WARMUP_SECONDS = Gauge("pneumoscope_warmup_seconds", "duration of the warm-up inference run before the "
                        "predictor reported ready")
 

@@ -55,14 +55,14 @@ class PneumoscopeModelServer(ModelServer):
     ``127.0.0.1`` in the local stack.
     """
 
-    def __init__(self, *, max_request_bytes: int, max_response_bytes: int, max_inflight: int,
+    def __init__(self, *, max_request_bytes: int, max_response_bytes: int, admission: Admission,
                  default_timeout_s: float, drain_timeout_s: float, access_log: bool = False, bind: str = "0.0.0.0",
                  **kwargs):
         check_workers(kwargs.get("workers", 1))
         self.bind = bind
         self.max_request_bytes, self.max_response_bytes = max_request_bytes, max_response_bytes
         self.default_timeout_s, self.drain_timeout_s = default_timeout_s, drain_timeout_s
-        self.admission = Admission(max_inflight)
+        self.admission = admission
         super().__init__(**kwargs)
         self.dataplane = PneumoscopeDataPlane(model_registry=self.registered_models, admission=self.admission)
         self.model_repository_extension = None
@@ -147,7 +147,7 @@ def load_and_serve(model, role: str, args, settings, max_request_bytes: int, max
         return 2
     server = PneumoscopeModelServer(http_port=args.http_port, grpc_port=args.grpc_port, workers=args.workers,
                                     enable_grpc=args.enable_grpc, max_request_bytes=max_request_bytes,
-                                    max_response_bytes=max_response_bytes, max_inflight=settings.inflight_limit(),
+                                    max_response_bytes=max_response_bytes, admission=settings.admission(role),
                                     default_timeout_s=settings.request_timeout_s,
                                     drain_timeout_s=settings.drain_timeout_s, access_log=settings.access_log,
                                     bind=args.bind)

@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import tempfile
 import time
 import uuid
+from pathlib import Path
 
 import numpy as np
 from kserve import Model
@@ -31,6 +33,7 @@ from kserve.protocol.infer_type import InferRequest, InferResponse, to_http_para
 
 from model.preprocessing import DECODED_MAX_SIDE, PREPROCESSING_VERSION, normalize, resize
 from model.registry import fetch_model
+from serving import engine_choice
 from serving.admission import deadline
 from serving.batching import DynamicBatcher
 from serving.engine_selection import select_engine
@@ -82,6 +85,7 @@ class PneumoniaPredictor(Model):
     # -- loading -------------------------------------------------------------------------------
     def load(self) -> bool:
         s = self.settings
+        wait_for_model_folder(self.model_uri, s.model_wait_s)
         dest = s.model_cache or tempfile.mkdtemp(prefix="pneumoscope-predictor-")
         self.bundle, info = fetch_model(self.model_uri, dest, s.mlflow_tracking_uri, expected_sha256=s.model_sha256,
                                         require_digest=True)
@@ -90,7 +94,8 @@ class PneumoniaPredictor(Model):
         self.threshold = self.bundle.threshold
         # Engine x precision: gated for accuracy and timed on this machine (serving.engine_selection). Under
         # load, single-threaded runs go side by side on the narrow engine.
-        self.engine = select_engine(self.bundle, s, self.name, self.model_version)
+        self.engine = select_engine(self.bundle, s, self.name, self.model_version,
+                                    choice=engine_choice.for_bundle(s, self.pinned_uri, self.bundle.sha256))
         self.precision, self.platform = self.engine.precision, self.engine.platform
         self.session, self.narrow = self.engine.wide, self.engine.narrow
         self.image_size = self.config.image_size
@@ -233,6 +238,18 @@ class PneumoniaPredictor(Model):
                              model_version=self.model_version, infer_outputs=outputs,
                              use_binary_outputs=payload.use_binary_outputs,
                              requested_outputs=payload.request_outputs)
+
+
+def wait_for_model_folder(model_uri: str, timeout_s: float) -> None:
+    """KServe starts a modelcar beside the predictor and says so with ``MODEL_INIT_MODE=async``: the folder
+    (a link into the modelcar's root) appears when the sidecar has run; wait for it, then load as usual."""
+    if os.environ.get("MODEL_INIT_MODE") != "async" or model_uri.startswith("models:/"):
+        return
+    folder, deadline = Path(model_uri.removeprefix("file://")), time.monotonic() + timeout_s
+    while not folder.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if not folder.exists():
+        log.warning("the model folder %s did not appear within %.0f s (MODEL_INIT_MODE=async)", folder, timeout_s)
 
 
 def _array(tensor, datatype: str, dtype, ndim: int) -> np.ndarray:

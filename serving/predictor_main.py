@@ -8,6 +8,7 @@ The kserve server flags (``--http_port``, ``--grpc_port``, ``--model_name``, ...
 import argparse
 import sys
 
+import serving.kserve_imports  # noqa: F401  (first: kserve without what the servers never use)
 from kserve import model_server
 
 from model.settings_cli import parse_settings

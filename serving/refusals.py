@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 import uuid
 
 from kserve.errors import InvalidInput, ModelNotFound, ModelNotReady, ServerNotLive, ServerNotReady
@@ -45,11 +46,28 @@ def is_known(exc: BaseException) -> bool:
     return isinstance(exc, KNOWN_ERRORS)
 
 
+#: Refusals of load (admission) come by the thousand per second under overload: one line per reason and interval
+#: says it (with the count), the metrics count every one.
+SUMMARISED_REASONS = ("overloaded",)
+SUMMARY_INTERVAL_S = 10.0
+_summaries: dict[str, list] = {}  # reason -> [first refusal time of the interval, refusals not logged yet]
+
+
 def log_refusal(status: int, reason: str, message: str, where: str) -> None:
     """Each refusal once, without a traceback: INFO for the client's mistakes, WARNING for ours (DEBUG for
-    readiness probes answered "not ready", which the kubelet asks every few seconds)."""
+    readiness probes answered "not ready", which the kubelet asks every few seconds). Load refusals
+    (:data:`SUMMARISED_REASONS`) are logged once per :data:`SUMMARY_INTERVAL_S`, with the number refused since."""
     level = logging.DEBUG if reason == "not_ready" else logging.INFO if status < 500 else logging.WARNING
-    log.log(level, "%s refused (%d %s): %s", where, status, reason, message[:300])
+    if reason in SUMMARISED_REASONS:
+        now = time.monotonic()
+        started, pending = _summaries.get(reason, (None, 0))
+        if started is not None and now - started < SUMMARY_INTERVAL_S:
+            _summaries[reason] = [started, pending + 1]
+            return
+        _summaries[reason] = [now, 0]
+        if pending:
+            message = f"{message} ({pending} more refused in the last {now - started:.0f} s, not logged one by one)"
+    log.log(level, "%s refused (%d %s): %s", where, status, reason, message[:400])
 
 
 def request_id(value: str | None) -> str:

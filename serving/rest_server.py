@@ -3,9 +3,10 @@
 - **No control plane**: KServe's model-repository extension (``/v2/repository/...`` load/unload) is
   refused with 404 before it reaches kserve's routes; kserve 0.21 has no switch for it (its RESTServer
   always registers the routes).
-- **Admission** (one :class:`~serving.admission.Admission`, shared with the gRPC server): a bounded
-  number of inference requests in flight, the rest refused at once with 503 + Retry-After; every
-  request runs under a deadline; a client that disconnects has its work cancelled.
+- **Admission** (one :class:`~serving.admission.Admission`, shared with the gRPC server): what can be
+  answered within the latency budget, decided from the headers alone; the rest is refused at once with
+  503 + Retry-After, before its body is read; every request runs under a deadline; a client that
+  disconnects has its work cancelled.
 - **Body size**: at most ``max_body_bytes`` are read (413 beyond).
 - **Errors**: refusals are answered and logged by :mod:`serving.refusals`; anything unexpected becomes
   a generic 500 carrying a request id, logged once with its traceback.
@@ -154,7 +155,7 @@ class RequestGuard:
     async def _inference(self, scope, receive, send, headers, state: dict) -> None:
         budget = timeout_from_headers(headers, self.default_timeout_s)
         me = asyncio.current_task()
-        self.admission.enter(me)  # before the body is read: an overloaded server refuses at once
+        self.admission.enter(me, budget)  # before the body is read: an overloaded server refuses at once
         released = False
 
         def release() -> None:

@@ -58,10 +58,17 @@ class ServingSettings(BaseSettings):
 
     # --- admission, deadlines, shutdown (both) ---
     max_inflight: int | None = Field(
-        None, ge=1, description="inference requests one process works on at once; more are refused at once with "
-        "503 + Retry-After (REST) or RESOURCE_EXHAUSTED (gRPC). Default: the CPUs the process may use (its cgroup "
-        "quota), at least 2 -- measured to keep the accepted p99 near 2x the unloaded p99 under 4x overload "
-        "(BENCHMARKS.md, overload); larger values queue more and answer later")
+        None, ge=1, description="hard bound on the inference requests one process holds at once (memory), whatever "
+        "admission measures; default 64. Within it, admission follows the latency budget; more are refused at once "
+        "with 503 + Retry-After (REST, before the body is read) or RESOURCE_EXHAUSTED (gRPC, before the message is "
+        "parsed)")
+    latency_budget_ms: float | None = Field(
+        None, gt=0, description="the time from a request's arrival to its answer that admission keeps within: it "
+        "admits as many requests as the measured service rate answers within it, and refuses the rest at once. "
+        "Default: the transformer uses twice the median latency of its recent requests that found it idle (so "
+        "that under overload an accepted request takes about twice its unloaded time); the predictor, fed by "
+        "transformers that bound their own queues, keeps a queue for batching and refuses only what would miss "
+        "its deadline")
     request_timeout_s: float = Field(30.0, gt=0, description="deadline of a request that brings none (gRPC "
                                      "deadline, or the x-request-timeout-ms header, otherwise)")
     drain_timeout_s: Annotated[float, Cli(aliases=("drain_seconds",))] = Field(
@@ -75,7 +82,19 @@ class ServingSettings(BaseSettings):
     precision: Literal["auto", "fp32", "int8", "bf16"] = Field(
         "auto", description="auto: every precision the bundle allows (int8 when it passed its export gate; bf16 on "
         "OpenVINO where the CPU has native bf16), chosen with the engine")
-    engine_timing_s: float = Field(1.0, ge=0, description="seconds of timing per engine x precision candidate at load")
+    engine_timing_s: float = Field(1.0, ge=0, description="seconds of timing per engine x precision candidate at load "
+                                   "(a third of it for one under half the fastest's rate after the first round)")
+    engine_choice: Literal["reuse", "refresh", "off"] = Field(
+        "reuse", description="the engine choice per kind of machine (bundle digest, CPU model and flags, engine "
+        "versions): reuse = a replica that finds a recorded choice for its key only gates it, one that times records "
+        "its choice; refresh = time and overwrite the record; off = time at every start, record nothing. Kept as a "
+        "tag of the served registry version (or engine_choice_model), else in engine_choice_dir, else nowhere")
+    engine_choice_model: str | None = Field(
+        None, description="models:/NAME/N whose tags keep the engine choice when the bundle comes from a folder "
+        "(KServe's storageUri, a modelcar); it must hold the same bundle. Default: the served models:/ URI itself")
+    engine_choice_dir: str | None = Field(
+        None, description="a writable folder for the engine choice when no registry version keeps it (e.g. a "
+        "volume the replicas share); default: none")
     threads: int | None = Field(None, ge=1, description="engine intra-op threads of one call (default: all cores)")
     engine_streams: int | None = Field(
         None, ge=1, description="parallel single-threaded engine runs under load (default: = threads); a lone "
@@ -86,6 +105,8 @@ class ServingSettings(BaseSettings):
         0.0, ge=0, description="dynamic batching: how long the first queued request may wait for company; "
         "0 = no waiting, batch whatever queued up while the engine was busy")
     model_cache: str | None = Field(None, description="where registry models are downloaded (default: a temp dir)")
+    model_wait_s: float = Field(60.0, ge=0, description="with MODEL_INIT_MODE=async (KServe's modelcar sidecar, which "
+                                "links the model folder while the predictor starts): how long to wait for the folder")
     test_delay_ms: Annotated[float, Cli(env_only=True)] = Field(
         0.0, ge=0, description="TESTS ONLY: the predictor waits this long before each answer (makes one side of a "
         "local canary deliberately slower); never set it in production")
@@ -106,6 +127,18 @@ class ServingSettings(BaseSettings):
         return self.decode_threads or os.cpu_count() or 1
 
     def inflight_limit(self) -> int:
+        return self.max_inflight or 64
+
+    def min_inflight(self) -> int:
+        """Always admitted, whatever the estimate: the CPUs the process may use, at least 2."""
         from model.settings import available_cpus
 
-        return self.max_inflight or max(2, available_cpus())
+        return min(self.inflight_limit(), max(2, available_cpus()))
+
+    def admission(self, role: str):
+        """The admission policy of one server process (``role``: transformer or predictor)."""
+        from serving.admission import Admission
+
+        budget = None if self.latency_budget_ms is None else self.latency_budget_ms / 1000.0
+        return Admission(self.inflight_limit(), role, min_inflight=self.min_inflight(), latency_budget_s=budget,
+                         auto_budget=role == "transformer")

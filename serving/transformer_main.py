@@ -9,6 +9,7 @@ predictor must use the same name.
 import argparse
 import sys
 
+import serving.kserve_imports  # noqa: F401  (first: kserve without what the servers never use)
 from kserve import model_server
 
 from model.settings_cli import parse_settings

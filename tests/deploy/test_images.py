@@ -36,7 +36,7 @@ import httpx
 import numpy as np
 import pytest
 from conftest import REPO
-from serving_fixtures import XRAY_FULL, build_bundle, free_port_pair, require_data, xray_files
+from serving_fixtures import XRAY_FULL, build_bundle, free_port_pair, register, require_data, xray_files
 from webapp_fixtures import make_bucket, stop, wait_http
 
 from deploy.manifests import MANIFESTS, kustomize
@@ -566,3 +566,70 @@ def test_web_image_runs_as_the_dev_overlay_declares(base_image, tmp_path):
         if moto:
             stop(moto)
         docker("network", "rm", network, check=False)
+
+
+# -- a Modelcar, as KServe runs it ------------------------------------------------------------------------------
+def test_the_predictor_starts_from_a_modelcar_read_only(serving_image, base_image, bundle, tmp_path):
+    """`pneumoscope export-modelcar` builds the registered version's bundle into an image; KServe's modelcar
+    injection is reproduced with Docker: the modelcar-init check, the sidecar with KServe's own command in a
+    volume at /mnt (the pod's emptyDir), and the predictor in the sidecar's process namespace reading
+    /mnt/models -> /proc/<pid>/root/models, as the chart's non-root, read-only container. It starts, serves,
+    and can change nothing in the model."""
+    from model.bundle import Bundle
+
+    digest = Bundle.load(bundle).sha256
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    version = register(bundle, tracking, alias=None)
+    run = uuid.uuid4().hex[:8]
+    ref = f"localhost/pneumoscope-test/pneumonia-modelcar:{version}-{run}"
+    exported = subprocess.run([sys.executable, "-m", "model.cli", "export-modelcar", f"models:/pneumonia/{version}",
+                               "--tag", ref, "--base-image", base_image, "--mlflow-uri", tracking],
+                              capture_output=True, text=True, timeout=900)
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    info = json.loads(exported.stdout)
+    assert (info["storage_uri"], info["sha256"], info["model_version"]) == (f"oci://{ref}", digest, version)
+    labels = json.loads(docker("image", "inspect", ref).stdout)[0]["Config"]["Labels"]
+    assert labels["io.pneumoscope.bundle-sha256"] == digest and labels["io.pneumoscope.model.version"] == version
+    volume, names = tmp_path / "mnt", [f"modelcar-{run}", f"modelcar-predictor-{run}"]
+    volume.mkdir(mode=0o777)
+    volume.chmod(0o777)  # the pod's emptyDir: world-writable
+    try:
+        # modelcar-init: KServe's pre-fetch check of the image
+        docker("run", "--rm", "--user", "10001", ref, "sh", "-c", '[ -d /models ] && [ "$(ls -A /models)" ]')
+        sidecar = docker("run", "--detach", "--name", names[0], "--user", "10001",
+                         "--volume", f"{volume}:/mnt", ref,
+                         "sh", "-c", "ln -sf /proc/$$/root/models /mnt/models && sleep infinity").stdout.strip()
+        predictor = docker("run", "--detach", "--name", names[1], "--pid", f"container:{sidecar}",
+                           "--user", "10001:0", "--read-only", "--cap-drop", "ALL", "--security-opt",
+                           "no-new-privileges", "--tmpfs", "/tmp:rw,size=1073741824,mode=1777",
+                           "--volume", f"{volume}:/mnt", "--env", "MODEL_INIT_MODE=async",
+                           "--publish", "127.0.0.1::8080", "--entrypoint", "pneumoscope-predictor", serving_image,
+                           "--model_name=pneumonia", "--model_uri=/mnt/models", f"--sha256={digest}",
+                           "--http_port=8080", "--grpc_port=8081", "--threads=2",
+                           "--engine_timing_s=0.2").stdout.strip()
+        port = docker("port", predictor, "8080/tcp").stdout.split()[0].rpartition(":")[2]
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/v2/models/pneumonia/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert json.loads(docker("inspect", predictor).stdout)[0]["State"]["Running"], \
+                docker("logs", predictor, check=False).stderr[-2000:]
+            time.sleep(0.2)
+        else:
+            raise AssertionError(f"not ready: {docker('logs', predictor, check=False).stderr[-2000:]}")
+        assert httpx.get(f"{url}/v2/models/pneumonia", timeout=10).json()["name"] == "pneumonia"
+        link = docker("exec", predictor, "readlink", "/mnt/models").stdout.strip()
+        assert re.fullmatch(r"/proc/\d+/root/models", link), link
+        for attempt in ("echo x >> /mnt/models/pneumoscope.json", "touch /mnt/models/extra",
+                        "rm -f /mnt/models/model.onnx"):
+            changed = docker("exec", predictor, "sh", "-c", attempt, check=False)
+            assert changed.returncode != 0, f"{attempt}: the predictor could change the model"
+        assert docker("exec", predictor, "sha256sum", "/mnt/models/pneumoscope.json").returncode == 0
+    finally:
+        for name in reversed(names):
+            docker("rm", "--force", name, check=False)
+        docker("image", "rm", "--force", ref, check=False)

@@ -321,6 +321,30 @@ def test_servers_verify_their_bundle_and_drain_within_the_grace_period():
                     f"{name}: grace {spec['terminationGracePeriodSeconds']} s <= preStop {sleep[1]} s + drain {drain} s"
 
 
+def test_a_modelcar_storage_uri_keeps_the_engine_choice_in_the_registry():
+    """storageUri oci://... (a modelcar): KServe reads the model from the sidecar at /mnt/models, the predictor
+    verifies its digest, and, given the version number, keeps its engine choice as a tag of that registry
+    version (MLflow URI from the ConfigMap; no S3 credentials, nothing is downloaded). Without the version, or
+    with engineChoice off, no MLflow at all."""
+    example = CHART / "examples" / "modelcar.yaml"
+
+    def predictor(objects):
+        isvc = next(o for o in objects if o["kind"] == "InferenceService")
+        return next(c for c in isvc["spec"]["predictor"]["containers"] if c["command"] == ["pneumoscope-predictor"])
+
+    container = predictor(rendered(f"helm:{example}"))
+    env = {e["name"]: e for e in container["env"]}
+    args = container["args"]
+    assert env["STORAGE_URI"]["value"].startswith("oci://") and _flag(args, "--model_uri") == "/mnt/models"
+    assert _flag(args, "--engine_choice") == "reuse" and _flag(args, "--engine_choice_model") == "models:/pneumonia/7"
+    assert env["MLFLOW_TRACKING_URI"]["valueFrom"]["configMapKeyRef"]["key"] == "MLFLOW_TRACKING_URI"
+    assert "AWS_ACCESS_KEY_ID" not in env
+    for overrides in ({"inference": {"model": {"version": ""}}}, {"inference": {"predictor": {"engineChoice": "off"}}}):
+        container = predictor(helm_template([example], overrides))
+        assert _flag(container["args"], "--engine_choice_model") is None
+        assert "MLFLOW_TRACKING_URI" not in {e["name"] for e in container["env"]}
+
+
 #: Parses each container's args with the real entry point (kserve's flags and the settings' flags) and prints,
 #: per argument, the value the server ends up with: kserve's own, or the setting the flag fed.
 _PARSE_CHART_ARGS = """

@@ -65,7 +65,8 @@ def canary(tmp_path_factory):
         port = free_port()
         if port_free(port + 1):
             break
-    settings = ServingSettings(threads=1, max_inflight=16, mlflow_tracking_uri=tracking_uri)
+    # everything admitted up to 16: these tests are about the traffic split, not admission
+    settings = ServingSettings(threads=1, max_inflight=16, latency_budget_ms=600_000, mlflow_tracking_uri=tracking_uri)
     local = LocalCanary(root / "home", port, serving_settings=settings, log_dir=root,
                         env_for_version=lambda v: {"PNEUMOSCOPE_TEST_DELAY_MS": str(DELAY_MS)} if v == "2" else {})
     prometheus = None

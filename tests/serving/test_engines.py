@@ -451,3 +451,26 @@ def test_first_openvino_calls_from_several_threads_at_once_do_not_hang(tmp_path)
                 p.kill()
                 p.wait()
     assert not hung, f"{len(hung)} of {len(processes)} processes hung in their first concurrent OpenVINO calls"
+
+
+def test_a_candidate_far_behind_after_the_first_round_is_not_timed_further():
+    from serving.engine_selection import Candidate, _time
+
+    class Counting:
+        def __init__(self, seconds_per_call):
+            self.seconds, self.calls = seconds_per_call, 0
+
+        def run(self, x):
+            self.calls += 1
+            time.sleep(self.seconds)
+            return np.zeros(len(x), np.float32), np.zeros((len(x), 4, 4), np.float32)
+
+    fast, close, slow = Counting(0.002), Counting(0.0025), Counting(0.02)  # slow: a tenth of the fastest's rate
+    candidates = [Candidate("openvino", "int8", wide=fast), Candidate("onnxruntime", "int8", wide=close),
+                  Candidate("openvino", "fp32", wide=slow)]
+    timed = _time(candidates, np.zeros((2, 1, 8, 8), np.float32), streams=1, seconds=0.6)
+    assert {c.key for c in timed} == {c.key for c in candidates}  # all keep their measured rate
+    rates = {c.key: c.img_per_s for c in timed}
+    assert rates["openvino/fp32"] < 0.5 * rates["openvino/int8"]
+    # the slow one ran the warm-up call and one round of 0.2 s (about 10 calls; three rounds would be about 30)
+    assert slow.calls <= 1 + 0.2 / 0.02 + 3 and fast.calls > 3 * slow.calls and close.calls > 3 * slow.calls

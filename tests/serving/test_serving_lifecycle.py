@@ -1,5 +1,6 @@
-"""Serving under pressure, on real processes: admission (503 + Retry-After / RESOURCE_EXHAUSTED at once),
-deadlines, draining on SIGTERM (readiness first, then intake, then in-flight work), and a stack stopped
+"""Serving under pressure, on real processes: admission by latency budget and deadline, within a hard bound
+(503 + Retry-After / RESOURCE_EXHAUSTED at once, before the body is read), deadlines, draining on SIGTERM
+(readiness first, then intake, then in-flight work), and a stack stopped
 under load: zero hung requests, zero 500s, exit 0, the transformer before the predictor.
 
 Requests are held in flight deterministically: a client that has sent its headers and half its body is
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import json
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,11 +18,13 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
+from benchmarks.load import HeldRequest
 from serving_fixtures import XRAY_FULL, free_port_pair, require_data, shared_bundle, xray_files
 
 pytestmark = pytest.mark.integration
 
-MAX_INFLIGHT = 2
+MAX_INFLIGHT = 2  # the hard bound of the `limited` stack
+MIN_SAMPLES = 10  # requests that measure the service rate (serving.admission.MIN_RATE_SAMPLES and more)
 DRAIN_S = 8.0  # long enough for the checks made during the drain on a loaded 2-core machine
 
 
@@ -57,41 +59,6 @@ def start_stack(bundle, tmp_path, **overrides):
 
 def v1_body(data: bytes) -> bytes:
     return json.dumps({"instances": [{"image": {"b64": base64.b64encode(data).decode()}}]}).encode()
-
-
-class HeldRequest:
-    """A raw HTTP/1.1 request whose body is sent in two halves: admitted after the first, answered after both."""
-
-    def __init__(self, url: str, path: str, body: bytes, headers: dict | None = None):
-        host, port = url.removeprefix("http://").split(":")
-        self.body = body
-        self.sock = socket.create_connection((host, int(port)), timeout=60)
-        extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
-        self.sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-                          f"Content-Length: {len(body)}\r\n{extra}\r\n".encode() + body[:len(body) // 2])
-
-    def finish(self) -> tuple[int, dict]:
-        self.sock.sendall(self.body[len(self.body) // 2:])
-        return self.response()
-
-    def response(self) -> tuple[int, dict]:
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionError("closed before a response")
-            data += chunk
-        head, rest = data.split(b"\r\n\r\n", 1)
-        lines = head.decode("latin-1").split("\r\n")
-        headers = dict(line.split(": ", 1) for line in lines[1:])
-        length = int({k.lower(): v for k, v in headers.items()}.get("content-length", 0))
-        while len(rest) < length:
-            rest += self.sock.recv(65536)
-        self.sock.close()
-        return int(lines[0].split()[1]), json.loads(rest[:length] or b"{}")
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def metric(url: str, name: str, **labels) -> float:
@@ -172,6 +139,67 @@ def test_admission_refuses_at_once_beyond_the_limit_and_recovers(limited, images
     wait_for(lambda: metric(predictor, "pneumoscope_inflight_requests") == 0, what="slots freed")
     assert httpx.post(f"{rest}/v1/models/pneumonia:predict", content=v1_body(images[1]),
                       timeout=60).status_code == 200
+
+
+def test_the_queue_is_as_deep_as_the_budget_allows_and_refuses_what_would_miss_its_deadline(bundle, images,
+                                                                                             tmp_path):
+    """A generous budget: more requests in flight than CPUs are queued (the old fixed limit refused them), a
+    request whose own deadline cannot be met is refused at once (not accepted and timed out), the queue drains."""
+    from model.settings import available_cpus
+
+    stack = start_stack(bundle, tmp_path, max_inflight=None, latency_budget_ms=60_000)
+    rest = stack.info["rest"]
+    try:
+        for _ in range(MIN_SAMPLES):  # the service rate is measured on real requests
+            assert httpx.post(f"{rest}/v1/models/pneumonia:predict", content=v1_body(images[0]),
+                              timeout=60).status_code == 200
+        depth = max(2, available_cpus()) + 1  # beyond the floor of always-admitted requests
+        held = [HeldRequest(rest, "/v1/models/pneumonia:predict", v1_body(images[0])) for _ in range(depth)]
+        wait_for(lambda: metric(rest, "pneumoscope_inflight_requests") == depth, what=f"{depth} requests in flight")
+        started = time.perf_counter()
+        late = httpx.post(f"{rest}/v1/models/pneumonia:predict", content=v1_body(images[1]), timeout=30,
+                          headers={"x-request-timeout-ms": "1"})
+        assert late.status_code == 503 and late.headers["retry-after"] == "1", late.text
+        assert late.json()["reason"] == "overloaded" and "deadline of 1 ms" in late.json()["error"]
+        assert time.perf_counter() - started < 5
+        assert [h.finish()[0] for h in held] == [200] * depth  # the queue drains, every admitted request answered
+        wait_for(lambda: metric(rest, "pneumoscope_inflight_requests") == 0, what="the queue drained")
+        assert httpx.post(f"{rest}/v1/models/pneumonia:predict", content=v1_body(images[1]),
+                          timeout=60).status_code == 200
+        assert metric(rest, "pneumoscope_service_rate") > 0
+        assert metric(rest, "pneumoscope_admission_limit") > depth
+    finally:
+        stack.stop()
+
+
+def test_a_request_beyond_the_latency_budget_is_refused_at_once_and_the_queue_drains(bundle, images, tmp_path):
+    """A budget no request can meet: the limit falls to the floor; one more is refused at once over REST (before
+    its body is read) and gRPC (before its message is parsed), with Retry-After; the admitted ones finish."""
+    stack = start_stack(bundle, tmp_path, max_inflight=None, latency_budget_ms=1)
+    rest, grpc_target = stack.info["rest"], stack.info["grpc"]
+    try:
+        for _ in range(MIN_SAMPLES):
+            assert httpx.post(f"{rest}/v1/models/pneumonia:predict", content=v1_body(images[0]),
+                              timeout=60).status_code == 200
+        limit = int(metric(rest, "pneumoscope_admission_limit"))
+        assert limit >= 2 and metric(rest, "pneumoscope_latency_budget_seconds") == 0.001
+        held = [HeldRequest(rest, "/v1/models/pneumonia:predict", v1_body(images[0])) for _ in range(limit)]
+        wait_for(lambda: metric(rest, "pneumoscope_inflight_requests") == limit, what=f"{limit} in flight")
+        started = time.perf_counter()
+        # half of a 2 MB body sent: refused from its headers, the rest never read
+        refused = HeldRequest(rest, "/v1/models/pneumonia:predict", b"x" * 2_000_000)
+        status, body = refused.response()
+        assert status == 503 and body["reason"] == "overloaded" and "latency budget of 1 ms" in body["error"], body
+        assert time.perf_counter() - started < 5
+        code, details = grpc_infer(grpc_target, images[1])
+        assert code == "RESOURCE_EXHAUSTED" and "latency budget" in details
+        assert metric(rest, "pneumoscope_requests_total", protocol="grpc", code="429") == 1
+        assert [h.finish()[0] for h in held] == [200] * limit
+        wait_for(lambda: metric(rest, "pneumoscope_inflight_requests") == 0, what="the queue drained")
+        assert httpx.post(f"{rest}/v1/models/pneumonia:predict", content=v1_body(images[1]),
+                          timeout=60).status_code == 200
+    finally:
+        stack.stop()
 
 
 def test_deadlines_come_from_the_client(limited, images):

@@ -59,9 +59,11 @@ def served(tmp_path_factory):
     assert register(bundle, tracking_uri) == "1"
     port = free_port_pair()
     log = root / "stack.log"
-    # Room for the concurrency these tests make (admission itself is tested in test_serving_lifecycle.py).
+    # Room for the concurrency these tests make: everything admitted up to 64 (admission itself is tested in
+    # test_serving_lifecycle.py).
     env = dict(os.environ, MLFLOW_TRACKING_URI=tracking_uri, PNEUMOSCOPE_MAX_PAYLOAD_BYTES=str(MAX_PAYLOAD),
                PNEUMOSCOPE_MAX_BATCH_SIZE="8", PNEUMOSCOPE_THREADS="2", PNEUMOSCOPE_MAX_INFLIGHT="64",
+               PNEUMOSCOPE_LATENCY_BUDGET_MS="600000",
                PNEUMOSCOPE_ENGINE_TIMING_S="0.3", PYTHONUNBUFFERED="1")
     process, info = serve_until_ready(["--model", "models:/pneumonia@champion", "--port", str(port)], env, root, log)
     served = Served(info, process, log, tracking_uri, bundle, net)

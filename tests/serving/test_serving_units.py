@@ -513,6 +513,109 @@ def _asgi_call(guard, path="/v2/models/pneumonia/infer", body=b"{}", headers=(),
     return (start["status"] if start else None), dict(start["headers"]) if start else {}, payload
 
 
+def test_load_refusals_are_logged_once_per_interval_with_their_count(caplog, monkeypatch):
+    from serving import refusals
+
+    clock = FakeClock()
+    monkeypatch.setattr(refusals.time, "monotonic", clock)
+    monkeypatch.setattr(refusals, "_summaries", {})
+    with caplog.at_level("INFO", logger="pneumoscope.serving"):
+        for _ in range(500):  # an overload: 500 refusals in 5 s
+            refusals.log_refusal(503, "overloaded", "at its limit", "request x")
+            clock.now += 0.01
+        refusals.log_refusal(400, "invalid_request", "bad", "request y")  # other refusals: every one
+        clock.now += 6.0
+        refusals.log_refusal(503, "overloaded", "at its limit", "request z")
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 3 and "invalid_request" in lines[1]
+    assert "499 more refused in the last 11 s" in lines[2]
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_admission_follows_the_measured_service_rate_and_the_latency_budget():
+    from serving.admission import Admission
+    from serving.errors import Overloaded
+
+    clock = FakeClock()
+    admission = Admission(64, min_inflight=2, latency_budget_s=0.1, clock=clock)
+    assert admission.limit == 64  # nothing measured, a budget the operator set: the hard bound
+    admission.enter()
+    admission.enter()
+    # a server that completes 50 requests per busy second, 2 in flight: every 20 ms one leaves, one comes
+    for _ in range(40):
+        clock.now += 0.02
+        admission.leave()
+        admission.enter()
+    assert admission.estimate.rate() == pytest.approx(50.0)
+    assert admission.limit == 5  # 50/s x 100 ms
+    admission.enter()
+    admission.enter()
+    admission.enter()
+    with pytest.raises(Overloaded) as refused:  # the sixth would wait 120 ms
+        admission.enter()
+    assert "latency budget of 100 ms" in refused.value.message and refused.value.retry_after == 1
+    # idle time is not service time: a pause does not lower the measured rate
+    for _ in range(5):  # the queue drains at the same pace
+        clock.now += 0.02
+        admission.leave()
+    clock.now += 30.0
+    assert admission.inflight == 0 and admission.estimate.rate() == pytest.approx(50.0)
+    # deadline-aware: with 2 in flight a request expects (2 + 1) / 50 = 60 ms; a 50 ms deadline is refused now
+    admission.enter()
+    admission.enter()
+    with pytest.raises(Overloaded) as late:
+        admission.enter(deadline_s=0.05)
+    assert "after this request's deadline of 50 ms" in late.value.message
+    admission.enter(deadline_s=0.07)  # one that can wait is admitted
+    assert admission.inflight == 3
+
+
+def test_a_fresh_process_takes_its_unloaded_latency_as_a_prior_for_the_rate():
+    from serving.admission import Admission
+
+    clock = FakeClock()
+    admission = Admission(64, min_inflight=2, latency_budget_s=1.0, clock=clock)
+    assert admission.limit == 64  # nothing known yet
+    admission.enter()
+    clock.now += 0.05
+    admission.leave()  # one request alone, 50 ms: 2 side by side per 50 ms until the rate is measured
+    assert admission.estimate.rate() is None and admission.limit == 40
+    assert admission.expected_wait() == pytest.approx(1 / 40)
+
+
+def test_admission_budget_follows_the_unloaded_latency_and_bounds_memory():
+    from serving.admission import Admission
+
+    clock = FakeClock()
+    admission = Admission(6, min_inflight=2, auto_budget=True, clock=clock)
+    assert admission.budget() is None and admission.limit == 2
+    for _ in range(10):  # alone, 40 ms each: the unloaded latency
+        admission.enter()
+        clock.now += 0.04
+        admission.leave()
+        clock.now += 0.5
+    assert admission.budget() == pytest.approx(0.08)  # twice the unloaded latency
+    assert admission.estimate.rate() == pytest.approx(25.0)  # 1 / 40 ms, idle gaps excluded
+    assert admission.limit == 2  # 25/s x 80 ms
+    # a queue served faster when deeper (batching): 200 per busy second with 4 in flight
+    for _ in range(4):
+        admission.enter() if admission.inflight < 2 else None
+    admission.latency_budget_s = 1.0
+    for _ in range(40):
+        clock.now += 0.005
+        admission.leave()
+        admission.enter()
+    assert admission.estimate.rate() == pytest.approx(200.0)
+    assert admission.limit == 6  # 200 x 1 s, bounded by max_inflight
+
+
 def test_guard_answers_unexpected_errors_with_a_generic_500_logged_once(caplog):
     from serving.admission import Admission
     from serving.rest_server import RequestGuard
