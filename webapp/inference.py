@@ -95,6 +95,30 @@ def _error_message(response: httpx.Response) -> str:
     return " ".join(str(message).split())[:500] or f"HTTP {response.status_code}"
 
 
+#: Answer fields kept in ``InferenceResult.extra`` when the transformer sends them (the intended-use contract of
+#: docs/design.md, and the bundle digest): absent today, never required.
+EXTRA_OUTPUTS = ("decision", "refer_reasons", "ood_score", "in_intended_use", "model_sha256")
+
+
+def _extra(outputs: dict, parameters: dict) -> dict:
+    """One image's extra fields: an output tensor's first element (a BYTES element may hold JSON), or a response
+    parameter of that name."""
+    extra = {}
+    for name in EXTRA_OUTPUTS:
+        if isinstance(outputs.get(name), list) and outputs[name]:
+            value = outputs[name][0]
+        else:
+            value = parameters.get(name)
+        if name == "refer_reasons" and isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                value = [value] if value else []
+        if value is not None:
+            extra[name] = value
+    return extra
+
+
 def _parse(reply: dict, seconds: float) -> InferenceResult:
     outputs = {o["name"]: o.get("data") for o in reply["outputs"]}
     heatmap = outputs.get("heatmap_png")
@@ -112,4 +136,5 @@ def _parse(reply: dict, seconds: float) -> InferenceResult:
     return InferenceResult(
         probability=probability, label=str(outputs["label"][0]), threshold=float(outputs["threshold"][0]),
         model_name=str(reply.get("model_name") or ""), model_version=str(reply.get("model_version") or ""),
-        heatmap_png=base64.b64decode(heatmap[0]) if heatmap else None, quality_flags=flags, seconds=seconds)
+        heatmap_png=base64.b64decode(heatmap[0]) if heatmap else None, quality_flags=flags, seconds=seconds,
+        extra=_extra(outputs, reply.get("parameters") or {}))

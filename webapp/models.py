@@ -1,6 +1,7 @@
 """The database tables (SQLAlchemy 2 declarative). Alembic migrations in ``webapp/migrations`` create them.
 
-Studies hold no PHI beyond what the doctor types (the note): no file name, no DICOM header fields.
+Studies hold no PHI in the clear beyond what the doctor types (the note): no file name, no DICOM header fields;
+a study received from a PACS keeps the original's patient and study modules encrypted until its results are sent.
 Secrets are stored hashed: passwords with argon2, API and session tokens with SHA-256 (they are
 random 256-bit values, so a fast hash is enough).
 """
@@ -13,6 +14,8 @@ from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, Stri
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 STATUSES = ("pending", "done", "rejected")
+#: Where a study came from: uploaded in the web app, or received from a PACS by the DICOM gateway.
+SOURCES = ("upload", "PACS")
 LABELS = ("NORMAL", "PNEUMONIA")
 VERDICTS = ("confirmed", "corrected")
 #: File extension and media type of each stored format.
@@ -100,6 +103,10 @@ class Study(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
     status: Mapped[str] = mapped_column(String(16), default="pending", index=True)
     note: Mapped[str] = mapped_column(Text, default="")
+    source: Mapped[str] = mapped_column(String(16), default="upload", server_default="upload", index=True)
+    # What a result sent back to the PACS must repeat from the original (patient and study modules, UIDs), as a
+    # Fernet token (webapp.field_encryption); kept only until every result is sent, then cleared.
+    pacs_original: Mapped[str | None] = mapped_column(Text, nullable=True)
 
     # the stored (de-identified) file
     storage_prefix: Mapped[str] = mapped_column(String(64), unique=True)

@@ -63,6 +63,7 @@ class Scoring:
     study: Study
     outcome: str  # scored | pending | rejected
     message: str = ""
+    result: InferenceResult | None = None  # the transformer's answer, when scored (fields the row has no column for)
 
 
 def clean_note(note: str | None) -> str:
@@ -131,7 +132,7 @@ class StudyService:
             return Scoring(study, "pending", str(exc))
         INFERENCE_SECONDS.labels("ok").observe(result.seconds)
         study = await asyncio.to_thread(self._mark_done, study, result)
-        return Scoring(study, "scored")
+        return Scoring(study, "scored", result=result)
 
     def _load(self, study_id: int) -> Study:
         with self.factory() as db:
@@ -186,7 +187,9 @@ class StudyService:
         lease_until = now + timedelta(seconds=self.settings.inference_timeout_s + LEASE_MARGIN_S)
         claimed = []
         with transaction(self.factory) as db:
+            # Studies from a PACS are the DICOM gateway's: it scores them and sends their results back.
             due = db.scalars(select(Study.id).where(Study.status == "pending", Study.next_attempt_at <= now,
+                                                    Study.source != "PACS",
                                                     or_(Study.lease_until.is_(None), Study.lease_until < now))
                              .order_by(Study.next_attempt_at).limit(limit)).all()
             for study_id in due:
