@@ -36,8 +36,6 @@ def add_commands(commands) -> None:
 
 
 def cmd_gateway(args) -> int:
-    import logging
-
     from model.cli import CommandError
     from model.settings_cli import settings_from_args
     from webapp.settings import WebSettings
@@ -45,8 +43,6 @@ def cmd_gateway(args) -> int:
     from gateway.service import Gateway, GatewayError
     from gateway.settings import GatewaySettings
 
-    for name in ("httpx", "httpcore", "pynetdicom", "urllib3", "dicomweb_client"):
-        logging.getLogger(name).setLevel(logging.WARNING)
     gateway = Gateway(settings_from_args(GatewaySettings, args), settings_from_args(WebSettings, args))
     stopping = threading.Event()
     previous = signal.signal(signal.SIGTERM, lambda *_: stopping.set())

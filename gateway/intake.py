@@ -80,9 +80,7 @@ class Intake:
         header, refusal = _read_header(data)
         if refusal:
             return refusal
-        sop_instance_uid = str(header.get("SOPInstanceUID", "") or "").strip()
-        if not sop_instance_uid:
-            return Outcome(CANNOT_UNDERSTAND, "refused_no_uid", "the object has no SOP Instance UID")
+        sop_instance_uid = str(header.SOPInstanceUID).strip()
         fingerprints = self.cipher.fingerprints(sop_instance_uid)
         if self._seen(fingerprints):
             return Outcome(SUCCESS, "duplicate", "this SOP instance was received before; one result is enough")
@@ -173,6 +171,9 @@ def _read_header(data: bytes):
             AttributeError, NotImplementedError):
         return None, Outcome(CANNOT_UNDERSTAND, "refused_not_dicom", "the data set cannot be read (not DICOM, "
                                                                      "truncated or corrupt)")
+    if not all(str(header.get(name, "") or "").strip() for name in ("SOPClassUID", "SOPInstanceUID")):
+        return None, Outcome(CANNOT_UNDERSTAND, "refused_not_dicom", "the data set cannot be read as a DICOM object "
+                                                                     "(no SOP Class or SOP Instance UID)")
     if syntax not in ALLOWED_SYNTAXES and chest_filter.classify(header).score:
         return None, _refuse_syntax(syntax)
     return header, None

@@ -22,6 +22,9 @@ from gateway.storage_scp import StorageSCP
 from webapp.settings import WebSettings
 
 log = logging.getLogger(__name__)
+#: Libraries whose INFO lines name UIDs or patients (highdicom: "copy attributes from dataset <UID>";
+#: dicomweb-client: "store instances of study <UID>"): warnings only. Logs never carry PHI.
+CHATTY_LIBRARIES = ("highdicom", "dicomweb_client", "pynetdicom", "pydicom", "httpx", "httpcore", "urllib3")
 
 
 class GatewayError(Exception):
@@ -40,6 +43,8 @@ class Gateway:
         self.scp: StorageSCP | None = None
 
     def start(self) -> dict:
+        for name in CHATTY_LIBRARIES:
+            logging.getLogger(name).setLevel(logging.WARNING)
         from webapp.db import DatabaseError, make_engine, session_factory, upgrade
         from webapp.field_encryption import FieldKeyError
         from webapp.inference import InferenceClient

@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -349,3 +350,106 @@ def wait_until(predicate, timeout: float = 60.0, what: str = "the condition"):
             return value
         time.sleep(0.2)
     raise AssertionError(f"{what} did not happen within {timeout:.0f} s")
+
+
+# -- a PACS that misbehaves on demand ---------------------------------------------------------------------
+
+class FaultyFront:
+    """An HTTP front of a real Orthanc's DICOMweb service that answers STOW-RS (POST) from a fault plan: each
+    planned fault answers one POST instead of Orthanc ("500", "409") or after it ("garbage": Orthanc stores the
+    object, the gateway gets an unreadable 200). Everything else is forwarded."""
+
+    def __init__(self, orthanc: Orthanc):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.orthanc = orthanc
+        self.plan: list[str] = []
+        self.posts: list[str] = []  # what each POST got: forwarded, or the fault
+        front = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802
+                answer = httpx.get(front.orthanc.url + self.path, timeout=30)
+                self._reply(answer.status_code, answer.content, answer.headers.get("content-type", ""))
+
+            def do_POST(self):  # noqa: N802
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                fault = front.plan.pop(0) if front.plan else "forward"
+                front.posts.append(fault)
+                if fault == "500":
+                    return self._reply(500, b"internal error", "text/plain")
+                if fault == "409":
+                    failed = {"00081198": {"vr": "SQ", "Value": [{"00081197": {"vr": "US", "Value": [0xA900]}}]}}
+                    return self._reply(409, json.dumps(failed).encode(), "application/dicom+json")
+                answer = httpx.post(front.orthanc.url + self.path, content=body, timeout=60,
+                                    headers={"content-type": self.headers["content-type"]})
+                if fault == "garbage":
+                    return self._reply(200, b"{not json", "application/dicom+json")
+                self._reply(answer.status_code, answer.content, answer.headers.get("content-type", ""))
+
+            def _reply(self, status, body, content_type):
+                self.send_response(status)
+                if content_type:
+                    self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def dicomweb(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/dicom-web"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def c_store(path: Path, port: int, calling: str = SENDER_AET, called: str = GATEWAY_AET) -> tuple[int, str]:
+    """Send one file's bytes as they are (pynetdicom's chunked send: the data set is not decoded, so a broken one
+    travels broken); returns (status, ErrorComment)."""
+    from pydicom.filereader import read_file_meta_info
+    from pynetdicom import AE, _config
+
+    meta = read_file_meta_info(path)
+    ae = AE(calling)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
+    ae.add_requested_context(meta.MediaStorageSOPClassUID, meta.TransferSyntaxUID)
+    before, _config.STORE_SEND_CHUNKED_DATASET = _config.STORE_SEND_CHUNKED_DATASET, True
+    try:
+        assoc = ae.associate("127.0.0.1", port, ae_title=called)
+        assert assoc.is_established, "no association with the gateway"
+        try:
+            status = assoc.send_c_store(path)
+        finally:
+            assoc.release()
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = before
+    return int(status.Status), str(status.get("ErrorComment", ""))
+
+
+def part10(ds, syntax: str | None = None) -> bytes:
+    """A data set as a Part 10 file (its file meta made from it)."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    ds.file_meta = getattr(ds, "file_meta", None) or FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = syntax or ds.file_meta.get("TransferSyntaxUID", ExplicitVRLittleEndian)
+    ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def study_count(home: Path, source: str = "PACS") -> int:
+    """Studies of ``source`` in the gateway's (SQLite) database."""
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(home / "webapp.db")) as db:
+        return db.execute("SELECT count(*) FROM studies WHERE source = ?", (source,)).fetchone()[0]
