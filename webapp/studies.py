@@ -341,7 +341,25 @@ def export_reviewed(factory: sessionmaker[Session], store: ImageStore, out: Path
     return {"out": str(out), "exported": len(manifest), **counts}
 
 
-def study_json(study: Study, owner_name: str | None = None) -> dict:
+#: What an admin sees of a PACS study's original while its results wait to be sent (DICOM JSON tags).
+PACS_FIELDS = {"00100010": "patient_name", "00100020": "patient_id", "00080050": "accession_number",
+               "0020000D": "study_instance_uid", "00080020": "study_date"}
+
+
+def pacs_summary(study: Study, cipher) -> dict | None:
+    """Admins only: the identifying fields of a study received from a PACS, decrypted, while they are kept (until
+    every result is sent back)."""
+    if study.source != "PACS" or not study.pacs_original:
+        return None
+    kept = cipher.decrypt(study.pacs_original)
+    summary = {}
+    for tag, name in PACS_FIELDS.items():
+        value = ((kept.get(tag) or {}).get("Value") or [None])[0]
+        summary[name] = value.get("Alphabetic") if isinstance(value, dict) else value
+    return summary
+
+
+def study_json(study: Study, owner_name: str | None = None, pacs: dict | None = None) -> dict:
     base = f"/api/studies/{study.id}"
     result = None
     if study.status == "done":
@@ -353,6 +371,7 @@ def study_json(study: Study, owner_name: str | None = None) -> dict:
     if study.feedback:
         feedback = {"verdict": study.feedback, "label": study.feedback_label, "at": _iso(study.feedback_at)}
     out = {"id": study.id, "status": study.status, "created_at": _iso(study.created_at), "note": study.note,
+           "source": study.source,
            "image_format": study.image_format, "deidentified": study.deidentified, "result": result,
            "rejection": study.rejection, "attempts": study.attempts, "feedback": feedback,
            "links": {"self": base, "image": f"{base}/image", "heatmap": f"{base}/heatmap" if study.has_heatmap
@@ -361,6 +380,8 @@ def study_json(study: Study, owner_name: str | None = None) -> dict:
         out["next_attempt_at"] = _iso(study.next_attempt_at)
     if owner_name is not None:
         out["owner"] = owner_name
+    if pacs is not None:
+        out["pacs"] = pacs
     return out
 
 

@@ -177,3 +177,43 @@ def test_a_bad_setting_is_one_line_and_exit_2(tmp_path):
                             env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "send_to" in result.stderr, result.stderr
+
+
+def test_studies_from_the_pacs_belong_to_the_service_user_and_only_admins_see_the_original(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from webapp import accounts
+    from webapp.app import create_app
+    from webapp.db import transaction
+    from webapp.models import Study
+    from webapp.settings import WebSettings
+
+    settings = WebSettings(home=tmp_path, secret_key="test", inference_url="http://127.0.0.1:9")
+    app = create_app(settings)
+    with TestClient(app) as client:
+        factory = app.state.ctx.factory
+        with transaction(factory) as db:
+            service = accounts.add_user(db, "pacs-gateway", "a-long-random-password")
+            accounts.add_user(db, "chief", "a-long-test-password", admin=True)
+            accounts.add_user(db, "alice", "a-long-test-password")
+            token = settings.field_cipher().encrypt(originals.extract(_original()))
+            study = Study(owner_id=service.id, source="PACS", pacs_original=token, storage_prefix="p1",
+                          image_format="dicom", image_sha256="0" * 64, image_bytes=1, status="rejected")
+            db.add(study)
+            db.flush()
+            study_id = study.id
+        with transaction(factory) as db:
+            tokens = {name: accounts.issue_token(db, name, "t")[0] for name in ("chief", "alice")}
+        as_admin = client.get(f"/api/studies/{study_id}", headers={"authorization": f"Bearer {tokens['chief']}"})
+        assert as_admin.status_code == 200
+        body = as_admin.json()
+        assert (body["source"], body["owner"]) == ("PACS", "pacs-gateway")
+        assert body["pacs"]["patient_name"] == "Müller^Jörg" and body["pacs"]["accession_number"] == "ACC-1"
+        listed = client.get("/api/studies", headers={"authorization": f"Bearer {tokens['chief']}"}).json()
+        assert [s["source"] for s in listed["items"]] == ["PACS"] and "pacs" not in listed["items"][0]
+        as_user = client.get(f"/api/studies/{study_id}", headers={"authorization": f"Bearer {tokens['alice']}"})
+        assert as_user.status_code == 404
+        with transaction(factory) as db:
+            db.get(Study, study_id).pacs_original = None  # what the outbox does once every result is stored
+        body = client.get(f"/api/studies/{study_id}", headers={"authorization": f"Bearer {tokens['chief']}"}).json()
+        assert "pacs" not in body

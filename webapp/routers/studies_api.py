@@ -22,7 +22,7 @@ from webapp.errors import AppError, Conflict, NotFound
 from webapp.metrics import UPLOADS
 from webapp.models import FORMATS, Study
 from webapp.report import render_pdf
-from webapp.studies import StudyConflict, StudyFilter, StudyNotFound, clean_note, study_json
+from webapp.studies import StudyConflict, StudyFilter, StudyNotFound, clean_note, pacs_summary, study_json
 from webapp.uploads import UploadRejected, check_upload
 
 log = logging.getLogger(__name__)
@@ -163,7 +163,9 @@ def list_studies(request: Request, principal: Principal = Depends(api_principal)
 def get_study(study_id: int, request: Request, principal: Principal = Depends(api_principal),
               db: Session = Depends(db_session)):
     study = owned_study(request, principal, db, study_id)
-    return study_json(study, study.owner.username if principal.user.is_admin else None)
+    if not principal.user.is_admin:
+        return study_json(study)
+    return study_json(study, study.owner.username, pacs_summary(study, ctx(request).settings.field_cipher()))
 
 
 @router.get("/{study_id}/image", summary="the stored (de-identified) file, or with variant=display an image a "
