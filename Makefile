@@ -8,6 +8,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export PYTHONUNBUFFERED := 1
 DEMO_PORT ?= 8480
 DEMO_WEB_PORT ?= 8482
+DEMO_GATEWAY_PORT ?= 8484
 DEMO_USER ?= demo
 
 # `make images REGISTRY=registry.example.org/pneumoscope TAG=0.2.0`: build serving, web and pipeline,
@@ -46,6 +47,7 @@ $(CHECKOV):
 # the login and the URLs last. Ctrl-C stops everything.
 demo:
 	@$(PYTHON) -m pipelines.demo --venv $(VENV) --make "$(MAKE)" --port $(DEMO_PORT) --web-port $(DEMO_WEB_PORT) \
+	  --gateway-port $(DEMO_GATEWAY_PORT) \
 	  --user $(DEMO_USER)
 
 # What the container and ingress tests need on a fresh machine (root): a Docker engine, debootstrap
