@@ -349,9 +349,14 @@ PACS_FIELDS = {"00100010": "patient_name", "00100020": "patient_id", "00080050":
 def pacs_summary(study: Study, cipher) -> dict | None:
     """Admins only: the identifying fields of a study received from a PACS, decrypted, while they are kept (until
     every result is sent back)."""
+    from webapp.field_encryption import FieldKeyError
+
     if study.source != "PACS" or not study.pacs_original:
         return None
-    kept = cipher.decrypt(study.pacs_original)
+    try:
+        kept = cipher.decrypt(study.pacs_original)
+    except FieldKeyError as exc:  # the app's key is not the gateway's: say so instead of failing the page
+        return {"error": str(exc)}
     summary = {}
     for tag, name in PACS_FIELDS.items():
         value = ((kept.get(tag) or {}).get("Value") or [None])[0]
