@@ -165,17 +165,18 @@ class Outbox:
         return delay
 
     def _finish_if_complete(self, item_id: int) -> None:
-        """The film's last result is stored: forget the original (modules and encrypted files), record the time."""
+        """The film's last result is stored: forget the original (modules and encrypted files), record the time.
+        One conditional UPDATE decides it, so of two results stored at once exactly one finishes the film."""
         with transaction(self.factory) as db:
-            instance_id = db.get(OutboxItem, item_id).instance_id
-            open_items = db.scalar(select(func.count()).select_from(OutboxItem).where(
-                OutboxItem.instance_id == instance_id, OutboxItem.state != "sent"))
-            if open_items:
+            instance_id = db.scalar(select(OutboxItem.instance_id).where(OutboxItem.id == item_id))
+            still_open = select(OutboxItem.id).where(OutboxItem.instance_id == instance_id,
+                                                     OutboxItem.state != "sent").exists()
+            finished = db.execute(update(GatewayInstance).where(
+                GatewayInstance.id == instance_id, GatewayInstance.state == "sending", ~still_open)
+                .values(state="done", finished_at=utcnow())).rowcount
+            if finished != 1:
                 return
             instance = db.get(GatewayInstance, instance_id)
-            if instance.state != "sending":
-                return
-            instance.state, instance.finished_at = "done", utcnow()
             keys = list(db.scalars(select(OutboxItem.blob_key).where(OutboxItem.instance_id == instance_id)))
             if instance.study_id is not None:
                 db.execute(update(Study).where(Study.id == instance.study_id).values(pacs_original=None))
@@ -206,13 +207,11 @@ class Outbox:
         return await self.tick() == BATCH
 
     async def tick(self) -> int:
-        sent = 0
-        if self.sender is not None:
-            for item_id in await asyncio.to_thread(self.claim_due, BATCH):
-                await asyncio.to_thread(self.send_one, item_id)
-                sent += 1
+        claimed = await asyncio.to_thread(self.claim_due, BATCH) if self.sender is not None else []
+        # At once: a film's three results (and other films') travel side by side, each on its own connection.
+        await asyncio.gather(*(asyncio.to_thread(self.send_one, item_id) for item_id in claimed))
         await asyncio.to_thread(self.refresh_gauges)
-        return sent
+        return len(claimed)
 
 
 class _Lost(Exception):

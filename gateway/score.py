@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
 import highdicom as hd
@@ -23,7 +24,7 @@ from gateway import originals
 from gateway.metrics import SCORED
 from gateway.outbox import Outbox
 from gateway.pdf_writer import build_encapsulated_pdf
-from gateway.records import GatewayInstance
+from gateway.records import RESULT_KINDS, GatewayInstance
 from gateway.result_facts import facts_from
 from gateway.secondary_capture_writer import build_secondary_capture
 from gateway.settings import GatewaySettings
@@ -53,6 +54,7 @@ class Scorer:
         self.send = send  # False: no PACS to send to; results are recorded in the web app only
         self.device_uid = _device_uid(settings.ae_title)
         self.wake = asyncio.Event()
+        self._builders = ThreadPoolExecutor(len(RESULT_KINDS), thread_name_prefix="gateway-build")
 
     # -- claiming ------------------------------------------------------------------------------------
     def claim_due(self, limit: int) -> list[int]:
@@ -130,12 +132,15 @@ class Scorer:
         preview = self.store.get(study.preview_key()) if study.has_preview else self.store.get(study.image_key())
         manufacturer = self.settings.manufacturer
         sr_uid, sc_uid, pdf_uid = hd.UID(), hd.UID(), hd.UID()
-        objects = [("sr", sr_uid, build_sr(original, facts, hd.UID(), sr_uid, manufacturer, self.device_uid))]
+        builds = {"sr": (sr_uid, lambda: build_sr(original, facts, hd.UID(), sr_uid, manufacturer, self.device_uid)),
+                  "pdf": (pdf_uid, lambda: build_encapsulated_pdf(original, facts, render_pdf(study, preview, heatmap),
+                                                                  hd.UID(), pdf_uid, manufacturer))}
         if heatmap is not None:
-            objects.append(("sc", sc_uid, build_secondary_capture(original, facts, heatmap, hd.UID(), sc_uid,
-                                                                  manufacturer)))
-        objects.append(("pdf", pdf_uid, build_encapsulated_pdf(original, facts, render_pdf(study, preview, heatmap),
-                                                               hd.UID(), pdf_uid, manufacturer)))
+            builds["sc"] = (sc_uid, lambda: build_secondary_capture(original, facts, heatmap, hd.UID(), sc_uid,
+                                                                    manufacturer))
+        # Side by side: the image work (Pillow, the PDF's JPEGs) runs outside the GIL while the SR is built.
+        futures = {kind: self._builders.submit(build) for kind, (_, build) in builds.items()}
+        objects = [(kind, builds[kind][0], futures[kind].result()) for kind in RESULT_KINDS if kind in builds]
         if not self.outbox.put(instance.id, study.storage_prefix, objects):
             return False
         log.info("study %d: %s queued for the PACS", study_id, ", ".join(kind for kind, _, _ in objects))

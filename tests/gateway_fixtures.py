@@ -357,13 +357,15 @@ def wait_until(predicate, timeout: float = 60.0, what: str = "the condition"):
 class FaultyFront:
     """An HTTP front of a real Orthanc's DICOMweb service that answers STOW-RS (POST) from a fault plan: each
     planned fault answers one POST instead of Orthanc ("500", "409") or after it ("garbage": Orthanc stores the
-    object, the gateway gets an unreadable 200). Everything else is forwarded."""
+    object, the gateway gets an unreadable 200). A fault may be ``(fault, SOP class UID)``: it waits for a POST of
+    that class (the gateway sends a film's results side by side, in no set order). Everything else is forwarded."""
 
     def __init__(self, orthanc: Orthanc):
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
         self.orthanc = orthanc
-        self.plan: list[str] = []
+        self.plan: list = []
+        self.lock = threading.Lock()
         self.posts: list[str] = []  # what each POST got: forwarded, or the fault
         front = self
 
@@ -374,7 +376,7 @@ class FaultyFront:
 
             def do_POST(self):  # noqa: N802
                 body = self.rfile.read(int(self.headers.get("content-length", 0)))
-                fault = front.plan.pop(0) if front.plan else "forward"
+                fault = front.take_fault(body)
                 front.posts.append(fault)
                 if fault == "500":
                     return self._reply(500, b"internal error", "text/plain")
@@ -401,6 +403,15 @@ class FaultyFront:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def take_fault(self, body: bytes) -> str:
+        with self.lock:
+            for index, planned in enumerate(self.plan):
+                fault, sop_class = planned if isinstance(planned, tuple) else (planned, None)
+                if sop_class is None or sop_class.encode() in body:
+                    del self.plan[index]
+                    return fault
+        return "forward"
 
     @property
     def dicomweb(self) -> str:

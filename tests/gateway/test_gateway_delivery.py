@@ -86,7 +86,7 @@ def test_stow_rs_409_is_refused_for_good_counted_and_kept(faulty, gateway_behind
     pacs, front = faulty
     gateway = gateway_behind_front
     refused = gateway.metric("pneumoscope_gateway_sent_total", kind="sr", outcome="refused")
-    front.plan[:] = ["409"]  # the first result sent is the SR
+    front.plan[:] = [("409", SR)]
     study = _send(gateway, tmp_path, offset=13)
     pacs.wait_for_classes(study, {SC, PDF})
     wait_until(lambda: gateway.metric("pneumoscope_gateway_sent_total", kind="sr", outcome="refused") == refused + 1,
@@ -99,7 +99,7 @@ def test_stow_rs_409_is_refused_for_good_counted_and_kept(faulty, gateway_behind
 def test_an_unreadable_stow_rs_answer_is_checked_with_qido_and_not_sent_again(faulty, gateway_behind_front,
                                                                                tmp_path):
     pacs, front = faulty
-    front.plan[:] = ["garbage"]  # Orthanc stores the SR, the gateway gets "{not json"
+    front.plan[:] = [("garbage", SR)]  # Orthanc stores the SR, the gateway gets "{not json"
     posts = len(front.posts)
     study = _send(gateway_behind_front, tmp_path, offset=14)
     pacs.wait_for_classes(study, {SR, SC, PDF})
