@@ -81,6 +81,11 @@ def test_the_heatmap_shows_in_orthancs_web_viewer_and_the_sr_states_the_result(t
         assert content["P-THR"] == pytest.approx(threshold, abs=1e-6)
         assert content["233604007"] == {"PNEUMONIA": "Present", "NORMAL": "Absent"}[label]  # finding: pneumonia
         assert content["111001"] == "pneumonia" and content["111003"] == version  # algorithm name and version
+        from model.bundle import Bundle
+        from serving_fixtures import shared_bundle
+
+        digest = Bundle.load(shared_bundle()[0], verify=False).sha256  # the bundle the transformer's stack serves
+        assert content["111002"] == f"sha256:{digest}"  # algorithm parameters: the digest
 
         # The Secondary Capture, in Orthanc's web viewer.
         series = httpx.get(f"{pacs.url}/instances/{pacs.orthanc_id(uid_of[SC])}", timeout=30).json()["ParentSeries"]
