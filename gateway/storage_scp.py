@@ -65,9 +65,9 @@ class StorageSCP:
 
     def _on_rejected(self, event) -> None:
         requestor = event.assoc.requestor
-        ASSOCIATIONS.labels("rejected").inc()
         log.warning("association from %s (%s) rejected: the calling AE title is not allowed or the called AE title "
                     "is not %s", requestor.ae_title, requestor.address, self.settings.ae_title)
+        ASSOCIATIONS.labels("rejected").inc()
 
     def _on_echo(self, event) -> int:
         return 0x0000

@@ -91,7 +91,8 @@ def test_stow_rs_409_is_refused_for_good_counted_and_kept(faulty, gateway_behind
     pacs.wait_for_classes(study, {SC, PDF})
     wait_until(lambda: gateway.metric("pneumoscope_gateway_sent_total", kind="sr", outcome="refused") == refused + 1,
                what="the refusal counted")
-    assert gateway.metric("pneumoscope_gateway_waiting", queue="refused") == 1
+    wait_until(lambda: gateway.metric("pneumoscope_gateway_waiting", queue="refused") == 1,
+               what="the refused result kept")
     assert "STOW-RS 409, failure reason 0xA900" in gateway.log_text()
     assert SR not in pacs.sop_classes(study) and gateway.process.poll() is None
 
@@ -103,5 +104,9 @@ def test_an_unreadable_stow_rs_answer_is_checked_with_qido_and_not_sent_again(fa
     posts = len(front.posts)
     study = _send(gateway_behind_front, tmp_path, offset=14)
     pacs.wait_for_classes(study, {SR, SC, PDF})
+    # The SR is in Orthanc before the gateway has checked it: wait for the check's verdict, then count the sends.
+    wait_until(lambda: "QIDO-RS finds the instance stored" in gateway_behind_front.log_text(),
+               what="the QIDO-RS check")
+    wait_until(lambda: gateway_behind_front.metric("pneumoscope_gateway_waiting", queue="to_send") == 0,
+               what="an empty outbox")
     assert len(front.posts) - posts == 3, "three objects, three sends: the SR was not sent again"
-    assert "QIDO-RS finds the instance stored" in gateway_behind_front.log_text()

@@ -29,7 +29,8 @@ def test_the_documented_lua_script_forwards_a_dx_and_the_results_come_back_by_c_
             assert len(found) == 4, "the film and its three results"
             assert gateway.metric("pneumoscope_gateway_received_total", outcome="accepted") == 1
             assert gateway.metric("pneumoscope_gateway_received_total", outcome="ignored_modality") == 0
-            assert gateway.metric("pneumoscope_gateway_sent_total", kind="sr", outcome="stored") == 1
+            wait_until(lambda: gateway.metric("pneumoscope_gateway_sent_total", kind="sr", outcome="stored") == 1,
+                       what="the SR counted as stored")  # counted once the PACS's answer is read
         finally:
             gateway.stop()
 

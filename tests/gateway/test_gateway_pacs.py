@@ -62,7 +62,8 @@ def test_a_film_sent_with_storescu_gets_sr_sc_and_pdf_in_its_own_study(gateway, 
     pdf = pydicom.dcmread(io.BytesIO(objects[PDF]))
     assert bytes(pdf.EncapsulatedDocument).startswith(b"%PDF")
     assert gateway.metric("pneumoscope_gateway_received_total", outcome="accepted") >= 1
-    assert gateway.metric("pneumoscope_gateway_receipt_to_stored_seconds_count") >= 1
+    wait_until(lambda: gateway.metric("pneumoscope_gateway_receipt_to_stored_seconds_count") >= 1,
+               what="the receipt-to-stored time observed")  # once the last answer is read
     assert PATIENT["PatientID"] not in gateway.log_text() and film_uid not in gateway.log_text()
 
 
@@ -112,7 +113,8 @@ def test_a_calling_ae_title_not_allowed_is_rejected_at_association(gateway, tmp_
     sent = storescu(write_film(tmp_path, chest_dx(side=512)), gateway.port, calling="INTRUDER")
     assert sent.returncode != 0
     assert "Association Rejected" in sent.stderr or "rejected" in sent.stderr.lower(), sent.stderr
-    assert gateway.metric("pneumoscope_gateway_associations_total", outcome="rejected") == rejected + 1
+    wait_until(lambda: gateway.metric("pneumoscope_gateway_associations_total", outcome="rejected") == rejected + 1,
+               what="the rejection counted")
     assert "association from INTRUDER" in gateway.log_text()
     echo = subprocess.run(["echoscu", "-aet", "MODALITY1", "-aec", "PNEUMOSCOPE", "127.0.0.1", str(gateway.port)],
                           capture_output=True, text=True, timeout=60)
