@@ -32,6 +32,9 @@ def add_commands(commands) -> None:
     add_settings_flags(gateway.add_argument_group("gateway settings"), GatewaySettings)
     add_settings_flags(gateway.add_argument_group("where studies are recorded, and the transformer"), WebSettings,
                        only=WEB_SETTINGS)
+    gateway.add_argument("--retry-refused", action="store_true",
+                         help="at start, queue again the results the PACS refused for good (STOW-RS 409, a C-STORE "
+                              "failure), once their cause is fixed")
     gateway.set_defaults(func=cmd_gateway)
 
 
@@ -51,6 +54,8 @@ def cmd_gateway(args) -> int:
             info = gateway.start()
         except GatewayError as exc:
             raise CommandError(str(exc)) from None
+        if args.retry_refused:
+            info["requeued"] = gateway.outbox.retry_failed()
         print("READY " + json.dumps(info, sort_keys=True), flush=True)
         while not stopping.wait(0.5):
             pass

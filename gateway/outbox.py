@@ -63,6 +63,7 @@ class Outbox:
         self.cipher = cipher
         self.sender = sender
         self.wake = asyncio.Event()
+        self.loop: asyncio.AbstractEventLoop | None = None  # the workers' loop, once it runs
 
     # -- queueing ------------------------------------------------------------------------------------
     def put(self, instance_id: int, prefix: str, objects: list[tuple[str, str, bytes]]) -> bool:
@@ -188,8 +189,17 @@ class Outbox:
     def retry_failed(self) -> int:
         """Queue every refused result again (after an admin fixed the cause); returns how many."""
         with transaction(self.factory) as db:
-            return db.execute(update(OutboxItem).where(OutboxItem.state == "failed")
-                              .values(state="waiting", next_attempt_at=utcnow(), lease_until=None)).rowcount
+            count = db.execute(update(OutboxItem).where(OutboxItem.state == "failed")
+                               .values(state="waiting", next_attempt_at=utcnow(), lease_until=None)).rowcount
+        if count:
+            log.info("%d refused results queued again", count)
+            self.wake_soon()
+        return count
+
+    def wake_soon(self) -> None:
+        """Wake the sending worker from another thread."""
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(self.wake.set)
 
     def refresh_gauges(self) -> None:
         with self.factory() as db:
@@ -201,6 +211,7 @@ class Outbox:
         WAITING.labels("refused").set(counts.get("failed", 0))
 
     async def run(self, stop: asyncio.Event) -> None:
+        self.loop = asyncio.get_running_loop()
         await run_passes("outbox", self._full_pass, stop, self.wake, self.settings.worker_poll_s)
 
     async def _full_pass(self) -> bool:

@@ -97,6 +97,27 @@ def test_stow_rs_409_is_refused_for_good_counted_and_kept(faulty, gateway_behind
     assert SR not in pacs.sop_classes(study) and gateway.process.poll() is None
 
 
+def test_refused_results_are_sent_again_with_retry_refused(faulty, transformer_url, tmp_path):
+    """After the admin fixed what the PACS refused: `pneumoscope gateway --retry-refused` queues them again."""
+    pacs, front = faulty
+    home = tmp_path / "gateway-home"
+    gateway = start_gateway(home, transformer_url, send_to=front.dicomweb)
+    try:
+        front.plan[:] = [("409", SR)]
+        study = _send(gateway, tmp_path, offset=15)
+        wait_until(lambda: gateway.metric("pneumoscope_gateway_waiting", queue="refused") == 1,
+                   what="the refused SR kept")
+    finally:
+        gateway.stop()
+    gateway = start_gateway(home, transformer_url, args=["--retry-refused"], send_to=front.dicomweb)
+    try:
+        assert gateway.info["requeued"] == 1
+        pacs.wait_for_classes(study, {SR, SC, PDF})
+        assert len(pacs.qido_instances(study)) == 3
+    finally:
+        gateway.stop()
+
+
 def test_an_unreadable_stow_rs_answer_is_checked_with_qido_and_not_sent_again(faulty, gateway_behind_front,
                                                                                tmp_path):
     pacs, front = faulty
