@@ -42,4 +42,5 @@ class CStoreSender:
         comment = str(status.get("ErrorComment", "") or "")[:64]
         if 0xA700 <= code <= 0xA7FF:
             raise SendFailed("out_of_resources", f"the PACS is out of resources (C-STORE status 0x{code:04X})")
-        raise SendRefused(f"the PACS refused the object (C-STORE status 0x{code:04X}{f': {comment}' if comment else ''})")
+        detail = f": {comment}" if comment else ""
+        raise SendRefused(f"the PACS refused the object (C-STORE status 0x{code:04X}{detail})")

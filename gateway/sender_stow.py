@@ -48,7 +48,8 @@ class StowSender:
         failed = {str(item.get("ReferencedSOPInstanceUID", "")): item.get("FailureReason")
                   for item in answer.get("FailedSOPSequence", [])}
         if sop_instance_uid in failed:
-            raise SendRefused(f"the PACS refused the object (STOW-RS failure reason {_reason(failed[sop_instance_uid])})")
+            reason = _reason(failed[sop_instance_uid])
+            raise SendRefused(f"the PACS refused the object (STOW-RS failure reason {reason})")
         if sop_instance_uid not in stored:
             self._verify(sop_instance_uid, "the STOW-RS answer does not name the instance")
 

@@ -173,7 +173,8 @@ class LocalStack:
             gateway_metrics = free_port(taken | {p_http, p_grpc})
             self.children["gateway"] = _Child("gateway", [
                 sys.executable, "-m", "gateway", "--host", LOOPBACK, "--port", str(self.gateway_port),
-                "--metrics-port", str(gateway_metrics)], env={"PNEUMOSCOPE_INFERENCE_URL": f"http://{LOOPBACK}:{self.port}"})
+                "--metrics-port", str(gateway_metrics)],
+                env={"PNEUMOSCOPE_INFERENCE_URL": f"http://{LOOPBACK}:{self.port}"})
         try:
             self._spawn(self.children["predictor"])
             self._wait_ready(self.children["predictor"], f"http://{LOOPBACK}:{p_http}/v2/models/{name}/ready", timeout)
