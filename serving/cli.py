@@ -59,6 +59,10 @@ def add_commands(commands) -> None:
     add_stack_arguments(serve)
     serve.add_argument("--web-port", type=int, help="web app port (default PORT+2)")
     serve.add_argument("--no-web", action="store_true", help="do not start the web app")
+    serve.add_argument("--gateway-port", type=int, metavar="P",
+                       help="also start the DICOM gateway (`pneumoscope gateway`): its Storage SCP on 127.0.0.1:P, "
+                            "AE title PNEUMOSCOPE; films it receives are scored and recorded in the web app; results "
+                            "go back where PNEUMOSCOPE_GATEWAY_SEND_TO says")
     serve.add_argument("--traffic-split", action="store_true",
                        help="a real nginx on PORT (REST) and PORT+1 (gRPC) in front of one stack per model version, "
                             "splitting traffic by weight: what `pneumoscope rollout ... --local` drives (no web app); "
@@ -107,6 +111,8 @@ def cmd_serve(args) -> int:
     web_port = None if args.no_web else (args.web_port or args.port + 2)
     if web_port is not None and not 1 <= web_port <= 65535:
         raise CommandError(f"--web-port must be between 1 and 65535, not {web_port}")
+    if args.gateway_port is not None and not 1 <= args.gateway_port <= 65535:
+        raise CommandError(f"--gateway-port must be between 1 and 65535, not {args.gateway_port}")
     settings = settings_from_args(ServingSettings, args)
     if settings.engine != "auto":  # say so now, not after the predictor process failed to start
         from serving.engine import EngineError, require
@@ -115,7 +121,8 @@ def cmd_serve(args) -> int:
             require(settings.engine)
         except EngineError as exc:
             raise CommandError(str(exc)) from None
-    stack = LocalStack(args.model, args.port, settings, log_file=args.log_file, restart=True, web_port=web_port)
+    stack = LocalStack(args.model, args.port, settings, log_file=args.log_file, restart=True, web_port=web_port,
+                       gateway_port=args.gateway_port)
     stopping = threading.Event()
 
     def on_signal(signum, frame):

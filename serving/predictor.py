@@ -39,7 +39,8 @@ from serving.batching import DynamicBatcher
 from serving.engine_selection import select_engine
 from serving.errors import RequestRejected, ServiceError
 from serving.metrics import PREDICTIONS, PROBABILITY, WARMUP_SECONDS, reject_count, set_model_info, set_reference
-from serving.protocol import PIXELS, PREPROCESSING_PARAMETER, SIZES, tensor_output, unpack_images
+from serving.protocol import (MODEL_DIGEST_PARAMETER, PIXELS, PREPROCESSING_PARAMETER, SIZES, tensor_output,
+                              unpack_images)
 from serving.settings import ServingSettings
 
 log = logging.getLogger(__name__)
@@ -234,10 +235,12 @@ class PneumoniaPredictor(Model):
                    tensor_output("label", "BYTES", np.array(labels, dtype=np.object_)),
                    tensor_output("threshold", "FP32", np.full(len(probs), self.threshold, dtype=np.float32)),
                    tensor_output("logit", "FP32", logits), tensor_output("cam", "FP32", cams)]
+        # The bundle's digest names exactly what computed the answer (the DICOM SR's algorithm identification).
         return InferResponse(response_id=payload.id or str(uuid.uuid4()), model_name=self.name,
                              model_version=self.model_version, infer_outputs=outputs,
                              use_binary_outputs=payload.use_binary_outputs,
-                             requested_outputs=payload.request_outputs)
+                             requested_outputs=payload.request_outputs,
+                             parameters={MODEL_DIGEST_PARAMETER: self.bundle.sha256})
 
 
 def wait_for_model_folder(model_uri: str, timeout_s: float) -> None:

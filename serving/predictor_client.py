@@ -17,13 +17,14 @@ import uuid
 from dataclasses import dataclass
 
 import numpy as np
-from kserve.protocol.infer_type import InferInput, InferRequest, InferResponse
+from kserve.protocol.infer_type import InferInput, InferRequest, InferResponse, to_http_parameters
 
 from model.preprocessing import DECODED_MAX_SIDE, PREPROCESSING_VERSION
 from serving.admission import remaining
 from serving.errors import DeadlineExceeded, PredictorUnavailable, RequestRejected
 from serving.metrics import PREDICTOR_ERRORS, reject_count
-from serving.protocol import PIXELS, PREPROCESSING_PARAMETER, SIZES, pack_images, transport_bytes
+from serving.protocol import (MODEL_DIGEST_PARAMETER, PIXELS, PREPROCESSING_PARAMETER, SIZES, pack_images,
+                              transport_bytes)
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ class Answer:
     logit: np.ndarray  # float32 [N]
     cam: np.ndarray  # float32 [N, h, w]
     model_version: str
+    model_sha256: str = ""  # the served bundle's digest, when the predictor names it
 
 
 def parse_rest_response(content: bytes, header_length: str | None) -> InferResponse:
@@ -120,7 +122,8 @@ class PredictorClient:
                             [v.decode() if isinstance(v, bytes) else str(v) for v in got["label"].as_numpy()],
                             got["threshold"].as_numpy().astype(np.float32).reshape(-1),
                             got["logit"].as_numpy().astype(np.float32).reshape(-1),
-                            got["cam"].as_numpy().astype(np.float32), str(response.model_version or ""))
+                            got["cam"].as_numpy().astype(np.float32), str(response.model_version or ""),
+                            str(to_http_parameters(response.parameters or {}).get(MODEL_DIGEST_PARAMETER) or ""))
             if (answer.probability.shape != (n,) or len(answer.label) != n or answer.threshold.shape != (n,)
                     or answer.cam.ndim != 3 or len(answer.cam) != n or not answer.model_version):
                 raise ValueError(f"shapes probability {answer.probability.shape}, cam {answer.cam.shape}, "

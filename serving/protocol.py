@@ -29,6 +29,8 @@ def tensor_output(name: str, datatype: str, array: np.ndarray) -> InferOutput:
 PIXELS, SIZES = "pixels", "sizes"
 #: Request parameter naming the stage-1 definition the pixels come from (``PREPROCESSING_VERSION``).
 PREPROCESSING_PARAMETER = "preprocessing"
+#: Response parameter naming the SHA-256 of the bundle that computed the answer (predictor -> transformer -> client).
+MODEL_DIGEST_PARAMETER = "model_sha256"
 
 
 def pack_images(images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

@@ -28,7 +28,9 @@ class ServingSettings(BaseSettings):
         description="MLflow tracking/registry URI (default: local SQLite under PNEUMOSCOPE_HOME)")
 
     # --- inputs (transformer) ---
-    max_payload_bytes: int = Field(20_000_000, gt=0, description="largest request body (and gRPC message) accepted")
+    # 16-bit CR/DX DICOM files are 10-30 MB (a 4,300 x 4,300 detector: 37 MB); the web app takes 32 MiB uploads and
+    # the DICOM gateway 60 MB films. The decoders' own bounds (pixels, declared bytes) limit the work, not this.
+    max_payload_bytes: int = Field(64_000_000, gt=0, description="largest request body (and gRPC message) accepted")
     max_image_pixels: int = Field(
         20_000_000, gt=0, description="largest width*height of one image, read from its header before decoding "
         "(real radiographs: up to about 4300x4300 = 18.5 Mpx; the shared data: at most 5.9 Mpx)")

@@ -2,7 +2,8 @@
 
 ``pneumoscope serve`` runs it in the foreground; tests and benchmarks use :class:`LocalStack` directly.
 The transformer listens on ``port`` (REST) and ``port + 1`` (gRPC); the predictor on free ports.
-With ``web_port`` the doctor's web app (``python -m webapp``) runs beside them, calling the transformer.
+With ``web_port`` the doctor's web app (``python -m webapp``) runs beside them, calling the transformer; with
+``gateway_port`` the DICOM gateway (``python -m gateway``) too, recording into the web app's database.
 A ``models:/NAME@ALIAS`` URI is resolved to a version once, here, and the predictor loads that
 pinned version (the transformer holds no version). Like a kubelet, the stack restarts a process that
 dies (with a short back-off). Stopping drains the web app and the transformer first (SIGTERM, then each
@@ -126,6 +127,7 @@ class LocalStack:
     restart: bool = True
     extra_env: dict = field(default_factory=dict)
     web_port: int | None = None  # also run the web app here (None: no web app)
+    gateway_port: int | None = None  # also run the DICOM gateway's Storage SCP here (None: no gateway)
 
     def __post_init__(self):
         self.predictor_protocol = self.predictor_protocol or self.settings.predictor_protocol
@@ -147,10 +149,12 @@ class LocalStack:
         if self.web_port is not None and (self.web_port in (self.port, self.port + 1) or not port_free(self.web_port)):
             raise StackError(f"port {self.web_port} on {LOOPBACK} is in use (the web app needs it); choose another "
                              f"--web-port")
+        if self.gateway_port is not None:
+            self._check_gateway()
         pinned, name_in_registry, version = resolve_model(self.model_uri, self.settings.mlflow_tracking_uri,
                                                           self.settings.model_sha256)
         name = self.settings.model_name
-        taken = {self.port, self.port + 1, self.web_port}
+        taken = {self.port, self.port + 1, self.web_port, self.gateway_port}
         p_http = free_port(taken)
         p_grpc = free_port(taken | {p_http})
         self._workdir = tempfile.mkdtemp(prefix="pneumoscope-stack-")
@@ -167,6 +171,14 @@ class LocalStack:
             self.children["web"] = _Child("web", [sys.executable, "-m", "webapp", "--host", LOOPBACK, "--port",
                                                   str(self.web_port)],
                                           env={"PNEUMOSCOPE_INFERENCE_URL": f"http://{LOOPBACK}:{self.port}"})
+        gateway_metrics = None
+        if self.gateway_port is not None:
+            # Beside the web app, in its database: films from a PACS show in its list (source PACS).
+            gateway_metrics = free_port(taken | {p_http, p_grpc})
+            self.children["gateway"] = _Child("gateway", [
+                sys.executable, "-m", "gateway", "--host", LOOPBACK, "--port", str(self.gateway_port),
+                "--metrics-port", str(gateway_metrics)],
+                env={"PNEUMOSCOPE_INFERENCE_URL": f"http://{LOOPBACK}:{self.port}"})
         try:
             self._spawn(self.children["predictor"])
             self._wait_ready(self.children["predictor"], f"http://{LOOPBACK}:{p_http}/v2/models/{name}/ready", timeout)
@@ -176,6 +188,9 @@ class LocalStack:
             if self.web_port is not None:
                 self._spawn(self.children["web"])
                 self._wait_ready(self.children["web"], f"http://{LOOPBACK}:{self.web_port}/readyz", timeout)
+            if self.gateway_port is not None:
+                self._spawn(self.children["gateway"])
+                self._wait_ready(self.children["gateway"], f"http://{LOOPBACK}:{gateway_metrics}/readyz", timeout)
         except BaseException:
             self.stop()
             raise
@@ -186,12 +201,24 @@ class LocalStack:
                      "precision": self.settings.precision, "pids": self.pids()}
         if self.web_port is not None:
             self.info["web"] = f"http://{LOOPBACK}:{self.web_port}"
+        if self.gateway_port is not None:
+            self.info["gateway"] = {"dicom": f"{LOOPBACK}:{self.gateway_port}", "ae_title": _gateway_ae_title(),
+                                    "metrics": f"http://{LOOPBACK}:{gateway_metrics}"}
         if name_in_registry and name_in_registry != name and self.model_uri.startswith("models:/"):
             self.info["registered_name"] = name_in_registry
         if supervise_in_background and self.restart:
             self._monitor = threading.Thread(target=self.supervise, name="stack-supervisor", daemon=True)
             self._monitor.start()
         return self.info
+
+    def _check_gateway(self) -> None:
+        import importlib.util
+
+        if importlib.util.find_spec("gateway") is None or importlib.util.find_spec("pynetdicom") is None:
+            raise StackError("the DICOM gateway is not installed here (pip install 'pneumoscope[web,gateway]')")
+        if self.gateway_port in (self.port, self.port + 1, self.web_port) or not port_free(self.gateway_port):
+            raise StackError(f"port {self.gateway_port} on {LOOPBACK} is in use (the DICOM gateway needs it); choose "
+                             f"another --gateway-port")
 
     def pids(self) -> dict:
         return {role: c.process.pid for role, c in self.children.items() if c.process}
@@ -268,11 +295,12 @@ class LocalStack:
             return process.pid
 
     def stop(self, grace_s: float | None = None) -> None:
-        """SIGTERM the web app, then the transformer, then the predictor, each drained and gone before the next."""
+        """SIGTERM the gateway, the web app, then the transformer, then the predictor, each drained and gone before the
+        next."""
         self._stopping.set()
         grace_s = self.settings.drain_timeout_s + 10.0 if grace_s is None else grace_s
         with self._lock:
-            for role in ("web", "transformer", "predictor"):
+            for role in ("gateway", "web", "transformer", "predictor"):
                 child = self.children.get(role)
                 process = child.process if child else None
                 if process is None or process.poll() is not None:
@@ -301,6 +329,13 @@ class LocalStack:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _gateway_ae_title() -> str:
+    """The gateway's AE title as its settings will read it (no import of the gateway: it sits beside serving)."""
+    import os
+
+    return os.environ.get("PNEUMOSCOPE_GATEWAY_AE_TITLE", "PNEUMOSCOPE").strip() or "PNEUMOSCOPE"
 
 
 def ready_line(info: dict) -> str:

@@ -39,7 +39,7 @@ from model.wire_format import WireFormatError, decode_bytes_elements
 from serving import heatmap as heatmaps
 from serving.inputs import PreparedImage, decode_upload, element_bytes, reject
 from serving.predictor_client import Answer, PredictorClient
-from serving.protocol import tensor_output
+from serving.protocol import MODEL_DIGEST_PARAMETER, tensor_output
 from serving.settings import ServingSettings
 
 log = logging.getLogger(__name__)
@@ -246,6 +246,8 @@ class PneumoniaTransformer(Model):
                 item = {"probability": float(p), "label": label, "threshold": float(threshold),
                         "model_name": self.name, "model_version": answer.model_version,
                         "quality_flags": prepared.quality[i]}
+                if answer.model_sha256:
+                    item[MODEL_DIGEST_PARAMETER] = answer.model_sha256
                 if pngs is not None:
                     item["heatmap_png"] = pngs[i]
                 predictions.append(item)
@@ -259,9 +261,11 @@ class PneumoniaTransformer(Model):
         outputs.append(tensor_output("quality_flags", "BYTES",
                                      np.array([json.dumps(f) for f in prepared.quality], dtype=np.object_)))
         request = prepared.request
+        digest = {MODEL_DIGEST_PARAMETER: answer.model_sha256} if answer.model_sha256 else None
         return InferResponse(response_id=request.id or str(uuid.uuid4()), model_name=self.name,
                              model_version=answer.model_version, infer_outputs=outputs,
-                             use_binary_outputs=request.use_binary_outputs, requested_outputs=request.request_outputs)
+                             use_binary_outputs=request.use_binary_outputs, requested_outputs=request.request_outputs,
+                             parameters=digest)
 
     def _render(self, images: list[PreparedImage], cams: np.ndarray) -> list[str]:
         """The predictor's CAM over the stage-1 pixels this transformer already decoded (no second decode)."""

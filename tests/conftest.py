@@ -51,8 +51,9 @@ def make_kaggle_subset(dest: Path, per_class: int = 20, source: Path | None = No
     return dest
 
 
-# The web app's session-wide services (PostgreSQL, moto, the serving stack) live in a plugin module.
-pytest_plugins = ["webapp_fixtures"]
+# The web app's session-wide services (PostgreSQL, moto, the serving stack) and the gateway's (Orthanc, the
+# transformer) live in plugin modules.
+pytest_plugins = ["webapp_fixtures", "gateway_fixtures"]
 # Session fixtures of the method-claims tests (a tiny trained + evaluated model), shared across modules.
 from claims_fixtures import tiny_model  # noqa: E402,F401
 

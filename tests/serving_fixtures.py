@@ -225,27 +225,34 @@ def dicom_from_image(data: bytes) -> bytes:
     return buffer.getvalue()
 
 
+def first_line(process, timeout: float) -> str:
+    """The first line ``process`` prints on stdout within ``timeout`` seconds ("" if none); later lines are read
+    and dropped in a thread, so that the process never blocks on a full pipe."""
+    import queue
+    import threading
+
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()
+    try:
+        return lines.get(timeout=timeout)
+    except queue.Empty:
+        return ""
+
+
 def serve_until_ready(args: list[str], env: dict, cwd: Path, log: Path, timeout: float = 300.0):
     """Start ``pneumoscope serve ARGS --log-file LOG`` as a real process and wait for its ``READY {json}`` line.
 
     Returns (process, info); fails the test with the stack's stderr and log when no READY line comes.
     """
     import json
-    import queue
     import subprocess
     import sys
-    import threading
 
     import pytest
 
     process = subprocess.Popen([sys.executable, "-m", "model.cli", "serve", *args, "--log-file", str(log)],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd)
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()
-    try:
-        line = lines.get(timeout=timeout)
-    except queue.Empty:
-        line = ""
+    line = first_line(process, timeout)
     if not line.startswith("READY "):
         process.kill()
         tail = log.read_text()[-3000:] if log.exists() else ""

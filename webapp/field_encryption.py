@@ -10,6 +10,9 @@ generated once into ``home/field-key`` (mode 0600). Replicas and the gateway mus
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import json
 import os
 from pathlib import Path
@@ -29,6 +32,9 @@ class FieldCipher:
             raise FieldKeyError("no field encryption key: set PNEUMOSCOPE_FIELD_KEYS")
         try:
             self._fernet = MultiFernet([Fernet(k) for k in keys])
+            # One fingerprint key per Fernet key, derived from it (never the key itself, which also encrypts).
+            self._fingerprint_keys = [hashlib.sha256(b"pneumoscope-fingerprint\0" + base64.urlsafe_b64decode(k))
+                                      .digest() for k in keys]
         except (ValueError, TypeError) as exc:
             raise FieldKeyError("PNEUMOSCOPE_FIELD_KEYS holds a key that is not a Fernet key "
                                 "(32 url-safe base64-encoded bytes, as cryptography's Fernet.generate_key() makes)"
@@ -52,6 +58,28 @@ class FieldCipher:
         except InvalidToken as exc:
             raise FieldKeyError("a stored identifying field does not open with the configured key "
                                 "(was PNEUMOSCOPE_FIELD_KEYS changed without keeping the old key?)") from exc
+
+    def encrypt_bytes(self, data: bytes) -> bytes:
+        """A file's bytes, encrypted (a DICOM object waiting to be sent back to a PACS)."""
+        return self._fernet.encrypt(data)
+
+    def decrypt_bytes(self, token: bytes) -> bytes:
+        try:
+            return self._fernet.decrypt(token)
+        except InvalidToken as exc:
+            raise FieldKeyError("a stored identifying file does not open with the configured key "
+                                "(was PNEUMOSCOPE_FIELD_KEYS changed without keeping the old key?)") from exc
+
+    def fingerprint(self, value: str) -> str:
+        """A keyed one-way digest of an identifier (HMAC-SHA256 under the current key): equal identifiers have
+        equal fingerprints, so a duplicate is found without storing the identifier, and without the key a
+        fingerprint cannot be checked against guessed identifiers (UIDs are often guessable)."""
+        return self.fingerprints(value)[0]
+
+    def fingerprints(self, value: str) -> list[str]:
+        """The fingerprint under every configured key, current first: a look-up matches rows written before a
+        rotation too."""
+        return [hmac.new(key, value.encode(), hashlib.sha256).hexdigest() for key in self._fingerprint_keys]
 
     def rotate(self, token: str) -> str:
         """Re-encrypt a token under the first (current) key."""

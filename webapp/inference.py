@@ -136,13 +136,22 @@ def _parse(reply: dict, seconds: float) -> InferenceResult:
         parameters = reply.get("parameters") or {}
         model_info = {k: parameters[k] for k in MODEL_INFO_KEYS if k in parameters} or None
     in_use = outputs.get("in_intended_use")
+    reasons = _reasons(reasons)
+    ood_score = float(outputs["ood_score"][0]) if outputs.get("ood_score") else None
+    in_intended_use = _boolean(in_use[0]) if in_use else None
+    digest = (reply.get("parameters") or {}).get("model_sha256")
+    # what the DICOM gateway repeats in its structured report (gateway.result_facts), absent fields left out
+    extra = {"decision": decision, "ood_score": ood_score, "in_intended_use": in_intended_use,
+             "model_sha256": str(digest) if digest else None,
+             "refer_reasons": [f"{r['code']}: {r['text']}" if r["text"] else r["code"] for r in reasons]
+             if reasons else None}
     return InferenceResult(
         probability=probability, label=str(outputs["label"][0]), threshold=float(outputs["threshold"][0]),
         model_name=str(reply.get("model_name") or ""), model_version=str(reply.get("model_version") or ""),
         heatmap_png=base64.b64decode(heatmap[0]) if heatmap else None, quality_flags=flags, seconds=seconds,
-        decision=decision, refer_reasons=_reasons(reasons),
-        ood_score=float(outputs["ood_score"][0]) if outputs.get("ood_score") else None,
-        in_intended_use=_boolean(in_use[0]) if in_use else None, model_info=model_info,
+        extra={k: v for k, v in extra.items() if v is not None},
+        decision=decision, refer_reasons=reasons, ood_score=ood_score, in_intended_use=in_intended_use,
+        model_info=model_info,
         cam=_grid(outputs.get("cam"), shapes.get("cam")), lung_mask=_grid(outputs.get("lung_mask"),
                                                                             shapes.get("lung_mask")),
         cam_lung_share=float(outputs["cam_lung_share"][0]) if outputs.get("cam_lung_share") else None)

@@ -3,6 +3,7 @@
 Studies hold no PHI in the clear beyond what the doctor types (the note, the impression): no file name, no DICOM
 header fields. The identifying fields (patient reference, accession number, view, clinical question) are one
 Fernet token (``Study.identity``, ``ReportVersion.patient``; :mod:`webapp.field_encryption`).
+A study received from a PACS keeps the original's patient and study modules encrypted until its results are sent.
 Secrets are stored hashed: passwords with argon2, API and session tokens with SHA-256 (they are
 random 256-bit values, so a fast hash is enough).
 """
@@ -16,6 +17,8 @@ from sqlalchemy import (JSON, Boolean, DateTime, Float, ForeignKey, Integer, Str
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 STATUSES = ("pending", "done", "rejected")
+#: Where a study came from: uploaded in the web app, or received from a PACS by the DICOM gateway.
+SOURCES = ("upload", "PACS")
 LABELS = ("NORMAL", "PNEUMONIA")
 #: A served answer's decision: the label, or REFER (in the indeterminate band fitted on val, or outside the
 #: intended use: a reader must decide without the model).
@@ -108,6 +111,10 @@ class Study(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
     status: Mapped[str] = mapped_column(String(16), default="pending", index=True)
     note: Mapped[str] = mapped_column(Text, default="")
+    source: Mapped[str] = mapped_column(String(16), default="upload", server_default="upload", index=True)
+    # What a result sent back to the PACS must repeat from the original (patient and study modules, UIDs), as a
+    # Fernet token (webapp.field_encryption); kept only until every result is sent, then cleared.
+    pacs_original: Mapped[str | None] = mapped_column(Text, nullable=True)
 
     # the stored (de-identified) file
     storage_prefix: Mapped[str] = mapped_column(String(64), unique=True)

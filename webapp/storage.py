@@ -63,6 +63,13 @@ class ImageStore:
         except OSError as exc:
             raise StorageError(f"cannot read from the image store {self.url}: {exc}") from None
 
+    def delete(self, key: str) -> None:
+        """Remove one file (best effort: a missing one is fine)."""
+        try:
+            self.fs.rm(self._path(key))
+        except (OSError, FileNotFoundError):
+            pass
+
     def delete_prefix(self, prefix: str) -> None:
         """Remove everything under one study's prefix (a failed upload's leftovers)."""
         path = self._path(prefix)

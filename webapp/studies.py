@@ -69,6 +69,7 @@ class Scoring:
     study: Study
     outcome: str  # scored | pending | rejected
     message: str = ""
+    result: InferenceResult | None = None  # the transformer's answer, when scored (fields the row has no column for)
 
 
 def clean_identity(values: dict | None) -> dict:
@@ -182,7 +183,7 @@ class StudyService:
             return Scoring(study, "pending", str(exc))
         INFERENCE_SECONDS.labels("ok").observe(result.seconds)
         study = await asyncio.to_thread(self._mark_done, study, result)
-        return Scoring(study, "scored")
+        return Scoring(study, "scored", result=result)
 
     def record_result(self, study_id: int, result: InferenceResult) -> Study:
         """Store a result for a study (what scoring does once the transformer has answered)."""
@@ -246,7 +247,9 @@ class StudyService:
         lease_until = now + timedelta(seconds=self.settings.inference_timeout_s + LEASE_MARGIN_S)
         claimed = []
         with transaction(self.factory) as db:
+            # Studies from a PACS are the DICOM gateway's: it scores them and sends their results back.
             due = db.scalars(select(Study.id).where(Study.status == "pending", Study.next_attempt_at <= now,
+                                                    Study.source != "PACS",
                                                     or_(Study.lease_until.is_(None), Study.lease_until < now))
                              .order_by(Study.next_attempt_at).limit(limit)).all()
             for study_id in due:
@@ -421,10 +424,34 @@ def export_reviewed(factory: sessionmaker[Session], store: ImageStore, out: Path
     return {"out": str(out), "exported": len(manifest), **counts}
 
 
+#: What an admin sees of a PACS study's original while its results wait to be sent (DICOM JSON tags).
+PACS_FIELDS = {"00100010": "patient_name", "00100020": "patient_id", "00080050": "accession_number",
+               "0020000D": "study_instance_uid", "00080020": "study_date"}
+
+
+def pacs_summary(study: Study, cipher) -> dict | None:
+    """Admins only: the identifying fields of a study received from a PACS, decrypted, while they are kept (until
+    every result is sent back)."""
+    from webapp.field_encryption import FieldKeyError
+
+    if study.source != "PACS" or not study.pacs_original:
+        return None
+    try:
+        kept = cipher.decrypt(study.pacs_original)
+    except FieldKeyError as exc:  # the app's key is not the gateway's: say so instead of failing the page
+        return {"error": str(exc)}
+    summary = {}
+    for tag, name in PACS_FIELDS.items():
+        value = ((kept.get(tag) or {}).get("Value") or [None])[0]
+        summary[name] = value.get("Alphabetic") if isinstance(value, dict) else value
+    return summary
+
+
 def study_json(study: Study, owner_name: str | None = None, identity: dict | None = None,
-               report=None) -> dict:
+               report=None, pacs: dict | None = None) -> dict:
     """The study as the API shows it. ``identity``: the decrypted patient block (only for its owner or an admin:
-    the callers' access check); ``report``: its newest report version."""
+    the callers' access check); ``report``: its newest report version; ``pacs``: an admin's view of a PACS
+    study's kept original (:func:`pacs_summary`)."""
     from webapp.report import quality_advice
 
     base = f"/api/studies/{study.id}"
@@ -442,6 +469,7 @@ def study_json(study: Study, owner_name: str | None = None, identity: dict | Non
     if study.feedback:
         feedback = {"verdict": study.feedback, "label": study.feedback_label, "at": _iso(study.feedback_at)}
     out = {"id": study.id, "status": study.status, "created_at": _iso(study.created_at), "note": study.note,
+           "source": study.source,
            "image_format": study.image_format, "deidentified": study.deidentified, "result": result,
            "rejection": study.rejection, "attempts": study.attempts, "feedback": feedback,
            "report": None if report is None else {"version": report.version, "state": report.state,
@@ -457,6 +485,8 @@ def study_json(study: Study, owner_name: str | None = None, identity: dict | Non
         out["next_attempt_at"] = _iso(study.next_attempt_at)
     if owner_name is not None:
         out["owner"] = owner_name
+    if pacs is not None:
+        out["pacs"] = pacs
     return out
 
 

@@ -535,7 +535,8 @@ def test_web_image_runs_as_the_dev_overlay_declares(base_image, tmp_path):
     assert info["Config"]["User"] not in ("", "root", "0") and info["Size"] < 600_000_000
     namespace = deployment["metadata"]["namespace"]
     # The Secret's values (the manifests only reference it): a SQLite file under the emptyDir /tmp.
-    secrets = {"database-url": "sqlite:////tmp/pneumoscope/web.db", "secret-key": uuid.uuid4().hex}
+    secrets = {"database-url": "sqlite:////tmp/pneumoscope/web.db", "secret-key": uuid.uuid4().hex,
+               "field-keys": "ZmllbGQta2V5cy1mb3ItdGhlLWltYWdlLXRlc3QtMDE="}  # a Fernet key (32 bytes, base64)
     spec = json.loads(json.dumps(spec))
     for item in spec["env"]:
         ref = item.get("valueFrom", {}).get("secretKeyRef")

@@ -130,6 +130,10 @@ def test_helm_lint_strict(values):
     ({"inference": {"model": {"sha256": ""}}}, "inference.model.sha256 is required with storageUri"),
     ({"inference": {"model": {"sha256": "abc"}}}, "inference.model.sha256"),
     ({"inference": {"drainSeconds": 0}}, "inference.drainSeconds"),
+    ({"gateway": {"pacs": {"cidrs": [], "namespace": ""}}}, "gateway.pacs needs the PACS's addresses"),
+    ({"gateway": {"sendTo": "ftp://pacs"}}, "gateway.sendTo"),
+    ({"gateway": {"aeTitle": "A_TITLE_OF_17_CHARS"}}, "gateway.aeTitle"),
+    ({"gateway": {"allowedAeTitles": []}}, "gateway.allowedAeTitles"),
 ])
 def test_helm_refuses_a_bad_value_naming_it(override, named):
     with pytest.raises(RenderError) as refused:
@@ -400,6 +404,31 @@ def test_network_policies_let_only_the_transformer_reach_the_predictor():
         pod_sources = [peer["podSelector"]["matchLabels"] for rule in obj["spec"]["ingress"]
                        for peer in rule["from"] if "podSelector" in peer]
         assert pod_sources == [{"serving.kserve.io/inferenceservice": "pneumonia", "component": "transformer"}]
+
+
+def test_the_gateway_lets_in_only_the_configured_pacs_and_reaches_the_transformer():
+    """Its NetworkPolicy admits DICOM from the PACS's addresses or namespace only (and Prometheus to the metrics
+    port); its pod carries no service-account token; the transformer's policy lets the gateway call it."""
+    pacs = {"cidrs": ["10.1.2.3/32"], "namespace": "pacs", "podLabels": {"app": "orthanc"}}
+    objects = helm_template(set_values={"gateway": {"pacs": pacs}})
+    policy = next(o for o in objects if o["kind"] == "NetworkPolicy" and o["metadata"]["name"] == "pneumoscope-gateway")
+    dicom = next(rule for rule in policy["spec"]["ingress"] if rule["ports"] == [{"port": 11112, "protocol": "TCP"}])
+    assert dicom["from"] == [{"ipBlock": {"cidr": "10.1.2.3/32"}},
+                             {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "pacs"}},
+                              "podSelector": {"matchLabels": {"app": "orthanc"}}}]
+    assert all(rule["ports"] in ([{"port": 11112, "protocol": "TCP"}], [{"port": 9464, "protocol": "TCP"}])
+               for rule in policy["spec"]["ingress"])
+    for source, obj in all_objects():
+        if obj["kind"] == "Deployment" and obj["metadata"]["name"].endswith("-gateway"):
+            spec = obj["spec"]["template"]["spec"]
+            assert spec["automountServiceAccountToken"] is False, source_id(source)
+            env = {e["name"]: e for e in spec["containers"][0]["env"]}
+            assert env["PNEUMOSCOPE_FIELD_KEYS"]["valueFrom"]["secretKeyRef"]["key"] == "field-keys"
+            assert env["PNEUMOSCOPE_GATEWAY_ALLOWED_AES"]["value"], "an allow-list of calling AE titles"
+        if obj["kind"] == "NetworkPolicy" and obj["metadata"]["name"] == "pneumoscope-transformer":
+            callers = [peer.get("podSelector", {}).get("matchLabels", {}).get("app.kubernetes.io/name")
+                       for rule in obj["spec"]["ingress"] for peer in rule["from"]]
+            assert "pneumoscope-gateway" in callers, source_id(source)
 
 
 # -- Dockerfiles and checkov ------------------------------------------------------------------------------

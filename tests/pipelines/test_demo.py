@@ -42,6 +42,9 @@ FAKE_PNEUMOSCOPE = textwrap.dedent('''\
         print("predictor starting", file=sys.stderr)
         info = {"rest": "http://127.0.0.1:8480", "grpc": "127.0.0.1:8481", "web": "http://127.0.0.1:8482",
                 "model_name": "pneumonia", "model_version": "1", "predictor_rest": "http://127.0.0.1:9"}
+        if "--gateway-port" in sys.argv:
+            port = sys.argv[sys.argv.index("--gateway-port") + 1]
+            info["gateway"] = {"dicom": "127.0.0.1:" + port, "ae_title": "PNEUMOSCOPE"}
         print("READY " + json.dumps(info), flush=True)
         time.sleep(0.5)
         print("stopping", file=sys.stderr)
@@ -88,7 +91,8 @@ def test_the_demo_prints_a_line_per_phase_and_step_then_the_login_and_urls_last_
     text = "\n".join(box)
     for expected in ("http://127.0.0.1:8482", "s3cret-Pa55", "http://127.0.0.1:8480", "127.0.0.1:8481",
                      "pneumonia version 1 (challenger, champion)",
-                     "not served: onnxruntime/int8: max |logit diff| 0.459 > 0.268", str(logs)):
+                     "not served: onnxruntime/int8: max |logit diff| 0.459 > 0.268", str(logs),
+                     "storescu -aec PNEUMOSCOPE 127.0.0.1 8484 FILM.dcm"):
         assert expected in text, (expected, text)
     before_box = "\n".join(lines[:box_start])
     assert "s3cret-Pa55" not in before_box and "READY" not in before_box

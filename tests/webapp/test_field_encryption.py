@@ -48,3 +48,23 @@ def test_a_malformed_key_is_one_clear_error(tmp_path):
         FieldCipher.from_config("not-a-key", tmp_path)
     with pytest.raises(FieldKeyError, match="no field encryption key"):
         FieldCipher([])
+
+
+def test_files_round_trip_encrypted(tmp_path):
+    cipher = FieldCipher.from_config(None, tmp_path)
+    data = b"DICM" + b"Doe^Jane-MARKER" * 100
+    token = cipher.encrypt_bytes(data)
+    assert b"Doe^Jane-MARKER" not in token and cipher.decrypt_bytes(token) == data
+    with pytest.raises(FieldKeyError, match="does not open"):
+        FieldCipher.from_config(new_key(), tmp_path).decrypt_bytes(token)
+
+
+def test_fingerprints_are_keyed_stable_and_survive_rotation(tmp_path):
+    old, new = new_key(), new_key()
+    uid = "1.2.826.0.1.3680043.8.498.1"
+    before = FieldCipher.from_config(old, tmp_path).fingerprint(uid)
+    assert before == FieldCipher.from_config(old, tmp_path).fingerprint(uid) and uid not in before
+    assert before != FieldCipher.from_config(old, tmp_path).fingerprint(uid + "0")
+    assert before != FieldCipher.from_config(new, tmp_path).fingerprint(uid), "another key, another fingerprint"
+    rotated = FieldCipher.from_config(f"{new},{old}", tmp_path)
+    assert rotated.fingerprints(uid) == [FieldCipher.from_config(new, tmp_path).fingerprint(uid), before]

@@ -23,7 +23,7 @@ from webapp.metrics import UPLOADS
 from webapp.models import FORMATS, Study
 from webapp import report_versions
 from webapp.studies import IDENTITY_FIELDS, StudyConflict, StudyFilter, StudyNotFound, clean_identity, clean_note, \
-    study_json
+    pacs_summary, study_json
 from webapp.uploads import UploadRejected, check_upload
 
 log = logging.getLogger(__name__)
@@ -181,8 +181,10 @@ def list_studies(request: Request, principal: Principal = Depends(api_principal)
 def get_study(study_id: int, request: Request, principal: Principal = Depends(api_principal),
               db: Session = Depends(db_session)):
     study = owned_study(request, principal, db, study_id)
-    return study_json(study, study.owner.username if principal.user.is_admin else None,
-                      ctx(request).service.identity_of(study), report_versions.latest(db, study))
+    admin = principal.user.is_admin
+    return study_json(study, study.owner.username if admin else None, ctx(request).service.identity_of(study),
+                      report_versions.latest(db, study),
+                      pacs_summary(study, ctx(request).settings.field_cipher()) if admin else None)
 
 
 @router.get("/{study_id}/image", summary="the stored (de-identified) file, or with variant=display an image a "

@@ -1,0 +1,219 @@
+"""The gateway's stages on their own, without processes: settings, the chest filter, what is kept of the original,
+the SR's content (with and without the intended-use fields), the migration, and the command's registration."""
+
+from __future__ import annotations
+
+import io
+import tomllib
+from datetime import datetime, timezone
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+
+from conftest import REPO
+from gateway import chest_filter, originals
+from gateway.result_facts import ResultFacts
+from gateway.settings import DEFAULT_MAX_OBJECT_BYTES, GatewaySettings, parse_destination
+from gateway.sr_writer import build_sr
+
+
+def test_the_default_size_limits_admit_real_films_end_to_end():
+    """16-bit CR/DX films are 10-30 MB: the gateway admits them, and the transformer admits what the gateway sends
+    (the de-identified file, about as large, plus the request's JSON header)."""
+    from serving.settings import ServingSettings
+    from webapp.settings import WebSettings
+
+    assert DEFAULT_MAX_OBJECT_BYTES >= 30_000_000
+    assert GatewaySettings().max_object_bytes == DEFAULT_MAX_OBJECT_BYTES
+    assert ServingSettings().max_payload_bytes >= DEFAULT_MAX_OBJECT_BYTES + 4096
+    assert ServingSettings().max_payload_bytes >= WebSettings().max_upload_bytes + 4096
+
+
+def test_destinations_are_dicomweb_urls_or_dicom_nodes():
+    assert parse_destination("http://pacs:8042/dicom-web/").url == "http://pacs:8042/dicom-web"
+    node = parse_destination("dicom://ORTHANC@pacs.example:4242")
+    assert (node.kind, node.ae_title, node.host, node.port) == ("cstore", "ORTHANC", "pacs.example", 4242)
+    assert parse_destination("https://user:secret@pacs/dicom-web").describe() == "STOW-RS https://pacs/dicom-web"
+    for bad in ("ftp://pacs", "dicom://pacs:4242", "pacs:4242", "dicom://A_TITLE_LONGER_THAN_16@pacs:1"):
+        with pytest.raises(ValueError):
+            parse_destination(bad)
+    with pytest.raises(ValueError, match="not an AE title"):
+        GatewaySettings(allowed_aes="GOOD,BAD\\TITLE")
+    assert GatewaySettings(allowed_aes=" A , B,").allowed_ae_titles() == ["A", "B"]
+    assert GatewaySettings(pull="http://pacs/dicom-web").destination().kind == "stow"  # results go where films are
+
+
+@pytest.mark.parametrize("tags, score, reason", [
+    ({"Modality": "DX", "BodyPartExamined": "CHEST"}, True, ""),
+    ({"Modality": "CR"}, True, ""),
+    ({"Modality": "dx", "BodyPartExamined": "chest "}, True, ""),
+    ({"Modality": "CT", "BodyPartExamined": "CHEST"}, False, "modality"),
+    ({"Modality": "SR"}, False, "modality"),
+    ({}, False, "modality"),
+    ({"Modality": "DX", "BodyPartExamined": "HAND"}, False, "body_part"),
+    ({"Modality": "DX", "NumberOfFrames": 2}, False, "multiframe"),
+])
+def test_only_single_frame_chest_cr_and_dx_are_scored(tags, score, reason):
+    header = Dataset()
+    for key, value in tags.items():
+        setattr(header, key, value)
+    verdict = chest_filter.classify(header)
+    assert (verdict.score, verdict.reason) == (score, reason)
+
+
+def _original() -> Dataset:
+    from pydicom.uid import generate_uid
+
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "Müller^Jörg", "MRN-1", "19700101", "M"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = generate_uid(), generate_uid(), generate_uid()
+    ds.SOPClassUID, ds.Modality = "1.2.840.10008.5.1.4.1.1.1.1", "DX"
+    ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.ReferringPhysicianName, ds.StudyID = \
+        "20260101", "101500", "ACC-1", "", "S1"
+    ds.InstitutionName, ds.OtherPatientIDs = "Hospital", "OTHER-ID"
+    return ds
+
+
+def test_only_the_patient_and_study_modules_and_the_uids_are_kept():
+    original = _original()
+    kept = originals.restore(originals.extract(original))
+    assert kept.PatientName == "Müller^Jörg" and kept.StudyInstanceUID == original.StudyInstanceUID
+    assert "InstitutionName" not in kept and "OtherPatientIDs" not in kept
+    del original.SeriesInstanceUID
+    with pytest.raises(originals.MissingIdentity, match="SeriesInstanceUID"):
+        originals.extract(original)
+
+
+def _facts(**extra) -> ResultFacts:
+    return ResultFacts(probability=0.83, label="PNEUMONIA", threshold=0.5, model_name="pneumonia", model_version="7",
+                       scored_at=datetime(2026, 12, 1, 10, 0, tzinfo=timezone.utc),
+                       quality_flags=["blurred"], **extra)
+
+
+def _codes(sr) -> dict:
+    found = {}
+
+    def walk(items):
+        for item in items:
+            code = item.ConceptNameCodeSequence[0].CodeValue if "ConceptNameCodeSequence" in item else None
+            if "MeasuredValueSequence" in item:
+                found[code] = float(item.MeasuredValueSequence[0].NumericValue)
+            elif "ConceptCodeSequence" in item:
+                found.setdefault(code, []).append(item.ConceptCodeSequence[0].CodeMeaning)
+            elif "TextValue" in item:
+                found.setdefault(code, []).append(item.TextValue)
+            walk(item.get("ContentSequence", []))
+
+    walk(sr.ContentSequence)
+    return found
+
+
+def test_the_sr_states_the_finding_probability_threshold_flags_and_algorithm():
+    original = _original()
+    sr = pydicom.dcmread(io.BytesIO(build_sr(original, _facts(), "1.2.3.4", "1.2.3.5", "pneumoscope", "1.2.3.6")))
+    content = _codes(sr)
+    assert content["P-PROB"] == pytest.approx(0.83) and content["P-THR"] == pytest.approx(0.5)
+    assert content["233604007"] == ["Present"] and content["P-QUAL"] == ["blurred"]
+    assert content["111001"] == ["pneumonia"] and content["111003"] == ["7"]
+    assert "P-DEC" not in content and "111002" not in content  # no decision, no digest in today's answer
+    assert (sr.VerificationFlag, sr.StudyInstanceUID, sr.PatientName) == ("UNVERIFIED", original.StudyInstanceUID,
+                                                                          "Müller^Jörg")
+    assert sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0] \
+        .ReferencedSOPSequence[0].ReferencedSOPInstanceUID == original.SOPInstanceUID
+
+
+def test_the_sr_carries_the_decision_refer_reasons_and_digest_when_the_answer_names_them():
+    facts = _facts(decision="REFER", refer_reasons=["out_of_distribution"], ood_score=3.5, in_intended_use=False,
+                   model_sha256="ab" * 32)
+    sr = pydicom.dcmread(io.BytesIO(build_sr(_original(), facts, "1.2.3.4", "1.2.3.5", "pneumoscope", "1.2.3.6")))
+    content = _codes(sr)
+    assert content["233604007"] == ["Indeterminate"] and content["P-DEC"] == ["REFER"]
+    assert content["P-REFER"] == ["out of distribution"] and content["P-OOD"] == pytest.approx(3.5)
+    assert content["P-USE"] == ["No"] and content["111002"] == [f"sha256:{'ab' * 32}"]  # algorithm parameters
+
+
+def test_migration_0003_upgrades_and_downgrades(tmp_path):
+    from sqlalchemy import inspect
+
+    from webapp.db import _alembic_config, make_engine, upgrade
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    assert upgrade(engine) == "0003"
+    assert {"gateway_instances", "gateway_outbox"} <= set(inspect(engine).get_table_names())
+    assert {"source", "pacs_original"} <= {c["name"] for c in inspect(engine).get_columns("studies")}
+    from alembic import command
+
+    config = _alembic_config(engine)
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.downgrade(config, "0001")
+    inspector = inspect(engine)
+    assert "gateway_outbox" not in inspector.get_table_names()
+    assert "source" not in {c["name"] for c in inspector.get_columns("studies")}
+    assert upgrade(engine) == "0003"
+
+
+def test_the_gateway_command_is_registered_like_the_others():
+    entry = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["entry-points"]["pneumoscope.commands"]
+    assert entry["gateway"] == "gateway.cli:add_commands"
+    from model.cli import OneLineErrorParser
+
+    parser = OneLineErrorParser(prog="pneumoscope")
+    from gateway.cli import add_commands
+
+    add_commands(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["gateway", "--pull", "http://pacs/dicom-web", "--port", "104"])
+    assert (args.pull, args.port) == ("http://pacs/dicom-web", 104)
+
+
+def test_a_bad_setting_is_one_line_and_exit_2(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "gateway", "--send-to", "ftp://pacs", "--home", str(tmp_path)],
+                            capture_output=True, text=True, timeout=60, cwd=REPO,
+                            env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "send_to" in result.stderr, result.stderr
+
+
+def test_studies_from_the_pacs_belong_to_the_service_user_and_only_admins_see_the_original(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from webapp import accounts
+    from webapp.app import create_app
+    from webapp.db import transaction
+    from webapp.models import Study
+    from webapp.settings import WebSettings
+
+    settings = WebSettings(home=tmp_path, secret_key="test", inference_url="http://127.0.0.1:9")
+    app = create_app(settings)
+    with TestClient(app) as client:
+        factory = app.state.ctx.factory
+        with transaction(factory) as db:
+            service = accounts.add_user(db, "pacs-gateway", "a-long-random-password")
+            accounts.add_user(db, "chief", "a-long-test-password", admin=True)
+            accounts.add_user(db, "alice", "a-long-test-password")
+            token = settings.field_cipher().encrypt(originals.extract(_original()))
+            study = Study(owner_id=service.id, source="PACS", pacs_original=token, storage_prefix="p1",
+                          image_format="dicom", image_sha256="0" * 64, image_bytes=1, status="rejected")
+            db.add(study)
+            db.flush()
+            study_id = study.id
+        with transaction(factory) as db:
+            tokens = {name: accounts.issue_token(db, name, "t")[0] for name in ("chief", "alice")}
+        as_admin = client.get(f"/api/studies/{study_id}", headers={"authorization": f"Bearer {tokens['chief']}"})
+        assert as_admin.status_code == 200
+        body = as_admin.json()
+        assert (body["source"], body["owner"]) == ("PACS", "pacs-gateway")
+        assert body["pacs"]["patient_name"] == "Müller^Jörg" and body["pacs"]["accession_number"] == "ACC-1"
+        listed = client.get("/api/studies", headers={"authorization": f"Bearer {tokens['chief']}"}).json()
+        assert [s["source"] for s in listed["items"]] == ["PACS"] and "pacs" not in listed["items"][0]
+        as_user = client.get(f"/api/studies/{study_id}", headers={"authorization": f"Bearer {tokens['alice']}"})
+        assert as_user.status_code == 404
+        with transaction(factory) as db:
+            db.get(Study, study_id).pacs_original = None  # what the outbox does once every result is stored
+        body = client.get(f"/api/studies/{study_id}", headers={"authorization": f"Bearer {tokens['chief']}"}).json()
+        assert "pacs" not in body
