@@ -17,7 +17,7 @@ from webapp.dependencies import Principal, check_csrf, ctx, db_session, page_pri
 from webapp.errors import AppError
 from webapp.models import LABELS
 from webapp.report import STATEMENT, decision_text, facts, quality_warnings, when
-from webapp.routers.studies_api import accept_upload, give_feedback, owned_study, read_upload_form
+from webapp.routers.studies_api import accept_upload, give_feedback, owned_study, read_study, read_upload_form
 from webapp.studies import StudyFilter
 from webapp.uploads import UploadRejected
 
@@ -86,7 +86,7 @@ def studies(request: Request, principal: Principal = Depends(page_principal), db
 @router.get("/studies/{study_id}")
 def study_page(study_id: int, request: Request, saved: int = 0, principal: Principal = Depends(page_principal),
                db: Session = Depends(db_session)):
-    study = owned_study(request, principal, db, study_id)
+    study = read_study(request, principal, db, study_id, "page")
     return render(request, "study.html", principal, study=study, saved=bool(saved))
 
 
@@ -109,5 +109,5 @@ def feedback_form(study_id: int, request: Request, verdict: str = Form(""), labe
 @router.get("/studies/{study_id}/report")
 def report_page(study_id: int, request: Request, principal: Principal = Depends(page_principal),
                 db: Session = Depends(db_session)):
-    study = owned_study(request, principal, db, study_id)
+    study = read_study(request, principal, db, study_id, "report")
     return render(request, "report.html", principal, study=study, facts=facts(study))
