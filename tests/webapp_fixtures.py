@@ -137,6 +137,19 @@ class Postgres:
     data: Path
     log: Path
     databases: list[str] = field(default_factory=list)
+    options: str = ""  # the server's command-line options, for a restart
+
+    def stop(self, mode: str = "fast") -> None:
+        """``pg_ctl stop``: ``fast`` (clients disconnected, clean shutdown) or ``immediate`` (a crash)."""
+        subprocess.run(_as_pg_user([str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop"]),
+                       check=True, capture_output=True, timeout=60)
+
+    def start(self) -> None:
+        started = subprocess.run(_as_pg_user([str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-l", str(self.log),
+                                              "-o", self.options, "-w", "-t", "60", "start"]),
+                                 capture_output=True, text=True, timeout=90)
+        if started.returncode != 0:
+            raise RuntimeError(f"PostgreSQL did not start again: {started.stderr}")
 
     def url(self, database: str = "postgres") -> str:
         return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
@@ -167,8 +180,12 @@ def _ensure_pg_user() -> None:
 
 
 @contextlib.contextmanager
-def running_postgres():
-    """Start a throw-away PostgreSQL 15 in a temporary folder on a free port; stop and remove it after."""
+def running_postgres(durable: bool = False):
+    """Start a throw-away PostgreSQL 15 in a temporary folder on a free port; stop and remove it after.
+
+    Fast by default (``synchronous_commit=off``: a crash may lose the last commits, which no test of the
+    default kind does). ``durable``: commits are acknowledged only once in the WAL, as in production, for the
+    tests that crash the server and count what survives (fsync stays off: a process crash, not a power cut)."""
     if not (PG_BIN / "initdb").exists():
         raise RuntimeError(f"PostgreSQL 15 not found at {PG_BIN}: run `make deps-web` (apt-get install postgresql-15)")
     _ensure_pg_user()
@@ -180,15 +197,15 @@ def running_postgres():
         subprocess.run(_as_pg_user([str(PG_BIN / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust",
                                     "--no-sync", "-E", "UTF8"]), check=True, capture_output=True)
         port = free_port()
-        options = f"-p {port} -k {data} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off " \
-                  f"-c full_page_writes=off -c max_connections=200"
+        options = f"-p {port} -k {data} -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off " \
+                  f"-c max_connections=200" + ("" if durable else " -c synchronous_commit=off")
         started = subprocess.run(_as_pg_user([str(PG_BIN / "pg_ctl"), "-D", str(data), "-l", str(log), "-o",
                                               options, "-w", "-t", "60", "start"]), capture_output=True, text=True)
         if started.returncode != 0:
             tail = log.read_text()[-2000:] if log.exists() else ""
             raise RuntimeError(f"PostgreSQL did not start: {started.stderr}\n{tail}")
         try:
-            yield Postgres(port, data, log)
+            yield Postgres(port, data, log, options=options)
         finally:
             subprocess.run(_as_pg_user([str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"]),
                            capture_output=True)
@@ -264,6 +281,11 @@ class WebStack:
 
 def predictor_pid(stack) -> int:
     """The predictor's PID now (the stack restarts it with a new one after a kill)."""
+    return stack_child_pid(stack, "serving.predictor_main")
+
+
+def stack_child_pid(stack, module: str) -> int:
+    """The PID of the stack's child that runs ``module`` now (``serving.transformer_main``, ``webapp``...)."""
     serve = stack.process.pid
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -273,9 +295,9 @@ def predictor_pid(stack) -> int:
             cmdline = (entry / "cmdline").read_bytes()
         except (OSError, IndexError, ValueError):
             continue
-        if ppid == serve and b"serving.predictor_main" in cmdline:
+        if ppid == serve and module.encode() in cmdline:
             return int(entry.name)
-    raise AssertionError("no predictor process under the stack")
+    raise AssertionError(f"no {module} process under the stack")
 
 
 def pneumoscope(*args: str, env: dict | None = None, stdin: str | None = None, timeout: float = 120):

@@ -14,15 +14,18 @@ from typing import Literal
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 from starlette.datastructures import UploadFile
 
-from webapp.dependencies import Principal, api_principal, ctx, db_session
+from webapp import audit
+from webapp.dependencies import Principal, api_principal, client_address, ctx, db_session
 from webapp.errors import AppError, Conflict, NotFound
 from webapp.metrics import UPLOADS
 from webapp.models import FORMATS, Study
 from webapp.report import render_pdf
-from webapp.studies import StudyConflict, StudyFilter, StudyNotFound, clean_note, study_json
+from webapp.storage import StorageError
+from webapp.studies import Scoring, StudyConflict, StudyFilter, StudyNotFound, clean_note, study_json
 from webapp.uploads import UploadRejected, check_upload
 
 log = logging.getLogger(__name__)
@@ -109,9 +112,16 @@ async def accept_upload(request: Request, principal: Principal, data: bytes, con
         UPLOADS.labels("invalid_request").inc()
         raise AppError(str(exc)) from None
     service = context.service
-    study = await service.create(principal.user, checked, note)
-    scoring = await service.score(study.id, context.settings.inline_wait_s, discard_rejected=True,
-                                  data=checked.data)
+    study = await service.create(principal.user, checked, note, client=client_address(request))
+    try:
+        scoring = await service.score(study.id, context.settings.inline_wait_s, discard_rejected=True,
+                                      data=checked.data)
+    except (DBAPIError, StorageError) as exc:
+        # Stored whole and committed: the study is not lost, only its result waits. Its lease runs out and the
+        # retry worker scores it; answering 503 would make the client upload it a second time.
+        log.warning("study %d stored; its result waits for the retry worker (%s)", study.id,
+                    str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
+        scoring = Scoring(study, "pending", "stored; the result follows")
     if scoring.outcome == "rejected":
         UPLOADS.labels("rejected_by_model").inc()
         raise UploadRejected("rejected_by_model", f"the image was not accepted for analysis: {scoring.message}",
@@ -142,6 +152,13 @@ def owned_study(request: Request, principal: Principal, db: Session, study_id: i
         raise NotFound(f"study {study_id} not found") from None
 
 
+def read_study(request: Request, principal: Principal, db: Session, study_id: int, what: str) -> Study:
+    """The study, for a read that the audit log records (``what``: page, result, image, heatmap, report)."""
+    study = owned_study(request, principal, db, study_id)
+    audit.record_view(db, principal.user, study.id, what, client_address(request))
+    return study
+
+
 @router.get("", response_model=StudyPage, summary="your studies, newest first (admins: everyone's)")
 def list_studies(request: Request, principal: Principal = Depends(api_principal), db: Session = Depends(db_session),
                  status: Literal["pending", "done", "rejected"] | None = None,
@@ -162,7 +179,7 @@ def list_studies(request: Request, principal: Principal = Depends(api_principal)
 @router.get("/{study_id}", summary="one study with its result")
 def get_study(study_id: int, request: Request, principal: Principal = Depends(api_principal),
               db: Session = Depends(db_session)):
-    study = owned_study(request, principal, db, study_id)
+    study = read_study(request, principal, db, study_id, "result")
     return study_json(study, study.owner.username if principal.user.is_admin else None)
 
 
@@ -170,7 +187,7 @@ def get_study(study_id: int, request: Request, principal: Principal = Depends(ap
                                          "browser shows (a PNG rendering for DICOM)")
 def get_image(study_id: int, request: Request, variant: Literal["original", "display"] = "original",
               principal: Principal = Depends(api_principal), db: Session = Depends(db_session)):
-    study = owned_study(request, principal, db, study_id)
+    study = read_study(request, principal, db, study_id, "image")
     store = ctx(request).store
     if variant == "display" and study.has_preview:
         return Response(store.get(study.preview_key()), media_type="image/png")
@@ -183,7 +200,7 @@ def get_image(study_id: int, request: Request, variant: Literal["original", "dis
             responses={409: {"description": "no result yet"}})
 def get_heatmap(study_id: int, request: Request, principal: Principal = Depends(api_principal),
                 db: Session = Depends(db_session)):
-    study = owned_study(request, principal, db, study_id)
+    study = read_study(request, principal, db, study_id, "heatmap")
     if not study.has_heatmap:
         raise Conflict(f"study {study_id} has no heatmap (status: {study.status})")
     return Response(ctx(request).store.get(study.heatmap_key()), media_type="image/png")
@@ -193,6 +210,8 @@ def get_heatmap(study_id: int, request: Request, principal: Principal = Depends(
 def get_report(study_id: int, request: Request, principal: Principal = Depends(api_principal),
                db: Session = Depends(db_session)):
     study = owned_study(request, principal, db, study_id)
+    audit.record(db, "exported", principal.user, study.id, client_address(request), "report PDF")
+    db.commit()
     store = ctx(request).store
     image = store.get(study.preview_key() if study.has_preview else study.image_key())
     heatmap = store.get(study.heatmap_key()) if study.has_heatmap else None
@@ -212,6 +231,8 @@ def give_feedback(request: Request, principal: Principal, db: Session, study_id:
                   label: str | None, note: str | None) -> Study:
     try:
         study = ctx(request).service.give_feedback(db, principal.user, study_id, verdict, label, note)
+        # verdict is one of the two review actions here: the service refused anything else
+        audit.record(db, verdict, principal.user, study.id, client_address(request), f"label {study.feedback_label}")
     except StudyNotFound:
         raise NotFound(f"study {study_id} not found") from None
     except StudyConflict as exc:
@@ -222,4 +243,4 @@ def give_feedback(request: Request, principal: Principal, db: Session, study_id:
     return study
 
 
-__all__ = ["router", "read_upload_form", "accept_upload", "owned_study", "give_feedback"]
+__all__ = ["router", "read_upload_form", "accept_upload", "owned_study", "read_study", "give_feedback"]
