@@ -8,6 +8,7 @@ temporary folder, on a free port), a real ``moto_server`` for S3, and the real s
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -403,3 +404,37 @@ def wait_for_status(get, study_id: int, want: str, timeout: float = 120.0) -> di
             return body
         time.sleep(0.25)
     raise AssertionError(f"study {study_id} is {body.get('status')}, not {want}, after {timeout:.0f} s: {body}")
+
+
+# -- consistency of what the web app stored ---------------------------------------------------------------
+
+def rows(database_url: str) -> dict[int, tuple[str, str, str, str]]:
+    """{study id: (storage prefix, image format, sha256, status)} straight from the database."""
+    from sqlalchemy import select
+
+    from webapp.db import make_engine
+    from webapp.models import Study
+
+    engine = make_engine(database_url)
+    try:
+        with engine.connect() as connection:
+            return {r.id: (r.storage_prefix, r.image_format, r.image_sha256, r.status) for r in connection.execute(
+                select(Study.id, Study.storage_prefix, Study.image_format, Study.image_sha256, Study.status))}
+    finally:
+        engine.dispose()
+
+
+def assert_rows_and_files_agree(database_url: str, images: Path) -> dict:
+    """Every row has its whole file; every stored file belongs to a row; no half-written file is left."""
+    stored = rows(database_url)
+    extensions = {"jpeg": "jpg", "png": "png", "dicom": "dcm"}
+    for study, (prefix, image_format, digest, _) in stored.items():
+        path = images / prefix / f"image.{extensions[image_format]}"
+        assert path.is_file(), f"study {study}: a row without its file"
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == digest, f"study {study}: a file not stored whole"
+    folders = {p.name for p in images.iterdir()} if images.exists() else set()
+    assert folders == {prefix for prefix, *_ in stored.values()}, \
+        f"files without a row: {sorted(folders - {p for p, *_ in stored.values()})}"
+    partial = [str(p) for p in images.rglob("*.partial-*")] if images.exists() else []
+    assert not partial, f"half-written files left: {partial}"
+    return stored

@@ -35,6 +35,10 @@ from webapp.uploads import CheckedUpload
 log = logging.getLogger(__name__)
 
 MAX_NOTE = 2000
+#: The largest id an INTEGER column holds on PostgreSQL (SQLite's holds more): larger ids name no study.
+MAX_ID = 2**31 - 1
+#: The deepest page a listing serves (the offset must stay a database integer; nobody pages this far).
+MAX_PAGE = 100_000
 #: Extra lease beyond the inference deadline, so a slow answer is not claimed twice.
 LEASE_MARGIN_S = 15.0
 
@@ -270,6 +274,8 @@ class StudyService:
 
     # -- queries ---------------------------------------------------------------------------------------
     def get(self, db: Session, user: User, study_id: int) -> Study:
+        if not 0 < study_id <= MAX_ID:  # no such row, and the databases refuse such an integer (a 500 before)
+            raise StudyNotFound(study_id)
         study = db.get(Study, study_id)
         if study is None or not (user.is_admin or study.owner_id == user.id):
             raise StudyNotFound(study_id)

@@ -31,8 +31,8 @@ import pytest
 
 from fault_proxy import FaultProxy
 from serving_fixtures import xray_files
-from webapp_fixtures import (api_token, free_port, full_res_xrays, make_bucket, running_postgres, s3_environment,
-                             stack_child_pid, start_web)
+from webapp_fixtures import (api_token, assert_rows_and_files_agree, free_port, full_res_xrays, make_bucket, rows,
+                             running_postgres, s3_environment, stack_child_pid, start_web)
 
 pytestmark = pytest.mark.integration
 
@@ -93,38 +93,6 @@ def load(url: str, token: str, files: list[Path], clients: int = CLIENTS, pause:
         stop.set()
         for thread in threads:
             thread.join(120)
-
-
-def rows(database_url: str) -> dict[int, tuple[str, str, str, str]]:
-    """{study id: (storage prefix, image format, sha256, status)} straight from the database."""
-    from sqlalchemy import select
-
-    from webapp.db import make_engine
-    from webapp.models import Study
-
-    engine = make_engine(database_url)
-    try:
-        with engine.connect() as connection:
-            return {r.id: (r.storage_prefix, r.image_format, r.image_sha256, r.status) for r in connection.execute(
-                select(Study.id, Study.storage_prefix, Study.image_format, Study.image_sha256, Study.status))}
-    finally:
-        engine.dispose()
-
-
-def assert_rows_and_files_agree(database_url: str, images: Path) -> dict:
-    """Every row has its whole file; every stored file belongs to a row; no half-written file is left."""
-    stored = rows(database_url)
-    extensions = {"jpeg": "jpg", "png": "png", "dicom": "dcm"}
-    for study, (prefix, image_format, digest, _) in stored.items():
-        path = images / prefix / f"image.{extensions[image_format]}"
-        assert path.is_file(), f"study {study}: a row without its file"
-        assert hashlib.sha256(path.read_bytes()).hexdigest() == digest, f"study {study}: a file not stored whole"
-    folders = {p.name for p in images.iterdir()} if images.exists() else set()
-    assert folders == {prefix for prefix, *_ in stored.values()}, \
-        f"files without a row: {sorted(folders - {p for p, *_ in stored.values()})}"
-    partial = [str(p) for p in images.rglob("*.partial-*")] if images.exists() else []
-    assert not partial, f"half-written files left: {partial}"
-    return stored
 
 
 def wait_until(condition, timeout: float, what: str, step: float = 0.5):

@@ -18,7 +18,7 @@ from webapp.errors import AppError
 from webapp.models import LABELS
 from webapp.report import STATEMENT, decision_text, facts, quality_warnings, when
 from webapp.routers.studies_api import accept_upload, give_feedback, owned_study, read_study, read_upload_form
-from webapp.studies import StudyFilter
+from webapp.studies import MAX_PAGE, StudyFilter
 from webapp.uploads import UploadRejected
 
 router = APIRouter(include_in_schema=False)
@@ -59,7 +59,7 @@ async def upload_form(request: Request, principal: Principal = Depends(page_prin
 @router.get("/studies")
 def studies(request: Request, principal: Principal = Depends(page_principal), db: Session = Depends(db_session),
             date_from: str = Query("", alias="from"), date_to: str = Query("", alias="to"), label: str = "",
-            status: str = "", feedback: str = "", q: str = "", page: int = Query(1, ge=1)):
+            status: str = "", feedback: str = "", q: str = "", page: int = Query(1, ge=1, le=MAX_PAGE)):
     errors = []
 
     def as_date(value: str, name: str) -> date | None:

@@ -25,7 +25,8 @@ from webapp.metrics import UPLOADS
 from webapp.models import FORMATS, Study
 from webapp.report import render_pdf
 from webapp.storage import StorageError
-from webapp.studies import Scoring, StudyConflict, StudyFilter, StudyNotFound, clean_note, study_json
+from webapp.studies import (MAX_PAGE, Scoring, StudyConflict, StudyFilter, StudyNotFound, clean_note,
+                             study_json)
 from webapp.uploads import UploadRejected, check_upload
 
 log = logging.getLogger(__name__)
@@ -130,7 +131,15 @@ async def accept_upload(request: Request, principal: Principal, data: bytes, con
     return scoring
 
 
+#: The upload's body as OpenAPI describes it (the route reads the stream itself, to count bytes as they arrive).
+UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["file"], "properties": {
+        "file": {"type": "string", "format": "binary", "description": "a JPEG, PNG or DICOM chest X-ray"},
+        "note": {"type": "string", "maxLength": 2000, "description": "for the doctor's own search; no PHI"}}}}}}}
+
+
 @router.post("", status_code=201, summary="upload an X-ray (multipart field 'file', optional 'note')",
+             openapi_extra=UPLOAD_BODY,
              responses={201: {"description": "stored and scored"},
                         202: {"description": "stored; the inference service is busy or down, so it is pending"},
                         413: {"description": "larger than the limit"}, 415: {"description": "not an image"},
@@ -168,7 +177,7 @@ def list_studies(request: Request, principal: Principal = Depends(api_principal)
                  date_to: date | None = Query(None, alias="to", description="uploaded on or before (UTC)"),
                  q: str | None = Query(None, max_length=200, description="text in the note"),
                  owner: str | None = Query(None, description="admins: one user's studies"),
-                 page: int = Query(1, ge=1), per_page: int = Query(20, ge=1, le=100)):
+                 page: int = Query(1, ge=1, le=MAX_PAGE), per_page: int = Query(20, ge=1, le=100)):
     f = StudyFilter(status, label, feedback, date_from, date_to, q, owner, page, per_page)
     rows, total = ctx(request).service.search(db, principal.user, f)
     admin = principal.user.is_admin
