@@ -30,13 +30,15 @@ class MlflowServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 120.0) -> "MlflowServer":
+    def argv(self) -> list[str]:
         self.port = self.port or free_port()
-        argv = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port",
+        return [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port",
                 str(self.port), "--backend-store-uri", self.backend_uri, "--artifacts-destination", self.artifacts,
                 "--workers", "1"]
+
+    def start(self, timeout: float = 120.0) -> "MlflowServer":
         with open(self.log, "ab") as out:
-            self.process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            self.process = subprocess.Popen(self.argv(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                                             env={**os.environ, **self.env})
         try:
             wait_http(f"{self.url}/health", self.process, timeout, self.log)

@@ -100,8 +100,9 @@ PHI = {"PatientName": "Doe^Jane", "PatientID": "MRN-445566", "PatientBirthDate":
        "AccessionNumber": "ACC-778899", "ReferringPhysicianName": "House^Gregory", "OtherPatientIDs": "OID-1234"}
 
 
-def make_dicom(source: Path | None = None, pixels: bool = True) -> bytes:
-    """A DX DICOM file carrying identifying attributes (and a private tag), with a real X-ray's pixels."""
+def make_dicom(source: Path | None = None, pixels: bool = True, phi: dict | None = None) -> bytes:
+    """A DX DICOM file carrying identifying attributes (``phi``, default PHI; and a private tag), with a real
+    X-ray's pixels."""
     from PIL import Image
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -114,10 +115,10 @@ def make_dicom(source: Path | None = None, pixels: bool = True) -> bytes:
     ds.SOPClassUID, ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID
     ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
     ds.Modality, ds.StudyDate = "DX", "20240301"
-    for key, value in PHI.items():
+    for key, value in (phi or PHI).items():
         setattr(ds, key, value)
     ds.add_new((0x0029, 0x0010), "LO", "ACME SCANNER")
-    ds.add_new((0x0029, 0x1001), "LO", "private note about Doe^Jane")
+    ds.add_new((0x0029, 0x1001), "LO", f"private note about {(phi or PHI)['PatientName']}")
     if pixels:
         with Image.open(source or full_res_xrays(1)[0]) as image:
             gray = np.asarray(image.convert("L"), dtype=np.uint16) * 16  # as a 12-bit detector would
