@@ -57,7 +57,8 @@ class Service:
     env: dict = field(default_factory=dict)
     log_path: Path | None = None
     process: subprocess.Popen | None = None
-    restarts: int = 0
+    restarts: int = 0  # since it last stayed up for a minute (the back-off's exponent)
+    starts: int = 0  # by the supervisor, the first included
     next_start: float = 0.0
     started_at: float = 0.0
 
@@ -157,6 +158,7 @@ class Supervisor:
                     self._was_ready[name] = False
                     if now >= service.next_start:
                         service.restarts += 1
+                        service.starts += 1
                         service.next_start = now + min(10.0, 0.5 * 2 ** min(service.restarts - 1, 5))
                         service.start()
                     continue
@@ -308,7 +310,7 @@ def main() -> int:
                     root / "predictor.log"),
             Service("transformer", http_ok(f"http://127.0.0.1:{t_http}/v2/models/pneumonia/ready"),
                     [python, "-m", "serving.transformer_main", "--http_port", str(t_http), "--grpc_port",
-                     str(t_http + 1), "--bind", "127.0.0.1", "--predictor_host", f"127.0.0.1:{p_http}"],
+                     str(t_http + 1), "--bind", "127.0.0.1", "--predictor_host", f"127.0.0.1:{p_grpc}"],
                     serving_env, root / "transformer.log"),
             Service("web", http_ok(f"http://127.0.0.1:{web_port}/readyz"),
                     [python, "-m", "webapp", "--host", "127.0.0.1", "--port", str(web_port)], web_env,
@@ -319,7 +321,7 @@ def main() -> int:
         supervisor.start()
         try:
             deadline = time.monotonic() + 600
-            while not supervisor.all_ready():
+            while not (supervisor.all_ready() and answers(f"http://127.0.0.1:{t_http}", films[0])):
                 if time.monotonic() > deadline:
                     raise RuntimeError("the stack did not become ready within 10 min; see the logs in " + str(root))
                 time.sleep(1)
@@ -383,13 +385,25 @@ def main() -> int:
                                        for t in {r["target"] for r in recoveries}},
               "studies": {"accepted": len(outcomes.accepted), "lost": len(lost), "lost_ids": lost[:20],
                           "pending_after_recovery": len(pending), "scored_twice": scored_twice},
-              "restarts": {name: s.restarts for name, s in supervisor.services.items()},
+              "starts": {name: s.starts for name, s in supervisor.services.items()},  # the first included
               "load_average_before": [round(x, 2) for x in load_before],
               "load_average_after": [round(x, 2) for x in os.getloadavg()], "cpu": cpu_info(), "files": str(root)}
     write_report(report, args.out)
     log(f"{len(kills)} kills; {len(outcomes.accepted)} studies accepted, {len(lost)} lost, {len(pending)} still "
         f"pending, {scored_twice} scored twice")
     return 1 if lost or scored_twice else 0
+
+
+def answers(transformer: str, film: Path) -> bool:
+    """One real inference through the transformer and the predictor (the default transformer -> predictor
+    protocol is gRPC: readiness alone would not show a wrong wiring)."""
+    from serving.client import ClientError, predict_v2
+
+    try:
+        predict_v2(transformer, film.read_bytes(), timeout=30)
+        return True
+    except ClientError:
+        return False
 
 
 def register_through_server(bundle: Path, tracking_uri: str) -> None:

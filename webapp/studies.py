@@ -159,7 +159,7 @@ class StudyService:
         old = {prefix for prefix, modified in self.store.prefixes() if modified < cutoff}
         if not old:
             return []
-        with self.factory() as db:
+        with session_scope(self.factory) as db:
             named = set()
             ordered = sorted(old)
             for start in range(0, len(ordered), 500):
@@ -231,14 +231,16 @@ class StudyService:
             return study
 
     def _mark_done(self, study: Study, result: InferenceResult) -> Study:
+        with session_scope(self.factory) as db:  # scored meanwhile: its heatmap must not be overwritten either
+            current = db.get(Study, study.id)
+            if current.status != "pending":
+                return self._drop_duplicate(current)
         if result.heatmap_png is not None:
             self.store.put(study.heatmap_key(), result.heatmap_png)
         with transaction(self.factory) as db:
             row = db.get(Study, study.id)
             if row.status != "pending":  # another process scored it while this answer was on its way
-                DUPLICATE_RESULTS.inc()
-                log.warning("study %d already had a result (%s); this one is dropped", study.id, row.status)
-                return row
+                return self._drop_duplicate(row)
             row.status = "done"
             row.probability, row.label, row.threshold = result.probability, result.label, result.threshold
             row.model_name, row.model_version = result.model_name, result.model_version
@@ -249,6 +251,12 @@ class StudyService:
             row.lease_until = row.next_attempt_at = None
             row.last_error = None
             return row
+
+    @staticmethod
+    def _drop_duplicate(row: Study) -> Study:
+        DUPLICATE_RESULTS.inc()
+        log.warning("study %d already had a result (%s); this one is dropped", row.id, row.status)
+        return row
 
     # -- the retry worker's side -----------------------------------------------------------------------
     def claim_due(self, limit: int) -> list[int]:
