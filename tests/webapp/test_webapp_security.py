@@ -208,6 +208,12 @@ def test_a_lockout_ends_and_never_locks_the_user_out_of_their_own_browser(app_ba
     assert sign_in_form(own_browser, "bob", PASSWORD).status_code == 303
     refused = audit_lines(app_backend, action="sign_in_refused")
     assert refused and {line.client for line in refused} >= {"203.0.113.9"}
+    assert sign_in_form(attacker, "Mrs Patient Name", "guess-guess-guess").status_code == 401
+    typed = audit_lines(app_backend, action="sign_in_failed")[-1]  # an unknown name is not written down
+    assert typed.actor == "(unknown)" and typed.actor_id is None and typed.detail == "unknown user name"
+    assert not any("Patient" in line.actor + line.detail for line in audit_lines(app_backend))
+    with app_backend.ctx.factory() as db:  # nor, for the rate limits, in the failures table: hashed there
+        assert not any("patient" in name for name in db.scalars(select(LoginAttempt.username)))
 
 
 # -- uploads that lie ------------------------------------------------------------------------------------------

@@ -27,6 +27,8 @@ LOGIN_FORM_MAX_AGE_S = 3600
 #: Marks a browser that signed in as a user before (signed; the user name and a random device id).
 DEVICE_COOKIE = "pneumoscope_device"
 DEVICE_COOKIE_MAX_AGE_S = 90 * 24 * 3600
+#: The audit log's actor for an attempt on a user name that does not exist (the name itself is not kept).
+UNKNOWN_ACTOR = "(unknown)"
 REASONS = {"expired": "Your session has expired. Please sign in again.",
            "signed_out": "You have signed out.",
            "invalid": "Please sign in again.",
@@ -86,7 +88,8 @@ async def login(request: Request, username: str = Form(""), password: str = Form
     wait = accounts.login_blocked(db, username, client, limit, per_user=device is None)
     known = accounts.find_user(db, username)
     if wait is not None:
-        audit.record(db, "sign_in_refused", known, client=address, detail=_attempt_detail(known, device))
+        audit.record(db, "sign_in_refused", known or UNKNOWN_ACTOR, client=address,
+                     detail=_attempt_detail(known, device))
         db.commit()
         minutes = max(1, round(wait / 60))
         return _login_page(request, error=f"Too many failed sign-ins. Try again in {minutes} minute"
@@ -95,7 +98,8 @@ async def login(request: Request, username: str = Form(""), password: str = Form
     user = await asyncio.to_thread(accounts.verify_password, db, username, password)
     if user is None:
         accounts.record_failure(db, username, client)
-        audit.record(db, "sign_in_failed", known, client=address, detail=_attempt_detail(known, device))
+        audit.record(db, "sign_in_failed", known or UNKNOWN_ACTOR, client=address,
+                     detail=_attempt_detail(known, device))
         db.commit()
         return _login_page(request, error="Wrong user name or password.", status=401, username=username,
                            next_url=next)
