@@ -281,8 +281,10 @@ def main() -> int:
         database = server.create_database("chaos")
         mlflow = MlflowServer(f"sqlite:///{root / 'mlflow.db'}", str(root / "mlflow-artifacts"), root / "mlflow.log")
         mlflow.start()
-        register_through_server(bundle, mlflow.url)
-        mlflow.stop()  # from here on the supervisor runs it, like every other process
+        try:
+            register_through_server(bundle, mlflow.url)
+        finally:
+            mlflow.stop()  # from here on the supervisor runs it, like every other process
         t_http = free_port_pair()  # the transformer: REST there, gRPC on the next port
         p_http, p_grpc = free_port({t_http, t_http + 1}), free_port({t_http, t_http + 1})
         web_port = free_port({p_http, p_grpc, t_http, t_http + 1})
