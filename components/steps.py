@@ -102,7 +102,7 @@ def register(dataset: Input[Dataset], checkpoint: Input[Model], model: Input[Mod
     import os
     from pathlib import Path
 
-    from components.runtime import champion_val_images, exit_quickly, registration_params
+    from components.runtime import champion_val_images, exit_quickly, keep_unregistered, registration_params
     from model.registry import log_and_register
 
     tracking_uri = mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
@@ -112,13 +112,19 @@ def register(dataset: Input[Dataset], checkpoint: Input[Model], model: Input[Mod
     evaluation = Path(model.path)
     report = json.loads((evaluation / "report.json").read_text())
     history = json.loads((Path(checkpoint.path) / "history.json").read_text())
-    registration = log_and_register(
-        evaluation / "bundle", report, history,
-        registration_params(dataset, checkpoint.path, report, pipeline_run_name),
-        tracking_uri=tracking_uri, model_name=model_name, plots_dir=evaluation / "plots",
-        data_quality_dir=Path(dataset.path) / "quality",
-        pipeline_run_id=pipeline_run_id, promotion=promotion, n_bootstrap=n_bootstrap,
-        champion_val_images=champion_val_images(dataset.path, report["val_predictions"]["index"]))
+    params = registration_params(dataset, checkpoint.path, report, pipeline_run_name)
+    val_images = champion_val_images(dataset.path, report["val_predictions"]["index"])
+    try:
+        registration = log_and_register(
+            evaluation / "bundle", report, history, params, tracking_uri=tracking_uri, model_name=model_name,
+            plots_dir=evaluation / "plots", data_quality_dir=Path(dataset.path) / "quality",
+            pipeline_run_id=pipeline_run_id, promotion=promotion, n_bootstrap=n_bootstrap,
+            champion_val_images=val_images, registration_id=pipeline_run_id or None)
+    except Exception as exc:
+        keep_unregistered(exc, evaluation, report, history, params, dataset.path, val_images, tracking_uri=tracking_uri,
+                          model_name=model_name, promotion=promotion, n_bootstrap=n_bootstrap,
+                          pipeline_run_id=pipeline_run_id)
+        raise
     info = dict(registration.to_dict(), pipeline_run_id=pipeline_run_id, pipeline_run_name=pipeline_run_name)
     exit_quickly()
     return registration.model_uri, registration.version, json.dumps(info, default=str, sort_keys=True)

@@ -8,6 +8,7 @@ the ``pneumoscope.commands`` entry-point group (``pipeline`` from ``pipelines``,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -52,9 +53,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from model.bundle import BundleError
     from model.data import DataError
     from model.errors import InvalidImageError
+    from model.kept_registration import KeptRegistrationError
     from model.registry import RegistryError
 
-    return USER_ERRORS + (CommandError, DataError, RegistryError, BundleError, InvalidImageError)
+    return USER_ERRORS + (CommandError, DataError, RegistryError, BundleError, InvalidImageError, KeptRegistrationError)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -135,6 +137,25 @@ def cmd_evaluate(args) -> int:
         print(f"{info['uri']} on {args.split} (n={result['n']}): AUC {result['auc']:.4f}  accuracy {result['accuracy']:.4f}  "
               f"sensitivity {result['sensitivity']:.4f}  specificity {result['specificity']:.4f}  ECE {result['ece']:.4f}  "
               f"threshold {result['threshold']:.4f}")
+    return 0
+
+
+def cmd_register(args) -> int:
+    from model.kept_registration import kept_root, list_kept, retry
+    from model.registry import RegistryError
+    from model.settings import Settings
+
+    home = Settings().home.resolve()
+    if args.list:
+        for item in list_kept(home):
+            print(json.dumps(item))
+        return 0
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # MLflow prints "View run ... at: URL"; stdout is the JSON
+            registration = retry(home, args.retry, args.mlflow_uri)
+    except RegistryError as exc:
+        raise CommandError(f"{exc}; the registration stays kept in {kept_root(home) / args.retry}") from None
+    print(json.dumps(registration.to_dict()))
     return 0
 
 
@@ -223,6 +244,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs (0: none)")
     ev.add_argument("--mlflow-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, then local SQLite)")
     ev.set_defaults(func=cmd_evaluate)
+
+    reg = commands.add_parser("register", help="finish a registration that MLflow could not take",
+                              description="When the pipeline's register step cannot reach MLflow (or its artifact "
+                                          "store), the model, its metrics and report are kept under "
+                                          "$PNEUMOSCOPE_HOME/registrations/RUN. --retry RUN registers them (once: a "
+                                          "retry after a partial attempt does not make a second version); --list "
+                                          "shows what is kept.")
+    action = reg.add_mutually_exclusive_group(required=True)
+    action.add_argument("--retry", metavar="RUN", help="finish the kept registration RUN")
+    action.add_argument("--list", action="store_true", help="list the kept registrations as JSON lines")
+    reg.add_argument("--mlflow-uri", help="register there instead of the MLflow the run was meant for")
+    reg.set_defaults(func=cmd_register)
 
     for plugin in sorted(entry_points(group="pneumoscope.commands"), key=lambda e: e.name):
         try:

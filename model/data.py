@@ -194,11 +194,41 @@ def _read_bytes(key: str) -> bytes:
         return fh.read()
 
 
+#: Reading one file of a remote source (s3://...): attempts, and the first back-off (doubled each time, with
+#: jitter). With s3fs's and botocore's own retries inside each attempt, an outage of up to about half a minute
+#: is ridden out; a longer one stops the ingest with one line instead of training on what happened to arrive.
+REMOTE_READ_ATTEMPTS = 5
+REMOTE_READ_BACKOFF_S = 1.0
+
+
+def _read_remote(key: str) -> bytes:
+    """``_read_bytes`` with retries: a remote file that cannot be read now is not a bad image. Only a missing
+    file counts as unreadable; when the store stays away, the whole ingest fails (DataError)."""
+    import random
+
+    last = None
+    for attempt in range(REMOTE_READ_ATTEMPTS):
+        try:
+            return _read_bytes(key)
+        except FileNotFoundError:
+            raise
+        except Exception as exc:  # botocore/aiohttp errors have no common base
+            last = exc
+            if attempt + 1 < REMOTE_READ_ATTEMPTS:
+                time.sleep(REMOTE_READ_BACKOFF_S * 2 ** attempt * random.uniform(0.8, 1.2))
+    detail = (str(last).strip().splitlines() or [type(last).__name__])[0][:200]
+    raise DataError(f"the data source {_worker_state['root']} did not answer reading {key} after "
+                    f"{REMOTE_READ_ATTEMPTS} attempts ({detail}); nothing was written: run the ingest again when "
+                    f"it is back")
+
+
 def _gate_one(key: str):
     from model import quality
 
+    fs = _worker_state["fs"]
+    local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
     try:
-        data = _read_bytes(key)
+        data = _read_bytes(key) if local else _read_remote(key)
     except OSError as exc:
         return key, None, None, None, "unreadable", str(exc), None
     digest = hashlib.sha256(data).hexdigest()
@@ -241,7 +271,7 @@ def gate_images(fs, root: str, images: list[SourceImage], config: PreprocessConf
                 accepted[key] = (digest, pixels, size, report)
     finally:
         if pool:
-            pool.shutdown()
+            pool.shutdown(cancel_futures=True)  # after a failure, the queued images are not read
     return accepted, rejected
 
 

@@ -116,17 +116,31 @@ def log_and_register(bundle_dir: str | Path, report: dict, history: list[dict], 
                      tracking_uri: str | None, model_name: str, plots_dir: str | Path | None = None,
                      pipeline_run_id: str = "", experiment: str = DEFAULT_EXPERIMENT, promotion: str = "auto",
                      alpha: float = 0.05, champion_val_images=None, n_bootstrap: int = 1000,
-                     data_quality_dir: str | Path | None = None) -> Registration:
+                     data_quality_dir: str | Path | None = None, registration_id: str | None = None) -> Registration:
     """One MLflow run per pipeline run: params, per-epoch metrics, eval metrics, plots, the data-quality
-    thumbnails (``data prepare``'s ``quality/``), the model."""
+    thumbnails (``data prepare``'s ``quality/``), the model.
+
+    ``registration_id`` (the pipeline run's id) makes it idempotent: a version already registered under that id
+    is finished (aliases, promotion) or returned, never registered twice; the runs of an earlier attempt that
+    registered nothing (MLflow or its artifact store went away halfway) are deleted with their artifacts."""
     import mlflow
 
     client = connect(tracking_uri)
     bundle = Bundle.load(bundle_dir)
+    if registration_id:
+        existing = _version_of_registration(client, model_name, registration_id)
+        if existing is not None:
+            log.info("%s version %s was registered by an earlier attempt of %s; finishing it", model_name,
+                     existing.version, registration_id)
+            return _finish_registration(client, model_name, existing.version, existing.tags["run_id"], report,
+                                        promotion, alpha, champion_val_images, n_bootstrap)
+        _discard_partial_runs(client, experiment, registration_id)
     _ensure_experiment(client, experiment, tracking_uri or default_tracking_uri())
     mlflow.set_experiment(experiment)
     tags = {"pneumoscope.manifest_sha256": report["manifest_sha256"], "pneumoscope.git_commit": git_commit(),
             "pneumoscope.pipeline_run_id": pipeline_run_id or "local", "pneumoscope.bundle_sha256": bundle.sha256}
+    if registration_id:
+        tags[REGISTRATION_TAG] = registration_id
     with mlflow.start_run(run_name=f"{model_name}-{pipeline_run_id or 'local'}"[:250], tags=tags) as run:
         mlflow.log_params({k: v for k, v in params.items() if v is not None})
         for record in history:
@@ -157,21 +171,71 @@ def log_and_register(bundle_dir: str | Path, report: dict, history: list[dict], 
                                       "preprocess": bundle.meta["preprocess"], "bundle_sha256": bundle.sha256}})
         version_tags = {"bundle_sha256": bundle.sha256, "run_id": run.info.run_id,
                         "evaluation_gate": evaluation_gate(report)}
+        if registration_id:
+            version_tags["registration_id"] = registration_id
         if report.get("reference"):  # the prediction mix `pneumoscope rollout analyze` compares live traffic with
             version_tags["reference_distribution"] = json.dumps(report["reference"], separators=(",", ":"))
         version = mlflow.register_model(model_info.model_uri, model_name, tags=version_tags)
         run_id = run.info.run_id
-    client.set_registered_model_alias(model_name, CHALLENGER, version.version)
-    decision = _decide_promotion(client, model_name, version.version, report, promotion, alpha,
-                                 champion_val_images, n_bootstrap)
-    if decision["promote"]:
-        client.set_registered_model_alias(model_name, CHAMPION, version.version)
-    client.set_model_version_tag(model_name, version.version, "promotion", decision["reason"])
-    aliases = client.get_model_version(model_name, version.version).aliases
-    log.info("registered %s version %s (aliases: %s): %s", model_name, version.version, ", ".join(aliases),
+    return _finish_registration(client, model_name, version.version, run_id, report, promotion, alpha,
+                                champion_val_images, n_bootstrap)
+
+
+#: The run tag and version tag that name the registration (the pipeline run) a version came from.
+REGISTRATION_TAG = "pneumoscope.registration_id"
+
+
+def _finish_registration(client, model_name: str, version: str, run_id: str, report: dict, promotion: str,
+                         alpha: float, champion_val_images, n_bootstrap: int) -> Registration:
+    """Aliases and the promotion decision; a version that has its ``promotion`` tag was finished before."""
+    tags = client.get_model_version(model_name, version).tags
+    if "promotion" in tags:
+        decision = {"promote": CHAMPION in client.get_model_version(model_name, version).aliases,
+                    "reason": tags["promotion"]}
+    else:
+        client.set_registered_model_alias(model_name, CHALLENGER, version)
+        decision = _decide_promotion(client, model_name, version, report, promotion, alpha,
+                                     champion_val_images, n_bootstrap)
+        if decision["promote"]:
+            client.set_registered_model_alias(model_name, CHAMPION, version)
+        client.set_model_version_tag(model_name, version, "promotion", decision["reason"])
+    aliases = client.get_model_version(model_name, version).aliases
+    log.info("registered %s version %s (aliases: %s): %s", model_name, version, ", ".join(aliases),
              decision["reason"])
-    return Registration(model_name, str(version.version), run_id, list(aliases), decision,
-                        f"models:/{model_name}/{version.version}")
+    return Registration(model_name, str(version), run_id, list(aliases), decision,
+                        f"models:/{model_name}/{version}")
+
+
+def _version_of_registration(client, model_name: str, registration_id: str):
+    """The version an earlier attempt of ``registration_id`` registered, or None."""
+    quoted = registration_id.replace("'", "")
+    try:
+        found = client.search_model_versions(f"name = '{model_name}' and tags.registration_id = '{quoted}'")
+    except Exception as exc:
+        if "RESOURCE_DOES_NOT_EXIST" in str(exc):
+            return None
+        raise
+    return max(found, key=lambda v: int(v.version)) if found else None
+
+
+def _discard_partial_runs(client, experiment: str, registration_id: str) -> None:
+    """Delete the runs (and their artifacts) of earlier attempts of ``registration_id`` that registered nothing:
+    half-logged metrics and half-uploaded model files must not stay behind in the tracking server or S3."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return
+    quoted = registration_id.replace("'", "")
+    for run in client.search_runs([found.experiment_id], f"tags.`{REGISTRATION_TAG}` = '{quoted}'"):
+        try:
+            get_artifact_repository(run.info.artifact_uri).delete_artifacts()
+        except Exception as exc:  # an artifact store that cannot delete (or is empty): the run goes anyway
+            log.warning("could not delete the artifacts of the partial run %s: %s", run.info.run_id,
+                        str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
+        client.delete_run(run.info.run_id)
+        log.info("deleted run %s: an earlier attempt of %s that registered nothing", run.info.run_id,
+                 registration_id)
 
 
 def _decide_promotion(client, model_name: str, version: str, report: dict, promotion: str, alpha: float,

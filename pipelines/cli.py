@@ -211,6 +211,7 @@ def run_local(arguments: dict, pipeline_root: Path) -> dict:
     from pipelines.pneumonia_training import build_pipeline
 
     pipeline_root.mkdir(parents=True, exist_ok=True)
+    started = time.time()
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root))
     with warnings.catch_warnings(), WithoutExecutorInput(sys.stderr) as steps_log, \
             contextlib.redirect_stdout(steps_log):
@@ -222,8 +223,22 @@ def run_local(arguments: dict, pipeline_root: Path) -> dict:
             task = build_pipeline(retries=False)(**arguments)
         except RuntimeError as exc:  # kfp.local: "Pipeline ... finished with status FAILURE. Inner task failed: X."
             message = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
-            raise CommandError(f"{message} (the step's log is above; outputs under {pipeline_root})") from None
+            raise CommandError(f"{message} (the step's log is above; outputs under {pipeline_root}){_kept_hint(started)}"
+                               ) from None
     return dict(task.outputs)
+
+
+def _kept_hint(since: float) -> str:
+    """When the register step kept the run locally (MLflow was away), how to finish it."""
+    from model.kept_registration import REQUEST_FILE, kept_root
+    from model.settings import Settings
+
+    root = kept_root(Settings().home.resolve())
+    kept = [p.parent.name for p in root.glob(f"*/{REQUEST_FILE}") if p.stat().st_mtime >= since] if root.is_dir() else []
+    if not kept:
+        return ""
+    return (f"; MLflow did not take the registration: the model, its metrics and report are kept, finish with "
+            f"`pneumoscope register --retry {kept[0]}`")
 
 
 class WithoutExecutorInput(io.TextIOBase):

@@ -10,8 +10,10 @@ and KFP keys their cache on the identity of the upstream artifacts, so a hit onl
 done on the very same dataset artifact. ``register`` never caches: it writes to the registry.
 
 Retries. ``preprocess`` reads object storage (transient errors); ``train``/``evaluate`` may lose
-their node (spot GPUs, evictions). ``register`` is not retried: it is not idempotent (a retry after a
-partial failure could register a second version of the same model).
+their node (spot GPUs, evictions); ``register`` meets an MLflow server (or its S3) that restarts. The
+registration is idempotent per pipeline run (``registration_id``: a retry after a partial attempt finishes
+the version that attempt registered, or deletes its half-logged run and starts over), so it is retried
+with a back-off long enough for a server restart; the model it registers waits in the pipeline root.
 """
 
 # No `from __future__ import annotations`: KFP reads the pipeline function's annotations as types.
@@ -119,6 +121,8 @@ def build_pipeline(image: str = DEFAULT_IMAGE, retries: bool = True):
                              pipeline_run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER)
         _resources(reg, "register")
         reg.set_caching_options(enable_caching=False)
+        if retries:
+            reg.set_retry(num_retries=4, backoff_duration="60s", backoff_factor=2.0, backoff_max_duration="600s")
         kubernetes.use_secret_as_env(reg, S3_SECRET, S3_SECRET_KEYS, optional=True)
 
         outputs = NamedTuple("Outputs", [("model_uri", str), ("version", str), ("registration", str)])

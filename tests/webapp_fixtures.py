@@ -8,6 +8,7 @@ temporary folder, on a free port), a real ``moto_server`` for S3, and the real s
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -99,8 +100,9 @@ PHI = {"PatientName": "Doe^Jane", "PatientID": "MRN-445566", "PatientBirthDate":
        "AccessionNumber": "ACC-778899", "ReferringPhysicianName": "House^Gregory", "OtherPatientIDs": "OID-1234"}
 
 
-def make_dicom(source: Path | None = None, pixels: bool = True) -> bytes:
-    """A DX DICOM file carrying identifying attributes (and a private tag), with a real X-ray's pixels."""
+def make_dicom(source: Path | None = None, pixels: bool = True, phi: dict | None = None) -> bytes:
+    """A DX DICOM file carrying identifying attributes (``phi``, default PHI; and a private tag), with a real
+    X-ray's pixels."""
     from PIL import Image
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -113,10 +115,10 @@ def make_dicom(source: Path | None = None, pixels: bool = True) -> bytes:
     ds.SOPClassUID, ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID
     ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
     ds.Modality, ds.StudyDate = "DX", "20240301"
-    for key, value in PHI.items():
+    for key, value in (phi or PHI).items():
         setattr(ds, key, value)
     ds.add_new((0x0029, 0x0010), "LO", "ACME SCANNER")
-    ds.add_new((0x0029, 0x1001), "LO", "private note about Doe^Jane")
+    ds.add_new((0x0029, 0x1001), "LO", f"private note about {(phi or PHI)['PatientName']}")
     if pixels:
         with Image.open(source or full_res_xrays(1)[0]) as image:
             gray = np.asarray(image.convert("L"), dtype=np.uint16) * 16  # as a 12-bit detector would
@@ -137,6 +139,19 @@ class Postgres:
     data: Path
     log: Path
     databases: list[str] = field(default_factory=list)
+    options: str = ""  # the server's command-line options, for a restart
+
+    def stop(self, mode: str = "fast") -> None:
+        """``pg_ctl stop``: ``fast`` (clients disconnected, clean shutdown) or ``immediate`` (a crash)."""
+        subprocess.run(_as_pg_user([str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop"]),
+                       check=True, capture_output=True, timeout=60)
+
+    def start(self) -> None:
+        started = subprocess.run(_as_pg_user([str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-l", str(self.log),
+                                              "-o", self.options, "-w", "-t", "60", "start"]),
+                                 capture_output=True, text=True, timeout=90)
+        if started.returncode != 0:
+            raise RuntimeError(f"PostgreSQL did not start again: {started.stderr}")
 
     def url(self, database: str = "postgres") -> str:
         return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
@@ -167,8 +182,12 @@ def _ensure_pg_user() -> None:
 
 
 @contextlib.contextmanager
-def running_postgres():
-    """Start a throw-away PostgreSQL 15 in a temporary folder on a free port; stop and remove it after."""
+def running_postgres(durable: bool = False):
+    """Start a throw-away PostgreSQL 15 in a temporary folder on a free port; stop and remove it after.
+
+    Fast by default (``synchronous_commit=off``: a crash may lose the last commits, which no test of the
+    default kind does). ``durable``: commits are acknowledged only once in the WAL, as in production, for the
+    tests that crash the server and count what survives (fsync stays off: a process crash, not a power cut)."""
     if not (PG_BIN / "initdb").exists():
         raise RuntimeError(f"PostgreSQL 15 not found at {PG_BIN}: run `make deps-web` (apt-get install postgresql-15)")
     _ensure_pg_user()
@@ -180,15 +199,15 @@ def running_postgres():
         subprocess.run(_as_pg_user([str(PG_BIN / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust",
                                     "--no-sync", "-E", "UTF8"]), check=True, capture_output=True)
         port = free_port()
-        options = f"-p {port} -k {data} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off " \
-                  f"-c full_page_writes=off -c max_connections=200"
+        options = f"-p {port} -k {data} -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off " \
+                  f"-c max_connections=200" + ("" if durable else " -c synchronous_commit=off")
         started = subprocess.run(_as_pg_user([str(PG_BIN / "pg_ctl"), "-D", str(data), "-l", str(log), "-o",
                                               options, "-w", "-t", "60", "start"]), capture_output=True, text=True)
         if started.returncode != 0:
             tail = log.read_text()[-2000:] if log.exists() else ""
             raise RuntimeError(f"PostgreSQL did not start: {started.stderr}\n{tail}")
         try:
-            yield Postgres(port, data, log)
+            yield Postgres(port, data, log, options=options)
         finally:
             subprocess.run(_as_pg_user([str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"]),
                            capture_output=True)
@@ -264,6 +283,11 @@ class WebStack:
 
 def predictor_pid(stack) -> int:
     """The predictor's PID now (the stack restarts it with a new one after a kill)."""
+    return stack_child_pid(stack, "serving.predictor_main")
+
+
+def stack_child_pid(stack, module: str) -> int:
+    """The PID of the stack's child that runs ``module`` now (``serving.transformer_main``, ``webapp``...)."""
     serve = stack.process.pid
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -273,9 +297,9 @@ def predictor_pid(stack) -> int:
             cmdline = (entry / "cmdline").read_bytes()
         except (OSError, IndexError, ValueError):
             continue
-        if ppid == serve and b"serving.predictor_main" in cmdline:
+        if ppid == serve and module.encode() in cmdline:
             return int(entry.name)
-    raise AssertionError("no predictor process under the stack")
+    raise AssertionError(f"no {module} process under the stack")
 
 
 def pneumoscope(*args: str, env: dict | None = None, stdin: str | None = None, timeout: float = 120):
@@ -433,6 +457,24 @@ def store_result(env: dict, study_id: int, **fields) -> None:
         engine.dispose()
 
 
+# -- consistency of what the web app stored ---------------------------------------------------------------
+
+def rows(database_url: str) -> dict[int, tuple[str, str, str, str]]:
+    """{study id: (storage prefix, image format, sha256, status)} straight from the database."""
+    from sqlalchemy import select
+
+    from webapp.db import make_engine
+    from webapp.models import Study
+
+    engine = make_engine(database_url)
+    try:
+        with engine.connect() as connection:
+            return {r.id: (r.storage_prefix, r.image_format, r.image_sha256, r.status) for r in connection.execute(
+                select(Study.id, Study.storage_prefix, Study.image_format, Study.image_sha256, Study.status))}
+    finally:
+        engine.dispose()
+
+
 def film_with_marker(source: Path, box: tuple[float, float, float, float], value: int = 255) -> bytes:
     """A real X-ray (PNG) with a filled square planted at ``box`` = (y0, x0, y1, x1), shares of the height/width."""
     from PIL import Image
@@ -470,3 +512,19 @@ def dicom_16bit(source: Path, window: tuple[float, float] | None = None, monochr
     out = io.BytesIO()
     dataset.save_as(out, enforce_file_format=True)
     return out.getvalue()
+
+
+def assert_rows_and_files_agree(database_url: str, images: Path) -> dict:
+    """Every row has its whole file; every stored file belongs to a row; no half-written file is left."""
+    stored = rows(database_url)
+    extensions = {"jpeg": "jpg", "png": "png", "dicom": "dcm"}
+    for study, (prefix, image_format, digest, _) in stored.items():
+        path = images / prefix / f"image.{extensions[image_format]}"
+        assert path.is_file(), f"study {study}: a row without its file"
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == digest, f"study {study}: a file not stored whole"
+    folders = {p.name for p in images.iterdir()} if images.exists() else set()
+    assert folders == {prefix for prefix, *_ in stored.values()}, \
+        f"files without a row: {sorted(folders - {p for p, *_ in stored.values()})}"
+    partial = [str(p) for p in images.rglob("*.partial-*")] if images.exists() else []
+    assert not partial, f"half-written files left: {partial}"
+    return stored

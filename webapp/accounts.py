@@ -100,11 +100,13 @@ class RateLimit:
     per_client: int
 
 
-def login_blocked(db: Session, username: str, client: str, limit: RateLimit) -> float | None:
-    """Seconds until the next attempt is allowed, or None when it is allowed now."""
+def login_blocked(db: Session, username: str, client: str, limit: RateLimit, per_user: bool = True) -> float | None:
+    """Seconds until the next attempt is allowed, or None when it is allowed now. ``per_user=False`` (a known
+    device): only ``client``'s own failures count, at the per-user limit."""
     since = utcnow() - timedelta(seconds=limit.window_s)
-    for column, value, most in ((LoginAttempt.username, username.lower(), limit.per_user),
-                                (LoginAttempt.client, client, limit.per_client)):
+    checks = ([(LoginAttempt.username, attempted_name(username), limit.per_user)] if per_user else []) + \
+        [(LoginAttempt.client, client, limit.per_client if per_user else limit.per_user)]
+    for column, value, most in checks:
         count, oldest = db.execute(select(func.count(), func.min(LoginAttempt.at))
                                    .where(column == value, LoginAttempt.at > since)).one()
         if count >= most:
@@ -113,13 +115,21 @@ def login_blocked(db: Session, username: str, client: str, limit: RateLimit) -> 
     return None
 
 
+def attempted_name(username: str) -> str:
+    """How a failed sign-in's user name is kept for the limits: hashed, since a person may type anything there
+    (a patient's name in the wrong field, a password)."""
+    return sha256(username.lower())
+
+
 def record_failure(db: Session, username: str, client: str) -> None:
-    db.add(LoginAttempt(username=username.lower()[:64], client=client[:64]))
+    db.add(LoginAttempt(username=attempted_name(username), client=client[:64]))
 
 
-def forget_failures(db: Session, username: str, window_s: float) -> None:
-    """A successful sign-in clears that user's failures; old rows of everyone are pruned too."""
-    db.execute(delete(LoginAttempt).where(LoginAttempt.username == username.lower()))
+def forget_failures(db: Session, username: str, client: str, window_s: float) -> None:
+    """A successful sign-in clears that user's failures from the same client (not those of someone guessing
+    elsewhere: they would get a fresh set of guesses each time the user signs in); old rows are pruned too."""
+    db.execute(delete(LoginAttempt).where(LoginAttempt.username == attempted_name(username),
+                                          LoginAttempt.client == client))
     db.execute(delete(LoginAttempt).where(LoginAttempt.at < utcnow() - timedelta(seconds=window_s)))
 
 

@@ -18,7 +18,8 @@ from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -110,7 +111,7 @@ def create_app(settings: WebSettings | None = None, start_worker: bool = True) -
             await context.client.aclose()
             context.engine.dispose()
 
-    from webapp.routers import auth, health, pages, reading_api, studies_api
+    from webapp.routers import admin, auth, health, pages, reading_api, studies_api
 
     app = FastAPI(title="pneumoscope", version="1", lifespan=lifespan,
                   description="The doctor's app: upload a chest X-ray, see the probability of pneumonia and the "
@@ -121,7 +122,7 @@ def create_app(settings: WebSettings | None = None, start_worker: bool = True) -
     app.add_middleware(MetricsMiddleware)
 
     app.mount("/static", StaticFiles(directory=str(PACKAGE / "static")), name="static")
-    for router in (health.router, auth.router, studies_api.router, reading_api.router, pages.router):
+    for router in (health.router, auth.router, studies_api.router, reading_api.router, pages.router, admin.router):
         app.include_router(router)
     install_error_handlers(app)
     return app
@@ -174,11 +175,21 @@ def install_error_handlers(app: FastAPI) -> None:
             message = "not found"
         return error_response(request, exc.status_code, message, "http_error", dict(exc.headers or {}))
 
-    @app.exception_handler(OperationalError)
-    async def database_down(request: Request, exc: OperationalError):
-        log.error("database error: %s", str(exc).splitlines()[0])
+    async def database_down(request: Request, exc: Exception):
+        log.error("database error: %s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         return error_response(request, 503, "the database is not reachable; try again shortly", "unavailable",
                               {"retry-after": "5"})
+
+    # Down, restarting, refusing connections, full, or out of pooled connections: the request can succeed later.
+    for unavailable in (OperationalError, InterfaceError, PoolTimeout):
+        app.add_exception_handler(unavailable, database_down)
+
+    @app.exception_handler(DBAPIError)
+    async def database_error(request: Request, exc: DBAPIError):
+        if exc.connection_invalidated:  # the connection broke under the statement: as unreachable
+            return await database_down(request, exc)
+        log.error("database error on %s %s", request.method, request.url.path, exc_info=exc)
+        return error_response(request, 500, "internal error", "internal")
 
     @app.exception_handler(StorageError)
     async def storage_down(request: Request, exc: StorageError):

@@ -73,6 +73,20 @@ def add_commands(commands) -> None:
     _settings_flags(export)
     export.set_defaults(func=cmd_studies_export)
 
+    audit = commands.add_parser(
+        "audit", help="read the web app's audit log (who did what to which study, when)",
+        description="Print the audit log, newest first: one line per event (time, user, action, study, client, "
+                    "detail), or JSON lines with --json. The log is append-only; reading it is recorded too.")
+    audit.add_argument("--user", help="one user's events")
+    audit.add_argument("--study", type=int, help="one study's events")
+    audit.add_argument("--action", help="one action (signed_in, viewed, exported, confirmed, corrected, ...)")
+    audit.add_argument("--since", metavar="YYYY-MM-DD", help="on or after this day (UTC)")
+    audit.add_argument("--until", metavar="YYYY-MM-DD", help="on or before this day (UTC)")
+    audit.add_argument("--limit", type=int, default=100, help="at most this many lines (default: 100)")
+    audit.add_argument("--json", action="store_true", help="JSON lines")
+    _settings_flags(audit)
+    audit.set_defaults(func=cmd_audit)
+
 
 def _settings_flags(parser, every: bool = False) -> None:
     """The web app's settings as flags: all of them for ``web``, where its data lives for the others."""
@@ -137,6 +151,17 @@ def _read_password(args, confirm: bool = True) -> tuple[str, bool]:
     return password, False
 
 
+def _audit(db, action: str, detail: str = "", study_id: int | None = None) -> None:
+    """An audit line for what an operator did at the console (in the transaction of the change)."""
+    from webapp import audit
+
+    try:
+        who = getpass.getuser()
+    except (KeyError, OSError):  # no name for this uid (a container's arbitrary user)
+        who = "unknown"
+    audit.record(db, action, f"{audit.CONSOLE}:{who}"[:64], study_id, client="cli", detail=detail)
+
+
 # -- commands -----------------------------------------------------------------------------------------
 
 def cmd_web(args) -> int:
@@ -199,6 +224,7 @@ def cmd_users_add(args) -> int:
             return 0
         password, generated = _read_password(args)
         accounts.add_user(db, args.name, password, admin=args.admin)
+        _audit(db, "user_added", f"{args.name}{' (admin)' if args.admin else ''}")
     role = "admin" if args.admin else "user"
     if generated:
         print(f"created {role} {args.name} with password: {password}")
@@ -215,6 +241,7 @@ def cmd_users_set_password(args) -> int:
         accounts.require_user(db, args.name)
         password, generated = _read_password(args)
         accounts.set_password(db, args.name, password)
+        _audit(db, "password_changed", args.name)
     print(f"new password for {args.name}: {password}" if generated else f"password of {args.name} changed")
     return 0
 
@@ -236,6 +263,7 @@ def cmd_users_token(args) -> int:
     with _transaction(args) as db:
         token, row = accounts.issue_token(db, args.name, args.label)
         token_id = row.id
+        _audit(db, "token_issued", f"{args.name}: token {token_id}")
     print(token)
     print(f"(token id {token_id}; shown only this once; send it as 'Authorization: Bearer <token>'; revoke with "
           f"`pneumoscope users revoke-token {token_id}`)", file=sys.stderr)
@@ -262,9 +290,11 @@ def cmd_users_revoke(args) -> int:
     with _transaction(args) as db:
         if args.all:
             count = accounts.revoke_all_tokens(db, args.all)
+            _audit(db, "token_revoked", f"{args.all}: all ({count})")
             print(f"revoked {count} token{'s' if count != 1 else ''} of {args.all}")
         else:
             rows = accounts.revoke_token(db, args.token)
+            _audit(db, "token_revoked", f"token {', '.join(str(r.id) for r in rows)}")
             print(f"revoked token {', '.join(str(r.id) for r in rows)}")
     return 0
 
@@ -280,5 +310,43 @@ def cmd_studies_export(args) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise CommandError(f"{out} exists and is not a folder")
-    print(json.dumps(export_reviewed(session_factory(engine), store, out, args.only_corrected)))
+    factory = session_factory(engine)
+    result = export_reviewed(factory, store, out, args.only_corrected)
+    from webapp.db import transaction
+
+    with transaction(factory) as db:
+        for study_id in result["studies"]:
+            _audit(db, "exported", f"training export to {out.name}"[:200], study_id)
+    print(json.dumps({k: v for k, v in result.items() if k != "studies"}))
+    return 0
+
+
+def cmd_audit(args) -> int:
+    from datetime import date
+
+    from model.cli import CommandError
+    from webapp import audit
+
+    try:
+        since = date.fromisoformat(args.since) if args.since else None
+        until = date.fromisoformat(args.until) if args.until else None
+    except ValueError:
+        raise CommandError("--since and --until take a day as YYYY-MM-DD") from None
+    if args.action and args.action not in audit.ACTIONS:
+        raise CommandError(f"unknown action {args.action!r}; one of {', '.join(audit.ACTIONS)}")
+    if args.limit < 1:
+        raise CommandError(f"--limit must be >= 1, got {args.limit}")
+    f = audit.AuditFilter(args.user, args.study, args.action, since, until, page=1, per_page=args.limit)
+    with _transaction(args) as db:
+        lines, total = audit.search(db, f)
+        rows = [audit.as_dict(line) for line in lines]
+        _audit(db, "audit_read", f"{len(rows)} of {total} lines")
+    for row in rows:
+        if args.json:
+            print(json.dumps(row))
+        else:
+            study = f"study {row['study_id']}" if row["study_id"] else "-"
+            print(f"{row['at']}\t{row['actor']}\t{row['action']}\t{study}\t{row['client']}\t{row['detail']}")
+    if total > len(rows):
+        print(f"({total - len(rows)} older lines not shown; --limit N shows more)", file=sys.stderr)
     return 0

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from functools import lru_cache
 from pathlib import Path
 
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 log = logging.getLogger(__name__)
@@ -44,9 +45,24 @@ def session_factory(engine: Engine) -> sessionmaker[Session]:
 
 
 @contextmanager
+def session_scope(factory: sessionmaker[Session]):
+    """A session, closed safely: a connection that died under it (the database restarted) fails the rollback at
+    close; it is thrown away then, and the error of the work itself, if any, is the one that propagates."""
+    session = factory()
+    try:
+        yield session
+    finally:
+        try:
+            session.close()
+        except DBAPIError:
+            with suppress(Exception):
+                session.invalidate()
+
+
+@contextmanager
 def transaction(factory: sessionmaker[Session]):
     """One unit of work: commit on success, roll back on any error."""
-    with factory() as session:
+    with session_scope(factory) as session:
         with session.begin():
             yield session
 

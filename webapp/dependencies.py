@@ -10,6 +10,7 @@ from itsdangerous import BadSignature, Signer
 from sqlalchemy.orm import Session
 
 from webapp import accounts
+from webapp.db import session_scope
 from webapp.errors import CsrfError, NotAuthenticated
 from webapp.models import User, WebSession, utcnow
 
@@ -35,7 +36,7 @@ def ctx(request: Request):
 
 def db_session(request: Request):
     """One session per request; routes commit what they change."""
-    with ctx(request).factory() as session:
+    with session_scope(ctx(request).factory) as session:
         yield session
 
 

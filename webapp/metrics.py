@@ -16,6 +16,8 @@ UPLOADS = Counter("pneumoscope_web_uploads_total", "Uploads by outcome (scored, 
 PENDING = Gauge("pneumoscope_web_pending_studies", "Studies stored but not scored yet")
 INFERENCE_SECONDS = Histogram("pneumoscope_web_inference_seconds", "Round trip to the transformer by outcome",
                               ["outcome"], buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60))
+DUPLICATE_RESULTS = Counter("pneumoscope_web_duplicate_results_total", "Results that reached a study which "
+                            "already had one (dropped: a study is scored once)")
 RETRIES = Counter("pneumoscope_web_retries_total", "Retry-worker attempts by outcome", ["outcome"])
 
 

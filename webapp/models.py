@@ -215,3 +215,23 @@ class ReportVersion(Base):
 
     signed_by: Mapped[User | None] = relationship(foreign_keys=[signed_by_id])
     created_by: Mapped[User] = relationship(foreign_keys=[created_by_id])
+
+
+class AuditEvent(Base):
+    """One line of the audit log: who did what to which study, when. Append-only: rows are inserted by
+    :func:`webapp.audit.record` and never changed; the ORM refuses an update or a delete
+    (``webapp.audit``), and the database's triggers refuse them too (migration 0004)."""
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    # The name is kept beside the id: the line stays readable whatever happens to the account later.
+    actor_id: Mapped[int | None] = mapped_column(Integer, nullable=True, index=True)
+    actor: Mapped[str] = mapped_column(String(64))
+    action: Mapped[str] = mapped_column(String(32), index=True)
+    # No foreign key: a refused upload's row is deleted, its audit lines stay.
+    study_id: Mapped[int | None] = mapped_column(Integer, nullable=True, index=True)
+    client: Mapped[str] = mapped_column(String(64), default="")
+    # What, in a few words the app writes itself (never a note, a file name or a header field: no PHI).
+    detail: Mapped[str] = mapped_column(String(200), default="")

@@ -50,6 +50,10 @@ class WebSettings(BaseSettings):
     retry_max_s: float = Field(120.0, gt=0, description="longest retry delay")
     worker_poll_s: float = Field(1.0, gt=0, description="how often the retry worker looks for due studies")
     worker_concurrency: int = Field(2, ge=1, description="studies the retry worker scores at once")
+    orphan_sweep_s: float = Field(600.0, gt=0, description="how often the retry worker removes stored files that "
+                                                           "no study names (uploads that failed before their commit)")
+    orphan_min_age_s: float = Field(3600.0, gt=0, description="a file no study names is removed once it is this old "
+                                                              "(longer than any upload takes to commit)")
 
     # --- uploads ---
     max_upload_bytes: int = Field(DEFAULT_MAX_UPLOAD_BYTES, gt=0, description="largest file accepted")

@@ -20,15 +20,17 @@ from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 
 from sqlalchemy import case, func, or_, select, update
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
-from webapp.db import transaction
+from webapp import audit
+from webapp.db import session_scope, transaction
 from webapp.inference import InferenceClient, InferenceRejected, InferenceResult, InferenceUnavailable
-from webapp.metrics import INFERENCE_SECONDS, PENDING, RETRIES
+from webapp.metrics import DUPLICATE_RESULTS, INFERENCE_SECONDS, PENDING, RETRIES
 from webapp import heatmap
 from webapp.models import FORMATS, LABELS, STATUSES, VERDICTS, VIEWS, Study, User, utcnow
 from webapp.settings import WebSettings
-from webapp.storage import ImageStore
+from webapp.storage import ImageStore, StorageError
 from webapp.uploads import CheckedUpload
 
 log = logging.getLogger(__name__)
@@ -37,12 +39,24 @@ MAX_NOTE = 2000
 #: The identifying fields a study may carry and their longest values (DICOM's LO is 64 characters).
 IDENTITY_FIELDS = {"patient_ref": 64, "accession": 64, "view": 2, "clinical_question": 500}
 SORTS = ("time", "suspicion")
+#: The largest id an INTEGER column holds on PostgreSQL (SQLite's holds more): larger ids name no study.
+MAX_ID = 2**31 - 1
+#: The deepest page a listing serves (the offset must stay a database integer; nobody pages this far).
+MAX_PAGE = 100_000
 #: Extra lease beyond the inference deadline, so a slow answer is not claimed twice.
 LEASE_MARGIN_S = 15.0
 
 
 class StudyNotFound(LookupError):
     """No such study for this user (another user's study is 'not found' too, so ids cannot be probed)."""
+
+
+class CommitOutcomeUnknown(Exception):
+    """The database failed while committing: the transaction may or may not have been applied."""
+
+    def __init__(self, error: DBAPIError):
+        super().__init__(str(error))
+        self.error = error
 
 
 class StudyConflict(ValueError):
@@ -124,17 +138,24 @@ class StudyService:
         study.identity = self.cipher.encrypt(identity) if identity else None
 
     # -- create + score ------------------------------------------------------------------------------
-    async def create(self, owner: User, upload: CheckedUpload, note: str, identity: dict | None = None) -> Study:
+    async def create(self, owner: User, upload: CheckedUpload, note: str, identity: dict | None = None,
+                     client: str = "") -> Study:
         """Store the file and its row in one transaction; the new study is leased to the caller. ``identity``:
-        what the doctor typed, over what the DICOM header said (both stored encrypted)."""
+        what the doctor typed, over what the DICOM header said (both stored encrypted).
+
+        Files first, then the commit: a failure before the commit removes the files. A commit whose outcome
+        is unknown (the database went away while committing) is looked up before anything is removed: the
+        row may be there, and then the study is stored whole. When the database cannot even answer that, the
+        files stay and :meth:`sweep_orphans` removes them later if no row ever names them."""
         prefix = self.store.new_prefix()
         lease = self.settings.inline_wait_s + LEASE_MARGIN_S
+        written: list[Study] = []
         # a header's value longer than the field is cut, not refused: the file itself is fine
         from_header = {k: str(v)[:IDENTITY_FIELDS[k]] for k, v in upload.identity.items() if k in IDENTITY_FIELDS}
         merged = {**clean_identity(from_header), **clean_identity(identity)}
 
         def write() -> Study:
-            with transaction(self.factory) as db:
+            with session_scope(self.factory) as db:
                 now = utcnow()
                 study = Study(owner_id=owner.id, note=note, storage_prefix=prefix, image_format=upload.image_format,
                               image_sha256=upload.sha256, image_bytes=len(upload.data),
@@ -144,6 +165,7 @@ class StudyService:
                 self.set_identity(study, merged)
                 db.add(study)
                 db.flush()
+                audit.record(db, "uploaded", owner, study.id, client, upload.image_format)
                 self.store.put(study.image_key(), upload.data)
                 if upload.preview_png is not None:
                     self.store.put(study.preview_key(), upload.preview_png)
@@ -151,13 +173,58 @@ class StudyService:
                     self.store.put(study.thumbnail_key(), upload.thumbnail_png)
                 if upload.display16_gz is not None:
                     self.store.put(study.display16_key(), upload.display16_gz)
+                written.append(study)
+                try:
+                    db.commit()
+                except DBAPIError as exc:
+                    raise CommitOutcomeUnknown(exc) from exc
                 return study
 
         try:
             return await asyncio.to_thread(write)
+        except CommitOutcomeUnknown as unknown:
+            committed = await asyncio.to_thread(self._prefix_committed, prefix)
+            if committed:
+                log.warning("study %d: the commit reported an error but the row is there; stored whole",
+                            written[0].id)
+                return written[0]
+            if committed is False:
+                await asyncio.to_thread(self.store.delete_prefix, prefix)
+            raise unknown.error from None
         except BaseException:
             await asyncio.to_thread(self.store.delete_prefix, prefix)
             raise
+
+    def _prefix_committed(self, prefix: str, attempts: int = 3) -> bool | None:
+        """Whether a row names ``prefix``: True, False, or None when the database does not answer."""
+        for attempt in range(attempts):
+            try:
+                with session_scope(self.factory) as db:
+                    return db.scalar(select(Study.id).where(Study.storage_prefix == prefix)) is not None
+            except DBAPIError:
+                time.sleep(0.5 * 2 ** attempt)
+        return None
+
+    def sweep_orphans(self, min_age_s: float) -> list[str]:
+        """Remove stored files that no study row names, once they are ``min_age_s`` old (an upload that died
+        between its files and its commit, a commit of unknown outcome). Returns the prefixes removed."""
+        cutoff = time.time() - min_age_s
+        old = {prefix for prefix, modified in self.store.prefixes() if modified < cutoff}
+        if not old:
+            return []
+        with session_scope(self.factory) as db:
+            named = set()
+            ordered = sorted(old)
+            for start in range(0, len(ordered), 500):
+                chunk = ordered[start:start + 500]
+                named.update(db.scalars(select(Study.storage_prefix).where(Study.storage_prefix.in_(chunk))))
+        orphans = sorted(old - named)
+        for prefix in orphans:
+            self.store.delete_prefix(prefix)
+        if orphans:
+            log.warning("removed %d stored upload%s that no study names (uploads that failed before their "
+                        "commit)", len(orphans), "s" if len(orphans) != 1 else "")
+        return orphans
 
     async def score(self, study_id: int, timeout_s: float, discard_rejected: bool = False,
                     data: bytes | None = None) -> Scoring:
@@ -221,10 +288,16 @@ class StudyService:
             return study
 
     def _mark_done(self, study: Study, result: InferenceResult) -> Study:
+        with session_scope(self.factory) as db:  # scored meanwhile: its heatmap must not be overwritten either
+            current = db.get(Study, study.id)
+            if current.status != "pending":
+                return self._drop_duplicate(current)
         if result.heatmap_png is not None:
             self.store.put(study.heatmap_key(), result.heatmap_png)
         with transaction(self.factory) as db:
             row = db.get(Study, study.id)
+            if row.status != "pending":  # another process scored it while this answer was on its way
+                return self._drop_duplicate(row)
             row.status = "done"
             row.probability, row.label, row.threshold = result.probability, result.label, result.threshold
             row.model_name, row.model_version = result.model_name, result.model_version
@@ -240,6 +313,12 @@ class StudyService:
             row.lease_until = row.next_attempt_at = None
             row.last_error = None
             return row
+
+    @staticmethod
+    def _drop_duplicate(row: Study) -> Study:
+        DUPLICATE_RESULTS.inc()
+        log.warning("study %d already had a result (%s); this one is dropped", row.id, row.status)
+        return row
 
     # -- the retry worker's side -----------------------------------------------------------------------
     def claim_due(self, limit: int) -> list[int]:
@@ -267,6 +346,8 @@ class StudyService:
 
     # -- queries ---------------------------------------------------------------------------------------
     def get(self, db: Session, user: User, study_id: int) -> Study:
+        if not 0 < study_id <= MAX_ID:  # no such row, and the databases refuse such an integer (a 500 before)
+            raise StudyNotFound(study_id)
         study = db.get(Study, study_id)
         if study is None or not (user.is_admin or study.owner_id == user.id):
             raise StudyNotFound(study_id)
@@ -365,10 +446,16 @@ class RetryWorker:
                 self._task.cancel()
 
     async def run(self) -> None:
+        swept_at = time.monotonic()
         while not self._stop.is_set():
             try:
                 await self.tick()
-            except Exception:  # the database may be briefly away: log and go on
+                if time.monotonic() - swept_at >= self.settings.orphan_sweep_s:
+                    swept_at = time.monotonic()
+                    await asyncio.to_thread(self.service.sweep_orphans, self.settings.orphan_min_age_s)
+            except (DBAPIError, StorageError) as exc:  # the database or the store is briefly away: one line
+                log.warning("retry worker: a pass failed (%s); trying again", str(exc).splitlines()[0][:200])
+            except Exception:
                 log.exception("retry worker: a pass failed; trying again")
             try:
                 await asyncio.wait_for(self._stop.wait(), timeout=self.settings.worker_poll_s)
@@ -403,7 +490,7 @@ def export_reviewed(factory: sessionmaker[Session], store: ImageStore, out: Path
     """Write every scored study a doctor confirmed or corrected as labelled training data: its file, as stored,
     under ``out/train/<the doctor's label>/`` (the Kaggle layout the training ingest reads), and
     ``out/pneumoscope-export.json`` (study, review, the model's label and version, digest per file).
-    Returns ``{"out", "exported", "NORMAL", "PNEUMONIA"}``."""
+    Returns ``{"out", "exported", "NORMAL", "PNEUMONIA", "studies"}`` (studies: the ids written)."""
     with factory() as db:
         query = select(Study).where(Study.status == "done", Study.feedback.is_not(None)).order_by(Study.id)
         if only_corrected:
@@ -421,7 +508,7 @@ def export_reviewed(factory: sessionmaker[Session], store: ImageStore, out: Path
     out.mkdir(parents=True, exist_ok=True)
     (out / EXPORT_MANIFEST).write_text(json.dumps({"studies": manifest}, indent=1))
     counts = {label: sum(1 for m in manifest if m["label"] == label) for label in LABELS}
-    return {"out": str(out), "exported": len(manifest), **counts}
+    return {"out": str(out), "exported": len(manifest), **counts, "studies": [m["study"] for m in manifest]}
 
 
 #: What an admin sees of a PACS study's original while its results wait to be sent (DICOM JSON tags).

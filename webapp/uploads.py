@@ -76,9 +76,27 @@ def sniff(data: bytes, content_type: str = "", filename: str = "") -> str:
     raise UploadRejected("not_an_image", "the file is not a JPEG, PNG or DICOM image", 415)
 
 
+#: Media types that claim nothing about the content (what a browser sends for a file it does not know).
+UNDECLARED_TYPES = {"", "application/octet-stream", "binary/octet-stream", "application/x-binary"}
+#: The media types that may declare each format.
+DECLARED_TYPES = {"jpeg": {"image/jpeg", "image/jpg", "image/pjpeg"}, "png": {"image/png", "image/x-png"},
+                  "dicom": {"application/dicom", "application/x-dicom", "image/dicom", "image/x-dicom"}}
+
+
+def check_declared_type(content_type: str, image_format: str) -> None:
+    """Refuse a file whose declared media type says something else than its content: a client that labels a
+    DICOM file image/png is either broken or trying something, and the stored study must be what it says."""
+    declared = content_type.split(";", 1)[0].strip().lower()
+    if declared in UNDECLARED_TYPES or declared in DECLARED_TYPES[image_format]:
+        return
+    raise UploadRejected("type_mismatch", f"the file is declared as {declared[:60]} but its content is "
+                                          f"{image_format.upper()}; send it with its own type", 415)
+
+
 def check_upload(data: bytes, content_type: str = "", filename: str = "", deidentify: bool = True,
                  strip_metadata: bool = True) -> CheckedUpload:
     image_format = sniff(data, content_type, filename)
+    check_declared_type(content_type, image_format)
     if image_format == "dicom":
         return _check_dicom(data, deidentify)
     _check_raster(data, image_format)

@@ -20,8 +20,8 @@ from webapp import heatmap, report, report_versions
 from webapp.models import Study
 from webapp.report import STATEMENT, decision_text, quality_warnings, when
 from webapp.routers.studies_api import accept_upload, give_feedback, identity_from_form, owned_study, \
-    read_upload_form
-from webapp.studies import SORTS, StudyConflict, StudyFilter
+    read_study, read_upload_form
+from webapp.studies import MAX_PAGE, SORTS, StudyConflict, StudyFilter
 from webapp.uploads import UploadRejected
 
 router = APIRouter(include_in_schema=False)
@@ -70,8 +70,8 @@ async def upload_form(request: Request, principal: Principal = Depends(page_prin
 @router.get("/studies")
 def studies(request: Request, principal: Principal = Depends(page_principal), db: Session = Depends(db_session),
             date_from: str = Query("", alias="from"), date_to: str = Query("", alias="to"), label: str = "",
-            status: str = "", feedback: str = "", q: str = "", page: int = Query(1, ge=1), sort: str = "suspicion",
-            decision: str = ""):
+            status: str = "", feedback: str = "", q: str = "", page: int = Query(1, ge=1, le=MAX_PAGE),
+            sort: str = "suspicion", decision: str = ""):
     errors = []
 
     def as_date(value: str, name: str) -> date | None:
@@ -116,7 +116,7 @@ def reading_context(request: Request, db: Session, study: Study) -> dict:
 @router.get("/studies/{study_id}")
 def study_page(study_id: int, request: Request, saved: int = 0, principal: Principal = Depends(page_principal),
                db: Session = Depends(db_session)):
-    study = owned_study(request, principal, db, study_id)
+    study = read_study(request, principal, db, study_id, "page")
     return render(request, "study.html", principal, saved=bool(saved), **reading_context(request, db, study))
 
 
@@ -152,7 +152,7 @@ def _report_page(request: Request, principal: Principal, db: Session, study: Stu
 @router.get("/studies/{study_id}/report")
 def report_page(study_id: int, request: Request, saved: str = "", principal: Principal = Depends(page_principal),
                 db: Session = Depends(db_session)):
-    study = owned_study(request, principal, db, study_id)
+    study = read_study(request, principal, db, study_id, "report")
     messages = {"draft": "The draft was saved.",  # a signed report says so in its own banner
                 "correction": "A new version was started to correct the signed report."}
     return _report_page(request, principal, db, study, report_saved=messages.get(saved))

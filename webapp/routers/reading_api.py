@@ -1,7 +1,7 @@
 """The reading room's API: what the viewer draws (the CAM grid and lung mask, a DICOM film's 16-bit display
 copy, worklist thumbnails), the patient block, and the report's versions (draft, sign-off, correction), plus the
 PDF. Same rules as ``studies_api``: a bearer token or the session (+ CSRF header for writes); another user's
-study answers 404.
+study answers 404. The audit log records each PDF (``exported``).
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from fastapi.responses import Response
 from pydantic import BaseModel, Field
 from sqlalchemy.orm import Session
 
-from webapp import heatmap, report_versions
-from webapp.dependencies import Principal, api_principal, ctx, db_session
+from webapp import audit, heatmap, report_versions
+from webapp.dependencies import Principal, api_principal, client_address, ctx, db_session
 from webapp.errors import AppError, Conflict, NotFound
-from webapp.models import Study
+from webapp.models import Study, User
 from webapp.report import render_pdf
 from webapp.routers.studies_api import owned_study
 from webapp.studies import StudyConflict, study_json
@@ -186,8 +186,9 @@ def post_correction(study_id: int, body: CorrectionIn, request: Request,
 
 # -- the PDF --------------------------------------------------------------------------------------------------
 
-async def report_pdf(request: Request, db: Session, study: Study, version_number: int | None = None) -> Response:
-    """The report as a PDF download: the newest version, or ``version_number``."""
+async def report_pdf(request: Request, db: Session, user: User, study: Study,
+                     version_number: int | None = None) -> Response:
+    """The report as a PDF download: the newest version, or ``version_number``; ``user``'s export is audited."""
     versions = report_versions.versions(db, study)
     version = versions[-1] if versions else None
     if version_number is not None:
@@ -210,6 +211,9 @@ async def report_pdf(request: Request, db: Session, study: Study, version_number
         return render_pdf(study, film, identity, version, overlay, scale, heatmap.DEFAULT_CUTOFF)
 
     pdf = await asyncio.to_thread(build)
+    audit.record(db, "exported", user, study.id, client_address(request),
+                 f"report PDF v{version.version}" if version is not None else "report PDF (no report version)")
+    db.commit()
     name = f"pneumoscope-study-{study.id}" + (f"-v{version.version}" if version is not None else "") + ".pdf"
     return Response(pdf, media_type="application/pdf",
                     headers={"content-disposition": f'attachment; filename="{name}"'})
@@ -218,7 +222,7 @@ async def report_pdf(request: Request, db: Session, study: Study, version_number
 @router.get("/{study_id}/report", summary="the report as a PDF download (the newest version, or ?version=N)")
 async def get_report(study_id: int, request: Request, version: int | None = Query(None, ge=1),
                      principal: Principal = Depends(api_principal), db: Session = Depends(db_session)):
-    return await report_pdf(request, db, owned_study(request, principal, db, study_id), version)
+    return await report_pdf(request, db, principal.user, owned_study(request, principal, db, study_id), version)
 
 
 __all__ = ["router", "report_pdf"]

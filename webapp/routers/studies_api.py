@@ -14,16 +14,19 @@ from typing import Literal
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 from starlette.datastructures import UploadFile
 
-from webapp.dependencies import Principal, api_principal, ctx, db_session
+from webapp import audit
+from webapp.dependencies import Principal, api_principal, client_address, ctx, db_session
 from webapp.errors import AppError, Conflict, NotFound
 from webapp.metrics import UPLOADS
-from webapp.models import FORMATS, Study
+from webapp.models import FORMATS, VIEWS, Study
 from webapp import report_versions
-from webapp.studies import IDENTITY_FIELDS, StudyConflict, StudyFilter, StudyNotFound, clean_identity, clean_note, \
-    pacs_summary, study_json
+from webapp.storage import StorageError
+from webapp.studies import (IDENTITY_FIELDS, MAX_PAGE, Scoring, StudyConflict, StudyFilter, StudyNotFound,
+                             clean_identity, clean_note, pacs_summary, study_json)
 from webapp.uploads import UploadRejected, check_upload
 
 log = logging.getLogger(__name__)
@@ -117,9 +120,16 @@ async def accept_upload(request: Request, principal: Principal, data: bytes, con
         UPLOADS.labels("invalid_request").inc()
         raise AppError(str(exc)) from None
     service = context.service
-    study = await service.create(principal.user, checked, note, identity)
-    scoring = await service.score(study.id, context.settings.inline_wait_s, discard_rejected=True,
-                                  data=checked.data)
+    study = await service.create(principal.user, checked, note, identity, client=client_address(request))
+    try:
+        scoring = await service.score(study.id, context.settings.inline_wait_s, discard_rejected=True,
+                                      data=checked.data)
+    except (DBAPIError, StorageError) as exc:
+        # Stored whole and committed: the study is not lost, only its result waits. Its lease runs out and the
+        # retry worker scores it; answering 503 would make the client upload it a second time.
+        log.warning("study %d stored; its result waits for the retry worker (%s)", study.id,
+                    str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
+        scoring = Scoring(study, "pending", "stored; the result follows")
     if scoring.outcome == "rejected":
         UPLOADS.labels("rejected_by_model").inc()
         raise UploadRejected("rejected_by_model", f"the image was not accepted for analysis: {scoring.message}",
@@ -128,8 +138,23 @@ async def accept_upload(request: Request, principal: Principal, data: bytes, con
     return scoring
 
 
+#: The upload's optional patient fields as OpenAPI describes them (stored encrypted; over the DICOM header's).
+IDENTITY_SCHEMA = {name: {"type": "string", "maxLength": IDENTITY_FIELDS[name], **extra} for name, extra in {
+    "patient_ref": {"description": "the hospital's patient reference"},
+    "accession": {"description": "accession number of the examination"},
+    "view": {"enum": ["", *VIEWS], "description": "PA or AP (empty: unknown)"},
+    "clinical_question": {"description": "why the film was taken"}}.items()}
+#: The upload's body as OpenAPI describes it (the route reads the stream itself, to count bytes as they arrive).
+UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["file"], "properties": {
+        "file": {"type": "string", "format": "binary", "description": "a JPEG, PNG or DICOM chest X-ray"},
+        "note": {"type": "string", "maxLength": 2000, "description": "for the doctor's own search; no PHI"},
+        **IDENTITY_SCHEMA}}}}}}
+
+
 @router.post("", status_code=201, summary="upload an X-ray (multipart field 'file'; optional 'note', 'patient_ref', "
                                           "'accession', 'view' (PA|AP), 'clinical_question')",
+             openapi_extra=UPLOAD_BODY,
              responses={201: {"description": "stored and scored"},
                         202: {"description": "stored; the inference service is busy or down, so it is pending"},
                         413: {"description": "larger than the limit"}, 415: {"description": "not an image"},
@@ -153,6 +178,13 @@ def owned_study(request: Request, principal: Principal, db: Session, study_id: i
         raise NotFound(f"study {study_id} not found") from None
 
 
+def read_study(request: Request, principal: Principal, db: Session, study_id: int, what: str) -> Study:
+    """The study, for a read that the audit log records (``what``: page, result, image, heatmap, report)."""
+    study = owned_study(request, principal, db, study_id)
+    audit.record_view(db, principal.user, study.id, what, client_address(request))
+    return study
+
+
 @router.get("", response_model=StudyPage, summary="your studies, newest first or by suspicion (admins: everyone's)")
 def list_studies(request: Request, principal: Principal = Depends(api_principal), db: Session = Depends(db_session),
                  status: Literal["pending", "done", "rejected"] | None = None,
@@ -162,7 +194,7 @@ def list_studies(request: Request, principal: Principal = Depends(api_principal)
                  date_to: date | None = Query(None, alias="to", description="uploaded on or before (UTC)"),
                  q: str | None = Query(None, max_length=200, description="text in the note"),
                  owner: str | None = Query(None, description="admins: one user's studies"),
-                 page: int = Query(1, ge=1), per_page: int = Query(20, ge=1, le=100),
+                 page: int = Query(1, ge=1, le=MAX_PAGE), per_page: int = Query(20, ge=1, le=100),
                  sort: Literal["time", "suspicion"] = Query("time", description="time: newest first; suspicion: "
                                                             "REFER and PNEUMONIA first, then by probability"),
                  decision: Literal["PNEUMONIA", "NORMAL", "REFER"] | None = Query(None, description="the served "
@@ -180,7 +212,7 @@ def list_studies(request: Request, principal: Principal = Depends(api_principal)
 @router.get("/{study_id}", summary="one study with its result")
 def get_study(study_id: int, request: Request, principal: Principal = Depends(api_principal),
               db: Session = Depends(db_session)):
-    study = owned_study(request, principal, db, study_id)
+    study = read_study(request, principal, db, study_id, "result")
     admin = principal.user.is_admin
     return study_json(study, study.owner.username if admin else None, ctx(request).service.identity_of(study),
                       report_versions.latest(db, study),
@@ -191,7 +223,7 @@ def get_study(study_id: int, request: Request, principal: Principal = Depends(ap
                                          "browser shows (a PNG rendering for DICOM)")
 def get_image(study_id: int, request: Request, variant: Literal["original", "display"] = "original",
               principal: Principal = Depends(api_principal), db: Session = Depends(db_session)):
-    study = owned_study(request, principal, db, study_id)
+    study = read_study(request, principal, db, study_id, "image")
     store = ctx(request).store
     if variant == "display" and study.has_preview:
         return Response(store.get(study.preview_key()), media_type="image/png")
@@ -204,7 +236,7 @@ def get_image(study_id: int, request: Request, variant: Literal["original", "dis
             responses={409: {"description": "no result yet"}})
 def get_heatmap(study_id: int, request: Request, principal: Principal = Depends(api_principal),
                 db: Session = Depends(db_session)):
-    study = owned_study(request, principal, db, study_id)
+    study = read_study(request, principal, db, study_id, "heatmap")
     if not study.has_heatmap:
         raise Conflict(f"study {study_id} has no heatmap (status: {study.status})")
     return Response(ctx(request).store.get(study.heatmap_key()), media_type="image/png")
@@ -221,6 +253,8 @@ def give_feedback(request: Request, principal: Principal, db: Session, study_id:
                   label: str | None, note: str | None) -> Study:
     try:
         study = ctx(request).service.give_feedback(db, principal.user, study_id, verdict, label, note)
+        # verdict is one of the two review actions here: the service refused anything else
+        audit.record(db, verdict, principal.user, study.id, client_address(request), f"label {study.feedback_label}")
     except StudyNotFound:
         raise NotFound(f"study {study_id} not found") from None
     except StudyConflict as exc:
@@ -231,4 +265,4 @@ def give_feedback(request: Request, principal: Principal, db: Session, study_id:
     return study
 
 
-__all__ = ["router", "read_upload_form", "accept_upload", "owned_study", "give_feedback"]
+__all__ = ["router", "read_upload_form", "accept_upload", "owned_study", "read_study", "give_feedback"]
