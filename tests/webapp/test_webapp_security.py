@@ -238,7 +238,12 @@ def test_an_upload_whose_declared_type_lies_is_refused_and_nothing_is_kept(app_b
 
 #: Bodies for the routes that take one; a new write route on a study must add its sample here (the test says so).
 SAMPLE_BODIES = {("POST", "/api/studies/{study_id}/feedback"): {"json": {"verdict": "confirmed"}},
-                 ("POST", "/studies/{study_id}/feedback"): {"data": {"verdict": "confirmed"}}}
+                 ("POST", "/studies/{study_id}/feedback"): {"data": {"verdict": "confirmed"}},
+                 ("PUT", "/api/studies/{study_id}/patient"): {"json": {"patient_ref": "MRN-1"}},
+                 ("PUT", "/api/studies/{study_id}/report/draft"): {"json": {"impression": "Clear lungs."}},
+                 ("POST", "/api/studies/{study_id}/report/sign"): {},
+                 ("POST", "/api/studies/{study_id}/report/corrections"): {"json": {"reason": "wrong side"}},
+                 ("POST", "/studies/{study_id}/report"): {"data": {"action": "save", "impression": "Clear lungs."}}}
 
 
 def study_routes(app) -> list[tuple[str, str]]:
