@@ -7,9 +7,10 @@ client. An event is written in the same transaction as the change it records, so
 committed without its line. Admins read it on ``/admin/audit``, from ``/api/audit`` and with
 ``pneumoscope audit``. Lines hold ids, names and actions only: never a note, a file name or a DICOM field.
 
-Reads are recorded too (``viewed``: the study page, its JSON, its image, heatmap or report), once per
-user, study and kind of read within :data:`VIEW_REPEAT_S`: a page that polls a pending study or loads its
-image and heatmap writes one line per minute, not one per request.
+Reads are recorded too (``viewed``: the study page, its JSON, its image, heatmap or report page, and what the
+viewer reads: CAM, overlay, 16-bit pixels, report versions), once per user, study and kind of read within
+:data:`VIEW_REPEAT_S`: a page that polls a pending study or loads its image and heatmap writes one line per
+minute, not one per request.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ ACTIONS = {
     "viewed": "viewed a study (page, result, image, heatmap or report)",
     "exported": "exported a study (report PDF, training export)",
     "confirmed": "confirmed the model's finding",
-    "corrected": "corrected the model's finding",
+    "corrected": "corrected the model's finding, or started a correction of a signed report",
     "signed": "signed a study's report",
     "sent": "sent a study's result to another system (PACS)",
     "user_added": "created an account",

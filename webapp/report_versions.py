@@ -5,6 +5,8 @@ At sign-off the version keeps what was signed: the patient block (encrypted, as 
 finding (decision, probability, threshold, model, reasons). The study's identifying fields may be edited only
 while its newest report is a draft (or before there is one), so the patient block and the signed report never
 disagree without a new version saying so.
+
+Signing and correcting write their audit line (``signed``, ``corrected``) in the same transaction.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from webapp import audit
 from webapp.models import ReportVersion, Study, User, utcnow
 from webapp.studies import StudyConflict
 
@@ -80,8 +83,9 @@ def finding_of(study: Study) -> dict:
             "quality_flags": study.quality_flags, "cam_lung_share": study.cam_lung_share}
 
 
-def sign(db: Session, user: User, study: Study) -> ReportVersion:
-    """Sign the current draft: who and when, the patient block and the AI finding frozen with it."""
+def sign(db: Session, user: User, study: Study, client: str = "") -> ReportVersion:
+    """Sign the current draft: who and when, the patient block and the AI finding frozen with it. ``client``:
+    the signer's address, for the audit log."""
     current = latest(db, study)
     if current is None:
         raise StudyConflict(f"study {study.id} has no report to sign; write the impression first")
@@ -91,12 +95,14 @@ def sign(db: Session, user: User, study: Study) -> ReportVersion:
         raise ValueError("write the impression before signing the report")
     current.state, current.signed_at, current.signed_by_id = "signed", utcnow(), user.id
     current.patient, current.finding = study.identity, finding_of(study)
+    audit.record(db, "signed", user, study.id, client, f"report v{current.version}")
     db.flush()
     return current
 
 
-def correct(db: Session, user: User, study: Study, reason: str | None) -> ReportVersion:
-    """A new draft version correcting the signed one, starting from its impression."""
+def correct(db: Session, user: User, study: Study, reason: str | None, client: str = "") -> ReportVersion:
+    """A new draft version correcting the signed one, starting from its impression (the reason is not in the
+    audit line: it is the doctor's free text)."""
     reason = _clean(reason, MAX_REASON, "reason for the correction")
     if not reason:
         raise ValueError("say why the signed report is corrected")
@@ -108,6 +114,7 @@ def correct(db: Session, user: User, study: Study, reason: str | None) -> Report
                           impression=current.impression, corrects=current.version, correction_reason=reason,
                           created_at=now, created_by_id=user.id, updated_at=now)
     db.add(draft)
+    audit.record(db, "corrected", user, study.id, client, f"report v{draft.version} corrects v{current.version}")
     db.flush()
     return draft
 

@@ -1,7 +1,8 @@
 """The web app under hostile use, on SQLite and on a real PostgreSQL 15: session fixation, CSRF on every form and
 every session write (routes enumerated from the app), a sign-in lockout that ends and never locks the user out
 of their own browser, uploads whose declared type lies, another user's study ids (routes enumerated from the
-app), and the audit log (what it records, append-only in the ORM and in the database, admins only, the CLI).
+app), and the audit log (what it records, the reading room's sign-off, corrections and PDFs included; append-only
+in the ORM and in the database, admins only, the CLI).
 
 The app runs in-process (TestClient, lifespan and retry worker included) in front of a transformer address
 that refuses connections, so every upload is stored and stays ``pending``: none of these checks needs a score,
@@ -316,6 +317,39 @@ def test_the_audit_log_records_who_did_what_to_which_study_and_when(app_backend,
     assert all(started <= line.at <= utcnow() for line in lines)
     assert not any("Doe" in f"{line.detail}{line.actor}" for line in audit_lines(app_backend)), "no file names"
 
+
+def test_the_audit_log_records_the_reading_rooms_reads_sign_off_corrections_and_pdfs(app_backend, xray):
+    from webapp.models import Study, utcnow
+    from webapp_fixtures import cam_grid
+
+    study = upload(app_backend, "alice", xray)["id"]
+    with app_backend.ctx.factory() as db:
+        db.execute(update(Study).where(Study.id == study).values(
+            status="done", probability=0.9, label="PNEUMONIA", threshold=0.5, scored_at=utcnow(),
+            cam=cam_grid(7, 7, {(3, 2): 1.0}), next_attempt_at=None, lease_until=None))
+        db.commit()
+    api = app_backend.api("alice")
+    for path in ("cam", "overlay", "report/versions"):
+        assert api.get(f"/api/studies/{study}/{path}").status_code == 200, path
+    assert api.put(f"/api/studies/{study}/report/draft", json={"impression": "Right lower lobe."}).status_code == 200
+    assert api.post(f"/api/studies/{study}/report/sign").status_code == 200
+    assert api.get(f"/api/studies/{study}/report").status_code == 200
+    reason = "the wrong side was named"
+    assert api.post(f"/api/studies/{study}/report/corrections", json={"reason": reason}).status_code == 201
+    page = login(app_backend, "alice")
+    signed = page.post(f"/studies/{study}/report", data={"action": "sign", "impression": "Left lower lobe.",
+                                                          "csrf_token": csrf_of(page)})
+    assert signed.status_code == 303, signed.text[:300]
+    assert api.get(f"/api/studies/{study}/report?version=1").status_code == 200
+    lines = audit_lines(app_backend, actor="alice", study_id=study)
+    assert [(line.action, line.detail) for line in lines] == [
+        ("uploaded", "jpeg"), ("viewed", "cam"), ("viewed", "overlay"), ("viewed", "report versions"),
+        ("signed", "report v1"), ("exported", "report PDF v1"), ("corrected", "report v2 corrects v1"),
+        ("signed", "report v2"), ("exported", "report PDF v1")], lines
+    assert {line.client for line in lines} == {"testclient"}
+    assert not any(reason in line.detail for line in audit_lines(app_backend)), "the reason is the doctor's text"
+    refused = api.post(f"/api/studies/{study}/report/sign")  # signed already: 409, and no line
+    assert refused.status_code == 409 and len(audit_lines(app_backend, actor="alice", study_id=study)) == len(lines)
 
 def test_the_audit_log_is_append_only_in_the_orm_and_in_the_database(app_backend):
     from sqlalchemy import delete

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Depends, Form, Query, Request
 from fastapi.responses import RedirectResponse
 from sqlalchemy.orm import Session
 
-from webapp.dependencies import Principal, check_csrf, ctx, db_session, page_principal
+from webapp.dependencies import Principal, check_csrf, client_address, ctx, db_session, page_principal
 from webapp.errors import AppError
 from webapp.models import DECISIONS, LABELS
 from webapp import heatmap, report, report_versions
@@ -175,9 +175,9 @@ def report_form(study_id: int, request: Request, action: str = Form(""), impress
                                          "clinical_question": clinical_question})
             report_versions.save_draft(db, principal.user, study, impression)
             if action == "sign":
-                report_versions.sign(db, principal.user, study)
+                report_versions.sign(db, principal.user, study, client_address(request))
         elif action == "correct":
-            report_versions.correct(db, principal.user, study, reason)
+            report_versions.correct(db, principal.user, study, reason, client_address(request))
         else:
             raise ValueError("choose save, sign or correct")
     except (StudyConflict, ValueError) as exc:

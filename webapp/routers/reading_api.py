@@ -1,7 +1,9 @@
 """The reading room's API: what the viewer draws (the CAM grid and lung mask, a DICOM film's 16-bit display
 copy, worklist thumbnails), the patient block, and the report's versions (draft, sign-off, correction), plus the
 PDF. Same rules as ``studies_api``: a bearer token or the session (+ CSRF header for writes); another user's
-study answers 404. The audit log records each PDF (``exported``).
+study answers 404. The audit log records what the viewer reads of a study (``viewed``: cam, overlay, pixels,
+report versions; the worklist's thumbnails are the list's, not a study's reading), the PDF (``exported``),
+sign-off (``signed``) and corrections (``corrected``).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from webapp.dependencies import Principal, api_principal, client_address, ctx, d
 from webapp.errors import AppError, Conflict, NotFound
 from webapp.models import Study, User
 from webapp.report import render_pdf
-from webapp.routers.studies_api import owned_study
+from webapp.routers.studies_api import owned_study, read_study
 from webapp.studies import StudyConflict, study_json
 from webapp.uploads import thumbnail
 
@@ -72,7 +74,7 @@ def get_thumbnail(study_id: int, request: Request, principal: Principal = Depend
             responses={409: {"description": "no result with a CAM"}})
 def get_cam(study_id: int, request: Request, principal: Principal = Depends(api_principal),
             db: Session = Depends(db_session)):
-    study = owned_study(request, principal, db, study_id)
+    study = read_study(request, principal, db, study_id, "cam")
     if not study.cam:
         raise Conflict(f"study {study_id} has no class-activation map (status: {study.status})")
     served_mask = study.lung_mask is not None
@@ -88,7 +90,7 @@ def get_cam(study_id: int, request: Request, principal: Principal = Depends(api_
             responses={409: {"description": "no result with a heatmap"}})
 def get_overlay(study_id: int, request: Request, principal: Principal = Depends(api_principal),
                 db: Session = Depends(db_session)):
-    study = owned_study(request, principal, db, study_id)
+    study = read_study(request, principal, db, study_id, "overlay")
     store = ctx(request).store
     if study.cam:
         film = store.get(study.shown_key())
@@ -103,7 +105,7 @@ def get_overlay(study_id: int, request: Request, principal: Principal = Depends(
             responses={409: {"description": "not a DICOM study"}})
 def get_pixels(study_id: int, request: Request, principal: Principal = Depends(api_principal),
                db: Session = Depends(db_session)):
-    study = owned_study(request, principal, db, study_id)
+    study = read_study(request, principal, db, study_id, "pixels")
     if not study.display:
         raise Conflict(f"study {study_id} has no 16-bit display copy (only DICOM films have one)")
     data = ctx(request).store.get(study.display16_key())
@@ -148,7 +150,7 @@ def _versions_json(request: Request, db: Session, study: Study) -> dict:
 @router.get("/{study_id}/report/versions", summary="every version of the report, oldest first")
 def get_versions(study_id: int, request: Request, principal: Principal = Depends(api_principal),
                  db: Session = Depends(db_session)):
-    return _versions_json(request, db, owned_study(request, principal, db, study_id))
+    return _versions_json(request, db, read_study(request, principal, db, study_id, "report versions"))
 
 
 @router.put("/{study_id}/report/draft", summary="write the draft: impression (and the patient block)",
@@ -168,7 +170,7 @@ def put_draft(study_id: int, body: DraftIn, request: Request, principal: Princip
 def post_sign(study_id: int, request: Request, principal: Principal = Depends(api_principal),
               db: Session = Depends(db_session)):
     study = owned_study(request, principal, db, study_id)
-    _conflicts(lambda: report_versions.sign(db, principal.user, study))
+    _conflicts(lambda: report_versions.sign(db, principal.user, study, client_address(request)))
     db.commit()
     return _versions_json(request, db, study)
 
@@ -179,7 +181,7 @@ def post_sign(study_id: int, request: Request, principal: Principal = Depends(ap
 def post_correction(study_id: int, body: CorrectionIn, request: Request,
                     principal: Principal = Depends(api_principal), db: Session = Depends(db_session)):
     study = owned_study(request, principal, db, study_id)
-    _conflicts(lambda: report_versions.correct(db, principal.user, study, body.reason))
+    _conflicts(lambda: report_versions.correct(db, principal.user, study, body.reason, client_address(request)))
     db.commit()
     return _versions_json(request, db, study)
 
@@ -212,7 +214,7 @@ async def report_pdf(request: Request, db: Session, user: User, study: Study,
 
     pdf = await asyncio.to_thread(build)
     audit.record(db, "exported", user, study.id, client_address(request),
-                 f"report PDF v{version.version}" if version is not None else "report PDF (no report version)")
+                 "report PDF" + (f" v{version.version}" if version is not None else ""))
     db.commit()
     name = f"pneumoscope-study-{study.id}" + (f"-v{version.version}" if version is not None else "") + ".pdf"
     return Response(pdf, media_type="application/pdf",
