@@ -74,3 +74,17 @@ class LogitAndCam(nn.Module):
         cam = self.cam(self.features(x))[:, 0]  # [N, h, w]
         logit = cam.mean(dim=(1, 2)) + self.bias
         return logit, cam
+
+
+class LogitCamAndFeatures(LogitAndCam):
+    """The served graph: (logit [N], cam [N, h, w], features [N, 2048]) from ONE pass.
+
+    ``features`` is layer4 averaged over space, the vector the linear head reads (``logit = w . features + b``):
+    the out-of-distribution detector (``model.ood``) measures it, so the check costs no second inference.
+    """
+
+    def forward(self, x: torch.Tensor):
+        maps = self.features(x)
+        cam = self.cam(maps)[:, 0]
+        logit = cam.mean(dim=(1, 2)) + self.bias
+        return logit, cam, maps.mean(dim=(2, 3))

@@ -24,6 +24,10 @@ class Settings(BaseSettings):
     seed: int = Field(42, description="random seed of training (weights, augmentations, order) and of a pipeline run")
     workers: int | None = Field(None, description="data prepare: decode processes; train: DataLoader workers per "
                                                   "process (default: from the cores)")
+    age_limit_years: float = Field(
+        18.0, gt=0, le=150, description="evaluation: the oldest patient age (years) within the exported model's "
+        "intended use, recorded in the bundle; an older patient's film (DICOM Patient's Age or the request's "
+        "patient_age) is answered REFER")
 
     def tracking_uri(self) -> str:
         if self.mlflow_tracking_uri:

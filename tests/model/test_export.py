@@ -63,3 +63,16 @@ def test_bundle_hash_detects_tampering(exported, tmp_path):
         fh.write(b"\x00\x01\x02")
     with pytest.raises(BundleError, match="sha256 mismatch"):
         Bundle.load(tmp_path)
+
+
+def test_the_third_output_is_the_pooled_features_the_linear_head_reads(exported, shared_full):
+    net, path = exported
+    images, config = _real_images(shared_full, 4, 96)
+    logits, features = run_images(make_session(path), images, config, with_features=True)
+    assert features.shape == (4, 2048) and (features >= 0).all()  # after the last ReLU
+    linear = net.fc[-1]
+    w, b = linear.weight.detach().numpy().reshape(-1), float(linear.bias)
+    # logit = w . features + b: the detector reads exactly what the classifier reads
+    np.testing.assert_allclose(logits, features.astype(np.float64) @ w + b, atol=1e-4 * (1 + np.abs(logits).max()))
+    report = parity(net, path, images, config)
+    assert report["max_abs_features_diff"] <= 1e-4 * (1 + float(np.abs(features).max()))
