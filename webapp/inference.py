@@ -47,6 +47,11 @@ class InferenceResult:
     quality_flags: dict | list | None = None
     seconds: float = 0.0
     extra: dict = field(default_factory=dict)
+    decision: str | None = None  # PNEUMONIA | NORMAL | REFER (None from a transformer that predates it)
+    ood_score: float | None = None
+    in_intended_use: bool | None = None
+    refer_reasons: list[dict] = field(default_factory=list)  # [{"code", "text"}]
+    intended_use: dict = field(default_factory=dict)  # the answering version: profile, demonstration, figures
 
 
 class InferenceClient:
@@ -61,8 +66,14 @@ class InferenceClient:
     async def aclose(self) -> None:
         await self._client.aclose()
 
-    async def infer(self, data: bytes, timeout_s: float | None = None) -> InferenceResult:
-        body, headers = encode_request([bytes_input("image", [data])], {"heatmap": True})
+    async def infer(self, data: bytes, timeout_s: float | None = None,
+                    patient_age_years: float | None = None) -> InferenceResult:
+        """``patient_age_years``: read from the original DICOM before de-identification; the predictor's version
+        applies its age limit to it."""
+        parameters = {"heatmap": True}
+        if patient_age_years is not None:
+            parameters["patient_age"] = f"{patient_age_years:.4f}"
+        body, headers = encode_request([bytes_input("image", [data])], parameters)
         started = time.perf_counter()
         try:
             response = await self._client.post(
@@ -109,7 +120,22 @@ def _parse(reply: dict, seconds: float) -> InferenceResult:
     probability = float(outputs["probability"][0])
     if not 0.0 <= probability <= 1.0:
         raise ValueError(f"probability {probability} outside [0, 1]")
-    return InferenceResult(
+    result = InferenceResult(
         probability=probability, label=str(outputs["label"][0]), threshold=float(outputs["threshold"][0]),
         model_name=str(reply.get("model_name") or ""), model_version=str(reply.get("model_version") or ""),
         heatmap_png=base64.b64decode(heatmap[0]) if heatmap else None, quality_flags=flags, seconds=seconds)
+    if "decision" in outputs:
+        decision = str(outputs["decision"][0])
+        if decision not in ("PNEUMONIA", "NORMAL", "REFER"):
+            raise ValueError(f"unknown decision {decision[:20]!r}")
+        score = outputs["ood_score"][0]
+        reasons = json.loads(outputs["refer_reasons"][0])
+        if not isinstance(reasons, list) or not all(isinstance(r, dict) and {"code", "text"} <= set(r)
+                                                    for r in reasons):
+            raise ValueError("refer_reasons is not a list of {code, text}")
+        result.decision, result.refer_reasons = decision, reasons
+        result.ood_score = None if score is None else float(score)
+        result.in_intended_use = bool(outputs["in_intended_use"][0])
+        summary = (reply.get("parameters") or {}).get("intended_use")
+        result.intended_use = json.loads(summary) if isinstance(summary, str) else {}
+    return result

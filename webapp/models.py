@@ -1,6 +1,8 @@
 """The database tables (SQLAlchemy 2 declarative). Alembic migrations in ``webapp/migrations`` create them.
 
-Studies hold no PHI beyond what the doctor types (the note): no file name, no DICOM header fields.
+Studies hold no PHI beyond what the doctor types (the note): no file name, no DICOM header fields. The one
+header field kept, the patient's age (the model's intended use has an age limit, and a retry needs it after
+de-identification removed it from the file), is stored as a Fernet token (``webapp.field_encryption``).
 Secrets are stored hashed: passwords with argon2, API and session tokens with SHA-256 (they are
 random 256-bit values, so a fast hash is enough).
 """
@@ -14,6 +16,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 STATUSES = ("pending", "done", "rejected")
 LABELS = ("NORMAL", "PNEUMONIA")
+DECISIONS = ("PNEUMONIA", "NORMAL", "REFER")
 VERDICTS = ("confirmed", "corrected")
 #: File extension and media type of each stored format.
 FORMATS = {"jpeg": ("jpg", "image/jpeg"), "png": ("png", "image/png"), "dicom": ("dcm", "application/dicom")}
@@ -120,6 +123,14 @@ class Study(Base):
     scored_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     inference_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
     rejection: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # the decision of the version that answered (model.intended_use): PNEUMONIA | NORMAL | REFER, and why
+    decision: Mapped[str | None] = mapped_column(String(16), nullable=True, index=True)
+    ood_score: Mapped[float | None] = mapped_column(Float, nullable=True)
+    in_intended_use: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    refer_reasons: Mapped[list | None] = mapped_column(JSON, nullable=True)  # [{"code", "text"}]
+    model_intended_use: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # profile, demonstration, figures
+    # DICOM Patient's Age in years, read before de-identification: a Fernet token (field_encryption), never logged
+    patient_age_token: Mapped[str | None] = mapped_column(Text, nullable=True)
 
     # the retry worker's bookkeeping
     attempts: Mapped[int] = mapped_column(Integer, default=0)

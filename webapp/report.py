@@ -13,11 +13,33 @@ from webapp.models import Study
 
 STATEMENT = ("This result is produced by software to support a radiologist's reading of the X-ray. It does not "
              "replace that reading and is not a diagnosis.")
-DECISIONS = {"PNEUMONIA": "Pneumonia suspected", "NORMAL": "No pneumonia detected"}
+DECISIONS = {"PNEUMONIA": "Pneumonia suspected", "NORMAL": "No pneumonia detected",
+             "REFER": "Refer to a radiologist: no automatic decision"}
+#: What REFER and "outside the intended use" mean, in plain words (the page and the PDF).
+REFER_MEANING = ("REFER means the software makes no decision on this film: a radiologist must read it. It happens "
+                 "when the probability is too close to the threshold to be reliable, or when the film lies outside "
+                 "the model's intended use (a patient older than the age limit, or a film unlike those it was "
+                 "trained on).")
 
 
 def decision_text(study: Study) -> str:
-    return DECISIONS.get(study.label or "", "No result")
+    """The decision of the version that answered; a study scored before decisions existed shows its label."""
+    return DECISIONS.get(study.decision or study.label or "", "No result")
+
+
+def refer_texts(study: Study) -> list[str]:
+    """Why the film was referred, one sentence per reason (empty unless the decision is REFER)."""
+    return [str(r.get("text", r.get("code", ""))) for r in study.refer_reasons or [] if isinstance(r, dict)]
+
+
+def model_text(study: Study) -> str:
+    """The model, its training profile and, for a demonstration model, a warning."""
+    use = study.model_intended_use or {}
+    text = f"{study.model_name} version {study.model_version}"
+    if use.get("profile"):
+        text += f" (profile {use['profile']}"
+        text += "; a demonstration model, not for clinical use)" if use.get("demonstration") else ")"
+    return text
 
 
 def when(moment) -> str:
@@ -35,11 +57,16 @@ def quality_warnings(study: Study) -> list[str]:
 def facts(study: Study) -> list[tuple[str, str]]:
     rows = [("Study", f"#{study.id}"), ("Uploaded", when(study.created_at))]
     if study.status == "done":
-        rows += [("Decision", decision_text(study)),
-                 ("Probability of pneumonia", f"{study.probability * 100:.1f} %"),
-                 ("Decision threshold", f"{study.threshold * 100:.1f} %"),
-                 ("Model", f"{study.model_name} version {study.model_version}"),
-                 ("Scored", when(study.scored_at))]
+        rows += [("Decision", decision_text(study))]
+        rows += [("Reason for referral", text) for text in refer_texts(study)]
+        if study.in_intended_use is not None:
+            rows.append(("Intended use", "within the model's intended use" if study.in_intended_use
+                         else "OUTSIDE the model's intended use"))
+        rows += [("Probability of pneumonia", f"{study.probability * 100:.1f} %"),
+                 ("Decision threshold", f"{study.threshold * 100:.1f} %")]
+        if study.ood_score is not None:
+            rows.append(("Out-of-distribution score", f"{study.ood_score:.2f} (above 1.00: unlike the training films)"))
+        rows += [("Model", model_text(study)), ("Scored", when(study.scored_at))]
         if quality_warnings(study):
             rows.append(("Image quality warnings", ", ".join(quality_warnings(study))))
     else:

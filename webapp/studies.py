@@ -79,12 +79,20 @@ class StudyService:
         self.factory = factory
         self.store = store
         self.client = client
+        self._cipher = None
+
+    def cipher(self):
+        """The field cipher (made on first use: most uploads carry no identifying field)."""
+        if self._cipher is None:
+            self._cipher = self.settings.field_cipher()
+        return self._cipher
 
     # -- create + score ------------------------------------------------------------------------------
     async def create(self, owner: User, upload: CheckedUpload, note: str) -> Study:
         """Store the file and its row in one transaction; the new study is leased to the caller."""
         prefix = self.store.new_prefix()
         lease = self.settings.inline_wait_s + LEASE_MARGIN_S
+        age_token = None if upload.patient_age_years is None else self.cipher().encrypt(upload.patient_age_years)
 
         def write() -> Study:
             with transaction(self.factory) as db:
@@ -93,7 +101,7 @@ class StudyService:
                               image_sha256=upload.sha256, image_bytes=len(upload.data),
                               has_preview=upload.preview_png is not None, deidentified=upload.deidentified,
                               status="pending", created_at=now, next_attempt_at=now,
-                              lease_until=now + timedelta(seconds=lease))
+                              lease_until=now + timedelta(seconds=lease), patient_age_token=age_token)
                 db.add(study)
                 db.flush()
                 self.store.put(study.image_key(), upload.data)
@@ -115,9 +123,10 @@ class StudyService:
         study = await asyncio.to_thread(self._load, study_id)
         if data is None:
             data = await asyncio.to_thread(self.store.get, study.image_key())
+        age = self.cipher().decrypt(study.patient_age_token) if study.patient_age_token else None
         started = time.perf_counter()
         try:
-            result = await self.client.infer(data, timeout_s)
+            result = await self.client.infer(data, timeout_s, age)
         except InferenceRejected as exc:
             INFERENCE_SECONDS.labels("rejected").observe(time.perf_counter() - started)
             if discard_rejected:
@@ -173,6 +182,8 @@ class StudyService:
             row.probability, row.label, row.threshold = result.probability, result.label, result.threshold
             row.model_name, row.model_version = result.model_name, result.model_version
             row.quality_flags = result.quality_flags
+            row.decision, row.ood_score, row.in_intended_use = result.decision, result.ood_score, result.in_intended_use
+            row.refer_reasons, row.model_intended_use = result.refer_reasons, result.intended_use or None
             row.has_heatmap = result.heatmap_png is not None
             row.scored_at, row.inference_ms = utcnow(), round(result.seconds * 1000, 1)
             row.attempts += 1
@@ -343,7 +354,9 @@ def study_json(study: Study, owner_name: str | None = None) -> dict:
     result = None
     if study.status == "done":
         result = {"probability": study.probability, "label": study.label, "threshold": study.threshold,
-                  "model_name": study.model_name, "model_version": study.model_version,
+                  "decision": study.decision, "ood_score": study.ood_score, "in_intended_use": study.in_intended_use,
+                  "refer_reasons": study.refer_reasons or [], "model_name": study.model_name,
+                  "model_version": study.model_version, "model_intended_use": study.model_intended_use,
                   "quality_flags": study.quality_flags, "scored_at": _iso(study.scored_at),
                   "inference_ms": study.inference_ms}
     feedback = None

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from webapp.dependencies import Principal, check_csrf, ctx, db_session, page_principal
 from webapp.errors import AppError
 from webapp.models import LABELS
-from webapp.report import STATEMENT, decision_text, facts, quality_warnings, when
+from webapp.report import REFER_MEANING, STATEMENT, decision_text, facts, model_text, quality_warnings, refer_texts, when
 from webapp.routers.studies_api import accept_upload, give_feedback, owned_study, read_upload_form
 from webapp.studies import StudyFilter
 from webapp.uploads import UploadRejected
@@ -27,7 +27,8 @@ router = APIRouter(include_in_schema=False)
 def render(request: Request, template: str, principal: Principal, status: int = 200, **values):
     settings = ctx(request).settings
     values.update(user=principal.user, csrf_token=principal.csrf_token, labels=LABELS, when=when, statement=STATEMENT,
-                  decision_text=decision_text, quality_warnings=quality_warnings, max_upload_mb=round(settings.max_upload_bytes / 1024 / 1024))
+                  decision_text=decision_text, quality_warnings=quality_warnings, refer_texts=refer_texts,
+                  model_text=model_text, refer_meaning=REFER_MEANING, max_upload_mb=round(settings.max_upload_bytes / 1024 / 1024))
     return ctx(request).templates.TemplateResponse(request, template, values, status_code=status)
 
 

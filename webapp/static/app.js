@@ -124,6 +124,10 @@ function setupHeatmapControls() {
   apply();
 }
 
+// The same words as webapp/report.py DECISIONS.
+const DECISION_TEXT = { PNEUMONIA: "Pneumonia suspected", NORMAL: "No pneumonia detected",
+                        REFER: "Refer to a radiologist: no automatic decision" };
+
 function showResult(study) {
   const id = study.id;
   const r = study.result;
@@ -134,8 +138,21 @@ function showResult(study) {
     return;
   }
   const decision = document.getElementById("decision");
-  decision.textContent = r.label === "PNEUMONIA" ? "Pneumonia suspected" : "No pneumonia detected";
-  decision.className = "badge badge-large badge-" + r.label.toLowerCase();
+  const decided = r.decision || r.label;
+  decision.textContent = DECISION_TEXT[decided] || "No result";
+  decision.className = "badge badge-large badge-" + decided.toLowerCase();
+  decision.dataset.label = r.label;
+  const reasons = r.refer_reasons || [];
+  document.getElementById("refer-reasons").replaceChildren(...reasons.map((reason) => {
+    const item = document.createElement("li");
+    item.textContent = reason.text;
+    return item;
+  }));
+  document.getElementById("refer").hidden = decided !== "REFER";
+  const use = r.in_intended_use === null || r.in_intended_use === undefined ? "not checked"
+    : (r.in_intended_use ? "within the model's intended use" : "outside the model's intended use");
+  document.getElementById("intended-use").textContent = use + (typeof r.ood_score === "number"
+    ? " (out-of-distribution score " + r.ood_score.toFixed(2) + "; above 1.00: unlike the training films)" : "");
   document.getElementById("probability").textContent = percent(r.probability);
   document.getElementById("threshold").textContent = percent(r.threshold);
   document.getElementById("model").textContent = r.model_name + " version " + r.model_version;
