@@ -3,7 +3,8 @@
 A bundle is a directory::
 
     model.onnx            fp32 graph: input ``image`` [N,1,S,S] -> ``logit`` [N], ``cam`` [N,h,w],
-                          ``features`` [N,2048] (pooled layer4; absent from bundles exported before it existed)
+                          ``features`` [N,512] (layer1's channel means and standard deviations; absent from
+                          bundles exported before it existed)
     model.int8.onnx       optional static QDQ int8 graph (same inputs/outputs)
     gate.npz              optional engine parity gate: val images + fp32 reference outputs (model.engine_gate)
     ood.npz               the out-of-distribution detector's statistics (model.ood)

@@ -3,7 +3,7 @@ engine and precision must pass, on the serving machine, before it may serve.
 
 At export, :func:`write_gate_set` stores ``gate.npz`` in the bundle folder: up to N validation images (uint8 at
 the model resolution, both classes), their labels, and the fp32 ONNX Runtime reference outputs (logits, CAMs
-and, with an out-of-distribution detector, the pooled features). ``pneumoscope.json`` records the limits under ``engine_gate``, and the file is hashed like every other
+and, with an out-of-distribution detector, the features it reads). ``pneumoscope.json`` records the limits under ``engine_gate``, and the file is hashed like every other
 bundle file, so a server can judge a candidate engine without the training data.
 
 A candidate passes when, on those images:
@@ -172,7 +172,7 @@ def _ood_score_diff(gate: GateSet, features: np.ndarray | None, failures: list[s
         return float("nan")
     features = None if features is None else np.asarray(features, dtype=np.float32)
     if features is None or features.shape != gate.features.shape or not np.isfinite(features).all():
-        failures.append(f"pooled features {None if features is None else features.shape} instead of "
+        failures.append(f"features {None if features is None else features.shape} instead of "
                         f"{gate.features.shape}, finite")
         return float("nan")
     diff = float(np.max(np.abs(gate.detector.scores(features) - reference)))
@@ -203,7 +203,7 @@ def write_gate_set(bundle_dir: str | Path, images: np.ndarray, labels: np.ndarra
     """Store the gate images + fp32 reference outputs in ``bundle_dir``; returns the ``engine_gate`` metadata.
 
     ``session`` is the fp32 ONNX Runtime session of ``model.onnx`` (the reference every engine must match).
-    ``ood_score_tolerance`` (the detector's ``score_tolerance``): store the pooled features too, and make every
+    ``ood_score_tolerance`` (the detector's ``score_tolerance``): store the graph's features too, and make every
     engine keep the out-of-distribution score within it. Call before :func:`model.bundle.write_bundle`, which
     hashes the file.
     """

@@ -5,7 +5,7 @@ what will be served, not through the PyTorch module.
 
 The bundle also says what the model is for (``intended_use``: population, views, age limit, training
 profile, the held-out figures it is registered with) and carries the out-of-distribution detector
-(:mod:`model.ood`): fitted on the training split's pooled features, its cut-off on val. The report adds,
+(:mod:`model.ood`): fitted on the training split's features (the graph's third output), its cut-off on val. The report adds,
 per split, the refer band's decided-case figures, a risk-coverage curve and the share of films the
 detector flags.
 """
@@ -229,7 +229,7 @@ def ood_summary(scores: np.ndarray) -> dict:
 
 def _fit_ood(cache: CachedData, session, config: PreprocessConfig, val_features: np.ndarray,
              settings: EvalSettings) -> tuple[OodDetector, dict]:
-    """The detector: statistics from the training split's pooled features (through the exported graph), the
+    """The detector: statistics from the training split's features (through the exported graph), the
     cut-off from val's. Nothing else is looked at."""
     train_idx, train_y = cache.split("train")
     started = time.perf_counter()

@@ -1,4 +1,4 @@
-"""ONNX export (logit + CAM + pooled features, dynamic batch), parity check, and static int8 QDQ quantisation."""
+"""ONNX export (logit + CAM + layer1 statistics, dynamic batch), parity check, and static int8 QDQ quantisation."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def export_onnx(net: torch.nn.Module, image_size: int, path: str | Path) -> Path
 
 @torch.no_grad()
 def parity(net: torch.nn.Module, onnx_path: str | Path, images: np.ndarray, config: PreprocessConfig) -> dict:
-    """Max |onnx - torch| of the logits, CAMs and pooled features on real images (fp32, eval mode)."""
+    """Max |onnx - torch| of the logits, CAMs and features on real images (fp32, eval mode)."""
     head = LogitCamAndFeatures(net).eval()
     x = normalize(np.asarray(images), config)
     t_logit, t_cam, t_features = head(torch.from_numpy(x))
@@ -79,20 +79,28 @@ def quantize_int8(fp32_path: str | Path, int8_path: str | Path, calibration_imag
                         quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8, per_channel=True,
                         calibrate_method=CalibrationMethod.MinMax,
-                        # The CAM head and the feature pooling stay fp32: the heatmap keeps its full dynamic
+                        # The CAM head and the feature statistics stay fp32: the heatmap keeps its full dynamic
                         # range, the out-of-distribution score its precision.
-                        nodes_to_exclude=_cam_nodes(prepared))
+                        nodes_to_exclude=_head_nodes(prepared))
     return Path(int8_path)
 
 
-def _cam_nodes(path: Path) -> list[str]:
+def _head_nodes(path: Path) -> list[str]:
+    """Every node the network's trunk (up to layer4's last ReLU) does not need: the CAM head after layer4 (the 1x1
+    convolution, the squeeze, the means, the bias add) and the branch that summarises layer1 into ``features``."""
     import onnx
 
     graph = onnx.load(str(path), load_external_data=False).graph
-    # Everything after layer4: the 1x1 CAM convolution, the squeeze, the means, the bias add.
-    names = [n.name for n in graph.node]
     last_relu = max(i for i, n in enumerate(graph.node) if n.op_type == "Relu")
-    return names[last_relu + 1:]
+    producer = {out: n for n in graph.node for out in n.output}
+    trunk, stack = set(), [graph.node[last_relu]]
+    while stack:  # the last ReLU's ancestors
+        node = stack.pop()
+        if node.name in trunk:
+            continue
+        trunk.add(node.name)
+        stack.extend(producer[i] for i in node.input if i in producer)
+    return [n.name for n in graph.node if n.name not in trunk]
 
 
 def int8_gate(fp32_session, int8_session, images: np.ndarray, labels: np.ndarray, config: PreprocessConfig,

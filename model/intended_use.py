@@ -53,7 +53,7 @@ def parse_age(value) -> float | None:
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
     if isinstance(value, bool):
-        raise InvalidAge("a patient age must be a number of years or a DICOM age string such as 045Y")
+        raise InvalidAge("a patient age must be a number of years or a DICOM age string (nnnD, nnnW, nnnM or nnnY)")
     if isinstance(value, (int, float)):
         years = float(value)
     else:
@@ -64,9 +64,9 @@ def parse_age(value) -> float | None:
         else:
             try:
                 years = float(text)
-            except ValueError:
-                raise InvalidAge(f"the patient age {text[:16]!r} is neither a number of years nor a DICOM age "
-                                 "string (nnnD, nnnW, nnnM or nnnY, e.g. 045Y)") from None
+            except ValueError:  # the value itself is not repeated: messages are logged, and logs carry no PHI
+                raise InvalidAge("the patient age is neither a number of years nor a DICOM age string (nnnD, nnnW, "
+                                 "nnnM or nnnY: days, weeks, months or years)") from None
     if not (math.isfinite(years) and 0.0 <= years <= MAX_AGE_YEARS):
         raise InvalidAge(f"a patient age must lie between 0 and {MAX_AGE_YEARS:g} years")
     return years

@@ -2,7 +2,7 @@
 
 Both read the bundle's ONNX graphs as they are (``model.onnx``, ``model.int8.onnx``); no other artefact
 format. Each engine object is thread-safe and answers ``run(x) -> (logits [N], cams [N,h,w], features [N,d])``
-for an FP32 batch ``x`` [N,1,S,S]; ``features`` (the pooled layer4 output the out-of-distribution detector reads)
+for an FP32 batch ``x`` [N,1,S,S]; ``features`` (layer1's channel statistics, what the out-of-distribution detector reads)
 is [N,0] for a graph exported before it existed. ``parallel`` > 1 makes one object run that many calls side by side (the predictor's
 narrow streams under load); ``threads`` is the intra-op threads of one call.
 

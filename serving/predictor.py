@@ -18,8 +18,8 @@ Open Inference Protocol v2 (REST or gRPC), see :mod:`serving.protocol`:
   (a JSON list of ``{"code", "text"}`` per image); the response's ``model_version`` and its parameter
   ``intended_use`` (JSON: profile, demonstration, population, age limit, registered figures).
 
-The out-of-distribution score comes from the graph's third output (pooled features): one
-[N,2048] x [2048,2048] product per batch, no second inference.
+The out-of-distribution score comes from the graph's third output (layer1's channel statistics): one
+[N,512] x [512,512] product per batch, no second inference.
 
 Concurrent requests are batched server-side (:mod:`serving.batching`). Ready only after a warm-up
 inference. No torch.
@@ -141,7 +141,7 @@ class PneumoniaPredictor(Model):
         if logits.shape != (n,) or cams.ndim != 3 or not np.all(np.isfinite(logits)):
             raise RuntimeError(f"warm-up inference returned logit {logits.shape}, cam {cams.shape}")
         if self.detector is not None and features.shape != (n, self.detector.dimensions):
-            raise RuntimeError(f"the graph's pooled features are {list(features.shape)}; the out-of-distribution "
+            raise RuntimeError(f"the graph's features are {list(features.shape)}; the out-of-distribution "
                                f"detector needs [{n}, {self.detector.dimensions}]")
         self.cam_shape = tuple(int(d) for d in cams.shape[1:])
         WARMUP_SECONDS.set(time.perf_counter() - started)
@@ -253,7 +253,7 @@ class PneumoniaPredictor(Model):
         return probs, [LABELS[int(p >= self.threshold)] for p in probs]
 
     def ood_scores(self, features: np.ndarray) -> np.ndarray:
-        """``ood_score`` [N] from the graph's pooled features (NaN without a detector)."""
+        """``ood_score`` [N] from the graph's third output (NaN without a detector)."""
         if self.detector is None:
             return np.full(len(features), np.nan, dtype=np.float32)
         return self.detector.scores(features).astype(np.float32)

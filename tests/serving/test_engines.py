@@ -84,7 +84,7 @@ def test_both_engines_give_the_same_decisions_on_real_xrays(bundle_dir):
     for precision, graph in (("fp32", "model.onnx"), ("int8", "model.int8.onnx")):
         ort_logits, ort_cams, ort_features = create_engine("onnxruntime", bundle_dir / graph, precision, 2).run(x)
         ov_logits, ov_cams, ov_features = create_engine("openvino", bundle_dir / graph, precision, 2).run(x)
-        assert ort_features.shape == ov_features.shape == (len(x), 2048)  # the third output, on both engines
+        assert ort_features.shape == ov_features.shape == (len(x), 512)  # the third output, on both engines
         # Two single-threaded OpenVINO streams called at once (the predictor under load) answer the same.
         narrow = create_engine("openvino", bundle_dir / graph, precision, 1, parallel=2)
         with ThreadPoolExecutor(2) as pool:
