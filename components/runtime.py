@@ -15,10 +15,12 @@ from dataclasses import asdict
 from pathlib import Path
 
 from model.data import CLASSES
+from model.evaluation import intended_use_metrics
 from model.metrics import METRIC_NAMES
 
 REPORT_SPLITS = ("val", "holdout", "sanity")
-PLOTS = (("roc.png", "ROC curve"), ("confusion_matrix.png", "Confusion matrix"), ("calibration.png", "Calibration"))
+PLOTS = (("roc.png", "ROC curve"), ("confusion_matrix.png", "Confusion matrix"), ("calibration.png", "Calibration"),
+         ("risk_coverage.png", "Risk-coverage (refer band marked)"))
 
 
 def finite(values: dict) -> dict[str, float]:
@@ -65,8 +67,8 @@ def evaluation_metrics(report: dict) -> dict[str, float]:
                   logit_bias=report.get("logit_bias", 0.0))
     for split, m in report.get("abstention", {}).items():  # the refer band fitted on val, its coverage
         if isinstance(m, dict):
-            values.update({f"{split}_refer_coverage": m["coverage"], f"{split}_refer_sensitivity": m["sensitivity"],
-                           f"{split}_refer_specificity": m["specificity"]})
+            values[f"{split}_refer_coverage"] = m["coverage"]
+    values.update(intended_use_metrics(report))  # the same names as in MLflow
     if report["int8"].get("auc_drop") is not None:
         values["int8_auc_drop"] = report["int8"]["auc_drop"]
     return finite(values)
@@ -107,12 +109,70 @@ def report_html(report: dict, plots_dir: str | Path) -> str:
     return "\n".join([
         "<!doctype html><html><head><meta charset='utf-8'><title>pneumoscope evaluation</title>",
         "<style>body{font-family:sans-serif}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
-        "padding:3px 8px;text-align:right}figure{display:inline-block;margin:8px}</style></head><body>",
+        "padding:3px 8px;text-align:right}figure{display:inline-block;margin:8px}"
+        ".banner{background:#fff3cd;border:1px solid #c9a227;padding:6px 10px}</style></head><body>",
+        *_intended_use_html(report.get("intended_use") or {}),
         "<h2>Evaluation (threshold and temperature chosen on val)</h2>",
         f"<p>threshold {report['threshold']:.4f} ({html.escape(report['threshold_method'])}), temperature "
         f"{report['temperature']:.3f}; {html.escape(int8_line)}; manifest {report['manifest_sha256'][:12]}</p>",
         "<table><tr><th>split</th><th>n</th>" + "".join(f"<th>{k}</th>" for k in METRIC_NAMES) + "</tr>",
-        *rows, "</table>", *images, "</body></html>"])
+        *rows, "</table>", *_refer_html(report, cell), *images, "</body></html>"])
+
+
+def _intended_use_html(use: dict) -> list[str]:
+    """The model's profile, what it is for, and the held-out figures it is registered with."""
+    if not use:
+        return []
+    out = []
+    if use.get("demonstration"):
+        out.append(f"<p class='banner' role='note'><strong>Demonstration model</strong> (profile "
+                   f"{html.escape(str(use.get('profile')))}): it shows the machinery, it is not a clinical model.</p>")
+    registered = use.get("registered") or {}
+
+    def figure(name: str) -> str:
+        value, ci = registered.get(name), registered.get(f"{name}_ci95")
+        if value is None or (isinstance(value, float) and not math.isfinite(value)):
+            return "&ndash;"
+        return f"{value:.3f}" + (f" ({ci[0]:.3f}&ndash;{ci[1]:.3f})" if ci else "")
+
+    band = registered.get("refer_band") or {}
+    out += ["<h2>Intended use</h2>",
+            f"<p>Profile <strong>{html.escape(str(use.get('profile')))}</strong>. Trained on "
+            f"{html.escape(str(use.get('population')))}: {html.escape(str(use.get('source')))}; "
+            f"{html.escape(str(use.get('views')))}. Patients older than {use.get('age_limit_years', 18):g} years "
+            "are referred.</p>",
+            f"<p>Registered with the {html.escape(str(registered.get('split')))} figures (n={registered.get('n')}, "
+            f"95 % CI): AUC {figure('auc')}, sensitivity {figure('sensitivity')}, specificity "
+            f"{figure('specificity')}, ECE {figure('ece')}."
+            + (f" Refer band {band['low']:.3f}&ndash;{band['high']:.3f}: coverage {band['coverage']:.3f}, decided "
+               f"sensitivity {band['decided_sensitivity']:.3f}, specificity {band['decided_specificity']:.3f}."
+               if band and all(isinstance(band.get(k), float) and math.isfinite(band[k]) for k in
+                               ("coverage", "decided_sensitivity", "decided_specificity")) else "") + "</p>"]
+    return out
+
+
+def _refer_html(report: dict, cell) -> list[str]:
+    """Per split: the refer band's decided-case figures, the risk-coverage area and the out-of-distribution share."""
+    abstention, curves, ood = report.get("abstention", {}), report.get("risk_coverage", {}), report.get("ood", {})
+    cutoff = ((report.get("intended_use") or {}).get("ood") or {}).get("cutoff")
+    rows = []
+    for split in REPORT_SPLITS:
+        band = abstention.get(split)
+        if not isinstance(band, dict):
+            continue
+        flagged = ood.get(split, {}).get("flagged_share")
+        rows.append(f"<tr><th>{split}</th><td>{band['n']}</td><td>{cell(band['coverage'])}</td>"
+                    f"<td>{cell(band['sensitivity'])}</td><td>{cell(band['specificity'])}</td>"
+                    f"<td>{cell(curves.get(split, {}).get('aurc'))}</td><td>{cell(flagged)}</td></tr>")
+    if not rows:
+        return []
+    return [f"<h2>Refer band {abstention['low']:.4f}&ndash;{abstention['high']:.4f} and out-of-distribution check</h2>",
+            "<p>Decided-case sensitivity and specificity: over the films the band does not refer. AURC: the area under "
+            "the risk-coverage curve (lower is better). Flagged: films whose out-of-distribution score exceeds 1"
+            + (f" (distance cut-off {cutoff:.3f}, fitted on val)" if cutoff is not None else "") + ".</p>",
+            "<table><tr><th>split</th><th>n</th><th>coverage</th><th>decided sensitivity</th>"
+            "<th>decided specificity</th><th>AURC</th><th>flagged out of distribution</th></tr>",
+            *rows, "</table>"]
 
 
 def champion_val_images(cache_dir: str | Path, index: list[int]):

@@ -2,10 +2,14 @@
 
 A bundle is a directory::
 
-    model.onnx            fp32 graph: input ``image`` [N,1,S,S] -> ``logit`` [N], ``cam`` [N,h,w]
+    model.onnx            fp32 graph: input ``image`` [N,1,S,S] -> ``logit`` [N], ``cam`` [N,h,w],
+                          ``features`` [N,512] (layer1's channel means and standard deviations; absent from
+                          bundles exported before it existed)
     model.int8.onnx       optional static QDQ int8 graph (same inputs/outputs)
     gate.npz              optional engine parity gate: val images + fp32 reference outputs (model.engine_gate)
-    pneumoscope.json      preprocessing, threshold, temperature + logit bias, metrics, int8 decision, sha256 of files
+    ood.npz               the out-of-distribution detector's statistics (model.ood)
+    pneumoscope.json      preprocessing, threshold, temperature + logit bias, refer band, metrics, int8 decision,
+                          intended use (population, age limit, profile, registered figures, detector), sha256 of files
 
 No torch here: the serving path (transformer, predictor) imports this module.
 """
@@ -24,7 +28,7 @@ from model.preprocessing import PreprocessConfig, normalize
 BUNDLE_FILE = "pneumoscope.json"
 BUNDLE_FORMAT = 1
 INPUT_NAME = "image"
-OUTPUT_NAMES = ("logit", "cam")
+OUTPUT_NAMES = ("logit", "cam", "features")
 
 
 class BundleError(Exception):
@@ -166,6 +170,22 @@ class Bundle:
             raise BundleError(f"this model version has no {precision} graph")
         return self.root / name
 
+    def arrays(self, name: str, what: str) -> dict[str, np.ndarray]:
+        """The arrays of one hashed ``.npz`` file of this bundle; BundleError when it is unlisted or unreadable."""
+        if name not in self.meta.get("files", {}):
+            raise BundleError(f"{what} {name} is not covered by the bundle's hashes")
+        try:
+            with np.load(self.root / name, allow_pickle=False) as data:
+                return {key: data[key] for key in data.files}
+        except (OSError, ValueError) as exc:
+            raise BundleError(f"cannot read {what} {name}: {exc}") from None
+
+    @property
+    def intended_use(self) -> dict:
+        """What the version is for (population, age limit, profile, registered figures, detector); {} for a bundle
+        exported before it was recorded."""
+        return dict(self.meta.get("intended_use") or {})
+
     @property
     def logit_bias(self) -> float:
         return float(self.meta.get("logit_bias", 0.0))
@@ -189,17 +209,18 @@ def make_session(onnx_path: str | Path, threads: int | None = None):
 
 
 def run_images(session, images: np.ndarray, config: PreprocessConfig, batch_size: int = 32,
-               with_cam: bool = False):
-    """uint8 (N, S, S) at the model resolution -> logits [N] (and CAMs [N, h, w])."""
-    logits, cams = [], []
-    outputs = list(OUTPUT_NAMES) if with_cam else [OUTPUT_NAMES[0]]
+               with_cam: bool = False, with_features: bool = False):
+    """uint8 (N, S, S) at the model resolution -> logits [N]; with ``with_cam`` and/or ``with_features`` a tuple
+    (logits, [CAMs [N, h, w]], [features [N, d]]) in that order."""
+    wanted = [OUTPUT_NAMES[0]] + ([OUTPUT_NAMES[1]] if with_cam else []) + ([OUTPUT_NAMES[2]] if with_features else [])
+    collected: list[list[np.ndarray]] = [[] for _ in wanted]
     for start in range(0, len(images), batch_size):
         batch = normalize(np.asarray(images[start:start + batch_size]), config)
-        result = session.run(outputs, {INPUT_NAME: batch})
-        logits.append(result[0].reshape(-1))
-        if with_cam:
-            cams.append(result[1])
-    logit_arr = np.concatenate(logits) if logits else np.zeros(0, np.float32)
-    if with_cam:
-        return logit_arr, np.concatenate(cams)
-    return logit_arr
+        for store, array in zip(collected, session.run(wanted, {INPUT_NAME: batch})):
+            store.append(array)
+    if not collected[0]:
+        return np.zeros(0, np.float32) if len(wanted) == 1 else tuple(np.zeros(0, np.float32) for _ in wanted)
+    logits = np.concatenate(collected[0]).reshape(-1)
+    if len(wanted) == 1:
+        return logits
+    return (logits, *(np.concatenate(parts) for parts in collected[1:]))

@@ -103,6 +103,22 @@ def _read_checked(data: bytes, max_pixels: int, max_bytes: int):
     return ds
 
 
+def patient_age_years(data: bytes) -> float | None:
+    """Patient's Age (0010,1010) in years, read from the header alone; None when absent or malformed.
+
+    Read before anything else touches the file (a de-identified copy no longer has it). Never logged."""
+    from model.intended_use import InvalidAge, parse_age
+
+    try:
+        if _transfer_syntax(data) not in ALLOWED_SYNTAXES:
+            return None  # the decoder refuses the file with its own message
+        ds = pydicom.dcmread(io.BytesIO(data), force=True, stop_before_pixels=True, specific_tags=["PatientAge"])
+        return parse_age(str(ds.get("PatientAge", "") or ""))
+    except (InvalidAge, InvalidImageError, InvalidDicomError, OSError, ValueError, EOFError, KeyError, IndexError,
+            TypeError):
+        return None
+
+
 def declared_pixels(data: bytes) -> int:
     """Rows x Columns of the first frame, read from the header alone (0 when not allowed or unreadable)."""
     if transfer_syntax(data) not in ALLOWED_SYNTAXES:

@@ -2,8 +2,8 @@
 engine and precision must pass, on the serving machine, before it may serve.
 
 At export, :func:`write_gate_set` stores ``gate.npz`` in the bundle folder: up to N validation images (uint8 at
-the model resolution, both classes), their labels, and the fp32 ONNX Runtime reference outputs (logits and
-CAMs). ``pneumoscope.json`` records the limits under ``engine_gate``, and the file is hashed like every other
+the model resolution, both classes), their labels, and the fp32 ONNX Runtime reference outputs (logits, CAMs
+and, with an out-of-distribution detector, the features it reads). ``pneumoscope.json`` records the limits under ``engine_gate``, and the file is hashed like every other
 bundle file, so a server can judge a candidate engine without the training data.
 
 A candidate passes when, on those images:
@@ -12,7 +12,10 @@ A candidate passes when, on those images:
 - max |logit - reference| <= ``max_abs_logit_diff`` (``logit_tolerance`` x the fitted temperature: a bound
   on the change of the calibrated log-odds, so it means the same for every model);
 - AUC(reference) - AUC(candidate) <= ``max_auc_drop`` (the int8 export gate's limit);
-- every CAM correlates with its reference by at least ``min_cam_correlation`` (the heatmap keeps its shape).
+- every CAM correlates with its reference by at least ``min_cam_correlation`` (the heatmap keeps its shape);
+- with a detector (:mod:`model.ood`): max |ood_score - reference| <= ``max_ood_score_diff``, the detector's
+  ``score_tolerance`` (a precision that moves scores by less flips the intended-use verdict of at most 1 % of the
+  val films).
 
 Not the int8 export gate (:func:`model.export.int8_gate`): that one runs once, at export, and judges the int8
 GRAPH by its AUC on all val images; it decides whether the bundle carries an int8 graph at all. This one judges
@@ -31,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from model.bundle import BundleError, run_images
+from model.ood import OodDetector
 from model.preprocessing import PreprocessConfig, normalize
 
 log = logging.getLogger(__name__)
@@ -55,6 +59,14 @@ class GateSet:
     max_abs_logit_diff: float
     max_auc_drop: float
     min_cam_correlation: float
+    features: np.ndarray | None = None  # float32 [N, d], fp32 ONNX Runtime (bundles with a detector)
+    detector: object | None = None  # model.ood.OodDetector
+    max_ood_score_diff: float = float("nan")
+
+    def reference_ood_scores(self) -> np.ndarray | None:
+        if self.detector is None or self.features is None:
+            return None
+        return self.detector.scores(self.features)
 
     @classmethod
     def load(cls, bundle) -> GateSet | None:
@@ -63,20 +75,25 @@ class GateSet:
         if not spec:
             return None
         name = spec.get("file", GATE_FILE)
-        if name not in bundle.meta.get("files", {}):
-            raise BundleError(f"the engine parity gate file {name} is not covered by the bundle's hashes")
-        try:
-            with np.load(bundle.root / name, allow_pickle=False) as data:
-                arrays = {k: data[k] for k in ("images", "labels", "logits", "cams")}
-        except (OSError, KeyError, ValueError) as exc:
-            raise BundleError(f"cannot read the engine parity gate set {name}: {exc}") from None
+        arrays = bundle.arrays(name, "the engine parity gate set")
+        missing = {"images", "labels", "logits", "cams"} - set(arrays)
+        if missing:
+            raise BundleError(f"the engine parity gate set {name} lacks {', '.join(sorted(missing))}")
+        features = arrays.get("features")
         size = bundle.preprocess.image_size
         n = len(arrays["labels"])
         if arrays["images"].shape != (n, size, size) or arrays["logits"].shape != (n,) or len(arrays["cams"]) != n:
             raise BundleError(f"the engine parity gate set {name} does not match the model ({size} px, {n} labels)")
+        detector = OodDetector.load(bundle)
+        if detector is not None and (features is None or features.shape != (n, detector.dimensions)
+                                     or "max_ood_score_diff" not in spec):
+            raise BundleError(f"the engine parity gate set {name} holds no reference features for the bundle's "
+                              "out-of-distribution detector")
         return cls(images=arrays["images"], labels=arrays["labels"], logits=arrays["logits"], cams=arrays["cams"],
                    max_abs_logit_diff=float(spec["max_abs_logit_diff"]), max_auc_drop=float(spec["max_auc_drop"]),
-                   min_cam_correlation=float(spec["min_cam_correlation"]))
+                   min_cam_correlation=float(spec["min_cam_correlation"]),
+                   features=features if detector is not None else None, detector=detector,
+                   max_ood_score_diff=float(spec.get("max_ood_score_diff", float("nan"))))
 
     def tensors(self, config: PreprocessConfig) -> np.ndarray:
         """The engine input: the stored pixels through the bundle's own normalisation."""
@@ -92,6 +109,7 @@ class GateResult:
     auc: float
     auc_drop: float
     min_cam_correlation: float
+    max_ood_score_diff: float = float("nan")  # nan: the bundle has no detector
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -121,7 +139,7 @@ def _cam_correlations(cams: np.ndarray, reference: np.ndarray) -> np.ndarray:
     return np.where(flat, 1.0, corr)
 
 
-def check(gate: GateSet, logits: np.ndarray, cams: np.ndarray) -> GateResult:
+def check(gate: GateSet, logits: np.ndarray, cams: np.ndarray, features: np.ndarray | None = None) -> GateResult:
     """Judge one candidate's outputs on the gate images against the fp32 reference."""
     logits, cams = np.asarray(logits, dtype=np.float32).reshape(-1), np.asarray(cams, dtype=np.float32)
     nan = float("nan")
@@ -142,8 +160,25 @@ def check(gate: GateSet, logits: np.ndarray, cams: np.ndarray) -> GateResult:
         failures.append(f"AUC drop {drop:.4f} > {gate.max_auc_drop:.4f}")
     if cam_corr < gate.min_cam_correlation:
         failures.append(f"CAM correlation {cam_corr:.3f} < {gate.min_cam_correlation:.3f}")
+    ood_diff = _ood_score_diff(gate, features, failures)
     return GateResult(not failures, "; ".join(failures) or "within the limits", diff, auc_ref, auc_cand,
-                      float(drop), cam_corr)
+                      float(drop), cam_corr, ood_diff)
+
+
+def _ood_score_diff(gate: GateSet, features: np.ndarray | None, failures: list[str]) -> float:
+    """Max |ood_score - reference| over the gate images (nan without a detector); appends a failure if too far."""
+    reference = gate.reference_ood_scores()
+    if reference is None:
+        return float("nan")
+    features = None if features is None else np.asarray(features, dtype=np.float32)
+    if features is None or features.shape != gate.features.shape or not np.isfinite(features).all():
+        failures.append(f"features {None if features is None else features.shape} instead of "
+                        f"{gate.features.shape}, finite")
+        return float("nan")
+    diff = float(np.max(np.abs(gate.detector.scores(features) - reference)))
+    if diff > gate.max_ood_score_diff:
+        failures.append(f"max |ood_score diff| {diff:.3g} > {gate.max_ood_score_diff:.3g}")
+    return diff
 
 
 def choose_gate_images(labels: np.ndarray, count: int = DEFAULT_GATE_IMAGES, seed: int = 0) -> np.ndarray:
@@ -163,24 +198,34 @@ def choose_gate_images(labels: np.ndarray, count: int = DEFAULT_GATE_IMAGES, see
 def write_gate_set(bundle_dir: str | Path, images: np.ndarray, labels: np.ndarray, session,
                    config: PreprocessConfig, temperature: float, max_auc_drop: float = DEFAULT_MAX_AUC_DROP,
                    count: int = DEFAULT_GATE_IMAGES, seed: int = 0, logit_tolerance: float = DEFAULT_LOGIT_TOLERANCE,
-                   min_cam_correlation: float = DEFAULT_MIN_CAM_CORRELATION) -> dict:
+                   min_cam_correlation: float = DEFAULT_MIN_CAM_CORRELATION,
+                   ood_score_tolerance: float | None = None) -> dict:
     """Store the gate images + fp32 reference outputs in ``bundle_dir``; returns the ``engine_gate`` metadata.
 
     ``session`` is the fp32 ONNX Runtime session of ``model.onnx`` (the reference every engine must match).
-    Call before :func:`model.bundle.write_bundle`, which hashes the file.
+    ``ood_score_tolerance`` (the detector's ``score_tolerance``): store the graph's features too, and make every
+    engine keep the out-of-distribution score within it. Call before :func:`model.bundle.write_bundle`, which
+    hashes the file.
     """
     chosen = choose_gate_images(labels, count, seed)
     pixels = np.ascontiguousarray(np.asarray(images)[chosen], dtype=np.uint8)
     gate_labels = np.asarray(labels)[chosen].astype(np.int8)
-    logits, cams = run_images(session, pixels, config, batch_size=16, with_cam=True)
+    arrays = {}
+    if ood_score_tolerance is None:
+        logits, cams = run_images(session, pixels, config, batch_size=16, with_cam=True)
+    else:
+        logits, cams, features = run_images(session, pixels, config, batch_size=16, with_cam=True, with_features=True)
+        arrays["features"] = features.astype(np.float32)
     np.savez_compressed(Path(bundle_dir) / GATE_FILE, images=pixels, labels=gate_labels,
-                        logits=logits.astype(np.float32), cams=cams.astype(np.float32))
+                        logits=logits.astype(np.float32), cams=cams.astype(np.float32), **arrays)
     meta = {"gate": "engine parity gate: at load, each server's engine x precision must reproduce the fp32 "
                     "reference's outputs on these images within these limits",
             "file": GATE_FILE, "n": int(len(chosen)), "positives": int(gate_labels.sum()),
             "reference": "onnxruntime fp32 model.onnx", "logit_tolerance": float(logit_tolerance),
             "max_abs_logit_diff": float(logit_tolerance * temperature), "max_auc_drop": float(max_auc_drop),
             "min_cam_correlation": float(min_cam_correlation)}
+    if ood_score_tolerance is not None:
+        meta["max_ood_score_diff"] = float(ood_score_tolerance)
     log.info("engine parity gate set: %d val images (%d positive) and their fp32 outputs; a server's engine must "
              "keep |logit diff| <= %.3g, AUC drop <= %.4f, CAM correlation >= %.2f", meta["n"], meta["positives"],
              meta["max_abs_logit_diff"], max_auc_drop, min_cam_correlation)

@@ -2,6 +2,12 @@
 
 Everything is measured through the exported ONNX graph and the shared preprocessing, i.e. through
 what will be served, not through the PyTorch module.
+
+The bundle also says what the model is for (``intended_use``: population, views, age limit, training
+profile, the held-out figures it is registered with) and carries the out-of-distribution detector
+(:mod:`model.ood`): fitted on the training split's features (the graph's third output), its cut-off on val. The report adds,
+per split, the refer band's decided-case figures, a risk-coverage curve and the share of films the
+detector flags.
 """
 
 from __future__ import annotations
@@ -9,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -17,8 +23,10 @@ import numpy as np
 
 from model.bundle import Bundle, make_session, run_images, write_bundle
 from model.data import CLASSES, CachedData, DataError, discover
+from model.intended_use import DEFAULT_POPULATION, DEFAULT_SOURCE, DEFAULT_VIEWS, DEMONSTRATION_PROFILES
 from model.metrics import (abstention_metrics, choose_abstention_band, choose_threshold, fit_calibration,
-                           metrics_with_ci, roc_points, save_plots, sigmoid)
+                           metrics_with_ci, risk_coverage, roc_points, save_plots, save_risk_coverage_plot, sigmoid)
+from model.ood import DEFAULT_FLIP_SHARE, DEFAULT_QUANTILE, OodDetector, fit_detector
 from model.errors import InvalidImageError
 from model.preprocessing import PreprocessConfig, load_resized, normalize
 
@@ -38,6 +46,19 @@ class EvalSettings:
     gate_images: int = 64  # stored with the bundle: the engine parity gate every serving engine must pass
     seed: int = 0
     refer_target: float = 0.97  # the "refer to a radiologist" band: decided cases reach this sens. AND spec.
+    ood: bool = True  # fit the out-of-distribution detector (model.ood) and record the intended use
+    ood_quantile: float = DEFAULT_QUANTILE  # the cut-off: this quantile of the val split's distances
+    ood_flip_share: float = DEFAULT_FLIP_SHARE  # the engine gate's OOD tolerance: at most this share of val flips
+    age_limit_years: float = field(default_factory=lambda: _settings().age_limit_years)
+    population: str = DEFAULT_POPULATION
+    source: str = DEFAULT_SOURCE
+    views: str = DEFAULT_VIEWS
+
+
+def _settings():
+    from model.settings import Settings
+
+    return Settings()
 
 
 @dataclass(frozen=True)
@@ -74,21 +95,31 @@ def evaluate_checkpoint(checkpoint: str | Path, cache_dir: str | Path, out_dir: 
     onnx_path, parity_report = _export_checked(net, config, bundle_dir / "model.onnx", val_images)
     session = make_session(onnx_path)
 
-    val_logits = run_images(session, val_images, config)
+    val_logits, val_features = run_images(session, val_images, config, with_features=True)
     point = choose_operating_point(val_logits, val_y, settings)
     val_probs = point.probabilities(val_logits)
-    splits, abstention, split_probs = _score_splits(cache, session, config, point, val_probs, settings)
+    detector, ood_meta = _fit_ood(cache, session, config, val_features, settings) if settings.ood else (None, None)
+    scored = _score_splits(cache, session, config, point, (val_probs, val_features), settings, detector)
+    splits, abstention, split_probs = scored.metrics, scored.abstention, scored.probabilities
     plots = {k: str(v) for k, v in save_plots(val_y, val_probs, point.threshold, out / "plots", "validation").items()}
+    plots["risk_coverage"] = str(save_risk_coverage_plot(scored.risk_coverage, abstention, out / "plots" /
+                                                         "risk_coverage.png"))
     int8_report = _int8_export_gate(cache, onnx_path, session, val_images, val_y, config, settings)
     # The held-out split when there is one (val chose the threshold), else val.
     reference_split = "holdout" if "holdout" in split_probs else "val"
     reference = reference_distribution(split_probs[reference_split], point.threshold, reference_split)
+    intended_use = _intended_use(meta["profile"]["name"], settings, splits, abstention, reference_split)
+    if detector is not None:
+        detector.save(bundle_dir)
+        ood_meta["flagged_share"] = {s: o["flagged_share"] for s, o in scored.ood.items()}
+        intended_use["ood"] = ood_meta
     engine_gate = None
     if settings.gate_images > 0:
         from model.engine_gate import write_gate_set
 
         engine_gate = write_gate_set(bundle_dir, val_images, val_y, session, config, point.temperature,
-                                     settings.int8_max_auc_drop, settings.gate_images, settings.seed)
+                                     settings.int8_max_auc_drop, settings.gate_images, settings.seed,
+                                     ood_score_tolerance=ood_meta["score_tolerance"] if detector is not None else None)
 
     write_bundle(bundle_dir, {
         "model_name": model_name,
@@ -108,10 +139,12 @@ def evaluate_checkpoint(checkpoint: str | Path, cache_dir: str | Path, out_dir: 
         "training": {"profile": meta["profile"]["name"], "epoch": meta["epoch"], "seed": meta["seed"]},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "reference": reference,
+        "intended_use": intended_use,
     })
     report = {
         "threshold": point.threshold, "threshold_method": settings.threshold_method,
         "temperature": point.temperature, "logit_bias": point.bias, "splits": splits, "abstention": abstention,
+        "risk_coverage": scored.risk_coverage, "ood": scored.ood, "intended_use": intended_use,
         "int8": int8_report, "onnx_parity": parity_report, "plots": plots,
         "roc_val": roc_points(val_y, val_probs),
         "reference": reference,
@@ -145,24 +178,83 @@ def choose_operating_point(val_logits: np.ndarray, val_y: np.ndarray, settings: 
     return OperatingPoint(temperature, bias, threshold, band)
 
 
+@dataclass
+class ScoredSplits:
+    """What :func:`_score_splits` measures on every split there is."""
+
+    metrics: dict = field(default_factory=dict)  # metrics with CIs
+    abstention: dict = field(default_factory=dict)  # the refer band's decided-case figures
+    probabilities: dict = field(default_factory=dict)
+    risk_coverage: dict = field(default_factory=dict)
+    ood: dict = field(default_factory=dict)  # the detector's flagged share and score quantiles
+
+
 def _score_splits(cache: CachedData, session, config: PreprocessConfig, point: OperatingPoint,
-                  val_probs: np.ndarray, settings: EvalSettings) -> tuple[dict, dict, dict]:
-    """Metrics with CIs and refer-band figures of every split there is; returns (splits, abstention, probs)."""
-    splits, abstention = {}, {"target": settings.refer_target, "low": point.band[0], "high": point.band[1]}
-    split_probs = {}
+                  val_outputs: tuple[np.ndarray, np.ndarray], settings: EvalSettings,
+                  detector: OodDetector | None = None) -> ScoredSplits:
+    """Metrics with CIs, refer-band figures, risk-coverage and out-of-distribution shares of every split there is."""
+    scored = ScoredSplits(abstention={"target": settings.refer_target, "low": point.band[0], "high": point.band[1]})
     for split in REPORT_SPLITS:
         idx, y = cache.split(split)
         if len(idx) == 0:
             continue
-        probs = val_probs if split == "val" else point.probabilities(run_images(session, cache.images[idx], config))
-        split_probs[split] = probs
-        splits[split] = metrics_with_ci(y, probs, point.threshold, settings.n_bootstrap if len(idx) >= 20 else 0,
-                                        settings.seed)
-        abstention[split] = abstention_metrics(y, probs, *point.band)
-        m = splits[split]
-        log.info("%-8s n=%-5d AUC %.4f  acc %.4f  sens %.4f  spec %.4f  ECE %.4f", split, m["n"], m["auc"],
-                 m["accuracy"], m["sensitivity"], m["specificity"], m["ece"])
-    return splits, abstention, split_probs
+        if split == "val":
+            probs, features = val_outputs
+        else:
+            logits, features = run_images(session, cache.images[idx], config, with_features=True)
+            probs = point.probabilities(logits)
+        scored.probabilities[split] = probs
+        scored.metrics[split] = m = metrics_with_ci(y, probs, point.threshold,
+                                                    settings.n_bootstrap if len(idx) >= 20 else 0, settings.seed)
+        scored.abstention[split] = abstention_metrics(y, probs, *point.band)
+        scored.risk_coverage[split] = risk_coverage(y, probs, point.threshold)
+        if detector is not None:
+            scored.ood[split] = ood_summary(detector.scores(features))
+        log.info("%-8s n=%-5d AUC %.4f  acc %.4f  sens %.4f  spec %.4f  ECE %.4f  refer coverage %.3f%s", split,
+                 m["n"], m["auc"], m["accuracy"], m["sensitivity"], m["specificity"], m["ece"],
+                 scored.abstention[split]["coverage"],
+                 f"  out of distribution {scored.ood[split]['flagged_share']:.3f}" if split in scored.ood else "")
+    return scored
+
+
+def ood_summary(scores: np.ndarray) -> dict:
+    """The share of films the detector flags (score above 1) and the score's quantiles."""
+    scores = np.asarray(scores, dtype=np.float64)
+    quantiles = (0.05, 0.25, 0.5, 0.75, 0.95)
+    return {"n": int(len(scores)), "flagged": int((scores > 1.0).sum()),
+            "flagged_share": float((scores > 1.0).mean()) if len(scores) else float("nan"),
+            "score_quantiles": dict(zip([str(q) for q in quantiles],
+                                        np.quantile(scores, quantiles).tolist() if len(scores) else [None] * 5))}
+
+
+def _fit_ood(cache: CachedData, session, config: PreprocessConfig, val_features: np.ndarray,
+             settings: EvalSettings) -> tuple[OodDetector, dict]:
+    """The detector: statistics from the training split's features (through the exported graph), the
+    cut-off from val's. Nothing else is looked at."""
+    train_idx, train_y = cache.split("train")
+    started = time.perf_counter()
+    _, train_features = run_images(session, cache.images[train_idx], config, with_features=True)
+    detector, meta = fit_detector(train_features, train_y, val_features, settings.ood_quantile,
+                                  settings.ood_flip_share)
+    log.info("out-of-distribution detector: %s on %d training films (%d features, Ledoit-Wolf shrinkage %.3f); "
+             "cut-off %.3f = the %.3f quantile of %d val films; precision tolerance %.4f (%.1f s)", meta["method"],
+             meta["train_films"], meta["dimensions"], meta["shrinkage"], meta["cutoff"], settings.ood_quantile,
+             meta["val_films"], meta["score_tolerance"], time.perf_counter() - started)
+    return detector, meta
+
+
+def _intended_use(profile: str, settings: EvalSettings, splits: dict, abstention: dict, split: str) -> dict:
+    """What the bundle says the model is for, and the held-out figures it is registered with."""
+    m, band = splits[split], abstention[split]
+    registered = {"split": split, "n": m["n"], "threshold": m["threshold"],
+                  **{k: m[k] for k in ("auc", "sensitivity", "specificity", "ece")},
+                  **{f"{k}_ci95": m["ci95"][k] for k in ("auc", "sensitivity", "specificity", "ece") if "ci95" in m},
+                  "refer_band": {"low": band["low"], "high": band["high"], "coverage": band["coverage"],
+                                 "decided_sensitivity": band["sensitivity"],
+                                 "decided_specificity": band["specificity"]}}
+    return {"population": settings.population, "source": settings.source, "views": settings.views,
+            "age_limit_years": float(settings.age_limit_years), "profile": profile,
+            "demonstration": profile in DEMONSTRATION_PROFILES, "registered": registered}
 
 
 def _int8_export_gate(cache: CachedData, onnx_path: Path, session, val_images: np.ndarray, val_y: np.ndarray,
@@ -188,6 +280,22 @@ def _int8_export_gate(cache: CachedData, onnx_path: Path, session, val_images: n
     if not report["accepted"]:
         int8_path.unlink()
     return report
+
+
+def intended_use_metrics(report: dict) -> dict[str, float]:
+    """Scalar metrics of the refer band and the out-of-distribution check (KFP and MLflow use these names): per
+    split the decided-case sensitivity and specificity, the area under the risk-coverage curve and the share of films
+    flagged out of distribution; the detector's cut-off and precision tolerance. Non-finite values are left out."""
+    values = {}
+    for split, m in report.get("abstention", {}).items():
+        if isinstance(m, dict):
+            values.update({f"{split}_refer_sensitivity": m["sensitivity"], f"{split}_refer_specificity": m["specificity"]})
+    values.update({f"{split}_aurc": curve["aurc"] for split, curve in report.get("risk_coverage", {}).items()})
+    values.update({f"{split}_ood_flagged_share": o["flagged_share"] for split, o in report.get("ood", {}).items()})
+    ood = (report.get("intended_use") or {}).get("ood")
+    if ood:
+        values.update(ood_cutoff=ood["cutoff"], ood_score_tolerance=ood["score_tolerance"])
+    return {k: float(v) for k, v in values.items() if v is not None and np.isfinite(v)}
 
 
 #: Upper bounds of the probability bins: the same as the serving histogram (serving.metrics.PROBABILITY), so

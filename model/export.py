@@ -1,4 +1,4 @@
-"""ONNX export (logit + CAM, dynamic batch), parity check, and static int8 QDQ quantisation."""
+"""ONNX export (logit + CAM + layer1 statistics, dynamic batch), parity check, and static int8 QDQ quantisation."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from model.bundle import INPUT_NAME, OUTPUT_NAMES, make_session, run_images
-from model.network import LogitAndCam
+from model.network import LogitCamAndFeatures
 from model.preprocessing import PreprocessConfig, normalize
 
 log = logging.getLogger(__name__)
@@ -19,28 +19,29 @@ PARITY_TOLERANCE = 1e-4
 
 
 def export_onnx(net: torch.nn.Module, image_size: int, path: str | Path) -> Path:
-    """Export ``LogitAndCam(net)`` with a dynamic batch dimension."""
-    head = LogitAndCam(net).eval()
+    """Export ``LogitCamAndFeatures(net)`` with a dynamic batch dimension."""
+    head = LogitCamAndFeatures(net).eval()
     example = torch.zeros(2, 1, image_size, image_size)
     path = Path(path)
     # The TorchScript exporter: a plain ONNX graph with a symbolic batch axis, no batch frozen
     # to the example's size.
     torch.onnx.export(head, (example,), str(path), input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
-                      dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAMES[0]: {0: "batch"}, OUTPUT_NAMES[1]: {0: "batch"}},
+                      dynamic_axes={INPUT_NAME: {0: "batch"}, **{name: {0: "batch"} for name in OUTPUT_NAMES}},
                       opset_version=17, dynamo=False)
     return path
 
 
 @torch.no_grad()
 def parity(net: torch.nn.Module, onnx_path: str | Path, images: np.ndarray, config: PreprocessConfig) -> dict:
-    """Max |logit_onnx - logit_torch| and |cam_onnx - cam_torch| on real images (fp32, eval mode)."""
-    head = LogitAndCam(net).eval()
+    """Max |onnx - torch| of the logits, CAMs and features on real images (fp32, eval mode)."""
+    head = LogitCamAndFeatures(net).eval()
     x = normalize(np.asarray(images), config)
-    t_logit, t_cam = head(torch.from_numpy(x))
+    t_logit, t_cam, t_features = head(torch.from_numpy(x))
     session = make_session(onnx_path)
-    o_logit, o_cam = session.run(list(OUTPUT_NAMES), {INPUT_NAME: x})
+    o_logit, o_cam, o_features = session.run(list(OUTPUT_NAMES), {INPUT_NAME: x})
     return {"max_abs_logit_diff": float(np.max(np.abs(o_logit - t_logit.numpy()))),
             "max_abs_cam_diff": float(np.max(np.abs(o_cam - t_cam.numpy()))),
+            "max_abs_features_diff": float(np.max(np.abs(o_features - t_features.numpy()))),
             "n": int(len(x)), "tolerance": PARITY_TOLERANCE}
 
 
@@ -78,19 +79,28 @@ def quantize_int8(fp32_path: str | Path, int8_path: str | Path, calibration_imag
                         quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8, per_channel=True,
                         calibrate_method=CalibrationMethod.MinMax,
-                        # The CAM head stays fp32: the heatmap keeps its full dynamic range.
-                        nodes_to_exclude=_cam_nodes(prepared))
+                        # The CAM head and the feature statistics stay fp32: the heatmap keeps its full dynamic
+                        # range, the out-of-distribution score its precision.
+                        nodes_to_exclude=_head_nodes(prepared))
     return Path(int8_path)
 
 
-def _cam_nodes(path: Path) -> list[str]:
+def _head_nodes(path: Path) -> list[str]:
+    """Every node the network's trunk (up to layer4's last ReLU) does not need: the CAM head after layer4 (the 1x1
+    convolution, the squeeze, the means, the bias add) and the branch that summarises layer1 into ``features``."""
     import onnx
 
     graph = onnx.load(str(path), load_external_data=False).graph
-    # Everything after layer4: the 1x1 CAM convolution, the squeeze, the mean and the bias add.
-    names = [n.name for n in graph.node]
     last_relu = max(i for i, n in enumerate(graph.node) if n.op_type == "Relu")
-    return names[last_relu + 1:]
+    producer = {out: n for n in graph.node for out in n.output}
+    trunk, stack = set(), [graph.node[last_relu]]
+    while stack:  # the last ReLU's ancestors
+        node = stack.pop()
+        if node.name in trunk:
+            continue
+        trunk.add(node.name)
+        stack.extend(producer[i] for i in node.input if i in producer)
+    return [n.name for n in graph.node if n.name not in trunk]
 
 
 def int8_gate(fp32_session, int8_session, images: np.ndarray, labels: np.ndarray, config: PreprocessConfig,

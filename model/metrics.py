@@ -234,7 +234,8 @@ def roc_points(labels: np.ndarray, probs: np.ndarray, max_points: int = 200) -> 
 
 def abstention_metrics(labels: np.ndarray, probs: np.ndarray, low: float, high: float) -> dict:
     """Decisions with a "refer to a radiologist" band: NORMAL below ``low``, PNEUMONIA at or above ``high``,
-    referred in between. Coverage = share decided; sensitivity/specificity over the decided cases only."""
+    referred in between. Coverage = share decided; sensitivity/specificity (and the error rate, ``decided_risk``)
+    over the decided cases only."""
     labels = np.asarray(labels).astype(int)
     probs = np.asarray(probs, dtype=np.float64)
     decided = (probs < low) | (probs >= high)
@@ -245,6 +246,9 @@ def abstention_metrics(labels: np.ndarray, probs: np.ndarray, low: float, high: 
         "referred": int((~decided).sum()),
         "sensitivity": float((probs[pos] >= high).mean()) if pos.any() else float("nan"),
         "specificity": float((probs[neg] < low).mean()) if neg.any() else float("nan"),
+        # error rate among the decided films: the band's point on the risk-coverage curve
+        "decided_risk": float(((probs[pos] < low).sum() + (probs[neg] >= high).sum()) / decided.sum())
+        if decided.any() else float("nan"),
     }
 
 
@@ -265,3 +269,53 @@ def choose_abstention_band(labels: np.ndarray, probs: np.ndarray, threshold: flo
             if m["sensitivity"] >= target and m["specificity"] >= target and m["coverage"] > best_coverage:
                 best, best_coverage = (float(low), float(high)), m["coverage"]
     return best
+
+
+def risk_coverage(labels: np.ndarray, probs: np.ndarray, threshold: float, points: int = 101) -> dict:
+    """The risk-coverage curve of decisions at ``threshold`` that refer the least confident films first.
+
+    Confidence is the distance of the film's log-odds from the threshold's, ``|logit(p) - logit(threshold)|``: each
+    coverage c keeps the c x n most confident films, a band symmetric in log-odds around the threshold. Risk = the
+    error rate among the films kept. Returns the curve at ``points`` coverages (0 excluded), the area under it
+    (AURC: the mean risk over all n coverages k/n, lower is better) and the full-coverage risk."""
+    labels = np.asarray(labels).astype(int)
+    probs = np.clip(np.asarray(probs, dtype=np.float64), 1e-12, 1 - 1e-12)
+    n = len(labels)
+    if n == 0:
+        return {"coverage": [], "risk": [], "aurc": float("nan"), "risk_at_full_coverage": float("nan"), "n": 0}
+    t = min(max(float(threshold), 1e-12), 1 - 1e-12)
+    confidence = np.abs(np.log(probs / (1 - probs)) - np.log(t / (1 - t)))
+    order = np.argsort(-confidence, kind="stable")
+    errors = ((probs[order] >= threshold).astype(int) != labels[order]).astype(np.float64)
+    risk_at = np.cumsum(errors) / np.arange(1, n + 1)  # risk when the k most confident films are decided
+    # round first: 0.6 x 5 is 3.0000000000000004 in floating point, which must keep 3 films, not 4
+    kept = np.unique(np.clip(np.ceil(np.round(np.linspace(0, 1, points)[1:] * n, 9)).astype(int), 1, n))
+    return {"coverage": (kept / n).tolist(), "risk": risk_at[kept - 1].tolist(), "aurc": float(risk_at.mean()),
+            "risk_at_full_coverage": float(risk_at[-1]), "n": int(n)}
+
+
+def save_risk_coverage_plot(curves: dict[str, dict], bands: dict[str, dict], path: str | Path) -> Path:
+    """Risk-coverage curves per split, with the refer band's own point (coverage, 1 - decided accuracy) marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.8, 4.2))
+    for split, curve in curves.items():
+        if not curve["coverage"]:
+            continue
+        line, = ax.plot(curve["coverage"], curve["risk"], lw=2, label=f"{split} (AURC {curve['aurc']:.3f})")
+        band = bands.get(split)
+        if band and band.get("decided_risk") is not None and np.isfinite(band["decided_risk"]):
+            ax.scatter([band["coverage"]], [band["decided_risk"]], color=line.get_color(), marker="D", zorder=3)
+    ax.set(xlabel="coverage (share of films decided)", ylabel="risk (error rate among decided films)",
+           title="Risk-coverage (diamond: the refer band)", xlim=(0, 1.02))
+    ax.set_ylim(bottom=0)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

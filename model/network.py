@@ -74,3 +74,31 @@ class LogitAndCam(nn.Module):
         cam = self.cam(self.features(x))[:, 0]  # [N, h, w]
         logit = cam.mean(dim=(1, 2)) + self.bias
         return logit, cam
+
+
+#: Position of layer1 in ``LogitAndCam.features`` (conv1, bn1, relu, maxpool, layer1, ...).
+LAYER1 = 4
+
+
+class LogitCamAndFeatures(LogitAndCam):
+    """The served graph: (logit [N], cam [N, h, w], features [N, 512]) from ONE pass.
+
+    ``features`` are layer1's 256 channels summarised over space: their means, then their standard deviations
+    (population). They describe the film's textures and contrast as the network first sees them, the statistics
+    that set another hospital's or machine's films apart; the out-of-distribution detector (``model.ood``) measures
+    them, so the check costs no second inference. Why layer1 and not the pooled layer4 vector the head reads: the
+    design measurement in BENCHMARKS.md ("Intended use").
+    """
+
+    def forward(self, x: torch.Tensor):
+        h = x
+        for i, stage in enumerate(self.features):
+            h = stage(h)
+            if i == LAYER1:
+                early = h
+        cam = self.cam(h)[:, 0]
+        logit = cam.mean(dim=(1, 2)) + self.bias
+        mean = early.mean(dim=(2, 3))
+        # two passes, as numpy's std: E[(x - mean)^2], not E[x^2] - mean^2 (no cancellation)
+        std = ((early - mean[:, :, None, None]) ** 2).mean(dim=(2, 3)).sqrt()
+        return logit, cam, torch.cat([mean, std], dim=1)

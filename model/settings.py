@@ -31,6 +31,11 @@ class Settings(BaseSettings):
     max_steps_per_epoch: int | None = Field(
         None, ge=1, description="cap on the optimisation steps of one epoch (PNEUMOSCOPE_MAX_STEPS_PER_EPOCH)")
 
+    age_limit_years: float = Field(
+        18.0, gt=0, le=150, description="evaluation: the oldest patient age (years) within the exported model's "
+        "intended use, recorded in the bundle; an older patient's film (DICOM Patient's Age or the request's "
+        "patient_age) is answered REFER")
+
     def tracking_uri(self) -> str:
         if self.mlflow_tracking_uri:
             return self.mlflow_tracking_uri

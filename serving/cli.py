@@ -79,6 +79,9 @@ def add_commands(commands) -> None:
     predict.add_argument("--host", help="Host header (gRPC: :authority) for an ingress that routes by host name, "
                                         "e.g. pneumonia.NAMESPACE.example.com")
     predict.add_argument("--model-name", default="pneumonia")
+    predict.add_argument("--patient-age", metavar="AGE",
+                         help="the patient's age: years, or a DICOM age string such as 045Y or 030M (a DICOM file's "
+                              "own Patient's Age is read by the server; this wins over it)")
     predict.add_argument("--heatmap", metavar="OUT_PNG", help="also fetch the heatmap and write it here")
     predict.add_argument("--json", action="store_true", help="print one JSON object")
     predict.add_argument("--timeout", type=float, default=60.0)
@@ -155,7 +158,7 @@ def cmd_predict(args) -> int:
         raise CommandError(f"image not found: {path}")
     try:
         result = predict(args.url, path.read_bytes(), args.protocol, args.model_name, bool(args.heatmap),
-                         args.timeout, host=args.host)
+                         args.timeout, host=args.host, patient_age=args.patient_age)
     except ClientError as exc:
         raise CommandError(str(exc)) from None
     png = result.pop("heatmap_png", None)
@@ -169,7 +172,15 @@ def cmd_predict(args) -> int:
         print(json.dumps(result))
     else:
         extra = f"  heatmap -> {args.heatmap}" if args.heatmap else ""
-        print(f"{path.name}: {result['label']}  probability {result['probability']:.4f}  (threshold "
-              f"{result['threshold']:.4f}; {result['model_name']} version {result['model_version']}){extra}")
+        score = "n/a" if result["ood_score"] is None else f"{result['ood_score']:.2f}"
+        use = "within the intended use" if result["in_intended_use"] else "OUTSIDE the intended use"
+        print(f"{path.name}: {result['decision']}  (label {result['label']}, probability {result['probability']:.4f}, "
+              f"threshold {result['threshold']:.4f}; {use}, out-of-distribution score {score}; "
+              f"{result['model_name']} version {result['model_version']}){extra}")
+        for reason in result["refer_reasons"]:
+            print(f"  refer ({reason['code']}): {reason['text']}")
+        if (result.get("intended_use") or {}).get("demonstration"):
+            print(f"  note: a demonstration model (profile {result['intended_use'].get('profile')}), not for "
+                  "clinical use")
     sys.stdout.flush()
     return 0

@@ -1,8 +1,9 @@
 """The inference engines a predictor can run a bundle on: ONNX Runtime and OpenVINO.
 
 Both read the bundle's ONNX graphs as they are (``model.onnx``, ``model.int8.onnx``); no other artefact
-format. Each engine object is thread-safe and answers ``run(x) -> (logits [N], cams [N,h,w])`` for an FP32
-batch ``x`` [N,1,S,S]. ``parallel`` > 1 makes one object run that many calls side by side (the predictor's
+format. Each engine object is thread-safe and answers ``run(x) -> (logits [N], cams [N,h,w], features [N,d])``
+for an FP32 batch ``x`` [N,1,S,S]; ``features`` (layer1's channel statistics, what the out-of-distribution detector reads)
+is [N,0] for a graph exported before it existed. ``parallel`` > 1 makes one object run that many calls side by side (the predictor's
 narrow streams under load); ``threads`` is the intra-op threads of one call.
 
 Precisions: ``fp32`` (``model.onnx``), ``int8`` (the static QDQ ``model.int8.onnx``), and ``bf16`` (OpenVINO
@@ -40,8 +41,9 @@ class Engine(Protocol):
     engine: str
     precision: str
 
-    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """FP32 [N,1,S,S] -> (logits FP32 [N], cams FP32 [N,h,w]); safe to call from several threads."""
+    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """FP32 [N,1,S,S] -> (logits FP32 [N], cams FP32 [N,h,w], features FP32 [N,d]); safe to call from several
+        threads."""
 
 
 def installed(engine: str) -> bool:
@@ -79,6 +81,10 @@ def native_bf16() -> bool:
     return not flags or bool(flags & {"avx512_bf16", "amx_bf16"})  # no /proc/cpuinfo: trust OpenVINO
 
 
+def _no_features(n: int) -> np.ndarray:
+    return np.zeros((n, 0), dtype=np.float32)
+
+
 # -- ONNX Runtime ----------------------------------------------------------------------------------------
 
 def create_session(onnx_path: str | Path, threads: int, spinning: bool = False):
@@ -107,10 +113,13 @@ class OnnxRuntimeEngine:
             raise EngineError("ONNX Runtime's CPU provider has no bf16 mode; bf16 is an OpenVINO precision")
         self.precision, self.threads, self.parallel = precision, threads, parallel
         self.session = create_session(onnx_path, threads, spinning)
+        graph_outputs = {o.name for o in self.session.get_outputs()}
+        self.outputs = [name for name in OUTPUT_NAMES if name in graph_outputs]
 
-    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        logits, cams = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: x})
-        return logits.reshape(-1).astype(np.float32, copy=False), cams.astype(np.float32, copy=False)
+    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        logits, cams, *features = self.session.run(self.outputs, {INPUT_NAME: x})
+        return (logits.reshape(-1).astype(np.float32, copy=False), cams.astype(np.float32, copy=False),
+                features[0].astype(np.float32, copy=False) if features else _no_features(len(logits)))
 
 
 # -- OpenVINO --------------------------------------------------------------------------------------------
@@ -174,20 +183,22 @@ class OpenVinoEngine:
             hints.enable_cpu_pinning: False,
         }
         self.compiled = core.compile_model(core.read_model(str(onnx_path)), "CPU", config)
-        self._outputs = [self.compiled.output(name) for name in OUTPUT_NAMES]
+        graph_outputs = {name for output in self.compiled.outputs for name in output.get_names()}
+        self._outputs = [self.compiled.output(name) for name in OUTPUT_NAMES if name in graph_outputs]
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
         for _ in range(parallel):
             self._requests.put(self.compiled.create_infer_request())
 
-    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         request = self._requests.get()
         try:
             request.start_async({0: np.ascontiguousarray(x, dtype=np.float32)}, share_inputs=True)
             request.wait()
-            logits, cams = (np.array(request.get_tensor(out).data, dtype=np.float32) for out in self._outputs)
+            logits, cams, *features = (np.array(request.get_tensor(out).data, dtype=np.float32)
+                                       for out in self._outputs)
         finally:
             self._requests.put(request)
-        return logits.reshape(-1), cams
+        return logits.reshape(-1), cams, features[0] if features else _no_features(len(logits))
 
 
 def create_engine(engine: str, onnx_path: str | Path, precision: str, threads: int, parallel: int = 1,

@@ -13,7 +13,8 @@ At load (before the predictor reports ready):
    is gated.
 3. The engine parity gate (:mod:`model.engine_gate`), fastest candidate first: it runs the bundle's stored
    validation images and is eligible only if its logits stay within the stored tolerance of the fp32
-   reference, its AUC drops by no more than the int8 export gate's limit, and its CAMs keep their shape. The first
+   reference, its AUC drops by no more than the int8 export gate's limit, its CAMs keep their shape, and its
+   out-of-distribution scores stay within the detector's tolerance. The first
    that passes serves; slower ones need no gate (that keeps the start short: gating costs more than timing).
 4. The table is logged and exported (Prometheus, v2 ``platform``).
 
@@ -75,7 +76,8 @@ class Candidate:
                "load_and_gate_s": round(self.load_s, 2)}
         if self.gate is not None:
             row.update(max_abs_logit_diff=round(self.gate.max_abs_logit_diff, 5), auc_drop=round(self.gate.auc_drop, 5),
-                       min_cam_correlation=round(self.gate.min_cam_correlation, 4), gate=self.gate.reason)
+                       min_cam_correlation=round(self.gate.min_cam_correlation, 4),
+                       max_ood_score_diff=_rounded(self.gate.max_ood_score_diff, 5), gate=self.gate.reason)
         return row
 
 
@@ -289,12 +291,13 @@ def _run_gate(c: Candidate, gate: GateSet, bundle: Bundle, batch: int, narrow_ba
     x = gate.tensors(bundle.preprocess)
     try:
         outs = [c.wide.run(x[i:i + batch]) for i in range(0, len(x), batch)]
-        result = check(gate, np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs]))
+        result = check(gate, *(np.concatenate([o[k] for o in outs]) for k in range(3)))
         if result.passed and c.narrow is not None:
             n = min(narrow_batch, len(x))
-            # Too few images for an AUC: the narrow run must match the reference's logits and CAMs.
+            # Too few images for an AUC: the narrow run must match the reference's logits, CAMs and OOD scores.
             head = dataclasses.replace(gate, images=gate.images[:n], labels=gate.labels[:n], logits=gate.logits[:n],
-                                       cams=gate.cams[:n], max_auc_drop=math.inf)
+                                       cams=gate.cams[:n], max_auc_drop=math.inf,
+                                       features=None if gate.features is None else gate.features[:n])
             narrow = check(head, *c.narrow.run(x[:n]))
             if not narrow.passed:
                 return dataclasses.replace(result, passed=False, reason=f"single-threaded runs: {narrow.reason}")
@@ -385,17 +388,18 @@ def _burst(c: Candidate, x: np.ndarray, streams: int, seconds: float) -> float:
 def _report(selection: Selection, candidates: list[Candidate], model_name: str, model_version: str, threads: int,
             streams: int, settings: ServingSettings) -> None:
     lines = [f"{'engine':<12} {'precision':<9} {'img/s':>8} {'|dlogit|':>9} {'AUC drop':>9} {'CAM r':>6} "
-             f"{'load s':>6}  status"]
+             f"{'|dOOD|':>7} {'load s':>6}  status"]
     if selection.mode == "reused":
         lines += [f"{row['engine']:<12} {row['precision']:<9} {_fmt(row.get('img_per_s'), '.1f'):>8} "
                   f"{_fmt(row.get('max_abs_logit_diff'), '.4f'):>9} {_fmt(row.get('auc_drop'), '+.4f'):>9} "
-                  f"{_fmt(row.get('min_cam_correlation'), '.3f'):>6} {_fmt(row.get('load_and_gate_s'), '.1f'):>6}  "
-                  f"{row['status']}" for row in selection.table]
+                  f"{_fmt(row.get('min_cam_correlation'), '.3f'):>6} {_fmt(row.get('max_ood_score_diff'), '.4f'):>7} "
+                  f"{_fmt(row.get('load_and_gate_s'), '.1f'):>6}  {row['status']}" for row in selection.table]
     for c in candidates:
         g = c.gate
         lines.append(f"{c.engine:<12} {c.precision:<9} {_fmt(c.img_per_s, '.1f'):>8} "
                      f"{_fmt(g and g.max_abs_logit_diff, '.4f'):>9} {_fmt(g and g.auc_drop, '+.4f'):>9} "
-                     f"{_fmt(g and g.min_cam_correlation, '.3f'):>6} {c.load_s:>6.1f}  {c.status}"
+                     f"{_fmt(g and g.min_cam_correlation, '.3f'):>6} {_fmt(g and g.max_ood_score_diff, '.4f'):>7} "
+                     f"{c.load_s:>6.1f}  {c.status}"
                      + (f" ({g.reason})" if g is not None and not g.passed else ""))
     log.info("engine selection (%s; timed: %d streams x %d threads, batches of %d; %.1f s in all, %.1f s of "
              "timing):\n%s", selection.mode, streams if streams > 1 else 1, 1 if streams > 1 else threads,
@@ -412,6 +416,10 @@ def _report(selection: Selection, candidates: list[Candidate], model_name: str, 
     for (engine, precision), speed in speeds.items():
         if isinstance(speed, (int, float)):
             ENGINE_CANDIDATE_SPEED.labels(engine=engine, precision=precision).set(speed)
+
+
+def _rounded(value: float, digits: int) -> float | None:
+    return None if value is None or np.isnan(value) else round(value, digits)
 
 
 def _fmt(value, spec: str) -> str:

@@ -19,8 +19,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from model.dicom import patient_age_years
 from model.errors import InvalidImageError
-from model.preprocessing import DecodedImage, decode
+from model.preprocessing import DecodedImage, decode, is_dicom
 from serving.errors import RequestRejected
 from serving.metrics import reject_count
 from serving.settings import ServingSettings
@@ -71,6 +72,7 @@ class PreparedImage:
     pixels: np.ndarray  # uint8 (h, w), at most DECODED_MAX_SIDE per side: sent to the predictor, drawn on
     source_format: str
     original_size: tuple[int, int]
+    age_years: float | None = None  # DICOM Patient's Age, read before anything else; never logged
 
 
 def check_xray(image: DecodedImage, settings: ServingSettings, where: str) -> None:
@@ -95,6 +97,7 @@ def decode_upload(data: bytes, settings: ServingSettings, where: str = "the imag
     """Encoded JPEG/PNG/DICOM -> bounded grayscale through stage 1 of the training code path, then the gate."""
     if len(data) > settings.max_payload_bytes:
         raise reject("too_large", f"{where} is {len(data)} bytes; at most {settings.max_payload_bytes} are accepted")
+    age = patient_age_years(data) if is_dicom(data) else None
     try:
         image = decode(data, max_pixels=settings.max_image_pixels, max_dicom_bytes=settings.max_dicom_bytes)
     except InvalidImageError as exc:
@@ -105,4 +108,4 @@ def decode_upload(data: bytes, settings: ServingSettings, where: str = "the imag
         log.info("decoder failure on %s: %s", where, type(exc).__name__)
         raise reject("corrupt", f"{where} could not be decoded ({type(exc).__name__})") from None
     check_xray(image, settings, where)
-    return PreparedImage(image.pixels, image.source_format, image.original_size)
+    return PreparedImage(image.pixels, image.source_format, image.original_size, age)

@@ -15,6 +15,14 @@ PREDICTIONS = Counter("pneumoscope_predictions_total", "images classified, by mo
                       ["model_name", "model_version", "label"])
 PROBABILITY = Histogram("pneumoscope_probability", "calibrated pneumonia probability of classified images",
                         ["model_name", "model_version"], buckets=[i / 10 for i in range(1, 11)])
+DECISIONS = Counter("pneumoscope_decisions_total", "answers by model version and decision (PNEUMONIA, NORMAL, REFER)",
+                    ["model_name", "model_version", "decision"])
+REFER_REASONS = Counter("pneumoscope_refer_reasons_total", "reasons for REFER decisions (uncertain, "
+                        "out_of_distribution, age_over_limit, intended_use_unknown)",
+                        ["model_name", "model_version", "reason"])
+OOD_SCORE = Histogram("pneumoscope_ood_score", "out-of-distribution score of classified images (above 1: outside "
+                      "the intended use)", ["model_name", "model_version"],
+                      buckets=[0.25, 0.5, 0.75, 0.9, 1.0, 1.25, 1.5, 2, 3, 5, 10])
 REJECTIONS = Counter("pneumoscope_input_rejections_total", "requests refused before inference, by reason "
                      "(bad input, overloaded, shutting_down, deadline_exceeded)", ["reason"])
 INFLIGHT = Gauge("pneumoscope_inflight_requests", "inference requests this process is working on")

@@ -1,17 +1,25 @@
 """The predictor: one immutable model version behind kserve, and everything that depends on it.
 
 It owns the version: stage 2 of ``model.preprocessing`` (squash-resize to the version's size,
-normalise with its mean/std), the engine, calibration (temperature + logit bias) and the operating
-threshold. The transformer in front of it knows no version; so whichever transformer sends a
+normalise with its mean/std), the engine, calibration (temperature + logit bias), the operating
+threshold, and the decision (:class:`model.intended_use.DecisionRule`: the refer band, the
+out-of-distribution detector of :mod:`model.ood` and the age limit). The transformer in front of it knows no version; so whichever transformer sends a
 request, the answer is computed entirely by this version, and names it.
 
 Open Inference Protocol v2 (REST or gRPC), see :mod:`serving.protocol`:
 
-- inputs ``pixels`` UINT8 [N,H,W] (stage-1 pixels, H,W <= 512) and optionally ``sizes`` INT32 [N,2]
-  (each image's height and width on its canvas); the request parameter ``preprocessing`` names the
-  stage-1 definition the pixels come from and must be the one this version was trained with;
+- inputs ``pixels`` UINT8 [N,H,W] (stage-1 pixels, H,W <= 512), optionally ``sizes`` INT32 [N,2]
+  (each image's height and width on its canvas) and ``ages`` FP32 [N] (patient age in years, negative
+  when unknown); the request parameter ``preprocessing`` names the stage-1 definition the pixels come
+  from and must be the one this version was trained with;
 - outputs ``probability`` FP32 [N], ``label`` BYTES [N], ``threshold`` FP32 [N], ``logit`` FP32 [N],
-  ``cam`` FP32 [N,h,w]; the response's ``model_version``.
+  ``cam`` FP32 [N,h,w], ``decision`` BYTES [N] (PNEUMONIA | NORMAL | REFER), ``ood_score`` FP32 [N]
+  (NaN for a version without a detector), ``in_intended_use`` BOOL [N], ``refer_reasons`` BYTES [N]
+  (a JSON list of ``{"code", "text"}`` per image); the response's ``model_version`` and its parameter
+  ``intended_use`` (JSON: profile, demonstration, population, age limit, registered figures).
+
+The out-of-distribution score comes from the graph's third output (layer1's channel statistics): one
+[N,512] x [512,512] product per batch, no second inference.
 
 Concurrent requests are batched server-side (:mod:`serving.batching`). Ready only after a warm-up
 inference. No torch.
@@ -20,6 +28,7 @@ inference. No torch.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import tempfile
@@ -31,6 +40,8 @@ import numpy as np
 from kserve import Model
 from kserve.protocol.infer_type import InferRequest, InferResponse, to_http_parameters
 
+from model.intended_use import DecisionRule
+from model.ood import OodDetector
 from model.preprocessing import DECODED_MAX_SIDE, PREPROCESSING_VERSION, normalize, resize
 from model.registry import fetch_model
 from serving import engine_choice
@@ -38,8 +49,10 @@ from serving.admission import deadline
 from serving.batching import DynamicBatcher
 from serving.engine_selection import select_engine
 from serving.errors import RequestRejected, ServiceError
-from serving.metrics import PREDICTIONS, PROBABILITY, WARMUP_SECONDS, reject_count, set_model_info, set_reference
-from serving.protocol import (MODEL_DIGEST_PARAMETER, PIXELS, PREPROCESSING_PARAMETER, SIZES, tensor_output,
+from serving.metrics import (DECISIONS, OOD_SCORE, PREDICTIONS, PROBABILITY, REFER_REASONS, WARMUP_SECONDS,
+                             reject_count, set_model_info, set_reference)
+from serving.protocol import (AGES, INTENDED_USE_PARAMETER, MODEL_DIGEST_PARAMETER, PIXELS, PREPROCESSING_PARAMETER,
+                              SIZES, tensor_output,
                               unpack_images)
 from serving.settings import ServingSettings
 
@@ -82,6 +95,9 @@ class PneumoniaPredictor(Model):
         self.pinned_uri: str | None = None
         self.precision: str | None = None
         self.cam_shape: tuple[int, int] | None = None
+        self.rule: DecisionRule | None = None
+        self.detector = None
+        self.intended_use_json = "{}"
 
     # -- loading -------------------------------------------------------------------------------
     def load(self) -> bool:
@@ -93,6 +109,12 @@ class PneumoniaPredictor(Model):
         self.model_version, self.pinned_uri = str(info["version"]), info["uri"]
         self.config = self.bundle.preprocess  # BundleError (one line at start) for an unusable version
         self.threshold = self.bundle.threshold
+        self.rule = DecisionRule.from_meta(self.bundle.meta)
+        self.detector = OodDetector.load(self.bundle)
+        self.intended_use_json = json.dumps(self.rule.summary, separators=(",", ":"), sort_keys=True)
+        if self.detector is None:
+            log.warning("model version %s carries no out-of-distribution detector (exported before it existed): every "
+                        "answer is REFER, reason intended_use_unknown; re-export the model", self.model_version)
         # Engine x precision: gated for accuracy and timed on this machine (serving.engine_selection). Under
         # load, single-threaded runs go side by side on the narrow engine.
         self.engine = select_engine(self.bundle, s, self.name, self.model_version,
@@ -106,9 +128,11 @@ class PneumoniaPredictor(Model):
         self._warm_up()
         set_model_info(self.name, self.model_version, self.pinned_uri, self.bundle.sha256, "predictor", self.precision)
         set_reference(self.name, self.model_version, self.bundle.meta.get("reference"))
-        log.info("predictor ready: %s (version %s, %s %s, %d px, threshold %.4f, %d threads, %d streams, batches of "
-                 "up to %d, delay %.1f ms)", self.pinned_uri, self.model_version, self.engine.engine, self.precision,
-                 self.image_size, self.threshold, s.engine_threads(), s.streams(), s.max_batch_size,
+        log.info("predictor ready: %s (version %s, %s %s, %d px, threshold %.4f, refer band %.4f-%.4f, age limit %g "
+                 "years, out-of-distribution detector %s; %d threads, %d streams, batches of up to %d, delay %.1f ms)",
+                 self.pinned_uri, self.model_version, self.engine.engine, self.precision, self.image_size,
+                 self.threshold, self.rule.band_low, self.rule.band_high, self.rule.age_limit_years,
+                 "on" if self.detector is not None else "absent", s.engine_threads(), s.streams(), s.max_batch_size,
                  s.max_batch_delay_ms)
         self.ready = True
         return self.ready
@@ -117,24 +141,27 @@ class PneumoniaPredictor(Model):
         """Run the batch sizes we will see first, so the first client does not pay for allocation."""
         size, started = self.image_size, time.perf_counter()
         for n in sorted({1, self.settings.max_batch_size}):
-            logits, cams = self.run_engine(np.zeros((n, 1, size, size), dtype=np.float32))
+            logits, cams, features = self.run_engine(np.zeros((n, 1, size, size), dtype=np.float32))
             if self.narrow is not None:
                 self.run_narrow(np.zeros((n, 1, size, size), dtype=np.float32))
         if logits.shape != (n,) or cams.ndim != 3 or not np.all(np.isfinite(logits)):
             raise RuntimeError(f"warm-up inference returned logit {logits.shape}, cam {cams.shape}")
+        if self.detector is not None and features.shape != (n, self.detector.dimensions):
+            raise RuntimeError(f"the graph's features are {list(features.shape)}; the out-of-distribution "
+                               f"detector needs [{n}, {self.detector.dimensions}]")
         self.cam_shape = tuple(int(d) for d in cams.shape[1:])
         WARMUP_SECONDS.set(time.perf_counter() - started)
 
-    def run_engine(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def run_engine(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """All intra-op threads on one batch."""
         return self._run(self.session, x)
 
-    def run_narrow(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def run_narrow(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """One thread; several of these run in parallel under load."""
         return self._run(self.narrow, x)
 
     @staticmethod
-    def _run(session, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _run(session, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return session.run(x)
 
     def stop(self):
@@ -145,7 +172,8 @@ class PneumoniaPredictor(Model):
     # -- metadata ------------------------------------------------------------------------------
     def get_input_types(self) -> list[dict]:
         return [{"name": PIXELS, "datatype": "UINT8", "shape": [-1, -1, -1]},
-                {"name": SIZES, "datatype": "INT32", "shape": [-1, 2]}]
+                {"name": SIZES, "datatype": "INT32", "shape": [-1, 2]},
+                {"name": AGES, "datatype": "FP32", "shape": [-1]}]
 
     def get_output_types(self) -> list[dict]:
         h, w = self.cam_shape or (-1, -1)
@@ -153,7 +181,11 @@ class PneumoniaPredictor(Model):
                 {"name": "label", "datatype": "BYTES", "shape": [-1]},
                 {"name": "threshold", "datatype": "FP32", "shape": [-1]},
                 {"name": "logit", "datatype": "FP32", "shape": [-1]},
-                {"name": "cam", "datatype": "FP32", "shape": [-1, h, w]}]
+                {"name": "cam", "datatype": "FP32", "shape": [-1, h, w]},
+                {"name": "decision", "datatype": "BYTES", "shape": [-1]},
+                {"name": "ood_score", "datatype": "FP32", "shape": [-1]},
+                {"name": "in_intended_use", "datatype": "BOOL", "shape": [-1]},
+                {"name": "refer_reasons", "datatype": "BYTES", "shape": [-1]}]
 
     # -- request checks ------------------------------------------------------------------------
     def limits(self) -> tuple[int, int]:
@@ -162,8 +194,8 @@ class PneumoniaPredictor(Model):
 
     def precheck_grpc(self, request) -> None:
         """Before kserve copies a gRPC request into Python lists: tensors travel raw, and are small."""
-        if len(request.inputs) > 2:
-            raise _refuse(f"expected the inputs {PIXELS!r} and {SIZES!r}, got {len(request.inputs)} inputs")
+        if len(request.inputs) > 3:
+            raise _refuse(f"expected the inputs {PIXELS!r}, {SIZES!r} and {AGES!r}, got {len(request.inputs)} inputs")
         for tensor in request.inputs:
             contents = tensor.contents
             values = (len(contents.uint_contents) + len(contents.int_contents) + len(contents.fp32_contents) +
@@ -186,8 +218,8 @@ class PneumoniaPredictor(Model):
     def _images(self, request: InferRequest) -> list[np.ndarray]:
         by_name = {}
         for tensor in request.inputs:
-            if tensor.name not in (PIXELS, SIZES) or tensor.name in by_name:
-                raise _refuse(f"expected the inputs {PIXELS!r} and optionally {SIZES!r}, got "
+            if tensor.name not in (PIXELS, SIZES, AGES) or tensor.name in by_name:
+                raise _refuse(f"expected the inputs {PIXELS!r} and optionally {SIZES!r} and {AGES!r}, got "
                               f"{[t.name for t in request.inputs]}")
             by_name[tensor.name] = tensor
         if PIXELS not in by_name:
@@ -206,6 +238,17 @@ class PneumoniaPredictor(Model):
             sizes = np.tile(np.array([height, width], dtype=np.int32), (n, 1))
         return unpack_images(pixels, sizes)
 
+    @staticmethod
+    def _ages(request: InferRequest, n: int) -> np.ndarray:
+        """Each image's patient age in years from the optional input ``ages`` (NaN where unknown or not sent)."""
+        tensor = next((t for t in request.inputs if t.name == AGES), None)
+        if tensor is None:
+            return np.full(n, np.nan)
+        given = _array(tensor, "FP32", np.float32, 1).astype(np.float64)
+        if given.shape != (n,) or not np.isfinite(given).all():
+            raise _refuse(f"input {AGES!r} must be [N] finite ages in years (negative: unknown)")
+        return np.where(given < 0, np.nan, given)
+
     # -- inference -----------------------------------------------------------------------------
     def model_input(self, images: list[np.ndarray]) -> np.ndarray:
         """Stage 2 of the preprocessing, with this version's parameters: float32 [N,1,S,S]."""
@@ -215,32 +258,61 @@ class PneumoniaPredictor(Model):
         probs = self.bundle.probability(logits).astype(np.float32)
         return probs, [LABELS[int(p >= self.threshold)] for p in probs]
 
+    def ood_scores(self, features: np.ndarray) -> np.ndarray:
+        """``ood_score`` [N] from the graph's third output (NaN without a detector)."""
+        if self.detector is None:
+            return np.full(len(features), np.nan, dtype=np.float32)
+        return self.detector.scores(features).astype(np.float32)
+
+    def decide(self, probs: np.ndarray, scores: np.ndarray, ages: np.ndarray) -> list:
+        """The version's verdict per image (model.intended_use.DecisionRule)."""
+        return [self.rule.decide(float(p), None if np.isnan(s) else float(s), None if np.isnan(a) else float(a))
+                for p, s, a in zip(probs, scores, ages)]
+
     async def predict(self, payload, headers=None, response_headers=None) -> InferResponse:
         if not isinstance(payload, InferRequest):
             raise _refuse("the predictor speaks Open Inference Protocol v2 (REST /v2/... or gRPC) only")
         self._check_preprocessing(payload)
         images = self._images(payload)
+        ages = self._ages(payload, len(images))
         if len(images) > INLINE_RESIZE_IMAGES:
             x = await asyncio.to_thread(self.model_input, images)
         else:
             x = self.model_input(images)
-        logits, cams = await self.batcher.submit(x, deadline())
+        logits, cams, features = await self.batcher.submit(x, deadline())
         if self.settings.test_delay_ms:
             await asyncio.sleep(self.settings.test_delay_ms / 1000.0)
         probs, labels = self.calibrate(logits)
-        for p, label in zip(probs, labels):
-            PREDICTIONS.labels(model_name=self.name, model_version=self.model_version, label=label).inc()
-            PROBABILITY.labels(model_name=self.name, model_version=self.model_version).observe(float(p))
+        scores = self.ood_scores(features)
+        verdicts = self.decide(probs, scores, ages)
+        self._count(probs, labels, scores, verdicts)
         outputs = [tensor_output("probability", "FP32", probs),
                    tensor_output("label", "BYTES", np.array(labels, dtype=np.object_)),
                    tensor_output("threshold", "FP32", np.full(len(probs), self.threshold, dtype=np.float32)),
-                   tensor_output("logit", "FP32", logits), tensor_output("cam", "FP32", cams)]
+                   tensor_output("logit", "FP32", logits), tensor_output("cam", "FP32", cams),
+                   tensor_output("decision", "BYTES", np.array([v.decision for v in verdicts], dtype=np.object_)),
+                   tensor_output("ood_score", "FP32", scores),
+                   tensor_output("in_intended_use", "BOOL", np.array([v.in_intended_use for v in verdicts])),
+                   tensor_output("refer_reasons", "BYTES", np.array(
+                       [json.dumps(v.reasons_json(), separators=(",", ":")) for v in verdicts], dtype=np.object_))]
         # The bundle's digest names exactly what computed the answer (the DICOM SR's algorithm identification).
         return InferResponse(response_id=payload.id or str(uuid.uuid4()), model_name=self.name,
                              model_version=self.model_version, infer_outputs=outputs,
                              use_binary_outputs=payload.use_binary_outputs,
                              requested_outputs=payload.request_outputs,
-                             parameters={MODEL_DIGEST_PARAMETER: self.bundle.sha256})
+                             parameters={INTENDED_USE_PARAMETER: self.intended_use_json,
+                                         MODEL_DIGEST_PARAMETER: self.bundle.sha256})
+
+    def _count(self, probs: np.ndarray, labels: list[str], scores: np.ndarray, verdicts: list) -> None:
+        version = dict(model_name=self.name, model_version=self.model_version)
+        for p, label, score, verdict in zip(probs, labels, scores, verdicts):
+            PREDICTIONS.labels(label=label, **version).inc()
+            PROBABILITY.labels(**version).observe(float(p))
+            DECISIONS.labels(decision=verdict.decision, **version).inc()
+            for reason in verdict.refer_reasons:
+                REFER_REASONS.labels(reason=reason.code, **version).inc()
+            if np.isfinite(score):
+                OOD_SCORE.labels(**version).observe(float(score))
 
 
 def wait_for_model_folder(model_uri: str, timeout_s: float) -> None:

@@ -14,7 +14,7 @@ import json
 import logging
 import re
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from kserve.protocol.infer_type import InferInput, InferRequest, InferResponse, to_http_parameters
@@ -23,8 +23,8 @@ from model.preprocessing import DECODED_MAX_SIDE, PREPROCESSING_VERSION
 from serving.admission import remaining
 from serving.errors import DeadlineExceeded, PredictorUnavailable, RequestRejected
 from serving.metrics import PREDICTOR_ERRORS, reject_count
-from serving.protocol import (MODEL_DIGEST_PARAMETER, PIXELS, PREPROCESSING_PARAMETER, SIZES, pack_images,
-                              transport_bytes)
+from serving.protocol import (AGES, DECISION_OUTPUTS, INTENDED_USE_PARAMETER, MODEL_DIGEST_PARAMETER, PIXELS,
+                              PREPROCESSING_PARAMETER, SIZES, pack_images, transport_bytes)
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +34,13 @@ _GRPC_RETRY = json.dumps({"methodConfig": [{
                     "retryableStatusCodes": ["UNAVAILABLE"]}}]})
 _FORWARD_HEADERS = ("x-request-id", "x-b3-traceid", "traceparent")
 _PRINTABLE = re.compile(r"^[\x20-\x7e]{1,512}$")
-#: The predictor's answer: five small vectors and N coarse CAMs (7x7 for 224 px).
+#: The predictor's answer: small vectors, N coarse CAMs (7x7 for 224 px) and N short JSON lists of reasons.
 MAX_RESPONSE_BYTES = 4 * 1024 * 1024
 OUTPUT_NAMES = ("probability", "label", "threshold", "logit", "cam")
+#: The answer of a predictor that predates the decision outputs (older software during a rollout): nothing vouches
+#: for the film, so it is referred. Version-independent, so the transformer may say it.
+UNKNOWN_USE_REASON = {"code": "intended_use_unknown", "text": "The model server that answered does not check the "
+                      "intended use (older software), so nothing tells whether the film lies within it."}
 
 
 @dataclass
@@ -50,6 +54,36 @@ class Answer:
     cam: np.ndarray  # float32 [N, h, w]
     model_version: str
     model_sha256: str = ""  # the served bundle's digest, when the predictor names it
+    decision: list[str] = field(default_factory=list)  # PNEUMONIA | NORMAL | REFER
+    ood_score: np.ndarray | None = None  # float32 [N], NaN where the version has no detector
+    in_intended_use: list[bool] = field(default_factory=list)
+    refer_reasons: list[list[dict]] = field(default_factory=list)  # per image: [{"code", "text"}, ...]
+    intended_use: dict = field(default_factory=dict)  # the version's summary (profile, figures, ...)
+
+
+def _read_decision(answer: Answer, response: InferResponse, n: int) -> None:
+    """The decision outputs of the version that answered; a predictor without them refers every image."""
+    got = {name: response.get_output_by_name(name) for name in DECISION_OUTPUTS}
+    if any(v is None for v in got.values()):
+        answer.decision, answer.in_intended_use = ["REFER"] * n, [False] * n
+        answer.ood_score = np.full(n, np.nan, dtype=np.float32)
+        answer.refer_reasons = [[dict(UNKNOWN_USE_REASON)] for _ in range(n)]
+        return
+    text = [v.decode() if isinstance(v, bytes) else str(v) for v in got["decision"].as_numpy()]
+    reasons = [json.loads(v.decode() if isinstance(v, bytes) else str(v)) for v in got["refer_reasons"].as_numpy()]
+    answer.decision, answer.refer_reasons = text, reasons
+    answer.ood_score = got["ood_score"].as_numpy().astype(np.float32).reshape(-1)
+    answer.in_intended_use = [bool(v) for v in got["in_intended_use"].as_numpy().reshape(-1)]
+    if (len(text) != n or len(reasons) != n or answer.ood_score.shape != (n,) or len(answer.in_intended_use) != n
+            or not all(d in ("PNEUMONIA", "NORMAL", "REFER") for d in text)
+            or not all(isinstance(r, list) and all(isinstance(x, dict) and {"code", "text"} <= set(x) for x in r)
+                       for r in reasons)):
+        raise ValueError(f"decision outputs malformed for {n} images")
+    parameters = response.parameters or {}
+    if not isinstance(parameters, dict):  # gRPC: a map of InferParameter
+        parameters = to_http_parameters(parameters)
+    summary = parameters.get(INTENDED_USE_PARAMETER)
+    answer.intended_use = json.loads(summary) if isinstance(summary, str) else {}
 
 
 def parse_rest_response(content: bytes, header_length: str | None) -> InferResponse:
@@ -80,10 +114,14 @@ class PredictorClient:
         self._stub = None
         self._http = None
 
-    def _request(self, images: list[np.ndarray], request_id: str) -> InferRequest:
+    def _request(self, images: list[np.ndarray], request_id: str, ages: list[float | None] | None = None
+                 ) -> InferRequest:
         pixels, sizes = pack_images(images)
+        tensors = [(PIXELS, pixels, "UINT8"), (SIZES, sizes, "INT32")]
+        if ages is not None and any(a is not None for a in ages):
+            tensors.append((AGES, np.array([-1.0 if a is None else a for a in ages], dtype=np.float32), "FP32"))
         inputs = []
-        for name, array, datatype in ((PIXELS, pixels, "UINT8"), (SIZES, sizes, "INT32")):
+        for name, array, datatype in tensors:
             tensor = InferInput(name, list(array.shape), datatype)
             tensor.set_data_from_numpy(array, binary_data=True)
             inputs.append(tensor)
@@ -100,12 +138,14 @@ class PredictorClient:
             raise DeadlineExceeded("before the predictor was called")
         return min(left, self.timeout_s)
 
-    async def infer(self, images: list[np.ndarray], headers: dict | None = None) -> Answer:
-        """Stage-1 pixels of one request -> the answer of the model version the predictor serves."""
+    async def infer(self, images: list[np.ndarray], headers: dict | None = None,
+                    ages: list[float | None] | None = None) -> Answer:
+        """Stage-1 pixels of one request (and each image's patient age in years, None where unknown) -> the answer
+        of the model version the predictor serves."""
         # Tracing headers travel on, if they are what gRPC metadata may carry (printable ASCII).
         forward = {k.lower(): v for k, v in (headers or {}).items()
                    if k.lower() in _FORWARD_HEADERS and isinstance(v, str) and _PRINTABLE.match(v)}
-        request = self._request(images, forward.get("x-request-id") or str(uuid.uuid4()))
+        request = self._request(images, forward.get("x-request-id") or str(uuid.uuid4()), ages)
         timeout = self._timeout()
         if self.protocol == "grpc-v2":
             response = await self._grpc(request, forward, timeout)
@@ -128,6 +168,7 @@ class PredictorClient:
                     or answer.cam.ndim != 3 or len(answer.cam) != n or not answer.model_version):
                 raise ValueError(f"shapes probability {answer.probability.shape}, cam {answer.cam.shape}, "
                                  f"version {answer.model_version!r} for {n} images")
+            _read_decision(answer, response, n)
         except (AttributeError, ValueError, TypeError, UnicodeDecodeError) as exc:
             PREDICTOR_ERRORS.labels(cause="bad_response").inc()
             log.error("malformed predictor response: %s", exc)

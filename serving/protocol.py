@@ -27,6 +27,14 @@ def tensor_output(name: str, datatype: str, array: np.ndarray) -> InferOutput:
 # ``H, W <= DECODED_MAX_SIDE``, so a request is at most N * 512 * 512 bytes.
 
 PIXELS, SIZES = "pixels", "sizes"
+#: Optional input FP32 [N]: each image's patient age in years, negative where unknown (read by the transformer from
+#: the DICOM header or the client's ``patient_age``); the predictor applies its version's age limit.
+AGES = "ages"
+#: Response parameter of the predictor (and the transformer): a JSON object describing the version that answered
+#: (``model.intended_use.answer_summary``: profile, demonstration, population, age limit, registered figures).
+INTENDED_USE_PARAMETER = "intended_use"
+#: The decision outputs every answer carries beside ``probability``, ``label`` and ``threshold``.
+DECISION_OUTPUTS = ("decision", "ood_score", "in_intended_use", "refer_reasons")
 #: Request parameter naming the stage-1 definition the pixels come from (``PREPROCESSING_VERSION``).
 PREPROCESSING_PARAMETER = "preprocessing"
 #: Response parameter naming the SHA-256 of the bundle that computed the answer (predictor -> transformer -> client).

@@ -7,10 +7,21 @@ Requests (model name ``pneumonia``):
   A raw ``image/*`` or ``application/dicom`` body is one image too.
 - Open Inference Protocol v2 (REST ``/v2/models/pneumonia/infer`` or gRPC): input ``image`` BYTES [N],
   one encoded file per element (raw bytes, or base64 text in JSON). Outputs ``probability`` FP32 [N],
-  ``label`` BYTES [N], ``threshold`` FP32 [N]; with the request parameter ``heatmap: true`` also
-  ``heatmap_png`` BYTES [N] (base64 text of a PNG) and ``cam`` FP32 [N,h,w] (ReLU'd, scaled to [0, 1]).
-  ``quality_flags`` BYTES [N]: per image a JSON list of warnings, e.g. ``["blurred", "object_over_lungs"]``
-  (v1: a list per prediction) from :mod:`model.quality`; reported beside the answer, never part of it.
+  ``label`` BYTES [N], ``threshold`` FP32 [N], ``decision`` BYTES [N] (PNEUMONIA | NORMAL | REFER),
+  ``ood_score`` FP32 [N], ``in_intended_use`` BOOL [N], ``refer_reasons`` BYTES [N] (per image a JSON list of
+  ``{"code", "text"}``); the response parameter ``intended_use`` (JSON) describes the version that answered.
+  With the request parameter ``heatmap: true`` also ``heatmap_png`` BYTES [N] (base64 text of a PNG) and
+  ``cam`` FP32 [N,h,w] (ReLU'd, scaled to [0, 1]). ``quality_flags`` BYTES [N]: per image a JSON list, e.g.
+  ``["blurred", "text_overlay"]`` (v1: a list per prediction) from :mod:`model.quality`; reported beside the
+  answer, never part of it. v1 predictions carry the same fields, with ``ood_score`` null where the version has
+  no detector, and the response's ``intended_use`` object.
+
+The patient's age: a DICOM file's Patient's Age (0010,1010), read from the header before anything else, or
+the request parameter ``patient_age`` (years, or a DICOM age string like ``045Y``; v1: ``parameters`` or per
+instance), which wins. It travels to the predictor, whose version applies its own age limit; it is never logged.
+
+``intended_use`` and ``model_sha256`` (the served bundle's digest, when the predictor names it) are response
+parameters (v1: fields of the response and of each prediction respectively).
 
 The transformer is version-agnostic: it runs stage 1 of ``model.preprocessing`` (decode to bounded
 grayscale, with bounded cost) and the X-ray gate of :mod:`serving.inputs`, sends the pixels of all
@@ -33,19 +44,23 @@ import numpy as np
 from kserve import Model
 from kserve.protocol.infer_type import InferInput, InferRequest, InferResponse, to_http_parameters
 
+from model.intended_use import InvalidAge, parse_age
 from model.preprocessing import declared_pixels
 from model.quality import quality_flags
 from model.wire_format import WireFormatError, decode_bytes_elements
 from serving import heatmap as heatmaps
 from serving.inputs import PreparedImage, decode_upload, element_bytes, reject
 from serving.predictor_client import Answer, PredictorClient
-from serving.protocol import MODEL_DIGEST_PARAMETER, tensor_output
+from serving.protocol import INTENDED_USE_PARAMETER, MODEL_DIGEST_PARAMETER, tensor_output
 from serving.settings import ServingSettings
 
 log = logging.getLogger(__name__)
 
 INPUT = "image"
-OUTPUTS = ("probability", "label", "threshold", "heatmap_png", "cam", "quality_flags")
+OUTPUTS = ("probability", "label", "threshold", "heatmap_png", "cam", "quality_flags", "decision", "ood_score",
+           "in_intended_use", "refer_reasons")
+#: The request parameter (v1: also per instance) giving the patient's age: years, or a DICOM age string.
+AGE_PARAMETER = "patient_age"
 _RAW_IMAGE_TYPES = ("image/", "application/dicom")
 
 
@@ -56,6 +71,12 @@ class Prepared:
     heatmap: bool
     request: InferRequest | None = None
     quality: list[list[str]] = field(default_factory=list)  # flags per image; they never change the decision
+    ages: list[float | None] = field(default_factory=list)  # the client's patient_age per image (None: not given)
+
+    def patient_ages(self) -> list[float | None]:
+        """Each image's age in years: the client's, else its DICOM header's, else None."""
+        given = self.ages or [None] * len(self.images)
+        return [a if a is not None else image.age_years for a, image in zip(given, self.images)]
 
 
 @dataclass
@@ -68,6 +89,13 @@ def _truthy(value) -> bool:
     if isinstance(value, str):
         return value.strip().lower() in ("1", "true", "yes", "on")
     return value is True or (isinstance(value, int) and not isinstance(value, bool) and value == 1)
+
+
+def _age(value, where: str) -> float | None:
+    try:
+        return parse_age(value)
+    except InvalidAge as exc:
+        raise reject("invalid_request", f"{where}: {exc}") from None
 
 
 class PneumoniaTransformer(Model):
@@ -111,7 +139,11 @@ class PneumoniaTransformer(Model):
                 {"name": "threshold", "datatype": "FP32", "shape": [-1]},
                 {"name": "heatmap_png", "datatype": "BYTES", "shape": [-1]},
                 {"name": "cam", "datatype": "FP32", "shape": [-1, -1, -1]},
-                {"name": "quality_flags", "datatype": "BYTES", "shape": [-1]}]
+                {"name": "quality_flags", "datatype": "BYTES", "shape": [-1]},
+                {"name": "decision", "datatype": "BYTES", "shape": [-1]},
+                {"name": "ood_score", "datatype": "FP32", "shape": [-1]},
+                {"name": "in_intended_use", "datatype": "BOOL", "shape": [-1]},
+                {"name": "refer_reasons", "datatype": "BYTES", "shape": [-1]}]
 
     # -- request checks before kserve copies a gRPC request ----------------------------------------
     def precheck_grpc(self, request) -> None:
@@ -131,14 +163,14 @@ class PneumoniaTransformer(Model):
     # -- preprocess --------------------------------------------------------------------------------
     async def preprocess(self, payload, headers=None) -> Prepared:
         if isinstance(payload, InferRequest):
-            encoded, heatmap = self._v2_elements(payload)
+            encoded, heatmap, ages = self._v2_elements(payload)
             protocol, request = "v2", payload
         elif isinstance(payload, dict):
-            encoded, heatmap = self._v1_elements(payload)
+            encoded, heatmap, ages = self._v1_elements(payload)
             protocol, request = "v1", None
         elif isinstance(payload, (bytes, bytearray)) and str((headers or {}).get("content-type", "")).startswith(
                 _RAW_IMAGE_TYPES):
-            encoded, heatmap, protocol, request = [bytes(payload)], False, "v1", None
+            encoded, heatmap, protocol, request, ages = [bytes(payload)], False, "v1", None, []
             if not encoded[0]:
                 raise reject("empty", "the request body is empty")
         else:
@@ -152,7 +184,8 @@ class PneumoniaTransformer(Model):
         names = [f"image {i}" for i in range(len(encoded))] if len(encoded) > 1 else ["the image"]
         assessed = await asyncio.gather(*(loop.run_in_executor(self.decoders, self._decode_and_assess, data, where)
                                           for data, where in zip(encoded, names)))
-        return Prepared(protocol, [image for image, _ in assessed], heatmap, request, [flags for _, flags in assessed])
+        return Prepared(protocol, [image for image, _ in assessed], heatmap, request, [flags for _, flags in assessed],
+                        ages)
 
     def _decode_and_assess(self, data: bytes, where: str) -> tuple[PreparedImage, list[str]]:
         """Stage 1 and the gate, then the quality flags, measured on the same decoded gray pixels (version-free)."""
@@ -166,14 +199,16 @@ class PneumoniaTransformer(Model):
             raise reject("too_many_images", f"{n} images in one request; at most "
                                             f"{self.settings.max_images_per_request}")
 
-    def _v1_elements(self, payload: dict) -> tuple[list[bytes], bool]:
+    def _v1_elements(self, payload: dict) -> tuple[list[bytes], bool, list[float | None]]:
         instances = payload.get("instances")
         if not isinstance(instances, list):
             raise reject("invalid_request", 'the v1 body needs an "instances" list')
         self._check_count(len(instances))
         parameters = payload.get("parameters") or {}
         heatmap = isinstance(parameters, dict) and _truthy(parameters.get("heatmap", False))
-        encoded = []
+        request_age = _age(parameters.get(AGE_PARAMETER), f"parameters.{AGE_PARAMETER}") \
+            if isinstance(parameters, dict) else None
+        encoded, ages = [], []
         for i, instance in enumerate(instances):
             where = f"instances[{i}]"
             value = instance.get("image") if isinstance(instance, dict) else None
@@ -185,14 +220,17 @@ class PneumoniaTransformer(Model):
             encoded.append(element_bytes(value, f"{where}.image.b64"))
             if isinstance(instance, dict) and _truthy(instance.get("heatmap", False)):
                 heatmap = True
-        return encoded, heatmap
+            own = _age(instance.get(AGE_PARAMETER), f"{where}.{AGE_PARAMETER}") if isinstance(instance, dict) else None
+            ages.append(own if own is not None else request_age)
+        return encoded, heatmap, ages
 
-    def _v2_elements(self, request: InferRequest) -> tuple[list[bytes], bool]:
+    def _v2_elements(self, request: InferRequest) -> tuple[list[bytes], bool, list[float | None]]:
         try:
             parameters = to_http_parameters(request.parameters) if request.parameters else {}
         except (AttributeError, TypeError, ValueError):
             raise reject("invalid_request", "the request parameters must be an object") from None
         heatmap = _truthy(parameters.get("heatmap", False))
+        age = _age(parameters.get(AGE_PARAMETER), f"the request parameter {AGE_PARAMETER}")
         for wanted in request.request_outputs or []:
             if wanted.name not in OUTPUTS:
                 raise reject("invalid_request", f"unknown output {str(wanted.name)[:64]!r}; this model returns "
@@ -221,11 +259,11 @@ class PneumoniaTransformer(Model):
                 raise reject("invalid_tensor", f"input {INPUT!r} has no data")
             if len(elements) != shape[0]:
                 raise reject("invalid_tensor", f"input {INPUT!r} has shape {shape} but {len(elements)} elements")
-        return [element_bytes(v, f"{INPUT}[{i}]") for i, v in enumerate(elements)], heatmap
+        return [element_bytes(v, f"{INPUT}[{i}]") for i, v in enumerate(elements)], heatmap, [age] * len(elements)
 
     # -- predict / explain ------------------------------------------------------------------------
     async def predict(self, prepared: Prepared, headers=None, response_headers=None) -> Scored:
-        answer = await self.client.infer([im.pixels for im in prepared.images], headers)
+        answer = await self.client.infer([im.pixels for im in prepared.images], headers, prepared.patient_ages())
         return Scored(prepared, answer)
 
     async def explain(self, prepared: Prepared, headers=None) -> Scored:
@@ -243,7 +281,10 @@ class PneumoniaTransformer(Model):
         if prepared.protocol == "v1":
             predictions = []
             for i, (p, label, threshold) in enumerate(zip(answer.probability, answer.label, answer.threshold)):
+                score = float(answer.ood_score[i])
                 item = {"probability": float(p), "label": label, "threshold": float(threshold),
+                        "decision": answer.decision[i], "ood_score": score if np.isfinite(score) else None,
+                        "in_intended_use": answer.in_intended_use[i], "refer_reasons": answer.refer_reasons[i],
                         "model_name": self.name, "model_version": answer.model_version,
                         "quality_flags": prepared.quality[i]}
                 if answer.model_sha256:
@@ -251,10 +292,15 @@ class PneumoniaTransformer(Model):
                 if pngs is not None:
                     item["heatmap_png"] = pngs[i]
                 predictions.append(item)
-            return {"predictions": predictions}
+            return {"predictions": predictions, "intended_use": answer.intended_use}
         outputs = [tensor_output("probability", "FP32", answer.probability),
                    tensor_output("label", "BYTES", np.array(answer.label, dtype=np.object_)),
-                   tensor_output("threshold", "FP32", answer.threshold)]
+                   tensor_output("threshold", "FP32", answer.threshold),
+                   tensor_output("decision", "BYTES", np.array(answer.decision, dtype=np.object_)),
+                   tensor_output("ood_score", "FP32", answer.ood_score),
+                   tensor_output("in_intended_use", "BOOL", np.array(answer.in_intended_use, dtype=bool)),
+                   tensor_output("refer_reasons", "BYTES", np.array(
+                       [json.dumps(r, separators=(",", ":")) for r in answer.refer_reasons], dtype=np.object_))]
         if pngs is not None:
             outputs.append(tensor_output("heatmap_png", "BYTES", np.array(pngs, dtype=np.object_)))
             outputs.append(tensor_output("cam", "FP32", cams))
@@ -265,7 +311,8 @@ class PneumoniaTransformer(Model):
         return InferResponse(response_id=request.id or str(uuid.uuid4()), model_name=self.name,
                              model_version=answer.model_version, infer_outputs=outputs,
                              use_binary_outputs=request.use_binary_outputs, requested_outputs=request.request_outputs,
-                             parameters=digest)
+                             parameters={INTENDED_USE_PARAMETER: json.dumps(answer.intended_use, separators=(",", ":"),
+                                                                            sort_keys=True), **(digest or {})})
 
     def _render(self, images: list[PreparedImage], cams: np.ndarray) -> list[str]:
         """The predictor's CAM over the stage-1 pixels this transformer already decoded (no second decode)."""

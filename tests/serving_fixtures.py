@@ -89,10 +89,14 @@ def _cached_bundle(entry: Path, image_size: int, seed: int, int8: bool):
 
 
 def build_bundle(dest: Path, image_size: int = TEST_IMAGE_SIZE, seed: int = 0, calibration: int = 16,
-                 int8_accepted: bool = False, int8: bool = True, gate_images: int = 32):
+                 int8_accepted: bool = False, int8: bool = True, gate_images: int = 32, ood: bool = True,
+                 profile: str = "test"):
     """Export a random ResNet-50 as a complete bundle; returns (bundle dir, torch module).
 
     The engine gate set holds ``gate_images`` other real X-rays with their true labels, as an export stores it.
+    ``ood``: an out-of-distribution detector (model.ood) fitted as an export fits it, on the calibration films'
+    pooled features, its cut-off on the gate films' (both real X-rays), and the ``intended_use`` record; the refer
+    band is the middle 40 % of the calibration films' probabilities, so that tests see every decision.
     """
     import torch
 
@@ -118,22 +122,37 @@ def build_bundle(dest: Path, image_size: int = TEST_IMAGE_SIZE, seed: int = 0, c
     if int8:
         quantize_int8(dest / "model.onnx", dest / "model.int8.onnx", images, config)
     session = make_session(dest / "model.onnx", threads=2)
-    logits = run_images(session, images, config)
+    logits, features = run_images(session, images, config, with_features=True)
     temperature = float(max(np.std(logits), 1e-3))
     probs = 1 / (1 + np.exp(-logits / temperature))
     from model.evaluation import reference_distribution
 
     threshold = float(np.median(probs))
+    low, high = (float(v) for v in np.quantile(probs, [0.3, 0.7]))
     meta = {"model_name": "pneumonia", "arch": "resnet50", "preprocess": config.to_dict(),
             "threshold": threshold, "threshold_method": "test-median", "temperature": temperature,
+            "refer_band": {"low": min(low, threshold), "high": max(high, threshold), "target": 0.97},
             "metrics": {}, "int8": {"accepted": int8_accepted, "reason": "test bundle", "max_auc_drop": 0.003},
-            "reference": reference_distribution(probs, threshold, "calibration")}
+            "reference": reference_distribution(probs, threshold, "calibration"),
+            "training": {"profile": profile}}
+    gate_files = xray_files(per_class=max(gate_images, 16) // 2, offset=200)
+    gate_pixels = np.stack([load_resized(f.read_bytes(), config).pixels for f in gate_files])
+    gate_labels = np.array([int(f.parent.name == "PNEUMONIA") for f in gate_files])
+    tolerance = None
+    if ood:
+        from model.ood import fit_detector
+
+        labels = np.array([int(f.parent.name == "PNEUMONIA") for f in files])
+        _, gate_features = run_images(session, gate_pixels, config, with_features=True)
+        detector, ood_meta = fit_detector(features, labels, gate_features)
+        detector.save(dest)
+        tolerance = ood_meta["score_tolerance"]
+        meta["intended_use"] = {"population": "children aged 1 to 5 years", "views": "frontal", "source": "test",
+                                "age_limit_years": 18.0, "profile": profile, "demonstration": False,
+                                "registered": {"split": "test", "n": len(files), "auc": 0.5}, "ood": ood_meta}
     if gate_images:
-        gate_files = xray_files(per_class=gate_images // 2, offset=200)
-        gate_pixels = np.stack([load_resized(f.read_bytes(), config).pixels for f in gate_files])
-        gate_labels = np.array([int(f.parent.name == "PNEUMONIA") for f in gate_files])
         meta["engine_gate"] = write_gate_set(dest, gate_pixels, gate_labels, session, config, temperature,
-                                             count=gate_images)
+                                             count=gate_images, ood_score_tolerance=tolerance)
     write_bundle(dest, meta)
     return dest, net
 

@@ -3,9 +3,10 @@
 A separate process on purpose: tritonclient's gRPC protobufs and kserve's register the same
 ``inference.*`` names, so the two cannot be imported into one interpreter (the test process has kserve).
 
-    python tests/serving_triton_client.py [--host NAME] HTTP_HOST:PORT GRPC_HOST:PORT IMAGE [IMAGE ...]
+    python tests/serving_triton_client.py [--host NAME] [--age AGE] HTTP_HOST:PORT GRPC_HOST:PORT IMAGE [IMAGE ...]
 
 ``--host`` sends ``Host: NAME`` (HTTP) and ``:authority NAME`` (gRPC), for an ingress that routes by host.
+``--age`` also sends the request again with the parameter ``patient_age``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import sys
 import numpy as np
 
 
-def main(http_url: str, grpc_url: str, paths: list[str], host: str | None = None) -> dict:
+def main(http_url: str, grpc_url: str, paths: list[str], host: str | None = None, age: str | None = None) -> dict:
     import tritonclient.grpc as tg
     import tritonclient.http as th
     from PIL import Image
@@ -48,12 +49,22 @@ def main(http_url: str, grpc_url: str, paths: list[str], host: str | None = None
     tensor.set_data_from_numpy(files)
     reply = grpc.infer("pneumonia", [tensor], parameters={"heatmap": True})
     pngs = [Image.open(io.BytesIO(base64.b64decode(p))) for p in reply.as_numpy("heatmap_png")]
+    response = reply.get_response()
     out["grpc"] = {"probability": reply.as_numpy("probability").tolist(),
                    "label": [x.decode() for x in reply.as_numpy("label")],
                    "threshold": reply.as_numpy("threshold").tolist(),
+                   "decision": [x.decode() for x in reply.as_numpy("decision")],
+                   "ood_score": [None if x != x else float(x) for x in reply.as_numpy("ood_score")],
+                   "in_intended_use": [bool(x) for x in reply.as_numpy("in_intended_use")],
+                   "refer_reasons": [json.loads(x) for x in reply.as_numpy("refer_reasons")],
+                   "intended_use": json.loads(response.parameters["intended_use"].string_param),
                    "cam_shape": list(reply.as_numpy("cam").shape),
                    "heatmap_formats": [p.format for p in pngs],
-                   "model_version": reply.get_response().model_version}
+                   "model_version": response.model_version}
+    if age:  # the request parameter patient_age, over gRPC
+        aged = grpc.infer("pneumonia", [tensor], parameters={"patient_age": age})
+        out["grpc_with_age"] = {"decision": [x.decode() for x in aged.as_numpy("decision")],
+                                "refer_reasons": [json.loads(x) for x in aged.as_numpy("refer_reasons")]}
     bad = tg.InferInput("image", [1], "BYTES")
     bad.set_data_from_numpy(np.array([b"this is not an image"], dtype=np.object_))
     try:
@@ -66,7 +77,11 @@ def main(http_url: str, grpc_url: str, paths: list[str], host: str | None = None
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    host = None
-    if args[0] == "--host":
-        host, args = args[1], args[2:]
-    print(json.dumps(main(args[0], args[1], args[2:], host=host)))
+    host = age = None
+    while args[0] in ("--host", "--age"):
+        if args[0] == "--host":
+            host = args[1]
+        else:
+            age = args[1]
+        args = args[2:]
+    print(json.dumps(main(args[0], args[1], args[2:], host=host, age=age)))

@@ -78,8 +78,14 @@ class InferenceClient:
     async def aclose(self) -> None:
         await self._client.aclose()
 
-    async def infer(self, data: bytes, timeout_s: float | None = None) -> InferenceResult:
-        body, headers = encode_request([bytes_input("image", [data])], {"heatmap": True})
+    async def infer(self, data: bytes, timeout_s: float | None = None,
+                    patient_age_years: float | None = None) -> InferenceResult:
+        """``patient_age_years``: read from the original DICOM before de-identification; the predictor's version
+        applies its age limit to it."""
+        parameters = {"heatmap": True}
+        if patient_age_years is not None:
+            parameters["patient_age"] = f"{patient_age_years:.4f}"
+        body, headers = encode_request([bytes_input("image", [data])], parameters)
         started = time.perf_counter()
         try:
             response = await self._client.post(
@@ -134,7 +140,14 @@ def _parse(reply: dict, seconds: float) -> InferenceResult:
     model_info = _json_element(outputs.get("model_info"))
     if not isinstance(model_info, dict):
         parameters = reply.get("parameters") or {}
-        model_info = {k: parameters[k] for k in MODEL_INFO_KEYS if k in parameters} or None
+        summary = parameters.get("intended_use")  # the answering version's summary (model.intended_use), JSON
+        if isinstance(summary, str):
+            try:
+                summary = json.loads(summary)
+            except ValueError:
+                summary = None
+        model_info = summary if isinstance(summary, dict) and summary else (
+            {k: parameters[k] for k in MODEL_INFO_KEYS if k in parameters} or None)
     in_use = outputs.get("in_intended_use")
     reasons = _reasons(reasons)
     ood_score = float(outputs["ood_score"][0]) if outputs.get("ood_score") else None

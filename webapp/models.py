@@ -4,6 +4,8 @@ Studies hold no PHI in the clear beyond what the doctor types (the note, the imp
 header fields. The identifying fields (patient reference, accession number, view, clinical question) are one
 Fernet token (``Study.identity``, ``ReportVersion.patient``; :mod:`webapp.field_encryption`).
 A study received from a PACS keeps the original's patient and study modules encrypted until its results are sent.
+The patient's age read from a DICOM header before de-identification (the model's intended use has an age
+limit, and a retry needs it) is a Fernet token too (``Study.patient_age_token``).
 Secrets are stored hashed: passwords with argon2, API and session tokens with SHA-256 (they are
 random 256-bit values, so a fast hash is enough).
 """
@@ -151,6 +153,9 @@ class Study(Base):
     identity: Mapped[str | None] = mapped_column(Text, nullable=True)
     # a DICOM film's 16-bit display copy (display16.gz): width, height, window centre/width in its units, ...
     display: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    # DICOM Patient's Age in years, read before de-identification: a Fernet token (field_encryption), never logged
+    # (migration 0005)
+    patient_age_token: Mapped[str | None] = mapped_column(Text, nullable=True)
 
     # the retry worker's bookkeeping
     attempts: Mapped[int] = mapped_column(Integer, default=0)

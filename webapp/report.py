@@ -60,7 +60,9 @@ def percent(value: float | None) -> str:
 
 def refer_band(study: Study) -> tuple[float, float] | None:
     """The indeterminate band (low, high) the model was registered with, when the answer names it."""
-    band = (study.model_info or {}).get("refer_band")
+    info = study.model_info or {}
+    # an older server sends it beside the figures; model.intended_use puts it among the registered figures
+    band = info.get("refer_band") or (info.get("registered") or {}).get("refer_band")
     try:
         if isinstance(band, dict):
             return float(band["low"]), float(band["high"])
@@ -111,14 +113,16 @@ def is_demonstration(study: Study) -> bool:
 
 def heldout_rows(study: Study) -> list[tuple[str, str]]:
     """The held-out figures the model was registered with, as (name, value) to show."""
-    figures = (study.model_info or {}).get("heldout") or {}
+    info = study.model_info or {}
+    figures = info.get("heldout") or info.get("registered") or {}
     if not isinstance(figures, dict):
         return []
     rows = []
     for key, value in figures.items():
-        name = METRIC_NAMES.get(key, key.replace("_", " ").capitalize())
-        if isinstance(value, bool) or value is None:
-            continue
+        base = key.removesuffix("_ci95")
+        name = METRIC_NAMES.get(base, base.replace("_", " ").capitalize()) + (" (95 % CI)" if base != key else "")
+        if isinstance(value, (bool, dict)) or value is None or key in ("split", "threshold"):
+            continue  # the band is shown on its own; the threshold is the study's
         if isinstance(value, (int, float)):
             shown = percent(value) if key in RATES else (f"{value:,}" if isinstance(value, int) else f"{value:.3f}")
         elif isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value):

@@ -153,6 +153,7 @@ class StudyService:
         # a header's value longer than the field is cut, not refused: the file itself is fine
         from_header = {k: str(v)[:IDENTITY_FIELDS[k]] for k, v in upload.identity.items() if k in IDENTITY_FIELDS}
         merged = {**clean_identity(from_header), **clean_identity(identity)}
+        age_token = None if upload.patient_age_years is None else self.cipher.encrypt(upload.patient_age_years)
 
         def write() -> Study:
             with session_scope(self.factory) as db:
@@ -161,7 +162,8 @@ class StudyService:
                               image_sha256=upload.sha256, image_bytes=len(upload.data),
                               has_preview=upload.preview_png is not None, deidentified=upload.deidentified,
                               status="pending", created_at=now, next_attempt_at=now,
-                              lease_until=now + timedelta(seconds=lease), display=upload.display_meta)
+                              lease_until=now + timedelta(seconds=lease), display=upload.display_meta,
+                              patient_age_token=age_token)
                 self.set_identity(study, merged)
                 db.add(study)
                 db.flush()
@@ -234,9 +236,10 @@ class StudyService:
         study = await asyncio.to_thread(self._load, study_id)
         if data is None:
             data = await asyncio.to_thread(self.store.get, study.image_key())
+        age = self.cipher.decrypt(study.patient_age_token) if study.patient_age_token else None
         started = time.perf_counter()
         try:
-            result = await self.client.infer(data, timeout_s)
+            result = await self.client.infer(data, timeout_s, age)
         except InferenceRejected as exc:
             INFERENCE_SECONDS.labels("rejected").observe(time.perf_counter() - started)
             if discard_rejected:

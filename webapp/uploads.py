@@ -1,5 +1,9 @@
 """What an upload must be before anything is stored: a JPEG, PNG or DICOM radiograph, de-identified.
 
+The patient's age (0010,1010) is read from a DICOM file first, before the profile removes it: the
+model's intended use has an age limit, which the predictor applies. It travels beside the file (stored
+encrypted, never logged), not in it.
+
 DICOM files lose the identifying attributes of the DICOM PS3.15 basic application level
 confidentiality profile (Kitware's ``dicom-anonymizer``, which encodes the standard's table E.1-1:
 names, ids, birth date, addresses, institution, accession number, dates, UIDs replaced, private tags
@@ -61,6 +65,7 @@ class CheckedUpload:
     display16_gz: bytes | None = None  # DICOM: uint16 little-endian rows, gzip
     display_meta: dict | None = None
     identity: dict = field(default_factory=dict)  # read from the DICOM header before de-identification
+    patient_age_years: float | None = None  # DICOM Patient's Age, read before de-identification; never logged
 
 
 def sniff(data: bytes, content_type: str = "", filename: str = "") -> str:
@@ -183,13 +188,14 @@ def _check_dicom(data: bytes, deidentify: bool) -> CheckedUpload:
     if "PixelData" not in dataset:
         raise UploadRejected("no_pixel_data", "the DICOM file has no pixel data (no image to score)", 422)
     identity = dicom_identity(dataset)
+    age = _patient_age(dataset)  # before the profile removes it
     if deidentify:
         data = deidentify_dicom(dataset)
     preview = _dicom_preview(data)
     display16, meta = _dicom_display_copy(data)
     return CheckedUpload(data, "dicom", hashlib.sha256(data).hexdigest(), preview, deidentify,
                          thumbnail_png=thumbnail(preview), display16_gz=display16, display_meta=meta,
-                         identity=identity)
+                         identity=identity, patient_age_years=age)
 
 
 def dicom_identity(dataset) -> dict:
@@ -226,6 +232,16 @@ def thumbnail(image_bytes: bytes) -> bytes | None:
     out = io.BytesIO()
     gray.save(out, format="PNG")
     return out.getvalue()
+
+
+def _patient_age(dataset) -> float | None:
+    """Patient's Age in years, or None when absent or malformed (the value is never put in a message or log)."""
+    from model.intended_use import InvalidAge, parse_age
+
+    try:
+        return parse_age(str(dataset.get("PatientAge", "") or ""))
+    except (InvalidAge, TypeError, ValueError):
+        return None
 
 
 def deidentify_dicom(dataset) -> bytes:

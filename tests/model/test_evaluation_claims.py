@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -215,6 +216,8 @@ def test_threshold_and_calibration_depend_on_val_only(tiny_model, tmp_path):
                                 EvalSettings(n_bootstrap=0, int8=False))
     for key in ("threshold", "temperature", "logit_bias"):
         assert other[key] == base[key], key
+    # the out-of-distribution statistics and cut-off see train's films (not which class is which) and val's
+    assert other["intended_use"]["ood"]["cutoff"] == pytest.approx(base["intended_use"]["ood"]["cutoff"], rel=1e-9)
     assert other["splits"]["val"]["auc"] == base["splits"]["val"]["auc"]
     for split in ("test", "holdout"):  # the relabelling did change what those splits measure
         flipped = 1 - base["splits"][split]["auc"]
@@ -261,3 +264,49 @@ def test_report_probabilities_are_the_calibrated_onnx_outputs(tiny_model):
     point = binary_metrics(labels, expected, report["threshold"])
     for metric in ("auc", "accuracy", "sensitivity", "specificity", "f1", "brier", "ece"):
         assert report["splits"]["val"][metric] == pytest.approx(point[metric], abs=FLOAT64_SAME_FORMULA), metric
+
+
+@pytest.mark.integration
+def test_the_bundle_says_what_the_model_is_for_and_the_report_adds_refer_and_ood_figures(tiny_model):
+    from model.bundle import Bundle, make_session, run_images
+    from model.data import CachedData
+    from model.evaluation import intended_use_metrics
+    from model.ood import OodDetector
+
+    report, bundle = tiny_model.report, Bundle.load(tiny_model.bundle)
+    use = bundle.intended_use
+    assert use == report["intended_use"]
+    assert (use["profile"], use["demonstration"], use["age_limit_years"]) == ("smoke", True, 18.0)
+    assert "children" in use["population"] and "frontal" in use["views"]
+    # registered with the holdout figures and their CIs, and the refer band's decided-case figures there
+    holdout, band, registered = report["splits"]["holdout"], report["abstention"]["holdout"], use["registered"]
+    assert registered["split"] == "holdout" and registered["n"] == holdout["n"]
+    for name in ("auc", "sensitivity", "specificity", "ece"):
+        assert registered[name] == holdout[name] and registered[f"{name}_ci95"] == holdout["ci95"][name]
+    assert registered["refer_band"] == {"low": band["low"], "high": band["high"], "coverage": band["coverage"],
+                                        "decided_sensitivity": band["sensitivity"],
+                                        "decided_specificity": band["specificity"]}
+    # the share flagged per split is the bundle's detector on that split's features through the bundle's graph
+    detector, cache = OodDetector.load(bundle), CachedData.load(tiny_model.cache)
+    session = make_session(bundle.onnx_path("fp32"))
+    for split in ("val", "holdout", "sanity"):
+        idx, _ = cache.split(split)
+        _, features = run_images(session, cache.images[idx], bundle.preprocess, with_features=True)
+        assert report["ood"][split]["flagged_share"] == np.mean(detector.scores(features) > 1), split
+    assert report["ood"]["val"]["flagged_share"] <= 1 - use["ood"]["quantile"] + 1 / report["splits"]["val"]["n"]
+    # the risk-coverage curve by hand: decide the films most confident in log-odds from the threshold first
+    probs = np.array(report["val_predictions"]["probability"])
+    labels = np.array(report["val_predictions"]["label"])
+    t = report["threshold"]
+    confidence = np.abs(np.log(probs / (1 - probs)) - np.log(t / (1 - t)))
+    wrong = ((probs >= t).astype(int) != labels)[np.argsort(-confidence, kind="stable")]
+    risk = np.cumsum(wrong) / np.arange(1, len(wrong) + 1)
+    curve = report["risk_coverage"]["val"]
+    assert curve["aurc"] == pytest.approx(risk.mean()) and curve["risk_at_full_coverage"] == pytest.approx(risk[-1])
+    for coverage, value in zip(curve["coverage"], curve["risk"]):
+        assert value == pytest.approx(risk[round(coverage * len(risk)) - 1])
+    assert risk[-1] == pytest.approx(1 - report["splits"]["val"]["accuracy"])
+    assert Path(report["plots"]["risk_coverage"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    metrics = intended_use_metrics(report)  # what MLflow and KFP get
+    assert metrics["ood_cutoff"] == use["ood"]["cutoff"] and metrics["val_aurc"] == curve["aurc"]
+    assert metrics["holdout_refer_specificity"] == band["specificity"]

@@ -9,7 +9,7 @@ import torch
 from model.bundle import Bundle, BundleError, make_session, run_images, write_bundle
 from model.export import export_onnx, parity
 from model.network import LogitAndCam, build_resnet50
-from model.preprocessing import PreprocessConfig, load_resized
+from model.preprocessing import PreprocessConfig, load_resized, normalize
 from numerics import network_logit_bound, sum_bound
 
 
@@ -72,3 +72,48 @@ def test_bundle_hash_detects_tampering(exported, tmp_path):
         fh.write(b"\x00\x01\x02")
     with pytest.raises(BundleError, match="sha256 mismatch"):
         Bundle.load(tmp_path)
+
+
+def test_the_third_output_is_layer1s_mean_and_standard_deviation_over_space(exported, shared_full):
+    net, path = exported
+    images, config = _real_images(shared_full, 4, 96)
+    logits, features = run_images(make_session(path), images, config, with_features=True)
+    captured = {}
+    hook = net.layer1.register_forward_hook(lambda _m, _i, out: captured.__setitem__("layer1", out))
+    try:
+        with torch.no_grad():
+            reference_logits = net(torch.from_numpy(normalize(images, config))).reshape(-1).numpy()
+    finally:
+        hook.remove()
+    layer1 = captured["layer1"].numpy().astype(np.float64)  # [N, 256, 24, 24] at 96 px
+    expected = np.concatenate([layer1.mean(axis=(2, 3)), layer1.std(axis=(2, 3))], axis=1)
+    assert features.shape == (4, 512) and (features >= 0).all()  # after a ReLU; standard deviations
+    # float32 through ONNX Runtime vs float64 here: the export's parity bound, scaled by the values
+    np.testing.assert_allclose(features, expected, atol=1e-4 * (1 + np.abs(expected).max()))
+    np.testing.assert_allclose(logits, reference_logits, atol=1e-4 * (1 + np.abs(reference_logits).max()))
+    report = parity(net, path, images, config)
+    assert report["max_abs_features_diff"] <= 1e-4 * (1 + float(np.abs(features).max()))
+
+
+def test_the_int8_graph_keeps_the_feature_statistics_in_fp32(exported, shared_full, tmp_path):
+    """Squares, means and square roots of 8-bit values would lose the detector's precision: the quantiser leaves the
+    whole branch from layer1's output to ``features`` (and the CAM head) in fp32."""
+    import onnx
+
+    from model.export import quantize_int8
+
+    _, path = exported
+    images, config = _real_images(shared_full, 8, 96)
+    int8 = quantize_int8(path, tmp_path / "model.int8.onnx", images, config)
+    graph = onnx.load(str(int8)).graph
+    producer = {out: n for n in graph.node for out in n.output}
+    branch, stack = [], [producer["features"]]
+    while stack:  # back from the output to the first dequantised tensor (layer1's output)
+        node = stack.pop()
+        branch.append(node.op_type)
+        if node.op_type != "DequantizeLinear":
+            stack.extend(producer[i] for i in node.input if i in producer)
+    # every step of mean and std was reached before any dequantised tensor: none of them was quantised
+    assert {"Concat", "ReduceMean", "Sqrt", "Pow", "Sub"} <= set(branch)
+    assert not {"QuantizeLinear", "QLinearConv", "QLinearMatMul"} & set(branch)
+    assert any(n.op_type == "QuantizeLinear" for n in graph.node)  # the trunk itself is int8

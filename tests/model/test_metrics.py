@@ -81,3 +81,25 @@ def test_paired_bootstrap_prefers_the_better_model_only():
     assert swapped["delta"] == -better["delta"] and swapped["p_value"] > 0.95  # the worse model never wins
     same = paired_bootstrap_auc(labels, sigmoid(good), sigmoid(good), n_boot=300)
     assert same["p_value"] > 0.5
+
+
+def test_risk_coverage_against_a_hand_computation():
+    from model.metrics import abstention_metrics, risk_coverage
+
+    # threshold 0.5: confidence = |logit(p)|. By confidence: 0.99 (y1, right), 0.02 (y0, right), 0.9 (y0, WRONG),
+    # 0.2 (y1, WRONG), 0.6 (y1, right). Risk after k films: 0, 0, 1/3, 2/4, 2/5.
+    labels = np.array([1, 0, 0, 1, 1])
+    probs = np.array([0.99, 0.02, 0.9, 0.2, 0.6])
+    curve = risk_coverage(labels, probs, 0.5, points=6)
+    assert curve["coverage"] == [0.2, 0.4, 0.6, 0.8, 1.0]
+    np.testing.assert_allclose(curve["risk"], [0, 0, 1 / 3, 1 / 2, 2 / 5])
+    assert curve["aurc"] == np.mean([0, 0, 1 / 3, 1 / 2, 2 / 5])
+    assert curve["risk_at_full_coverage"] == 2 / 5
+    # threshold 0.8: confidence in log-odds, not in probability. 0.99 (y0, WRONG) is 0.19 above the threshold and
+    # 0.6 (y0, right) 0.2 below it, but in log-odds 0.99 is 3.2 away and 0.6 only 0.98: 0.99 is decided first.
+    curve = risk_coverage(np.array([0, 0]), np.array([0.99, 0.6]), 0.8, points=3)
+    assert curve["risk"] == [1.0, 0.5]
+    # the refer band's own point: decided-case sensitivity, specificity and error rate, by hand
+    band = abstention_metrics(labels, probs, 0.3, 0.95)  # decided: 0.99 (y1 right), 0.02 (y0 right), 0.2 (y1 WRONG)
+    assert (band["coverage"], band["referred"]) == (0.6, 2)
+    assert band["sensitivity"] == 0.5 and band["specificity"] == 1.0 and band["decided_risk"] == 1 / 3

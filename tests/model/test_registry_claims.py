@@ -139,8 +139,14 @@ def test_metrics_with_cis_and_plots_are_logged_to_the_run(tiny_model, tmp_path):
     assert metrics["threshold"] == approx64(report["threshold"])
     assert metrics["temperature"] == approx64(report["temperature"])
     assert metrics["logit_bias"] == approx64(report["logit_bias"])
+    from model.evaluation import intended_use_metrics
+
+    refer_and_ood = intended_use_metrics(report)  # decided-case figures, risk-coverage, OOD shares and cut-off
+    assert {"holdout_refer_sensitivity", "holdout_aurc", "holdout_ood_flagged_share", "ood_cutoff"} <= set(refer_and_ood)
+    for name, value in refer_and_ood.items():
+        assert metrics[name] == pytest.approx(value), name
     plots = {a.path for a in client.list_artifacts(registration.run_id, "plots")}
-    assert plots == {"plots/roc.png", "plots/confusion_matrix.png", "plots/calibration.png"}
+    assert plots == {"plots/roc.png", "plots/confusion_matrix.png", "plots/calibration.png", "plots/risk_coverage.png"}
     for path in plots:
         local = client.download_artifacts(registration.run_id, path, str(tmp_path))
         assert open(local, "rb").read(8) == b"\x89PNG\r\n\x1a\n"

@@ -51,6 +51,28 @@ def test_html_report_inlines_the_plots(report, tmp_path):
     assert page.count("data:image/png;base64,") == 1 and "<th>holdout</th>" in page and "&ndash;" in page
 
 
+def test_html_report_names_the_profile_its_figures_the_refer_band_and_the_ood_check(report, tmp_path):
+    report = dict(report, abstention={"target": 0.97, "low": 0.2, "high": 0.7,
+                                      "holdout": {"n": 4, "coverage": 0.75, "sensitivity": 1.0, "specificity": 0.5}},
+                  risk_coverage={"holdout": {"aurc": 0.125}}, ood={"holdout": {"flagged_share": 0.25}},
+                  intended_use={"profile": "demo", "demonstration": True, "population": "children aged 1 to 5 years",
+                                "source": "Guangzhou", "views": "frontal", "age_limit_years": 18.0,
+                                "registered": {"split": "holdout", "n": 4, "auc": 0.9, "auc_ci95": [0.8, 0.95]},
+                                "ood": {"cutoff": 61.5, "score_tolerance": 0.01}})
+    page = report_html(report, tmp_path)
+    assert "Demonstration model" in page and "Profile <strong>demo</strong>" in page
+    assert "AUC 0.900 (0.800&ndash;0.950)" in page and "older than 18 years" in page
+    row = page[page.index("<th>holdout</th><td>4</td><td>0.7500"):]
+    assert row.startswith("<th>holdout</th><td>4</td><td>0.7500</td><td>1.0000</td><td>0.5000</td><td>0.1250</td>"
+                          "<td>0.2500</td>")
+    assert "distance cut-off 61.500" in page
+    values = evaluation_metrics(report)
+    assert values["holdout_refer_coverage"] == 0.75 and values["holdout_aurc"] == 0.125
+    assert values["holdout_ood_flagged_share"] == 0.25 and values["ood_cutoff"] == 61.5
+    plain = report_html(dict(report, intended_use={**report["intended_use"], "demonstration": False}), tmp_path)
+    assert "Demonstration model" not in plain
+
+
 def write_cache(root, images: np.ndarray, size: int) -> None:
     root.mkdir()
     np.save(root / "images.npy", images)

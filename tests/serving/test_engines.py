@@ -92,9 +92,13 @@ def test_both_engines_give_the_same_decisions_on_real_xrays(bundle_dir, head):
     threshold_logit = bundle.temperature * (np.log(bundle.threshold / (1 - bundle.threshold)) - bundle.logit_bias)
     reference = create_engine("onnxruntime", bundle_dir / "model.onnx", "fp32", 2).run(x)[0]
     assert (reference >= threshold_logit).any() and (reference < threshold_logit).any()  # both labels occur
+    from model.ood import OodDetector
+
+    detector = OodDetector.load(bundle)
     for precision, graph in (("fp32", "model.onnx"), ("int8", "model.int8.onnx")):
-        ort_logits, ort_cams = create_engine("onnxruntime", bundle_dir / graph, precision, 2).run(x)
-        ov_logits, ov_cams = create_engine("openvino", bundle_dir / graph, precision, 2).run(x)
+        ort_logits, ort_cams, ort_features = create_engine("onnxruntime", bundle_dir / graph, precision, 2).run(x)
+        ov_logits, ov_cams, ov_features = create_engine("openvino", bundle_dir / graph, precision, 2).run(x)
+        assert ort_features.shape == ov_features.shape == (len(x), 512)  # the third output, on both engines
         # Two single-threaded OpenVINO streams called at once (the predictor under load) answer the same.
         narrow = create_engine("openvino", bundle_dir / graph, precision, 1, parallel=2)
         with ThreadPoolExecutor(2) as pool:
@@ -111,6 +115,9 @@ def test_both_engines_give_the_same_decisions_on_real_xrays(bundle_dir, head):
             clear = np.abs(reference - threshold_logit) > same  # further from the threshold than rounding reaches
             assert clear.sum() >= len(x) // 2
             assert np.array_equal((ov_logits >= threshold_logit)[clear], (ort_logits >= threshold_logit)[clear])
+            # the two fp32 engines' out-of-distribution scores stay within the detector's precision tolerance
+            assert np.max(np.abs(detector.scores(ov_features) - detector.scores(ort_features))) \
+                <= gate.max_ood_score_diff
         else:
             # int8 graphs round differently per engine and CPU; within the gate's logit tolerance of fp32,
             # every image further than that tolerance from the threshold keeps its fp32 decision on both.
@@ -176,13 +183,19 @@ def test_auto_gates_times_and_reports_its_choice(bundle_dir, head):
     model.stop()
 
 
-def test_forced_openvino_serves_through_dynamic_batching_and_streams(bundle_dir):
+def test_forced_openvino_serves_through_dynamic_batching_and_streams(bundle_dir, tmp_path):
     import asyncio
 
     from serving.predictor import PneumoniaPredictor
 
-    model = PneumoniaPredictor("pneumonia", str(bundle_dir), _settings(engine="openvino", precision="int8",
-                                                                       model_sha256=_digest(bundle_dir)))
+    # The random-weight test graph's int8 features move its out-of-distribution score beyond the detector's
+    # tolerance (test_the_gate_refuses_a_precision_that_moves_the_ood_score): batching is tested on a copy
+    # exported without a detector, whose int8 graph the gate judges by its logits and CAMs alone.
+    plain = _copy(bundle_dir, tmp_path / "plain")
+    (plain / "ood.npz").unlink()
+    _rewrite(plain, intended_use=None)
+    model = PneumoniaPredictor("pneumonia", str(plain), _settings(engine="openvino", precision="int8",
+                                                                  model_sha256=_digest(plain)))
     assert model.load() and model.ready  # gated and warmed up before ready
     assert (model.engine.engine, model.engine.precision, model.engine.mode) == ("openvino", "int8", "forced")
     assert model.platform == "openvino_onnx/int8"
@@ -250,8 +263,8 @@ def test_a_candidate_that_fails_the_gate_is_never_chosen(bundle_dir, tmp_path):
         def run(self, x):
             key = (x.shape, float(x[0].sum()))
             if key not in self.cache:
-                logits, cams = self.real.run(x)
-                self.cache[key] = (logits + 1.0, cams)  # off by 1 logit: beyond the tolerance, same ranking
+                logits, cams, features = self.real.run(x)
+                self.cache[key] = (logits + 1.0, cams, features)  # off by 1 logit: beyond the tolerance, same ranking
             return self.cache[key]
 
     def factory(engine, path, precision, threads, parallel=1, spinning=False):
@@ -264,6 +277,47 @@ def test_a_candidate_that_fails_the_gate_is_never_chosen(bundle_dir, tmp_path):
     assert fastest == ("openvino", "fp32") and table[fastest]["status"] == "failed the engine parity gate"
     assert table[fastest]["auc_drop"] == 0.0  # AUC alone would not have caught it
     assert (selection.engine, selection.precision) != fastest and selection.precision != "int8"
+
+
+def test_the_gate_refuses_a_precision_that_moves_the_ood_score(bundle_dir):
+    """An engine whose logits and CAMs are right but whose pooled features drift: refused when the drift moves a gate
+    film's out-of-distribution score beyond the detector's tolerance, accepted below it."""
+    from model.bundle import Bundle
+    from model.engine_gate import GateSet
+    from serving.engine import EngineError, create_engine
+    from serving.engine_selection import select_engine
+
+    bundle = Bundle.load(bundle_dir)
+    gate = GateSet.load(bundle)
+    reference = gate.reference_ood_scores()
+    assert gate.max_ood_score_diff == bundle.meta["intended_use"]["ood"]["score_tolerance"] > 0
+
+    def drifting(scale: float):
+        """An engine whose pooled features come out ``scale`` too large (an activation rounded the wrong way)."""
+        class Drifting:
+            def __init__(self, real):
+                self.real = real
+
+            def run(self, x):
+                logits, cams, features = self.real.run(x)
+                return logits, cams, features * (1 + scale)
+
+        def factory(engine, path, precision, threads, parallel=1, spinning=False):
+            return Drifting(create_engine(engine, path, precision, threads, parallel, spinning))
+        return factory
+
+    def moved(scale: float) -> float:
+        return float(np.max(np.abs(gate.detector.scores(gate.features * (1 + scale)) - reference)))
+
+    # the drifts that move the gate films' scores by half and by twice the tolerance
+    scales = np.geomspace(1e-7, 1.0, 141)
+    low = max(v for v in scales if moved(v) < gate.max_ood_score_diff / 2)
+    high = min(v for v in scales if moved(v) > gate.max_ood_score_diff * 2)
+    accepted = select_engine(bundle, _settings(engine="onnxruntime", precision="fp32"), factory=drifting(low))
+    assert accepted.table[0]["max_ood_score_diff"] == pytest.approx(moved(low), rel=1e-3, abs=1e-6)
+    with pytest.raises(EngineError, match=r"max \|ood_score diff\|") as refused:
+        select_engine(bundle, _settings(engine="onnxruntime", precision="fp32"), factory=drifting(high))
+    assert "max |logit diff|" not in str(refused.value)  # the logits and CAMs were right
 
 
 def test_forcing_an_engine_that_is_not_installed_fails_in_one_line(bundle_dir):
@@ -376,7 +430,7 @@ def test_an_engine_that_breaks_while_timed_drops_out():
 
     class Works:
         def run(self, x):
-            return np.zeros(len(x), np.float32), np.zeros((len(x), 4, 4), np.float32)
+            return np.zeros(len(x), np.float32), np.zeros((len(x), 4, 4), np.float32), np.zeros((len(x), 0), np.float32)
 
     broken, fine = Candidate("openvino", "int8", wide=Breaks()), Candidate("onnxruntime", "fp32", wide=Works())
     assert _time([broken, fine], np.zeros((2, 1, 8, 8), np.float32), streams=1, seconds=0.05) == [fine]

@@ -171,7 +171,8 @@ def test_rest_v1_predict_and_explain(served, images, within):
     predictions = response.json()["predictions"]
     assert len(predictions) == 2
     for p in predictions:
-        assert set(p) == {"probability", "label", "threshold", "model_name", "model_version", "quality_flags"}
+        assert set(p) == {"probability", "label", "threshold", "decision", "ood_score", "in_intended_use",
+                          "refer_reasons", "model_name", "model_version", "quality_flags"}
         assert 0 <= p["probability"] <= 1 and p["label"] in ("NORMAL", "PNEUMONIA") and p["model_version"] == "1"
         assert p["label"] == ("PNEUMONIA" if p["probability"] >= p["threshold"] else "NORMAL")
     explained = v1(served, images[-1], verb="explain").json()["predictions"][0]
@@ -219,9 +220,12 @@ def test_v2_metadata_describes_inputs_and_outputs(served):
     predictor = httpx.get(f"{served.info['predictor_rest']}/v2/models/pneumonia").json()
     assert predictor["versions"] == ["1"]
     assert predictor["inputs"] == [{"name": "pixels", "datatype": "UINT8", "shape": [-1, -1, -1]},
-                                   {"name": "sizes", "datatype": "INT32", "shape": [-1, 2]}]
-    assert [o["name"] for o in predictor["outputs"]] == ["probability", "label", "threshold", "logit", "cam"]
-    assert predictor["outputs"][-1]["shape"] == [-1, 4, 4]
+                                   {"name": "sizes", "datatype": "INT32", "shape": [-1, 2]},
+                                   {"name": "ages", "datatype": "FP32", "shape": [-1]}]
+    assert [o["name"] for o in predictor["outputs"]] == ["probability", "label", "threshold", "logit", "cam",
+                                                         "decision", "ood_score", "in_intended_use", "refer_reasons"]
+    assert predictor["outputs"][4]["shape"] == [-1, 4, 4]
+    assert described["decision"]["datatype"] == "BYTES" and described["in_intended_use"]["datatype"] == "BOOL"
 
 
 def test_quality_flags_are_reported_and_never_change_the_decision(served, images):
@@ -291,7 +295,8 @@ def test_grpc_with_kserve_client(served, images, within):
     probs = first.get_output_by_name("probability").as_numpy()
     rest = outputs(v2_json(served, images[:2]))["probability"]["data"]
     assert within(probs, rest, slice(0, 2))
-    assert [o.name for o in second.outputs] == ["probability", "label", "threshold", "heatmap_png", "cam",
+    assert [o.name for o in second.outputs] == ["probability", "label", "threshold", "decision", "ood_score",
+                                                "in_intended_use", "refer_reasons", "heatmap_png", "cam",
                                                 "quality_flags"]
     assert within(second.get_output_by_name("probability").as_numpy()[:1], rest[:1], [0])
 
@@ -342,6 +347,177 @@ def test_cli_predict_all_protocols(served, images, tmp_path, capsys, within):
     bad.write_bytes(b"not an image at all")
     assert main(["predict", str(bad), "--url", served.rest, "--protocol", "v1"]) == 2
     assert "not a JPEG, PNG or DICOM" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------
+# the decision every answer names: PNEUMONIA | NORMAL | REFER, the out-of-distribution score, the age rule
+
+DECISION_FIELDS = ("decision", "ood_score", "in_intended_use", "refer_reasons")
+
+
+def dicom_with_age(data: bytes, age: str | None) -> bytes:
+    """The image as a DICOM file whose Patient's Age (0010,1010) is ``age``."""
+    import pydicom
+
+    dataset = pydicom.dcmread(io.BytesIO(dicom_from_image(data)))
+    if age is not None:
+        dataset.PatientAge = age
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def offline_answers(served, images):
+    """What the served version computes, offline: the engine and precision the predictor chose at load (its v2
+    metadata says which), run here on the same stage-1 + stage-2 pixels in one batch, then the bundle's calibration,
+    detector and decision rule."""
+    from model.bundle import Bundle
+    from model.engine_gate import GateSet
+    from model.intended_use import DecisionRule
+    from model.ood import OodDetector
+    from model.preprocessing import load_resized, normalize
+    from serving.engine import create_engine
+    from serving.engine_selection import GRAPHS
+
+    bundle = Bundle.load(served.bundle)
+    platform = httpx.get(f"{served.info['predictor_rest']}/v2/models/pneumonia").json()["platform"]
+    engine, _, precision = platform.partition("/")
+    x = normalize(np.stack([load_resized(b, bundle.preprocess).pixels for b in images]), bundle.preprocess)
+    logits, _, features = create_engine(engine.removesuffix("_onnx"), bundle.root / GRAPHS[precision], precision,
+                                        1).run(x)
+    # Served one image per call, batched here: the gate's tolerance (which every served engine x precision passed,
+    # on its gate films, against fp32) bounds what batching and threads can move.
+    tolerance = GateSet.load(bundle).max_ood_score_diff
+    return bundle.probability(logits), OodDetector.load(bundle).scores(features), DecisionRule.from_meta(bundle.meta), \
+        tolerance
+
+
+def check_answers(answers: list[dict], probs, scores, rule, tolerance) -> None:
+    """Served answers against the offline computation: the score within the gate's tolerance, and the decision
+    the version's rule gives for the served probability and score (which equals the offline one away from edges)."""
+    for answer, p, s in zip(answers, probs, scores, strict=True):
+        assert answer["ood_score"] == pytest.approx(s, abs=tolerance + 1e-6)
+        verdict = rule.decide(answer["probability"], answer["ood_score"], None)
+        assert answer["decision"] == verdict.decision and answer["in_intended_use"] == verdict.in_intended_use
+        assert [r["code"] for r in answer["refer_reasons"]] == [r.code for r in verdict.refer_reasons]
+        assert all(r["text"] for r in answer["refer_reasons"])
+        if answer["decision"] != "REFER":  # label semantics unchanged: the decision, when made, is the label
+            assert answer["decision"] == answer["label"]
+        if abs(s - 1) > 2 * tolerance and min(abs(p - rule.band_low), abs(p - rule.band_high)) > 1e-3:
+            assert answer["decision"] == rule.decide(float(p), float(s), None).decision
+
+
+def test_every_protocol_names_the_decision_of_the_served_version(served, images, tmp_path):
+    probs, scores, rule, tolerance = offline_answers(served, images)
+    v1_answers = v1(served, None, instances=[{"image": {"b64": b64(x)}} for x in images]).json()
+    v1_predictions = v1_answers["predictions"]
+    check_answers(v1_predictions, probs, scores, rule, tolerance)
+    decisions = [p["decision"] for p in v1_predictions]
+    assert "REFER" in decisions and set(decisions) - {"REFER"}, "the test bundle's band should refer some, not all"
+    assert v1_answers["intended_use"]["profile"] == "test" and v1_answers["intended_use"]["age_limit_years"] == 18
+
+    def v2_answers(reply) -> list[dict]:
+        out = outputs(reply)
+        assert out["in_intended_use"]["datatype"] == "BOOL" and out["ood_score"]["datatype"] == "FP32"
+        return [{"probability": out["probability"]["data"][i], "label": out["label"]["data"][i],
+                 "decision": out["decision"]["data"][i], "ood_score": out["ood_score"]["data"][i],
+                 "in_intended_use": out["in_intended_use"]["data"][i],
+                 "refer_reasons": json.loads(out["refer_reasons"]["data"][i])} for i in range(len(images))]
+
+    as_json = v2_json(served, images)
+    check_answers(v2_answers(as_json), probs, scores, rule, tolerance)
+    assert json.loads(as_json.json()["parameters"]["intended_use"]) == v1_answers["intended_use"]
+    binary = v2_binary(served.rest, images, parameters={"binary_data_output": False})
+    check_answers(v2_answers(binary), probs, scores, rule, tolerance)
+    for answer, v1_answer in zip(v2_answers(binary), v1_predictions):
+        assert answer["ood_score"] == pytest.approx(v1_answer["ood_score"], abs=1e-6)
+        assert [answer[k] for k in ("decision", "in_intended_use", "refer_reasons")] == \
+            [v1_answer[k] for k in ("decision", "in_intended_use", "refer_reasons")]
+
+    import asyncio
+
+    from kserve import InferenceGRPCClient, InferInput, InferRequest
+
+    async def kserve_grpc():
+        client = InferenceGRPCClient(served.info["grpc"], timeout=60)
+        tensor = InferInput("image", [len(images)], "BYTES")
+        tensor.set_data_from_numpy(np.array(images, dtype=np.object_))
+        reply = await client.infer(InferRequest("pneumonia", [tensor]))
+        await client.close()
+        return reply
+
+    reply = asyncio.run(kserve_grpc())
+    grpc_answers = [{"probability": float(reply.get_output_by_name("probability").as_numpy()[i]),
+                     "label": reply.get_output_by_name("label").as_numpy()[i].decode(),
+                     "decision": reply.get_output_by_name("decision").as_numpy()[i].decode(),
+                     "ood_score": float(reply.get_output_by_name("ood_score").as_numpy()[i]),
+                     "in_intended_use": bool(reply.get_output_by_name("in_intended_use").as_numpy()[i]),
+                     "refer_reasons": json.loads(reply.get_output_by_name("refer_reasons").as_numpy()[i])}
+                    for i in range(len(images))]
+    check_answers(grpc_answers, probs, scores, rule, tolerance)
+
+    # tritonclient's gRPC in a fresh process (its protobufs clash with kserve's in this one)
+    paths = []
+    for i, data in enumerate(images):
+        paths.append(tmp_path / f"x{i}.jpeg")
+        paths[-1].write_bytes(data)
+    result = subprocess.run([sys.executable, str(TESTS / "serving_triton_client.py"),
+                             served.rest.removeprefix("http://"), served.info["grpc"], *map(str, paths)],
+                            capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-2000:]
+    triton = json.loads(result.stdout)["grpc"]
+    check_answers([{k: triton[k][i] for k in ("probability", "label", *DECISION_FIELDS)} for i in range(len(images))],
+                  probs, scores, rule, tolerance)
+    assert triton["intended_use"] == v1_answers["intended_use"]
+
+
+def test_a_patient_over_the_age_limit_is_referred_on_every_protocol(served, images, tmp_path, capsys):
+    from model.cli import main
+
+    film = images[-1]
+    old, young, unknown = (dicom_with_age(film, age) for age in ("045Y", "004Y", None))
+    batch = [old, young, unknown]
+    predictions = v1(served, None, instances=[{"image": {"b64": b64(x)}} for x in batch]).json()["predictions"]
+    over, child, plain = predictions
+    assert over["decision"] == "REFER" and over["in_intended_use"] is False
+    assert "age_over_limit" in [r["code"] for r in over["refer_reasons"]]
+    # the age changes nothing else: the same film without an age, or a child's, gets the same answer otherwise
+    assert "age_over_limit" not in [r["code"] for r in child["refer_reasons"]]
+    assert {k: child[k] for k in DECISION_FIELDS} == {k: plain[k] for k in DECISION_FIELDS}
+    assert over["probability"] == plain["probability"] and over["label"] == plain["label"]
+    v2 = outputs(v2_binary(served.rest, batch, parameters={"binary_data_output": False}))
+    assert v2["decision"]["data"][0] == "REFER" and v2["in_intended_use"]["data"][0] is False
+    assert "age_over_limit" in v2["refer_reasons"]["data"][0] and "age_over_limit" not in v2["refer_reasons"]["data"][1]
+    # the request parameter patient_age (years or a DICOM age string) applies to files without one, and wins
+    stated = outputs(v2_json(served, [images[0]], {"patient_age": "030Y"}))
+    assert "age_over_limit" in stated["refer_reasons"]["data"][0]
+    overridden = v1(served, None, instances=[{"image": {"b64": b64(old)}}], parameters={"patient_age": 4})
+    assert "age_over_limit" not in json.dumps(overridden.json()["predictions"][0]["refer_reasons"])
+    refused = v2_json(served, [images[0]], {"patient_age": "forty-one"})
+    assert refused.status_code == 400 and "patient_age" in refused.json()["error"]
+    assert "forty-one" not in refused.json()["error"]  # a refused value is not echoed (nor logged)
+    # gRPC (tritonclient, a fresh process) with the DICOM's own age, and with the parameter
+    paths = [tmp_path / "old.dcm", tmp_path / "plain.jpeg"]
+    paths[0].write_bytes(old)
+    paths[1].write_bytes(images[0])
+    result = subprocess.run([sys.executable, str(TESTS / "serving_triton_client.py"), "--age", "045Y",
+                             served.rest.removeprefix("http://"), served.info["grpc"], *map(str, paths)],
+                            capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-2000:]
+    triton = json.loads(result.stdout)
+    assert triton["grpc"]["decision"][0] == "REFER" and not triton["grpc"]["in_intended_use"][0]
+    assert "age_over_limit" not in [r["code"] for r in triton["grpc"]["refer_reasons"][1]]
+    assert all("age_over_limit" in [r["code"] for r in reasons] for reasons in triton["grpc_with_age"]["refer_reasons"])
+    # the CLI: a DICOM's own age, and --patient-age
+    paths[1].write_bytes(young)
+    assert main(["predict", str(paths[0]), "--url", served.rest, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["decision"] == "REFER"
+    assert main(["predict", str(paths[1]), "--url", served.rest, "--protocol", "v1", "--patient-age", "45"]) == 0
+    printed = capsys.readouterr().out
+    assert "REFER" in printed and "refer (age_over_limit)" in printed
+    # no age reaches a log
+    log = served.log.read_text()
+    assert "045Y" not in log and "030Y" not in log and "forty-one" not in log
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -181,9 +181,6 @@ def test_the_lung_share_is_low_when_the_evidence_is_outside_the_lungs(reading):
     assert corner["lung_share_source"] == "lung-field prior"
 
 
-@pytest.mark.xfail(strict=True, reason="waits on the intended-use branch: the transformer does not send decision, "
-                                       "refer_reasons, ood_score and in_intended_use yet; remove this mark when "
-                                       "it lands")
 def test_the_served_decision_and_its_reasons_reach_the_study(reading):
     study = upload(reading, "alice", full_res_xrays(1, offset=32)[0])
     result = study["result"]

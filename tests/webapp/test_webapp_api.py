@@ -271,6 +271,54 @@ def test_dicom_is_deidentified_before_it_is_stored(backend):
     assert "Doe" not in values and "MRN" not in values and "Springfield" not in values
 
 
+def _with_age(dicom: bytes, age: str) -> bytes:
+    dataset = pydicom.dcmread(io.BytesIO(dicom))
+    dataset.PatientAge = age
+    out = io.BytesIO()
+    dataset.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def test_the_decision_fields_are_stored_and_served(backend, xrays):
+    response = backend.api("alice").post("/api/studies", files={"file": ("chest.jpeg", xrays[0].read_bytes(),
+                                                                            "image/jpeg")})
+    assert response.status_code == 201, response.text
+    result = response.json()["result"]
+    assert result["decision"] in ("PNEUMONIA", "NORMAL", "REFER") and isinstance(result["in_intended_use"], bool)
+    assert isinstance(result["ood_score"], float) and isinstance(result["refer_reasons"], list)
+    assert (result["decision"] == "REFER") == bool(result["refer_reasons"])
+    assert result["decision"] in (result["label"], "REFER")  # the label keeps its meaning beside the decision
+    assert result["model_info"]["profile"] == "test" and result["model_info"]["demonstration"] is False
+    page = backend.api("alice").get(f"/studies/{response.json()['id']}/report")
+    assert page.status_code == 200 and "Intended use" in page.text
+
+
+def test_a_dicom_age_over_the_limit_is_read_before_deidentification_and_refers(backend):
+    alice = backend.api("alice")
+    old = alice.post("/api/studies", files={"file": ("a.dcm", _with_age(make_dicom(), "045Y"), "application/dicom")})
+    young = alice.post("/api/studies", files={"file": ("b.dcm", _with_age(make_dicom(), "004Y"), "application/dicom")})
+    assert old.status_code == young.status_code == 201, (old.text, young.text)
+    over, child = old.json()["result"], young.json()["result"]
+    assert over["decision"] == "REFER" and over["in_intended_use"] is False
+    assert "age_over_limit" in [r["code"] for r in over["refer_reasons"]]
+    assert "age_over_limit" not in [r["code"] for r in child["refer_reasons"]]
+    assert over["probability"] == child["probability"]  # the same film: only the age differs
+    # the stored file lost the age with the rest of the header; the row keeps it encrypted, for a retry
+    stored = alice.get(f"/api/studies/{old.json()['id']}/image").content
+    assert "PatientAge" not in pydicom.dcmread(io.BytesIO(stored)) and b"045Y" not in stored
+    from webapp.models import Study
+
+    with backend.ctx.factory() as db:
+        row = db.get(Study, old.json()["id"])
+        token = row.patient_age_token
+    assert token.startswith("gAAAAA") and backend.ctx.service.cipher.decrypt(token) == 45.0  # a Fernet token
+    rescored = backend.client.portal.call(backend.ctx.service.score, old.json()["id"], 60.0)
+    assert rescored.outcome == "scored" and rescored.study.decision == "REFER"
+    assert "age_over_limit" in [r["code"] for r in rescored.study.refer_reasons]
+    age_reason = next(r for r in over["refer_reasons"] if r["code"] == "age_over_limit")
+    assert "45" not in age_reason["text"]  # the age is not repeated in the answer
+
+
 def _xray_with_metadata(source: Path, image_format: str) -> bytes:
     """The X-ray re-saved with identifying text where cameras and PACS exports put it."""
     from PIL import Image

@@ -92,7 +92,9 @@ def tab_to(page, element_id: str, most: int = 60) -> None:
 def expect_result(page) -> None:
     page.wait_for_selector("#state-done", state="visible", timeout=120_000)
     assert re.fullmatch(r"\d{1,3}\.\d %", page.inner_text("#probability"))
-    assert page.inner_text("#decision") in ("Pneumonia suspected", "No pneumonia detected")
+    assert page.inner_text("#decision") in ("Pneumonia suspected", "No pneumonia detected",
+                                            "Refer: no finding from the model")
+    assert page.is_visible("#refer-explanation") == page.inner_text("#decision").startswith("Refer")
     assert page.inner_text("#model") == "pneumonia version local"
     # the viewer has drawn the film and the transformer's CAM over it
     page.wait_for_function("() => document.getElementById('viewer').dataset.ready === 'heat'", timeout=30_000)
