@@ -5,6 +5,8 @@ A bundle is a directory::
     model.onnx            fp32 graph: input ``image`` [N,1,S,S] -> ``logit`` [N], ``cam`` [N,h,w]
     model.int8.onnx       optional static QDQ int8 graph (same inputs/outputs)
     gate.npz              optional engine parity gate: val images + fp32 reference outputs (model.engine_gate)
+    lung.onnx             optional lung segmentation U-Net (model.lung_fields): the predictor runs it for the lung
+                          mask, the CAM lung share and, for a version trained with ``lung_crop``, its input pixels
     pneumoscope.json      preprocessing, threshold, temperature + logit bias, metrics, int8 decision, sha256 of files
 
 No torch here: the serving path (transformer, predictor) imports this module.
@@ -165,6 +167,17 @@ class Bundle:
         if name not in self.meta["files"]:
             raise BundleError(f"this model version has no {precision} graph")
         return self.root / name
+
+    def lung_segmenter(self, threads: int | None = None):
+        """The bundle's lung segmentation model (``model.lung_fields.LungSegmenter``), or None without one."""
+        meta = self.meta.get("lung_segmentation")
+        if not meta:
+            return None
+        from model.lung_fields import LUNG_ONNX, LungModelInfo, LungSegmenter
+
+        if LUNG_ONNX not in self.meta["files"]:
+            raise BundleError(f"the bundle describes a lung segmentation model but lists no {LUNG_ONNX}")
+        return LungSegmenter(self.root / LUNG_ONNX, LungModelInfo.from_dict(meta), threads)
 
     @property
     def logit_bias(self) -> float:

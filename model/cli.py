@@ -71,7 +71,8 @@ def cmd_data_prepare(args) -> int:
     out = args.out or settings.home / "cache" / f"{image_size}px"
     result = prepare(source, out, image_size, SplitFractions(args.val_fraction, args.holdout_fraction, args.seed),
                      workers=args.workers or settings.workers, limit_per_class=args.limit_per_class,
-                     exclude_blurred=args.exclude_blurred, mask_text=args.mask_text, resize_mode=args.resize)
+                     exclude_blurred=args.exclude_blurred, mask_text=args.mask_text, resize_mode=args.resize,
+                     lung_model=args.lung_model, lung_crop=args.lung_crop, lung_margin=args.lung_margin)
     quality = result.summary["quality"]
     print(json.dumps({"cache": str(result.out_dir), "kept": result.summary["kept"],
                       "excluded": result.summary["excluded"], "splits": result.summary["splits"],
@@ -138,6 +139,16 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_lungs_train(args) -> int:
+    from model.lung_segmentation import LungTrainSettings, train_lung_model
+
+    overrides = {k: v for k, v in dict(epochs=args.epochs, size=args.size, seed=args.seed, limit=args.limit,
+                                       batch_size=args.batch_size).items() if v is not None}
+    info = train_lung_model(args.data, args.out, LungTrainSettings(**overrides))
+    print(json.dumps(_finite({"lung_model": str(args.out), "dice": info["dice"]})))
+    return 0
+
+
 def _finite(value):
     """JSON has no NaN: undefined metrics (one class only) become null."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -183,6 +194,13 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--resize", choices=["squash", "pad"], default="squash",
                       help="squash to a square (default, like the public 224 px copies) or keep the aspect ratio "
                            "and pad; it travels with the model")
+    prep.add_argument("--lung-crop", choices=["none", "box", "mask", "box+mask"], default="none",
+                      help="candidate: crop each film to its lungs' bounding box (box), blank what lies outside the "
+                           "dilated lungs (mask), or both; it travels with the model and the predictor does the same")
+    prep.add_argument("--lung-model", help="lung segmentation model folder (`pneumoscope lungs train`), needed by "
+                                           "--lung-crop; copied into the cache and, at evaluation, into the bundle")
+    prep.add_argument("--lung-margin", type=float, default=0.1,
+                      help="--lung-crop box: margin around the lungs' box, as a share of its height/width")
     prep.set_defaults(func=cmd_data_prepare)
 
     tr = commands.add_parser("train", help="train ResNet-50 on a prepared cache",
@@ -223,6 +241,23 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs (0: none)")
     ev.add_argument("--mlflow-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, then local SQLite)")
     ev.set_defaults(func=cmd_evaluate)
+
+    lungs = commands.add_parser("lungs", help="the lung segmentation model").add_subparsers(dest="lungs_command",
+                                                                                          required=True)
+    lt = lungs.add_parser("train", help="train the lung U-Net on frontal films with lung masks",
+                          description="Train MONAI's 2-D U-Net on images/ + masks/ + sources.csv (split by "
+                                      "patient), report the test patients' Dice, export lung.onnx + lung.json: "
+                                      "the folder a bundle carries (evaluate --lung-model, data prepare "
+                                      "--lung-model).")
+    lt.add_argument("--data", default="../shared/data/lung_masks_256", help="folder with images/, masks/ and "
+                                                                              "sources.csv")
+    lt.add_argument("--out", required=True, type=Path, help="output folder (lung.onnx, lung.json)")
+    lt.add_argument("--epochs", type=int)
+    lt.add_argument("--size", type=int, help="segmentation input side in pixels (default 128)")
+    lt.add_argument("--batch-size", type=int)
+    lt.add_argument("--seed", type=int)
+    lt.add_argument("--limit", type=int, help="first N image/mask pairs only (smoke runs)")
+    lt.set_defaults(func=cmd_lungs_train)
 
     for plugin in sorted(entry_points(group="pneumoscope.commands"), key=lambda e: e.name):
         try:

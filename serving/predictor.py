@@ -11,7 +11,13 @@ Open Inference Protocol v2 (REST or gRPC), see :mod:`serving.protocol`:
   (each image's height and width on its canvas); the request parameter ``preprocessing`` names the
   stage-1 definition the pixels come from and must be the one this version was trained with;
 - outputs ``probability`` FP32 [N], ``label`` BYTES [N], ``threshold`` FP32 [N], ``logit`` FP32 [N],
-  ``cam`` FP32 [N,h,w]; the response's ``model_version``.
+  ``cam`` FP32 [N,h,w]; the response's ``model_version``;
+- where the evidence falls (:mod:`model.lung_fields`): ``lung_share`` FP32 [N] (the share of the positive CAM
+  mass inside the lungs; -1 when the CAM has none), ``lung_mask`` UINT8 [N,128,128] (1 on the lungs, in the
+  stage-1 image squashed to a square: row r covers rows r*H/128.. of the image), ``lung_mask_source`` BYTES [N]
+  (``segmentation`` from the bundle's U-Net, or ``ellipse_prior`` for a bundle without one) and ``input_box``
+  FP32 [N,4] (top, left, bottom, right, fractions of the stage-1 image: what the model input, and so the CAM,
+  covers; [0,0,1,1] unless the version crops to the lungs).
 
 Concurrent requests are batched server-side (:mod:`serving.batching`). Ready only after a warm-up
 inference. No torch.
@@ -29,7 +35,9 @@ import numpy as np
 from kserve import Model
 from kserve.protocol.infer_type import InferRequest, InferResponse, to_http_parameters
 
-from model.preprocessing import DECODED_MAX_SIDE, PREPROCESSING_VERSION, normalize, resize
+from model.bundle import BundleError
+from model.lung_fields import SEGMENTATION_SIZE, crop, lung_share
+from model.preprocessing import DECODED_MAX_SIDE, PREPROCESSING_VERSION, field_mask, lung_view, normalize
 from model.registry import fetch_model
 from serving.admission import deadline
 from serving.batching import DynamicBatcher
@@ -78,6 +86,7 @@ class PneumoniaPredictor(Model):
         self.pinned_uri: str | None = None
         self.precision: str | None = None
         self.cam_shape: tuple[int, int] | None = None
+        self.lungs = None  # the bundle's lung segmenter (model.lung_fields.LungSegmenter), if it has one
 
     # -- loading -------------------------------------------------------------------------------
     def load(self) -> bool:
@@ -88,6 +97,11 @@ class PneumoniaPredictor(Model):
         self.model_version, self.pinned_uri = str(info["version"]), info["uri"]
         self.config = self.bundle.preprocess  # BundleError (one line at start) for an unusable version
         self.threshold = self.bundle.threshold
+        # One thread: it runs per image, beside the engine's threads, in the same call as the classifier.
+        self.lungs = self.bundle.lung_segmenter(threads=1)
+        if self.config.lung_crop != "none" and self.lungs is None:
+            raise BundleError(f"version {self.model_version} was trained on lung-cropped films ({self.config.lung_crop}) "
+                              "but its bundle holds no lung segmentation model")
         # Engine x precision: gated for accuracy and timed on this machine (serving.engine_selection). Under
         # load, single-threaded runs go side by side on the narrow engine.
         self.engine = select_engine(self.bundle, s, self.name, self.model_version)
@@ -147,7 +161,11 @@ class PneumoniaPredictor(Model):
                 {"name": "label", "datatype": "BYTES", "shape": [-1]},
                 {"name": "threshold", "datatype": "FP32", "shape": [-1]},
                 {"name": "logit", "datatype": "FP32", "shape": [-1]},
-                {"name": "cam", "datatype": "FP32", "shape": [-1, h, w]}]
+                {"name": "cam", "datatype": "FP32", "shape": [-1, h, w]},
+                {"name": "lung_share", "datatype": "FP32", "shape": [-1]},
+                {"name": "lung_mask", "datatype": "UINT8", "shape": [-1, SEGMENTATION_SIZE, SEGMENTATION_SIZE]},
+                {"name": "lung_mask_source", "datatype": "BYTES", "shape": [-1]},
+                {"name": "input_box", "datatype": "FP32", "shape": [-1, 4]}]
 
     # -- request checks ------------------------------------------------------------------------
     def limits(self) -> tuple[int, int]:
@@ -203,7 +221,25 @@ class PneumoniaPredictor(Model):
     # -- inference -----------------------------------------------------------------------------
     def model_input(self, images: list[np.ndarray]) -> np.ndarray:
         """Stage 2 of the preprocessing, with this version's parameters: float32 [N,1,S,S]."""
-        return np.ascontiguousarray(normalize(np.stack([resize(im, self.config) for im in images]), self.config))
+        return self.model_inputs(images)[0]
+
+    def model_inputs(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Stage 2 (``model.preprocessing.lung_view``, lung crop included) and the lung masks: (float32 [N,1,S,S],
+        bool lung masks [N,128,128] in each stage-1 image's squashed frame, input boxes [N,4])."""
+        if self.lungs is not None:
+            masks = np.stack([self.lungs.mask(im) for im in images])
+        else:
+            masks = np.broadcast_to(field_mask(SEGMENTATION_SIZE, SEGMENTATION_SIZE, "ellipse"),
+                                    (len(images), SEGMENTATION_SIZE, SEGMENTATION_SIZE))
+        views = [lung_view(im, self.config, mask if self.lungs is not None else None)
+                 for im, mask in zip(images, masks)]
+        x = np.ascontiguousarray(normalize(np.stack([pixels for pixels, _ in views]), self.config))
+        return x, masks, np.array([box for _, box in views], dtype=np.float32)
+
+    def lung_shares(self, cams: np.ndarray, masks: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+        """The CAM lung share of each image, in the model input's frame (the mask cropped to the input box)."""
+        return np.array([lung_share(cam, crop(mask, tuple(float(b) for b in box)))
+                         for cam, mask, box in zip(cams, masks, boxes)], dtype=np.float32)
 
     def calibrate(self, logits: np.ndarray) -> tuple[np.ndarray, list[str]]:
         probs = self.bundle.probability(logits).astype(np.float32)
@@ -214,11 +250,13 @@ class PneumoniaPredictor(Model):
             raise _refuse("the predictor speaks Open Inference Protocol v2 (REST /v2/... or gRPC) only")
         self._check_preprocessing(payload)
         images = self._images(payload)
-        if len(images) > INLINE_RESIZE_IMAGES:
-            x = await asyncio.to_thread(self.model_input, images)
+        if len(images) > INLINE_RESIZE_IMAGES or self.lungs is not None:
+            x, masks, boxes = await asyncio.to_thread(self.model_inputs, images)
         else:
-            x = self.model_input(images)
+            x, masks, boxes = self.model_inputs(images)
         logits, cams = await self.batcher.submit(x, deadline())
+        # -1: no positive CAM mass to place (JSON has no NaN)
+        shares = np.nan_to_num(self.lung_shares(cams, masks, boxes), nan=-1.0)
         if self.settings.test_delay_ms:
             await asyncio.sleep(self.settings.test_delay_ms / 1000.0)
         probs, labels = self.calibrate(logits)
@@ -228,7 +266,12 @@ class PneumoniaPredictor(Model):
         outputs = [tensor_output("probability", "FP32", probs),
                    tensor_output("label", "BYTES", np.array(labels, dtype=np.object_)),
                    tensor_output("threshold", "FP32", np.full(len(probs), self.threshold, dtype=np.float32)),
-                   tensor_output("logit", "FP32", logits), tensor_output("cam", "FP32", cams)]
+                   tensor_output("logit", "FP32", logits), tensor_output("cam", "FP32", cams),
+                   tensor_output("lung_share", "FP32", shares),
+                   tensor_output("lung_mask", "UINT8", np.ascontiguousarray(masks, dtype=np.uint8)),
+                   tensor_output("lung_mask_source", "BYTES", np.array(
+                       ["segmentation" if self.lungs is not None else "ellipse_prior"] * len(images), dtype=np.object_)),
+                   tensor_output("input_box", "FP32", boxes)]
         return InferResponse(response_id=payload.id or str(uuid.uuid4()), model_name=self.name,
                              model_version=self.model_version, infer_outputs=outputs,
                              use_binary_outputs=payload.use_binary_outputs,
