@@ -89,7 +89,8 @@ def cmd_train(args) -> int:
 
     settings = Settings()
     overrides = dict(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, image_size=args.image_size,
-                     erase_borders=args.erase_borders, field_mask=args.field_mask, sync_bn=args.sync_bn or None,
+                     erase_borders=args.erase_borders, field_mask=args.field_mask, augment=args.augment,
+                     sync_bn=args.sync_bn or None,
                      num_workers=args.workers if args.workers is not None else settings.workers)
     if args.profile_file:  # a resolved profile handed over by `model.training.launch` (torchrun)
         profile = customise(Profile(**json.loads(Path(args.profile_file).read_text())), **overrides)
@@ -136,6 +137,19 @@ def cmd_evaluate(args) -> int:
         print(f"{info['uri']} on {args.split} (n={result['n']}): AUC {result['auc']:.4f}  accuracy {result['accuracy']:.4f}  "
               f"sensitivity {result['sensitivity']:.4f}  specificity {result['specificity']:.4f}  ECE {result['ece']:.4f}  "
               f"threshold {result['threshold']:.4f}")
+    return 0
+
+
+def cmd_pretrain(args) -> int:
+    from model.pretraining import PretrainSettings, pretrain
+
+    if not Path(args.cache).is_dir():
+        raise CommandError(f"cache folder not found: {args.cache} (run `pneumoscope data prepare` first)")
+    overrides = {k: v for k, v in dict(image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size,
+                                       seed=args.seed, max_steps_per_epoch=args.max_steps).items() if v is not None}
+    report = pretrain(args.cache, args.out, PretrainSettings(**overrides), device=args.device)
+    print(json.dumps({"backbone": report["backbone"], "seconds": report["seconds"],
+                      "loss": [r["loss"] for r in report["history"]]}))
     return 0
 
 
@@ -225,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="candidate: erase random patches in the border band (markers, text) with probability P")
     tr.add_argument("--field-mask", choices=["none", "ellipse"],
                     help="candidate: blank everything outside a fixed elliptical lung-field prior (train + serve)")
+    tr.add_argument("--augment", choices=["standard", "acquisition"],
+                    help="candidate: 'acquisition' adds gamma, contrast, blur/resolution, noise, crops and rescales "
+                         "and AP/PA-like geometry to the standard augmentation")
     tr.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across GPUs under torchrun (CUDA only)")
     tr.add_argument("--workers", type=int, help="DataLoader workers per process (default: from the cores)")
     tr.add_argument("--profile-file", help="a resolved profile as JSON (written by the pipeline for torchrun)")
@@ -241,6 +258,20 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs (0: none)")
     ev.add_argument("--mlflow-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, then local SQLite)")
     ev.set_defaults(func=cmd_evaluate)
+
+    pre = commands.add_parser("pretrain", help="self-supervised pretraining of the ResNet-50 (SimCLR)",
+                              description="SimCLR (lightly's NT-Xent loss and projection head) on the cache's "
+                                          "training films only; writes OUT/backbone.pt for `train --pretrained`. "
+                                          "Resumes from OUT/last_pretrain.pt.")
+    pre.add_argument("--cache", required=True, help="folder written by `data prepare`")
+    pre.add_argument("--out", required=True, type=Path)
+    pre.add_argument("--image-size", type=int, help="view size in pixels (default 96)")
+    pre.add_argument("--epochs", type=int, help="default 3")
+    pre.add_argument("--batch-size", type=int, help="films per batch (two views each; default 64)")
+    pre.add_argument("--seed", type=int)
+    pre.add_argument("--max-steps", type=int, help="at most this many steps per epoch (smoke runs)")
+    pre.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    pre.set_defaults(func=cmd_pretrain)
 
     lungs = commands.add_parser("lungs", help="the lung segmentation model").add_subparsers(dest="lungs_command",
                                                                                           required=True)
