@@ -107,8 +107,9 @@ def pretrain(cache_dir: str | Path, out_dir: str | Path, settings: PretrainSetti
     criterion = NTXentLoss(temperature=settings.temperature)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     dataset = _TwoViews(cache.images, train_idx, settings.image_size, settings.seed)
+    batch_size = min(settings.batch_size, len(dataset))  # a tiny cache still makes one batch
     sampler = _EpochKeys(len(dataset), settings.seed)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=settings.batch_size, sampler=sampler, drop_last=True,
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
                                          num_workers=2, worker_init_fn=_worker_seed, persistent_workers=True)
     steps = len(loader) if settings.max_steps_per_epoch is None else min(len(loader), settings.max_steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, steps * settings.epochs))
@@ -142,7 +143,7 @@ def pretrain(cache_dir: str | Path, out_dir: str | Path, settings: PretrainSetti
             losses.append(loss.detach())
         seconds = time.perf_counter() - started
         record = {"epoch": epoch + 1, "loss": float(torch.stack(losses).mean()), "seconds": round(seconds, 1),
-                  "images_per_second": round(steps * settings.batch_size / seconds, 2)}
+                  "images_per_second": round(steps * batch_size / seconds, 2)}
         history.append(record)
         log.info("pretrain epoch %d/%d  NT-Xent %.4f  %.1f img/s  %.0f s", epoch + 1, settings.epochs, record["loss"],
                  record["images_per_second"], seconds)
