@@ -36,7 +36,7 @@ from kserve import Model
 from kserve.protocol.infer_type import InferRequest, InferResponse, to_http_parameters
 
 from model.bundle import BundleError
-from model.lung_fields import SEGMENTATION_SIZE, crop, lung_share
+from model.lung_fields import SEGMENTATION_SIZE, crop, lung_share, resize_mask
 from model.preprocessing import DECODED_MAX_SIDE, PREPROCESSING_VERSION, field_mask, lung_view, normalize
 from model.registry import fetch_model
 from serving.admission import deadline
@@ -225,7 +225,7 @@ class PneumoniaPredictor(Model):
 
     def model_inputs(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Stage 2 (``model.preprocessing.lung_view``, lung crop included) and the lung masks: (float32 [N,1,S,S],
-        bool lung masks [N,128,128] in each stage-1 image's squashed frame, input boxes [N,4])."""
+        bool lung masks [N,s,s] at the segmenter's size in each stage-1 image's squashed frame, input boxes [N,4])."""
         if self.lungs is not None:
             masks = np.stack([self.lungs.mask(im) for im in images])
         else:
@@ -268,7 +268,8 @@ class PneumoniaPredictor(Model):
                    tensor_output("threshold", "FP32", np.full(len(probs), self.threshold, dtype=np.float32)),
                    tensor_output("logit", "FP32", logits), tensor_output("cam", "FP32", cams),
                    tensor_output("lung_share", "FP32", shares),
-                   tensor_output("lung_mask", "UINT8", np.ascontiguousarray(masks, dtype=np.uint8)),
+                   tensor_output("lung_mask", "UINT8", np.stack([resize_mask(m, SEGMENTATION_SIZE, SEGMENTATION_SIZE)
+                                                                 for m in masks]).astype(np.uint8)),
                    tensor_output("lung_mask_source", "BYTES", np.array(
                        ["segmentation" if self.lungs is not None else "ellipse_prior"] * len(images), dtype=np.object_)),
                    tensor_output("input_box", "FP32", boxes)]

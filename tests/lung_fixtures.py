@@ -53,9 +53,9 @@ def synthetic_lung_pairs(root: Path, n: int = 48, size: int = 64, seed: int = 0)
 
 
 def darkness_segmenter(folder: Path, size: int = 32, mean: float = 0.5, std: float = 0.25,
-                       cut: float = -0.4) -> Path:
-    """``lung.onnx`` + ``lung.json``: logit = cut - (the 5x5 local mean of the normalised input): regions darker
-    than ``mean + cut * std`` (after smoothing) are "lungs"."""
+                       cut: float = 0.0) -> Path:
+    """``lung.onnx`` + ``lung.json``: logit = cut - (the 5x5 local mean of the normalised input), inside the central
+    three fifths of the film: regions there darker than ``mean + cut * std`` (after smoothing) are "lungs"."""
     import torch
     from torch import nn
 
@@ -66,9 +66,12 @@ def darkness_segmenter(folder: Path, size: int = 32, mean: float = 0.5, std: flo
         def __init__(self):
             super().__init__()
             self.smooth = nn.AvgPool2d(5, stride=1, padding=2, count_include_pad=False)
+            window = torch.full((1, 1, size, size), -10.0)  # the film's outer fifth is never lung: air, labels
+            window[..., size // 5: size - size // 5, size // 5: size - size // 5] = 10.0
+            self.register_buffer("window", window)
 
         def forward(self, x):
-            return cut - self.smooth(x)
+            return torch.minimum(cut - self.smooth(x), self.window)
 
     folder.mkdir(parents=True, exist_ok=True)
     export_lung_onnx(Darkness(), size, folder / "lung.onnx")
