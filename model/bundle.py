@@ -168,17 +168,6 @@ class Bundle:
             raise BundleError(f"this model version has no {precision} graph")
         return self.root / name
 
-    def lung_segmenter(self, threads: int | None = None):
-        """The bundle's lung segmentation model (``model.lung_fields.LungSegmenter``), or None without one."""
-        meta = self.meta.get("lung_segmentation")
-        if not meta:
-            return None
-        from model.lung_fields import LUNG_ONNX, LungModelInfo, LungSegmenter
-
-        if LUNG_ONNX not in self.meta["files"]:
-            raise BundleError(f"the bundle describes a lung segmentation model but lists no {LUNG_ONNX}")
-        return LungSegmenter(self.root / LUNG_ONNX, LungModelInfo.from_dict(meta), threads)
-
     @property
     def logit_bias(self) -> float:
         return float(self.meta.get("logit_bias", 0.0))

@@ -150,7 +150,8 @@ def bundle_lung_model(cache_dir: str | Path, cache: CachedData, config: Preproce
     if config.lung_crop != "none":
         cached = Path(cache_dir) / CACHE_LUNG_DIR
         if not (cached / LUNG_ONNX).is_file():
-            raise DataError(f"the model crops to the lungs but its cache {cache_dir} holds no {CACHE_LUNG_DIR}/{LUNG_ONNX}")
+            raise DataError(f"the model crops to the lungs but its cache {cache_dir} holds no "
+                            f"{CACHE_LUNG_DIR}/{LUNG_ONNX}")
         if folder is not None and sha256_file(folder / LUNG_ONNX) != sha256_file(cached / LUNG_ONNX):
             raise DataError(f"--lung-model {folder} is not the segmentation model the cache was cropped with")
         folder = cached

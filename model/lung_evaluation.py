@@ -60,3 +60,26 @@ def split_lung_share(session, images: np.ndarray, labels: np.ndarray, config: Pr
     """:func:`cam_lung_share` of cached model-input images, CAMs computed here by the exported graph."""
     _, cams = run_images(session, images, config, with_cam=True)
     return cam_lung_share(cams, images, labels, segmenter, n_boot, seed)
+
+
+def report_metrics(report: dict) -> dict[str, float]:
+    """Flat metrics of an evaluation report's lung-share and external sections, finite ones only (MLflow, KFP):
+    ``<split>_cam_lung_share`` (+ ``_ci_low`` / ``_ci_high``) and ``external_auc``, ``external_specificity``, ...
+    (+ CIs, ``external_view_auc_ap_vs_pa``): a model whose evidence sits under the diaphragm, or that fails on
+    another hospital's films, shows it before it is promoted."""
+    import math
+
+    from model.metrics import METRIC_NAMES
+
+    values: dict = {}
+    for split, share in (report.get("cam_lung_share") or {}).items():
+        values[f"{split}_cam_lung_share"] = share["all"].get("mean")
+        if share["all"].get("ci95"):
+            values[f"{split}_cam_lung_share_ci_low"], values[f"{split}_cam_lung_share_ci_high"] = share["all"]["ci95"]
+    external = report.get("external") or {}
+    if external:
+        values.update({f"external_{k}": external.get(k) for k in METRIC_NAMES})
+        for k, (low, high) in external.get("ci95", {}).items():
+            values[f"external_{k}_ci_low"], values[f"external_{k}_ci_high"] = low, high
+        values["external_view_auc_ap_vs_pa"] = external.get("view_auc_ap_vs_pa")
+    return {k: float(v) for k, v in values.items() if v is not None and math.isfinite(float(v))}

@@ -24,15 +24,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from model.preprocessing import PreprocessConfig, resize
+from model.preprocessing import (MIN_LUNG_AREA, PreprocessConfig, box_pixels, crop, lung_box,  # noqa: F401
+                                 resize, resize_mask)
 
 #: The U-Net's input side: lung fields are large, smooth shapes; 128 px keeps them to within 1 % of the side.
 SEGMENTATION_SIZE = 128
 LUNG_ONNX = "lung.onnx"
 LUNG_META = "lung.json"
 LUNG_INPUT, LUNG_OUTPUT = "image", "lung_logit"
-#: A mask covering less than this share of the image is not trusted to place a crop (no lungs found).
-MIN_LUNG_AREA = 0.05
 
 
 @dataclass(frozen=True)
@@ -74,6 +73,18 @@ class LungSegmenter:
         self.session = make_session(self.onnx_path, threads)
 
     @classmethod
+    def from_bundle(cls, bundle, threads: int | None = None) -> "LungSegmenter | None":
+        """A model bundle's lung segmentation model (``lung.onnx`` + the bundle's ``lung_segmentation``), or None."""
+        meta = bundle.meta.get("lung_segmentation")
+        if not meta:
+            return None
+        if LUNG_ONNX not in bundle.meta["files"]:
+            from model.bundle import BundleError
+
+            raise BundleError(f"the bundle describes a lung segmentation model but lists no {LUNG_ONNX}")
+        return cls(bundle.root / LUNG_ONNX, LungModelInfo.from_dict(meta), threads)
+
+    @classmethod
     def from_folder(cls, folder: str | Path, threads: int | None = None) -> "LungSegmenter":
         """A folder written by ``pneumoscope lungs train`` (``lung.onnx`` + ``lung.json``)."""
         folder = Path(folder)
@@ -89,45 +100,6 @@ class LungSegmenter:
     def mask(self, pixels: np.ndarray) -> np.ndarray:
         """bool (size, size): True on the lung fields."""
         return self.logits(pixels) > 0.0
-
-
-def lung_box(mask: np.ndarray, margin: float = 0.1,
-             min_area: float = MIN_LUNG_AREA) -> tuple[float, float, float, float] | None:
-    """(top, left, bottom, right) in fractions of the image: the lungs' bounding box widened by ``margin`` of
-    its own height/width on each side, clipped to the image; None when the mask covers less than ``min_area``."""
-    mask = np.asarray(mask, dtype=bool)
-    height, width = mask.shape
-    if mask.mean() < min_area:
-        return None
-    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    top, bottom, left, right = rows[0] / height, (rows[-1] + 1) / height, cols[0] / width, (cols[-1] + 1) / width
-    dy, dx = margin * (bottom - top), margin * (right - left)
-    return (max(0.0, top - dy), max(0.0, left - dx), min(1.0, bottom + dy), min(1.0, right + dx))
-
-
-def box_pixels(box: tuple[float, float, float, float], height: int, width: int) -> tuple[int, int, int, int]:
-    """The box on an image of (height, width), widened to whole pixels (floor the start, ceil the end)."""
-    top, left, bottom, right = box
-    y0, x0 = int(np.floor(top * height)), int(np.floor(left * width))
-    y1, x1 = int(np.ceil(bottom * height)), int(np.ceil(right * width))
-    return max(0, y0), max(0, x0), min(height, max(y1, y0 + 1)), min(width, max(x1, x0 + 1))
-
-
-def crop(pixels: np.ndarray, box: tuple[float, float, float, float] | None) -> np.ndarray:
-    """The part of ``pixels`` inside ``box`` (all of it for None)."""
-    if box is None:
-        return pixels
-    y0, x0, y1, x1 = box_pixels(box, *pixels.shape[-2:])
-    return pixels[..., y0:y1, x0:x1]
-
-
-def resize_mask(mask: np.ndarray, height: int, width: int) -> np.ndarray:
-    """bool mask to (height, width), nearest neighbour."""
-    mask = np.asarray(mask, dtype=bool)
-    if mask.shape == (height, width):
-        return mask
-    image = Image.fromarray(mask.astype(np.uint8) * 255)
-    return np.asarray(image.resize((width, height), Image.Resampling.NEAREST)) > 127
 
 
 def upsample_cam(cam: np.ndarray, height: int, width: int) -> np.ndarray:

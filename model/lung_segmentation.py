@@ -235,7 +235,8 @@ def train_lung_model(data: str | Path, out_dir: str | Path, settings: LungTrainS
                          training={"data": str(data), "n_train": int(len(fit)), "n_val": int(len(val)),
                                    "epochs_run": len(history), "seed": settings.seed,
                                    "channels": list(settings.channels), "res_units": settings.res_units,
-                                   "arch": "monai.networks.nets.UNet", "seconds": round(time.perf_counter() - started, 1)})
+                                   "arch": "monai.networks.nets.UNet",
+                                   "seconds": round(time.perf_counter() - started, 1)})
     export_lung_onnx(net, settings.size, out / LUNG_ONNX)
     (out / LUNG_META).write_text(json.dumps(info.to_dict(), indent=2, sort_keys=True))
     (out / "history.json").write_text(json.dumps(history, indent=2))

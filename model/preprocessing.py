@@ -43,6 +43,8 @@ JPEG_DRAFT_SIDE = DECODED_MAX_SIDE // 2
 PREPROCESSING_VERSION = 2
 #: Stage-2 lung options (``PreprocessConfig.lung_crop``); ``model.lung_fields`` computes the mask.
 LUNG_CROPS = ("none", "box", "mask", "box+mask")
+#: A lung mask covering less than this share of the image is not trusted to place a crop (no lungs found).
+MIN_LUNG_AREA = 0.05
 #: "mask": the lung mask is dilated by this many pixels of the segmentation frame (of 128) before blanking,
 #: so the hila, the retrocardiac lung and the costophrenic angles stay visible.
 LUNG_MASK_DILATION = 6
@@ -274,12 +276,11 @@ def lung_view(pixels: np.ndarray, config: PreprocessConfig, lung_mask: np.ndarra
     """Stage 2's resize for every model: uint8 stage-1 pixels (H, W) -> (the uint8 (S, S) model input, the
     (top, left, bottom, right) region of the stage-1 image it shows, in fractions).
 
-    ``lung_mask`` (bool, the segmenter's frame: the stage-1 image squashed to a square) is needed when the
-    version was trained with ``lung_crop``; "box" crops to the lungs' box widened by ``lung_margin``
-    (the whole image when the mask is too small to trust), "mask" sets what lies outside the dilated lungs to 0.
+    ``lung_mask`` (bool, in ``model.lung_fields.LungSegmenter``'s frame: the stage-1 image squashed to a square)
+    is needed when the version was trained with ``lung_crop``; "box" crops to the lungs' box widened by
+    ``lung_margin`` (the whole image when the mask is too small to trust), "mask" sets what lies outside the
+    dilated lungs to 0.
     """
-    from model.lung_fields import crop, lung_box, resize_mask
-
     whole = (0.0, 0.0, 1.0, 1.0)
     if config.lung_crop == "none":
         return resize(pixels, config), whole
@@ -292,6 +293,45 @@ def lung_view(pixels: np.ndarray, config: PreprocessConfig, lung_mask: np.ndarra
         if grown.mean() > 0:  # no lungs found: nothing is blanked (as nothing is cropped)
             shown = np.where(resize_mask(grown, *pixels.shape), pixels, np.uint8(0))
     return resize(np.ascontiguousarray(crop(shown, box)), config), box or whole
+
+
+def lung_box(mask: np.ndarray, margin: float = 0.1,
+             min_area: float = MIN_LUNG_AREA) -> tuple[float, float, float, float] | None:
+    """(top, left, bottom, right) in fractions of the image: the lungs' bounding box widened by ``margin`` of
+    its own height/width on each side, clipped to the image; None when the mask covers less than ``min_area``."""
+    mask = np.asarray(mask, dtype=bool)
+    height, width = mask.shape
+    if mask.mean() < min_area:
+        return None
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    top, bottom, left, right = rows[0] / height, (rows[-1] + 1) / height, cols[0] / width, (cols[-1] + 1) / width
+    dy, dx = margin * (bottom - top), margin * (right - left)
+    return (max(0.0, top - dy), max(0.0, left - dx), min(1.0, bottom + dy), min(1.0, right + dx))
+
+
+def box_pixels(box: tuple[float, float, float, float], height: int, width: int) -> tuple[int, int, int, int]:
+    """The box on an image of (height, width), widened to whole pixels (floor the start, ceil the end)."""
+    top, left, bottom, right = box
+    y0, x0 = int(np.floor(top * height)), int(np.floor(left * width))
+    y1, x1 = int(np.ceil(bottom * height)), int(np.ceil(right * width))
+    return max(0, y0), max(0, x0), min(height, max(y1, y0 + 1)), min(width, max(x1, x0 + 1))
+
+
+def crop(pixels: np.ndarray, box: tuple[float, float, float, float] | None) -> np.ndarray:
+    """The part of ``pixels`` inside ``box`` (all of it for None)."""
+    if box is None:
+        return pixels
+    y0, x0, y1, x1 = box_pixels(box, *pixels.shape[-2:])
+    return pixels[..., y0:y1, x0:x1]
+
+
+def resize_mask(mask: np.ndarray, height: int, width: int) -> np.ndarray:
+    """bool mask to (height, width), nearest neighbour."""
+    mask = np.asarray(mask, dtype=bool)
+    if mask.shape == (height, width):
+        return mask
+    image = Image.fromarray(mask.astype(np.uint8) * 255)
+    return np.asarray(image.resize((width, height), Image.Resampling.NEAREST)) > 127
 
 
 def dilate(mask: np.ndarray, pixels: int) -> np.ndarray:

@@ -143,6 +143,9 @@ def log_and_register(bundle_dir: str | Path, report: dict, history: list[dict], 
         for split, m in report.get("abstention", {}).items():  # the refer band's coverage per split
             if isinstance(m, dict) and np.isfinite(m["coverage"]):
                 mlflow.log_metric(f"{split}_refer_coverage", m["coverage"])
+        from model.lung_evaluation import report_metrics
+
+        mlflow.log_metrics(report_metrics(report))  # where the evidence falls; the external validation set
         if plots_dir and Path(plots_dir).is_dir():
             mlflow.log_artifacts(str(plots_dir), artifact_path="plots")
         if data_quality_dir and Path(data_quality_dir).is_dir():

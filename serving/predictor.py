@@ -36,7 +36,7 @@ from kserve import Model
 from kserve.protocol.infer_type import InferRequest, InferResponse, to_http_parameters
 
 from model.bundle import BundleError
-from model.lung_fields import SEGMENTATION_SIZE, crop, lung_share, resize_mask
+from model.lung_fields import SEGMENTATION_SIZE, LungSegmenter, crop, lung_share, resize_mask
 from model.preprocessing import DECODED_MAX_SIDE, PREPROCESSING_VERSION, field_mask, lung_view, normalize
 from model.registry import fetch_model
 from serving.admission import deadline
@@ -98,10 +98,10 @@ class PneumoniaPredictor(Model):
         self.config = self.bundle.preprocess  # BundleError (one line at start) for an unusable version
         self.threshold = self.bundle.threshold
         # One thread: it runs per image, beside the engine's threads, in the same call as the classifier.
-        self.lungs = self.bundle.lung_segmenter(threads=1)
+        self.lungs = LungSegmenter.from_bundle(self.bundle, threads=1)
         if self.config.lung_crop != "none" and self.lungs is None:
-            raise BundleError(f"version {self.model_version} was trained on lung-cropped films ({self.config.lung_crop}) "
-                              "but its bundle holds no lung segmentation model")
+            raise BundleError(f"version {self.model_version} was trained on lung-cropped films "
+                              f"({self.config.lung_crop}) but its bundle holds no lung segmentation model")
         # Engine x precision: gated for accuracy and timed on this machine (serving.engine_selection). Under
         # load, single-threaded runs go side by side on the narrow engine.
         self.engine = select_engine(self.bundle, s, self.name, self.model_version)
@@ -236,6 +236,10 @@ class PneumoniaPredictor(Model):
         x = np.ascontiguousarray(normalize(np.stack([pixels for pixels, _ in views]), self.config))
         return x, masks, np.array([box for _, box in views], dtype=np.float32)
 
+    @property
+    def lung_mask_source(self) -> str:
+        return "segmentation" if self.lungs is not None else "ellipse_prior"
+
     def lung_shares(self, cams: np.ndarray, masks: np.ndarray, boxes: np.ndarray) -> np.ndarray:
         """The CAM lung share of each image, in the model input's frame (the mask cropped to the input box)."""
         return np.array([lung_share(cam, crop(mask, tuple(float(b) for b in box)))
@@ -270,8 +274,8 @@ class PneumoniaPredictor(Model):
                    tensor_output("lung_share", "FP32", shares),
                    tensor_output("lung_mask", "UINT8", np.stack([resize_mask(m, SEGMENTATION_SIZE, SEGMENTATION_SIZE)
                                                                  for m in masks]).astype(np.uint8)),
-                   tensor_output("lung_mask_source", "BYTES", np.array(
-                       ["segmentation" if self.lungs is not None else "ellipse_prior"] * len(images), dtype=np.object_)),
+                   tensor_output("lung_mask_source", "BYTES",
+                                 np.array([self.lung_mask_source] * len(images), dtype=np.object_)),
                    tensor_output("input_box", "FP32", boxes)]
         return InferResponse(response_id=payload.id or str(uuid.uuid4()), model_name=self.name,
                              model_version=self.model_version, infer_outputs=outputs,

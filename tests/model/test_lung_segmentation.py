@@ -161,7 +161,7 @@ def test_the_bundle_carries_and_hashes_the_lung_graph(tiny_model, trained, tmp_p
     bundle = Bundle.load(tmp_path / "eval" / "bundle")
     assert "lung.onnx" in bundle.meta["files"]
     assert bundle.meta["lung_segmentation"]["dice"]["test"] == pytest.approx(info["dice"]["test"])
-    segmenter = bundle.lung_segmenter()
+    segmenter = LungSegmenter.from_bundle(bundle)
     film = np.full((50, 40), 120, np.uint8)
     np.testing.assert_array_equal(segmenter.mask(film), LungSegmenter.from_folder(folder).mask(film))
     share = report["cam_lung_share"]["holdout"]
