@@ -158,6 +158,7 @@ def cmd_lungs_train(args) -> int:
 
     overrides = {k: v for k, v in dict(epochs=args.epochs, size=args.size, seed=args.seed, limit=args.limit,
                                        batch_size=args.batch_size).items() if v is not None}
+    overrides["finish_only"] = args.finish
     info = train_lung_model(args.data, args.out, LungTrainSettings(**overrides))
     print(json.dumps(_finite({"lung_model": str(args.out), "dice": info["dice"]})))
     return 0
@@ -288,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     lt.add_argument("--batch-size", type=int)
     lt.add_argument("--seed", type=int)
     lt.add_argument("--limit", type=int, help="first N image/mask pairs only (smoke runs)")
+    lt.add_argument("--finish", action="store_true", help="train no further: score and export the best weights "
+                                                          "so far (OUT/lung.pt) of a run that was stopped")
     lt.set_defaults(func=cmd_lungs_train)
 
     for plugin in sorted(entry_points(group="pneumoscope.commands"), key=lambda e: e.name):

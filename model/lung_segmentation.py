@@ -47,6 +47,8 @@ class LungTrainSettings:
     test_fraction: float = 0.15
     limit: int | None = None  # first N pairs only (tests)
     n_bootstrap: int = 1000
+    # Train no further: score and export the best weights so far (OUT/lung.pt), e.g. of a run that was stopped.
+    finish_only: bool = False
 
 
 class LungDataError(ValueError):
@@ -192,7 +194,9 @@ def train_lung_model(data: str | Path, out_dir: str | Path, settings: LungTrainS
     augment = augmentation(settings.seed)
     rng = np.random.default_rng(settings.seed)
     best, best_epoch, stale, history = -1.0, -1, 0, []
-    for epoch in range(settings.epochs):
+    if settings.finish_only and not (out / "lung.pt").is_file():
+        raise LungDataError(f"nothing to finish: no {out / 'lung.pt'} (train first)")
+    for epoch in range(0 if settings.finish_only else settings.epochs):
         net.train()
         order = rng.permutation(fit)
         losses = []
@@ -225,15 +229,19 @@ def train_lung_model(data: str | Path, out_dir: str | Path, settings: LungTrainS
 
     net.load_state_dict(torch.load(out / "lung.pt", map_location="cpu", weights_only=True))
     net.eval()
+    if settings.finish_only:
+        best = float(dice_per_image(predict_masks(net, images[val], info), masks[val]).mean())
+        log.info("finishing the stopped run: its best weights score val Dice %.4f", best)
     test_dice = dice_per_image(predict_masks(net, images[test], info), masks[test])
-    dice = {"val": best, "best_epoch": best_epoch, "test": float(test_dice.mean()),
+    dice = {"val": best, "best_epoch": None if settings.finish_only else best_epoch, "test": float(test_dice.mean()),
             "test_median": float(np.median(test_dice)),
             "test_ci95": patient_bootstrap_ci(test_dice, patients[test], settings.n_bootstrap, settings.seed),
             "n_test": int(len(test)), "n_test_patients": int(len(set(patients[test].tolist()))),
             "ci": "percentile bootstrap over test patients"}
     info = LungModelInfo(size=info.size, mean=info.mean, std=info.std, dice=dice,
                          training={"data": str(data), "n_train": int(len(fit)), "n_val": int(len(val)),
-                                   "epochs_run": len(history), "seed": settings.seed,
+                                   "epochs_run": len(history), "finished_early": settings.finish_only,
+                                   "seed": settings.seed,
                                    "channels": list(settings.channels), "res_units": settings.res_units,
                                    "arch": "monai.networks.nets.UNet",
                                    "seconds": round(time.perf_counter() - started, 1)})
