@@ -131,7 +131,10 @@ def test_rest_v1_predict_and_explain(served, images):
     predictions = response.json()["predictions"]
     assert len(predictions) == 2
     for p in predictions:
-        assert set(p) == {"probability", "label", "threshold", "model_name", "model_version", "quality_flags"}
+        assert set(p) == {"probability", "label", "threshold", "model_name", "model_version", "quality_flags",
+                          "lung_share", "lung_mask_source"}
+        # the test bundle has no lung model: the share is measured with the elliptical prior (-1: no positive CAM)
+        assert p["lung_mask_source"] == "ellipse_prior" and (0 <= p["lung_share"] <= 1 or p["lung_share"] == -1)
         assert 0 <= p["probability"] <= 1 and p["label"] in ("NORMAL", "PNEUMONIA") and p["model_version"] == "1"
         assert p["label"] == ("PNEUMONIA" if p["probability"] >= p["threshold"] else "NORMAL")
     explained = v1(served, images[-1], verb="explain").json()["predictions"][0]
@@ -180,8 +183,11 @@ def test_v2_metadata_describes_inputs_and_outputs(served):
     assert predictor["versions"] == ["1"]
     assert predictor["inputs"] == [{"name": "pixels", "datatype": "UINT8", "shape": [-1, -1, -1]},
                                    {"name": "sizes", "datatype": "INT32", "shape": [-1, 2]}]
-    assert [o["name"] for o in predictor["outputs"]] == ["probability", "label", "threshold", "logit", "cam"]
-    assert predictor["outputs"][-1]["shape"] == [-1, 4, 4]
+    assert [o["name"] for o in predictor["outputs"]] == ["probability", "label", "threshold", "logit", "cam",
+                                                         "lung_share", "lung_mask", "lung_mask_source", "input_box"]
+    by_name = {o["name"]: o for o in predictor["outputs"]}
+    assert by_name["cam"]["shape"] == [-1, 4, 4] and by_name["lung_mask"]["shape"] == [-1, 128, 128]
+    assert by_name["input_box"] == {"name": "input_box", "datatype": "FP32", "shape": [-1, 4]}
 
 
 def test_quality_flags_are_reported_and_never_change_the_decision(served, images):
@@ -240,7 +246,10 @@ def test_grpc_with_kserve_client(served, images):
     rest = outputs(v2_json(served, images[:2]))["probability"]["data"]
     np.testing.assert_allclose(probs, rest, atol=1e-6)
     assert [o.name for o in second.outputs] == ["probability", "label", "threshold", "heatmap_png", "cam",
-                                                "quality_flags"]
+                                                "quality_flags", "lung_share", "lung_mask_source", "lung_mask",
+                                                "input_box"]
+    assert second.get_output_by_name("lung_mask").as_numpy().shape == (1, 128, 128)
+    np.testing.assert_array_equal(second.get_output_by_name("input_box").as_numpy(), [[0, 0, 1, 1]])
     assert second.get_output_by_name("probability").as_numpy()[0] == pytest.approx(rest[0], abs=1e-6)
 
 
