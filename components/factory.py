@@ -1,4 +1,4 @@
-"""The image is a build option, not a global: ``build_components(image)`` returns the four steps as
+"""The image is a build option, not a global: ``build_components(image)`` returns the steps as
 lightweight Python components bound to that image, which runs them with NOTHING installed at run time.
 
     from components.factory import build_components
@@ -18,6 +18,7 @@ from components.image import DEFAULT_IMAGE, check_image
 
 @dataclass(frozen=True)
 class Components:
+    lung_segmentation: PythonComponent
     preprocess: PythonComponent
     train: PythonComponent
     evaluate: PythonComponent
@@ -25,10 +26,11 @@ class Components:
 
 
 def build_components(image: str = DEFAULT_IMAGE) -> Components:
-    """The four steps as components that run in ``image`` (which must hold this project and kfp)."""
+    """The steps as components that run in ``image`` (which must hold this project and kfp)."""
     check_image(image)
 
     def make(func) -> PythonComponent:
         return dsl.component(func, base_image=image, install_kfp_package=False)
 
-    return Components(make(steps.preprocess), make(steps.train), make(steps.evaluate), make(steps.register))
+    return Components(make(steps.lung_segmentation), make(steps.preprocess), make(steps.train), make(steps.evaluate),
+                      make(steps.register))

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from model.data import CLASSES
 from model.evaluation import intended_use_metrics
+from model.lung_evaluation import report_metrics
 from model.metrics import METRIC_NAMES
 
 REPORT_SPLITS = ("val", "holdout", "sanity")
@@ -46,6 +47,25 @@ def exit_quickly() -> None:
     gc.freeze()
 
 
+def lung_folder(lung_model) -> str | None:
+    """The lung_segmentation step's folder, or None when the step trained nothing (no lung_masks_uri)."""
+    folder = Path(lung_model.path)
+    return str(folder) if (folder / "lung.onnx").is_file() else None
+
+
+def local_copy(uri: str, tmp: str) -> str:
+    """A local path for ``uri``: itself when local (or a PVC mount), else a copy fetched with fsspec (s3://...)."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(uri)
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    if "file" in protocols or "local" in protocols:
+        return root
+    target = Path(tmp) / "copy"
+    fs.get(root.rstrip("/") + "/", str(target), recursive=True)
+    return str(target)
+
+
 def write_train_params(out_dir: str | Path, profile, seed: int, num_gpus: int = 1) -> Path:
     """``params.json`` beside the checkpoint: the resolved training settings, for the registry."""
     params = {k: v for k, v in asdict(profile).items() if k not in ("name", "description")}
@@ -71,7 +91,38 @@ def evaluation_metrics(report: dict) -> dict[str, float]:
     values.update(intended_use_metrics(report))  # the same names as in MLflow
     if report["int8"].get("auc_drop") is not None:
         values["int8_auc_drop"] = report["int8"]["auc_drop"]
+    values.update(report_metrics(report))
     return finite(values)
+
+
+def lung_share_html(report: dict) -> list[str]:
+    """The report's section on where the evidence falls (and the external set, when one was scored)."""
+    out = []
+    shares = report.get("cam_lung_share") or {}
+    if shares:
+        out.append("<h3>Where the evidence falls: CAM mass inside the lungs</h3><table><tr><th>split</th><th>mask"
+                   "</th><th>n</th><th>all (95% CI)</th><th>NORMAL</th><th>PNEUMONIA</th><th>lungs' share of the "
+                   "film</th></tr>")
+        for split, share in shares.items():
+            a = share["all"]
+            ci = f" ({a['ci95'][0]:.3f}-{a['ci95'][1]:.3f})" if a.get("ci95") else ""
+            out.append(f"<tr><th>{html.escape(split)}</th><td>{html.escape(share['source'])}</td><td>{a['n']}</td>"
+                       f"<td>{a['mean']:.3f}{ci}</td><td>{share['NORMAL'].get('mean', float('nan')):.3f}</td>"
+                       f"<td>{share['PNEUMONIA'].get('mean', float('nan')):.3f}</td>"
+                       f"<td>{share['mask_area']:.3f}</td></tr>")
+        out.append("</table><p>A share near or below the lungs' own share of the film means the heatmap does not "
+                   "follow the lungs: evidence on the heart, the diaphragm, the abdomen or a marker.</p>")
+    external = report.get("external")
+    if external:
+        cells = "".join(f"<td>{external[k]:.4f}</td>" for k in METRIC_NAMES)
+        out.append(f"<h3>External validation (never fitted on): {html.escape(str(external.get('source', '')))}</h3>"
+                   "<table><tr><th>view</th><th>n</th>" + "".join(f"<th>{k}</th>" for k in METRIC_NAMES) + "</tr>"
+                   f"<tr><th>all</th><td>{external['n']}</td>{cells}</tr>")
+        for view, m in external.get("by_view", {}).items():
+            cells = "".join(f"<td>{m[k]:.4f}</td>" for k in METRIC_NAMES)
+            out.append(f"<tr><th>{html.escape(view)}</th><td>{m['n']}</td>{cells}</tr>")
+        out.append("</table>")
+    return out
 
 
 def log_evaluation(report: dict, metrics, classification) -> None:
@@ -116,7 +167,7 @@ def report_html(report: dict, plots_dir: str | Path) -> str:
         f"<p>threshold {report['threshold']:.4f} ({html.escape(report['threshold_method'])}), temperature "
         f"{report['temperature']:.3f}; {html.escape(int8_line)}; manifest {report['manifest_sha256'][:12]}</p>",
         "<table><tr><th>split</th><th>n</th>" + "".join(f"<th>{k}</th>" for k in METRIC_NAMES) + "</tr>",
-        *rows, "</table>", *_refer_html(report, cell), *images, "</body></html>"])
+        *rows, "</table>", *_refer_html(report, cell), *lung_share_html(report), *images, "</body></html>"])
 
 
 def _intended_use_html(use: dict) -> list[str]:

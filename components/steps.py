@@ -1,4 +1,4 @@
-"""The four pipeline steps as plain functions; ``components.factory.build_components`` makes them KFP components.
+"""The pipeline steps as plain functions; ``components.factory.build_components`` makes them KFP components.
 
 KFP embeds each function's SOURCE in the compiled pipeline and runs it in the project's image with
 ``python -m kfp.dsl.executor_main``; nothing is pip-installed at run time. Hence the rules here:
@@ -12,13 +12,43 @@ from typing import NamedTuple
 from kfp.dsl import HTML, ClassificationMetrics, Dataset, Input, Metrics, Model, Output
 
 
-def preprocess(data_uri: str, dataset: Output[Dataset], profile: str = "gpu", image_size: int = 0,
-               val_fraction: float = 0.15, holdout_fraction: float = 0.10, seed: int = 42,
-               limit_per_class: int = 0, exclude_blurred: bool = False, mask_text: bool = False):
+def lung_segmentation(lung_model: Output[Model], lung_masks_uri: str = "", epochs: int = 40, seed: int = 42):
+    """Train the lung U-Net on ``lung_masks_uri`` (images/, masks/, sources.csv; split by patient) and export
+    ``lung.onnx`` + ``lung.json`` with the test patients' Dice. Optional: with ``lung_masks_uri`` empty the step
+    trains nothing and its artifact stays empty; preprocess and evaluate then go without a lung model."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from components.runtime import exit_quickly, local_copy
+
+    if not lung_masks_uri:
+        lung_model.metadata.update({"enabled": False})
+        Path(lung_model.path).mkdir(parents=True, exist_ok=True)
+        return
+    from model.lung_segmentation import LungTrainSettings, train_lung_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        info = train_lung_model(local_copy(lung_masks_uri, tmp), lung_model.path,
+                                LungTrainSettings(epochs=epochs, seed=seed))
+    (Path(lung_model.path) / "lung.pt").unlink(missing_ok=True)  # the ONNX graph is what is shipped
+    lung_model.metadata.update({"enabled": True, "framework": "onnx", "arch": "monai UNet",
+                                "test_dice": info["dice"]["test"],
+                                "test_dice_ci95": json.dumps(info["dice"]["test_ci95"]),
+                                "source": lung_masks_uri})
+    exit_quickly()
+
+
+def preprocess(data_uri: str, dataset: Output[Dataset], lung_model: Input[Model], profile: str = "gpu",
+               image_size: int = 0, val_fraction: float = 0.15, holdout_fraction: float = 0.10, seed: int = 42,
+               limit_per_class: int = 0, exclude_blurred: bool = False, mask_text: bool = False,
+               lung_crop: str = "none"):
     """Decode, quality-gate (blur, burned-in text), deduplicate and split the images by patient into a uint8 cache.
 
-    ``image_size`` 0 takes the profile's resolution; ``limit_per_class`` 0 keeps every image.
+    ``image_size`` 0 takes the profile's resolution; ``limit_per_class`` 0 keeps every image. ``lung_crop``
+    (box, mask, box+mask) crops the films to their lungs with ``lung_model`` (the lung_segmentation step's).
     """
+    from components.runtime import lung_folder
     from model.data import SplitFractions, prepare
     from model.settings import Settings
 
@@ -28,7 +58,8 @@ def preprocess(data_uri: str, dataset: Output[Dataset], profile: str = "gpu", im
         image_size = get_profile(profile).image_size
     result = prepare(data_uri, dataset.path, image_size, SplitFractions(val_fraction, holdout_fraction, seed),
                      workers=Settings().workers, limit_per_class=limit_per_class or None,
-                     exclude_blurred=exclude_blurred, mask_text=mask_text)
+                     exclude_blurred=exclude_blurred, mask_text=mask_text, lung_model=lung_folder(lung_model),
+                     lung_crop=lung_crop)
     quality = result.summary["quality"]
     dataset.metadata.update({"source": data_uri, "image_size": image_size, "images": result.summary["kept"],
                              "splits": result.summary["splits"], "manifest_sha256": result.manifest_sha256,
@@ -67,21 +98,26 @@ def train(dataset: Input[Dataset], checkpoint: Output[Model], metrics: Output[Me
     exit_quickly()
 
 
-def evaluate(dataset: Input[Dataset], checkpoint: Input[Model], model: Output[Model], metrics: Output[Metrics],
-             classification: Output[ClassificationMetrics], report: Output[HTML], model_name: str = "pneumonia",
-             threshold_method: str = "youden", target_sensitivity: float = 0.95, n_bootstrap: int = 1000,
-             int8: bool = True):
+def evaluate(dataset: Input[Dataset], checkpoint: Input[Model], lung_model: Input[Model], model: Output[Model],
+             metrics: Output[Metrics], classification: Output[ClassificationMetrics], report: Output[HTML],
+             model_name: str = "pneumonia", threshold_method: str = "youden", target_sensitivity: float = 0.95,
+             n_bootstrap: int = 1000, int8: bool = True, external_data_uri: str = ""):
     """Export to ONNX, calibrate, pick the threshold on val, score every split; ``model`` holds
-    ``bundle/`` (the servable model), ``plots/`` and ``report.json``."""
+    ``bundle/`` (the servable model, with the lung model when there is one), ``plots/`` and ``report.json``
+    (with the CAM lung share). ``external_data_uri``: an external VALIDATION set (labels.csv) scored with
+    val's operating point, never fitted on."""
+    import tempfile
     from pathlib import Path
 
-    from components.runtime import exit_quickly, log_evaluation, report_html
+    from components.runtime import exit_quickly, local_copy, log_evaluation, lung_folder, report_html
     from model.evaluation import EvalSettings, evaluate_checkpoint
 
-    settings = EvalSettings(threshold_method=threshold_method, target_sensitivity=target_sensitivity,
-                            n_bootstrap=n_bootstrap, int8=int8)
-    result = evaluate_checkpoint(Path(checkpoint.path) / "checkpoint.pt", dataset.path, model.path, settings,
-                                 model_name)
+    with tempfile.TemporaryDirectory() as tmp:
+        external = local_copy(external_data_uri, tmp) if external_data_uri else ""
+        settings = EvalSettings(threshold_method=threshold_method, target_sensitivity=target_sensitivity,
+                                n_bootstrap=n_bootstrap, int8=int8, external_data=external)
+        result = evaluate_checkpoint(Path(checkpoint.path) / "checkpoint.pt", dataset.path, model.path, settings,
+                                     model_name, lung_model=lung_folder(lung_model))
     log_evaluation(result, metrics, classification)
     Path(report.path).write_text(report_html(result, Path(model.path) / "plots"))
     model.metadata.update({"framework": "onnx", "threshold": result["threshold"],

@@ -8,6 +8,8 @@ A bundle is a directory::
     model.int8.onnx       optional static QDQ int8 graph (same inputs/outputs)
     gate.npz              optional engine parity gate: val images + fp32 reference outputs (model.engine_gate)
     ood.npz               the out-of-distribution detector's statistics (model.ood)
+    lung.onnx             optional lung segmentation U-Net (model.lung_fields): the predictor runs it for the lung
+                          mask, the CAM lung share and, for a version trained with ``lung_crop``, its input pixels
     pneumoscope.json      preprocessing, threshold, temperature + logit bias, refer band, metrics, int8 decision,
                           intended use (population, age limit, profile, registered figures, detector), sha256 of files
 

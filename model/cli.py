@@ -73,7 +73,8 @@ def cmd_data_prepare(args) -> int:
     out = args.out or settings.home / "cache" / f"{image_size}px"
     result = prepare(source, out, image_size, SplitFractions(args.val_fraction, args.holdout_fraction, args.seed),
                      workers=args.workers or settings.workers, limit_per_class=args.limit_per_class,
-                     exclude_blurred=args.exclude_blurred, mask_text=args.mask_text, resize_mode=args.resize)
+                     exclude_blurred=args.exclude_blurred, mask_text=args.mask_text, resize_mode=args.resize,
+                     lung_model=args.lung_model, lung_crop=args.lung_crop, lung_margin=args.lung_margin)
     quality = result.summary["quality"]
     print(json.dumps({"cache": str(result.out_dir), "kept": result.summary["kept"],
                       "excluded": result.summary["excluded"], "splits": result.summary["splits"],
@@ -90,7 +91,8 @@ def cmd_train(args) -> int:
 
     settings = Settings()
     overrides = dict(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, image_size=args.image_size,
-                     erase_borders=args.erase_borders, field_mask=args.field_mask, sync_bn=args.sync_bn or None,
+                     erase_borders=args.erase_borders, field_mask=args.field_mask, augment=args.augment,
+                     sync_bn=args.sync_bn or None,
                      num_workers=args.workers if args.workers is not None else settings.workers)
     if args.profile_file:  # a resolved profile handed over by `model.training.launch` (torchrun)
         profile = customise(Profile(**json.loads(Path(args.profile_file).read_text())), **overrides)
@@ -159,6 +161,30 @@ def cmd_register(args) -> int:
     return 0
 
 
+def cmd_pretrain(args) -> int:
+    from model.pretraining import PretrainSettings, pretrain
+
+    if not Path(args.cache).is_dir():
+        raise CommandError(f"cache folder not found: {args.cache} (run `pneumoscope data prepare` first)")
+    overrides = {k: v for k, v in dict(image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size,
+                                       seed=args.seed, max_steps_per_epoch=args.max_steps).items() if v is not None}
+    report = pretrain(args.cache, args.out, PretrainSettings(**overrides), device=args.device)
+    print(json.dumps({"backbone": report["backbone"], "seconds": report["seconds"],
+                      "loss": [r["loss"] for r in report["history"]]}))
+    return 0
+
+
+def cmd_lungs_train(args) -> int:
+    from model.lung_segmentation import LungTrainSettings, train_lung_model
+
+    overrides = {k: v for k, v in dict(epochs=args.epochs, size=args.size, seed=args.seed, limit=args.limit,
+                                       batch_size=args.batch_size).items() if v is not None}
+    overrides["finish_only"] = args.finish
+    info = train_lung_model(args.data, args.out, LungTrainSettings(**overrides))
+    print(json.dumps(_finite({"lung_model": str(args.out), "dice": info["dice"]})))
+    return 0
+
+
 def _finite(value):
     """JSON has no NaN: undefined metrics (one class only) become null."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -204,6 +230,13 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--resize", choices=["squash", "pad"], default="squash",
                       help="squash to a square (default, like the public 224 px copies) or keep the aspect ratio "
                            "and pad; it travels with the model")
+    prep.add_argument("--lung-crop", choices=["none", "box", "mask", "box+mask"], default="none",
+                      help="candidate: crop each film to its lungs' bounding box (box), blank what lies outside the "
+                           "dilated lungs (mask), or both; it travels with the model and the predictor does the same")
+    prep.add_argument("--lung-model", help="lung segmentation model folder (`pneumoscope lungs train`), needed by "
+                                           "--lung-crop; copied into the cache and, at evaluation, into the bundle")
+    prep.add_argument("--lung-margin", type=float, default=0.1,
+                      help="--lung-crop box: margin around the lungs' box, as a share of its height/width")
     prep.set_defaults(func=cmd_data_prepare)
 
     tr = commands.add_parser("train", help="train ResNet-50 on a prepared cache",
@@ -228,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="candidate: erase random patches in the border band (markers, text) with probability P")
     tr.add_argument("--field-mask", choices=["none", "ellipse"],
                     help="candidate: blank everything outside a fixed elliptical lung-field prior (train + serve)")
+    tr.add_argument("--augment", choices=["standard", "acquisition"],
+                    help="candidate: 'acquisition' adds gamma, contrast, blur/resolution, noise, crops and rescales "
+                         "and AP/PA-like geometry to the standard augmentation")
     tr.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across GPUs under torchrun (CUDA only)")
     tr.add_argument("--workers", type=int, help="DataLoader workers per process (default: from the cores)")
     tr.add_argument("--profile-file", help="a resolved profile as JSON (written by the pipeline for torchrun)")
@@ -256,6 +292,39 @@ def build_parser() -> argparse.ArgumentParser:
     action.add_argument("--list", action="store_true", help="list the kept registrations as JSON lines")
     reg.add_argument("--mlflow-uri", help="register there instead of the MLflow the run was meant for")
     reg.set_defaults(func=cmd_register)
+
+    pre = commands.add_parser("pretrain", help="self-supervised pretraining of the ResNet-50 (SimCLR)",
+                              description="SimCLR (lightly's NT-Xent loss and projection head) on the cache's "
+                                          "training films only; writes OUT/backbone.pt for `train --pretrained`. "
+                                          "Resumes from OUT/last_pretrain.pt.")
+    pre.add_argument("--cache", required=True, help="folder written by `data prepare`")
+    pre.add_argument("--out", required=True, type=Path)
+    pre.add_argument("--image-size", type=int, help="view size in pixels (default 96)")
+    pre.add_argument("--epochs", type=int, help="default 3")
+    pre.add_argument("--batch-size", type=int, help="films per batch (two views each; default 64)")
+    pre.add_argument("--seed", type=int)
+    pre.add_argument("--max-steps", type=int, help="at most this many steps per epoch (smoke runs)")
+    pre.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    pre.set_defaults(func=cmd_pretrain)
+
+    lungs = commands.add_parser("lungs", help="the lung segmentation model").add_subparsers(dest="lungs_command",
+                                                                                          required=True)
+    lt = lungs.add_parser("train", help="train the lung U-Net on frontal films with lung masks",
+                          description="Train MONAI's 2-D U-Net on images/ + masks/ + sources.csv (split by "
+                                      "patient), report the test patients' Dice, export lung.onnx + lung.json: "
+                                      "the folder a bundle carries (evaluate --lung-model, data prepare "
+                                      "--lung-model).")
+    lt.add_argument("--data", default="../shared/data/lung_masks_256", help="folder with images/, masks/ and "
+                                                                              "sources.csv")
+    lt.add_argument("--out", required=True, type=Path, help="output folder (lung.onnx, lung.json)")
+    lt.add_argument("--epochs", type=int)
+    lt.add_argument("--size", type=int, help="segmentation input side in pixels (default 128)")
+    lt.add_argument("--batch-size", type=int)
+    lt.add_argument("--seed", type=int)
+    lt.add_argument("--limit", type=int, help="first N image/mask pairs only (smoke runs)")
+    lt.add_argument("--finish", action="store_true", help="train no further: score and export the best weights "
+                                                          "so far (OUT/lung.pt) of a run that was stopped")
+    lt.set_defaults(func=cmd_lungs_train)
 
     for plugin in sorted(entry_points(group="pneumoscope.commands"), key=lambda e: e.name):
         try:

@@ -173,8 +173,13 @@ def resolve_source(explicit: str | None, download_dir: Path, shared: Path) -> st
 _worker_state: dict = {}
 
 
-def _init_worker(fs, root: str, config: PreprocessConfig) -> None:
-    _worker_state.update(fs=fs, root=root, config=config, npz={})
+def _init_worker(fs, root: str, config: PreprocessConfig, lung_model: str | None = None) -> None:
+    segmenter = None
+    if lung_model and config.lung_crop != "none":
+        from model.lung_fields import LungSegmenter
+
+        segmenter = LungSegmenter.from_folder(lung_model, threads=1)  # the workers are the parallelism
+    _worker_state.update(fs=fs, root=root, config=config, npz={}, segmenter=segmenter)
 
 
 def _read_bytes(key: str) -> bytes:
@@ -234,9 +239,10 @@ def _gate_one(key: str):
     digest = hashlib.sha256(data).hexdigest()
     config = _worker_state["config"]
     try:
-        image = load_resized(data, config)
+        image = load_resized(data, config, segmenter=_worker_state.get("segmenter"))
         # Blur and text are measured at one analysis resolution, whatever the cache's, as serving does.
-        same = config.image_size == quality.ANALYSIS_SIZE and config.resize_mode == "squash"
+        same = (config.image_size == quality.ANALYSIS_SIZE and config.resize_mode == "squash"
+                and config.lung_crop == "none")
         analysis = image.pixels if same else \
             load_resized(data, PreprocessConfig(image_size=quality.ANALYSIS_SIZE)).pixels
     except InvalidImageError as exc:
@@ -244,7 +250,8 @@ def _gate_one(key: str):
     return key, digest, image.pixels, image.original_size, None, None, quality.assess(analysis)
 
 
-def gate_images(fs, root: str, images: list[SourceImage], config: PreprocessConfig, workers: int):
+def gate_images(fs, root: str, images: list[SourceImage], config: PreprocessConfig, workers: int,
+                lung_model: str | None = None):
     """Decode every image once. Returns {key: (sha, pixels, size, QualityReport)} and {key: (reason, detail)}."""
     from tqdm import tqdm
 
@@ -252,7 +259,7 @@ def gate_images(fs, root: str, images: list[SourceImage], config: PreprocessConf
     keys = [img.key for img in images]
     chunk = max(1, min(64, len(keys) // (workers * 8) or 1))
     if workers <= 1:
-        _init_worker(fs, root, config)
+        _init_worker(fs, root, config, lung_model)
         results = map(_gate_one, keys)
         pool = None
     else:
@@ -260,7 +267,8 @@ def gate_images(fs, root: str, images: list[SourceImage], config: PreprocessConf
         # filesystem object reconnects in each one. Local files keep the cheaper fork.
         local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
         context = multiprocessing.get_context("fork" if local else "spawn")
-        pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(fs, root, config))
+        pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                                   initargs=(fs, root, config, lung_model))
         results = pool.map(_gate_one, keys, chunksize=chunk)
     try:
         for key, digest, pixels, size, reason, detail, report in tqdm(results, total=len(keys), desc="decode",
@@ -362,7 +370,8 @@ def check_patient_leakage(rows: list[dict]) -> dict:
 
 def prepare(source: str, out_dir: str | Path, image_size: int, fractions: SplitFractions | None = None,
             workers: int | None = None, limit_per_class: int | None = None, exclude_blurred: bool = False,
-            mask_text: bool = False, resize_mode: str = "squash") -> PreparedData:
+            mask_text: bool = False, resize_mode: str = "squash", lung_model: str | Path | None = None,
+            lung_crop: str = "none", lung_margin: float = 0.1) -> PreparedData:
     """Ingest ``source`` and write ``images.npy``, ``manifest.csv``, ``excluded.csv``, ``summary.json`` and
     example thumbnails of flagged films in ``quality/``.
 
@@ -370,6 +379,9 @@ def prepare(source: str, out_dir: str | Path, image_size: int, fractions: SplitF
     test splits are only reported, never thinned). ``mask_text``: paint detected burned-in text and markers
     over with their surroundings in the cached pixels (training only: serving reports them, it does not
     mask; pair it with ``--erase-borders`` so the model learns that the border carries no signal).
+    ``lung_crop`` ("box", "mask", "box+mask") crops/masks every image to its lung fields as found by the lung
+    segmentation model in the folder ``lung_model``, which is copied into ``OUT/lung`` so that evaluation puts
+    the very same graph into the bundle (the predictor runs it to compute the same pixels).
     """
     fractions = fractions or SplitFractions()
     workers = workers or available_cpus()
@@ -383,8 +395,10 @@ def prepare(source: str, out_dir: str | Path, image_size: int, fractions: SplitF
     if limit_per_class:
         images = _subsample(images, limit_per_class, fractions.seed)
     log.info("found %d images under %s", len(images), source)
-    config = PreprocessConfig(image_size=image_size, resize_mode=resize_mode)
-    accepted, rejected = gate_images(fs, root, images, config, workers)
+    config = PreprocessConfig(image_size=image_size, resize_mode=resize_mode, lung_crop=lung_crop,
+                              lung_margin=lung_margin)
+    lung_copy = _copy_lung_model(lung_model, out, lung_crop)
+    accepted, rejected = gate_images(fs, root, images, config, workers, str(lung_copy) if lung_copy else None)
     kept = deduplicate(images, accepted, rejected)
     kept, quality_summary = _quality_gate(kept, accepted, rejected, out, exclude_blurred, mask_text)
 
@@ -407,7 +421,8 @@ def prepare(source: str, out_dir: str | Path, image_size: int, fractions: SplitF
     train_idx = [r["index"] for r in rows if r["split"] == "train"]
     train_pixels = stack[train_idx].astype(np.float32) / 255.0
     per_image_mean = stack[train_idx].reshape(len(train_idx), -1).mean(axis=1)
-    config = PreprocessConfig(image_size=image_size, resize_mode=resize_mode, mean=round(float(train_pixels.mean()), 6),
+    config = PreprocessConfig(image_size=image_size, resize_mode=resize_mode, lung_crop=lung_crop,
+                              lung_margin=lung_margin, mean=round(float(train_pixels.mean()), 6),
                               std=round(float(train_pixels.std()), 6),
                               train_intensity_mean=round(float(per_image_mean.mean()), 4),
                               train_intensity_std=round(float(per_image_mean.std()), 4))
@@ -430,6 +445,7 @@ def prepare(source: str, out_dir: str | Path, image_size: int, fractions: SplitF
         "leakage": check_patient_leakage(rows),
         "quality": quality_summary,
         "preprocess": config.to_dict(),
+        "lung_model": _lung_model_summary(lung_copy),
         "manifest_sha256": manifest_sha,
         "fractions": vars(fractions),
         "seconds": round(time.perf_counter() - started, 2),
@@ -445,6 +461,38 @@ def prepare(source: str, out_dir: str | Path, image_size: int, fractions: SplitF
     if leaks:
         log.warning("leakage between splits: %s", leaks)
     return PreparedData(out, summary, manifest_sha)
+
+
+#: The lung segmentation model a lung-cropped cache was made with, inside the cache (evaluation bundles it).
+CACHE_LUNG_DIR = "lung"
+
+
+def _copy_lung_model(lung_model: str | Path | None, out: Path, lung_crop: str) -> Path | None:
+    """Copy the segmentation model into the cache (None when the cache does not crop to the lungs)."""
+    import shutil
+
+    from model.lung_fields import LUNG_META, LUNG_ONNX
+
+    if lung_crop == "none":
+        return None
+    if not lung_model:
+        raise DataError(f"--lung-crop {lung_crop} needs --lung-model (a folder written by `pneumoscope lungs train`)")
+    source = Path(lung_model)
+    if not (source / LUNG_ONNX).is_file() or not (source / LUNG_META).is_file():
+        raise DataError(f"{source} holds no {LUNG_ONNX} + {LUNG_META} (write one with `pneumoscope lungs train`)")
+    target = out / CACHE_LUNG_DIR
+    target.mkdir(parents=True, exist_ok=True)
+    for name in (LUNG_ONNX, LUNG_META):
+        shutil.copyfile(source / name, target / name)
+    return target
+
+
+def _lung_model_summary(folder: Path | None) -> dict | None:
+    from model.bundle import sha256_file
+
+    if folder is None:
+        return None
+    return {"folder": CACHE_LUNG_DIR, "sha256": sha256_file(folder / "lung.onnx")}
 
 
 def _quality_gate(kept: list[SourceImage], accepted: dict, rejected: dict, out: Path, exclude_blurred: bool,

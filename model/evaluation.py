@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model.bundle import Bundle, make_session, run_images, write_bundle
+from model.bundle import Bundle, make_session, run_images, sha256_file, write_bundle
 from model.data import CLASSES, CachedData, DataError, discover
 from model.intended_use import DEFAULT_POPULATION, DEFAULT_SOURCE, DEFAULT_VIEWS, DEMONSTRATION_PROFILES
 from model.metrics import (abstention_metrics, choose_abstention_band, choose_threshold, fit_calibration,
@@ -53,6 +53,9 @@ class EvalSettings:
     population: str = DEFAULT_POPULATION
     source: str = DEFAULT_SOURCE
     views: str = DEFAULT_VIEWS
+    # An external validation set scored with val's operating point (never fitted on): a folder with labels.csv,
+    # e.g. ../shared/data/external_nih_224; empty: none.
+    external_data: str = ""
 
 
 def _settings():
@@ -75,10 +78,13 @@ class OperatingPoint:
 
 
 def evaluate_checkpoint(checkpoint: str | Path, cache_dir: str | Path, out_dir: str | Path,
-                        settings: EvalSettings = EvalSettings(), model_name: str = "pneumonia") -> dict:
+                        settings: EvalSettings = EvalSettings(), model_name: str = "pneumonia",
+                        lung_model: str | Path | None = None) -> dict:
     """Export the checkpoint, choose threshold + temperature on val, score every split.
 
-    Writes ``bundle/`` (the servable model), ``plots/`` and ``report.json``; returns the report.
+    Writes ``bundle/`` (the servable model), ``plots/`` and ``report.json``; returns the report. ``lung_model``
+    (a ``pneumoscope lungs train`` folder) goes into the bundle and measures the CAM lung share; a model trained
+    on lung-cropped pixels takes the one its cache was made with.
     """
     from model.training import load_checkpoint
 
@@ -101,6 +107,8 @@ def evaluate_checkpoint(checkpoint: str | Path, cache_dir: str | Path, out_dir: 
     detector, ood_meta = _fit_ood(cache, session, config, val_features, settings) if settings.ood else (None, None)
     scored = _score_splits(cache, session, config, point, (val_probs, val_features), settings, detector)
     splits, abstention, split_probs = scored.metrics, scored.abstention, scored.probabilities
+    segmenter, lung_meta = bundle_lung_model(cache_dir, cache, config, lung_model, bundle_dir)
+    lung_shares, external = _lung_share_and_external(cache, session, config, point, segmenter, settings)
     plots = {k: str(v) for k, v in save_plots(val_y, val_probs, point.threshold, out / "plots", "validation").items()}
     plots["risk_coverage"] = str(save_risk_coverage_plot(scored.risk_coverage, abstention, out / "plots" /
                                                          "risk_coverage.png"))
@@ -140,6 +148,9 @@ def evaluate_checkpoint(checkpoint: str | Path, cache_dir: str | Path, out_dir: 
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "reference": reference,
         "intended_use": intended_use,
+        **({"lung_segmentation": lung_meta} if lung_meta else {}),
+        "cam_lung_share": {name: {k: share["all"].get(k) for k in ("mean", "ci95", "n")} | {"source": share["source"]}
+                           for name, share in lung_shares.items()},
     })
     report = {
         "threshold": point.threshold, "threshold_method": settings.threshold_method,
@@ -148,12 +159,70 @@ def evaluate_checkpoint(checkpoint: str | Path, cache_dir: str | Path, out_dir: 
         "int8": int8_report, "onnx_parity": parity_report, "plots": plots,
         "roc_val": roc_points(val_y, val_probs),
         "reference": reference,
+        "cam_lung_share": lung_shares,
+        **({"external": external} if external else {}),
         "val_predictions": {"index": val_idx.tolist(), "label": val_y.tolist(), "probability": val_probs.tolist()},
         "manifest_sha256": cache.summary["manifest_sha256"],
         "seconds": round(time.perf_counter() - started, 1),
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def bundle_lung_model(cache_dir: str | Path, cache: CachedData, config: PreprocessConfig,
+                      lung_model: str | Path | None, bundle_dir: Path):
+    """The lung segmentation model that goes into the bundle (copied there as ``lung.onnx``) and its metadata;
+    (None, None) without one. A lung-cropped model takes its cache's: the predictor must compute the pixels the
+    model was trained on."""
+    import shutil
+
+    from model.data import CACHE_LUNG_DIR
+    from model.lung_fields import LUNG_ONNX, LungSegmenter
+
+    folder = Path(lung_model) if lung_model else None
+    if config.lung_crop != "none":
+        cached = Path(cache_dir) / CACHE_LUNG_DIR
+        if not (cached / LUNG_ONNX).is_file():
+            raise DataError(f"the model crops to the lungs but its cache {cache_dir} holds no "
+                            f"{CACHE_LUNG_DIR}/{LUNG_ONNX}")
+        if folder is not None and sha256_file(folder / LUNG_ONNX) != sha256_file(cached / LUNG_ONNX):
+            raise DataError(f"--lung-model {folder} is not the segmentation model the cache was cropped with")
+        folder = cached
+    if folder is None:
+        return None, None
+    segmenter = LungSegmenter.from_folder(folder)
+    shutil.copyfile(folder / LUNG_ONNX, bundle_dir / LUNG_ONNX)
+    return segmenter, dict(segmenter.info.to_dict(), onnx=LUNG_ONNX)
+
+
+def _lung_share_and_external(cache: CachedData, session, config: PreprocessConfig, point: "OperatingPoint",
+                             segmenter, settings: EvalSettings) -> tuple[dict, dict | None]:
+    """The CAM lung share on the held-out split (val without one) and on the external set, and the external
+    set's metrics at val's operating point (nothing is fitted on it)."""
+    from model.lung_evaluation import cam_lung_share, split_lung_share
+
+    shares = {}
+    split = "holdout" if len(cache.split("holdout")[0]) else "val"
+    idx, y = cache.split(split)
+    shares[split] = split_lung_share(session, cache.images[idx], y, config, segmenter, settings.n_bootstrap,
+                                     settings.seed)
+    log.info("CAM lung share (%s, %s): %.3f", split, shares[split]["source"], shares[split]["all"]["mean"])
+    external = None
+    if settings.external_data:
+        from model.external import load_external, score_external
+
+        ext = load_external(settings.external_data, config, segmenter)
+        logits, cams = run_images(session, ext.images, config, with_cam=True)
+        external = score_external(ext, point.probabilities(logits), point.threshold, settings.n_bootstrap,
+                                  settings.seed)
+        external["source"] = settings.external_data
+        external["abstention"] = abstention_metrics(ext.labels, point.probabilities(logits), *point.band)
+        shares["external"] = cam_lung_share(cams, ext.images, ext.labels, segmenter, settings.n_bootstrap,
+                                            settings.seed)
+        log.info("external n=%d AUC %.4f  sens %.4f  spec %.4f  ECE %.4f; CAM lung share %.3f", external["n"],
+                 external["auc"], external["sensitivity"], external["specificity"], external["ece"],
+                 shares["external"]["all"]["mean"])
+    return shares, external
 
 
 def _export_checked(net, config: PreprocessConfig, onnx_path: Path, val_images: np.ndarray) -> tuple[Path, dict]:

@@ -19,12 +19,16 @@ def build_resnet50(pretrained: str | Path | None = None, dropout: float = 0.2, f
     """torchvision ResNet-50, 1 input channel, single-logit head."""
     net = resnet50(weights=None)
     weights_path = _find_imagenet_weights(pretrained) if for_training else None
+    gray_backbone = None
     if not for_training:
         pass  # weights come from a checkpoint next
     elif weights_path:
         state = torch.load(weights_path, map_location="cpu", weights_only=True)
-        net.load_state_dict(state)
-        log.info("initialised from ImageNet weights in %s", weights_path)
+        if state.get("conv1.weight") is not None and state["conv1.weight"].shape[1] == 1:
+            gray_backbone = state  # a grayscale backbone (``pneumoscope pretrain``): loaded after the stem change
+        else:
+            net.load_state_dict(state)
+            log.info("initialised from ImageNet weights in %s", weights_path)
     else:
         log.info("no ImageNet weights given or cached: training from random initialisation")
     stem = net.conv1
@@ -33,7 +37,13 @@ def build_resnet50(pretrained: str | Path | None = None, dropout: float = 0.2, f
         # Sum of the RGB filters: a gray image replicated to RGB gives the same response.
         net.conv1.weight.copy_(stem.weight.sum(dim=1, keepdim=True))
     net.fc = nn.Sequential(nn.Dropout(dropout), nn.Linear(net.fc.in_features, 1))
-    if not weights_path:
+    if gray_backbone is not None:
+        missing, unexpected = net.load_state_dict(gray_backbone, strict=False)
+        if unexpected or any(not k.startswith("fc.") for k in missing):
+            raise ValueError(f"{weights_path} is not a grayscale ResNet-50 backbone (missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]})")
+        log.info("initialised from the self-supervised grayscale backbone in %s (new head)", weights_path)
+    if not weights_path or gray_backbone is not None:
         nn.init.zeros_(net.fc[1].bias)
     return net
 

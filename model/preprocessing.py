@@ -41,6 +41,13 @@ JPEG_DRAFT_SIDE = DECODED_MAX_SIDE // 2
 
 #: 2: stage 1 bounds images to DECODED_MAX_SIDE (JPEG drafted at that bound, not at the model size).
 PREPROCESSING_VERSION = 2
+#: Stage-2 lung options (``PreprocessConfig.lung_crop``); ``model.lung_fields`` computes the mask.
+LUNG_CROPS = ("none", "box", "mask", "box+mask")
+#: A lung mask covering less than this share of the image is not trusted to place a crop (no lungs found).
+MIN_LUNG_AREA = 0.05
+#: "mask": the lung mask is dilated by this many pixels of the segmentation frame (of 128) before blanking,
+#: so the hila, the retrocardiac lung and the costophrenic angles stay visible.
+LUNG_MASK_DILATION = 6
 
 
 @dataclass(frozen=True)
@@ -58,6 +65,12 @@ class PreprocessConfig:
     # "ellipse": pixels outside a fixed elliptical lung-field prior are set to the mean (~0 after
     # normalisation) before the network sees them, in training and serving alike.
     field_mask: str = "none"
+    # Lung fields (``model.lung_fields``; the segmentation graph travels in the bundle): "box" crops the stage-1
+    # image to the lungs' bounding box widened by ``lung_margin`` before the resize, "mask" blanks what lies
+    # outside the (dilated) lungs, "box+mask" does both. The segmenter runs on the stage-1 pixels in the
+    # training cache and in the predictor alike, so both compute the same pixels.
+    lung_crop: str = "none"
+    lung_margin: float = 0.1
     # Per-image mean intensity (0-255) of the training images, recorded with the model (the serving
     # gate uses absolute bounds that hold for every radiograph, so that it needs no model version).
     train_intensity_mean: float = 120.0
@@ -71,6 +84,8 @@ class PreprocessConfig:
                              f"decoded images to {DECODED_MAX_SIDE} px per side)")
         if self.resample not in _RESAMPLE:
             raise ValueError(f"unknown resample {self.resample!r} ({', '.join(_RESAMPLE)})")
+        if self.lung_crop not in LUNG_CROPS:
+            raise ValueError(f"unknown lung crop {self.lung_crop!r} ({', '.join(LUNG_CROPS)})")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -78,6 +93,10 @@ class PreprocessConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "PreprocessConfig":
         known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
+        if unknown:  # a stage this code does not run: serving the model would feed it other pixels
+            raise ValueError(f"the model's preprocessing names {', '.join(unknown)}, which this code does not know; "
+                             "update pneumoscope to serve it")
         if known.get("version", PREPROCESSING_VERSION) != PREPROCESSING_VERSION:
             raise ValueError(f"preprocessing version {known['version']} is not supported by this code (version "
                              f"{PREPROCESSING_VERSION}): the model was trained on pixels this code no longer "
@@ -253,12 +272,88 @@ def normalize(batch: np.ndarray, config: PreprocessConfig) -> np.ndarray:
     return (batch.astype(np.float32) * scale - offset)[:, None]
 
 
+def lung_view(pixels: np.ndarray, config: PreprocessConfig, lung_mask: np.ndarray | None):
+    """Stage 2's resize for every model: uint8 stage-1 pixels (H, W) -> (the uint8 (S, S) model input, the
+    (top, left, bottom, right) region of the stage-1 image it shows, in fractions).
+
+    ``lung_mask`` (bool, in ``model.lung_fields.LungSegmenter``'s frame: the stage-1 image squashed to a square)
+    is needed when the version was trained with ``lung_crop``; "box" crops to the lungs' box widened by
+    ``lung_margin`` (the whole image when the mask is too small to trust), "mask" sets what lies outside the
+    dilated lungs to 0.
+    """
+    whole = (0.0, 0.0, 1.0, 1.0)
+    if config.lung_crop == "none":
+        return resize(pixels, config), whole
+    if lung_mask is None:
+        raise ValueError(f"this model crops to the lungs ({config.lung_crop!r}): it needs the lung mask of each image")
+    box = lung_box(lung_mask, config.lung_margin) if "box" in config.lung_crop else None
+    shown = pixels
+    if "mask" in config.lung_crop:
+        grown = dilate(lung_mask, LUNG_MASK_DILATION)
+        if grown.mean() > 0:  # no lungs found: nothing is blanked (as nothing is cropped)
+            shown = np.where(resize_mask(grown, *pixels.shape), pixels, np.uint8(0))
+    return resize(np.ascontiguousarray(crop(shown, box)), config), box or whole
+
+
+def lung_box(mask: np.ndarray, margin: float = 0.1,
+             min_area: float = MIN_LUNG_AREA) -> tuple[float, float, float, float] | None:
+    """(top, left, bottom, right) in fractions of the image: the lungs' bounding box widened by ``margin`` of
+    its own height/width on each side, clipped to the image; None when the mask covers less than ``min_area``."""
+    mask = np.asarray(mask, dtype=bool)
+    height, width = mask.shape
+    if mask.mean() < min_area:
+        return None
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    top, bottom, left, right = rows[0] / height, (rows[-1] + 1) / height, cols[0] / width, (cols[-1] + 1) / width
+    dy, dx = margin * (bottom - top), margin * (right - left)
+    return (max(0.0, top - dy), max(0.0, left - dx), min(1.0, bottom + dy), min(1.0, right + dx))
+
+
+def box_pixels(box: tuple[float, float, float, float], height: int, width: int) -> tuple[int, int, int, int]:
+    """The box on an image of (height, width), widened to whole pixels (floor the start, ceil the end)."""
+    top, left, bottom, right = box
+    y0, x0 = int(np.floor(top * height)), int(np.floor(left * width))
+    y1, x1 = int(np.ceil(bottom * height)), int(np.ceil(right * width))
+    return max(0, y0), max(0, x0), min(height, max(y1, y0 + 1)), min(width, max(x1, x0 + 1))
+
+
+def crop(pixels: np.ndarray, box: tuple[float, float, float, float] | None) -> np.ndarray:
+    """The part of ``pixels`` inside ``box`` (all of it for None)."""
+    if box is None:
+        return pixels
+    y0, x0, y1, x1 = box_pixels(box, *pixels.shape[-2:])
+    return pixels[..., y0:y1, x0:x1]
+
+
+def resize_mask(mask: np.ndarray, height: int, width: int) -> np.ndarray:
+    """bool mask to (height, width), nearest neighbour."""
+    mask = np.asarray(mask, dtype=bool)
+    if mask.shape == (height, width):
+        return mask
+    image = Image.fromarray(mask.astype(np.uint8) * 255)
+    return np.asarray(image.resize((width, height), Image.Resampling.NEAREST)) > 127
+
+
+def dilate(mask: np.ndarray, pixels: int) -> np.ndarray:
+    """bool mask grown by ``pixels`` in every direction (a square max filter, Pillow's)."""
+    from PIL import ImageFilter
+
+    if pixels <= 0:
+        return np.asarray(mask, dtype=bool)
+    image = Image.fromarray(np.asarray(mask, dtype=np.uint8) * 255)
+    return np.asarray(image.filter(ImageFilter.MaxFilter(2 * pixels + 1))) > 127
+
+
 # -- both stages: what the training cache stores ----------------------------------------------------
 
-def load_resized(data: bytes, config: PreprocessConfig, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
-    """Stage 1 then the resize of stage 2: the uint8 (S, S) image that the cache stores."""
+def load_resized(data: bytes, config: PreprocessConfig, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 segmenter=None) -> DecodedImage:
+    """Stage 1 then the resize of stage 2: the uint8 (S, S) image that the cache stores. A version trained with
+    ``lung_crop`` needs ``segmenter`` (``model.lung_fields.LungSegmenter``), run on the stage-1 pixels as the
+    predictor runs it."""
     image = decode(data, max_pixels=max_pixels)
-    image.pixels = resize(image.pixels, config)
+    mask = segmenter.mask(image.pixels) if segmenter is not None and config.lung_crop != "none" else None
+    image.pixels, _ = lung_view(image.pixels, config, mask)
     return image
 
 

@@ -25,6 +25,9 @@ class Profile:
     # Generalisation candidates (issue 9), all off by default: see BENCHMARKS.md, "Generalisation".
     erase_borders: float = 0.0  # probability of erasing random patches in the border band (markers, text)
     field_mask: str = "none"  # "ellipse": blank everything outside a fixed elliptical lung-field prior
+    # "acquisition" (issue 17): adds what another machine or projection changes -- exposure curves, contrast,
+    # detector blur and resolution, noise, crops and rescales, AP/PA-like geometry (model.transforms)
+    augment: str = "standard"
     sync_bn: bool = False  # SyncBatchNorm across GPUs (CUDA only; needs small per-GPU batches to pay off)
     description: str = ""
 
@@ -47,6 +50,7 @@ PROFILES: dict[str, Profile] = {
 }
 
 FIELD_MASKS = ("none", "ellipse")
+AUGMENTS = ("standard", "acquisition")
 
 
 def get_profile(name: str, **overrides) -> Profile:
@@ -65,6 +69,8 @@ def customise(base: Profile, **overrides) -> Profile:
     profile = replace(base, **changes)
     if profile.field_mask not in FIELD_MASKS:
         raise ValueError(f"unknown field mask {profile.field_mask!r}; choose one of {', '.join(FIELD_MASKS)}")
+    if profile.augment not in AUGMENTS:
+        raise ValueError(f"unknown augmentation {profile.augment!r}; choose one of {', '.join(AUGMENTS)}")
     if not 0.0 <= profile.erase_borders <= 1.0:
         raise ValueError(f"erase_borders is a probability, not {profile.erase_borders}")
     return profile

@@ -160,6 +160,9 @@ def log_and_register(bundle_dir: str | Path, report: dict, history: list[dict], 
         from model.evaluation import intended_use_metrics
 
         mlflow.log_metrics(intended_use_metrics(report))  # decided-case figures, risk-coverage, OOD shares
+        from model.lung_evaluation import report_metrics
+
+        mlflow.log_metrics(report_metrics(report))  # where the evidence falls; the external validation set
         if plots_dir and Path(plots_dir).is_dir():
             mlflow.log_artifacts(str(plots_dir), artifact_path="plots")
         if data_quality_dir and Path(data_quality_dir).is_dir():

@@ -429,6 +429,7 @@ def _prepare_run(cache_dir: str | Path, out: Path, profile: Profile, pretrained:
     per_rank_batch = profile.batch_size // ctx.world_size
     train_set = CacheDataset(cache.images, train_idx, train_y,
                              TrainTransform(config, profile.aug_strength, erase_borders=profile.erase_borders,
+                                            acquisition=profile.augment == "acquisition",
                                             seed=seed), seed)
     # Same permutation for every world size (seed + epoch): global step k sees the same images under
     # torchrun as in one process, and a resumed run continues the order it would have had.

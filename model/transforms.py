@@ -55,7 +55,33 @@ class BorderErasing(A.ImageOnlyTransform):
         return ("band", "size", "max_patches")
 
 
-def train_augmentation(strength: float = 1.0, erase_borders: float = 0.0) -> A.Compose:
+def acquisition_augmentation(image_size: int, strength: float = 1.0) -> list:
+    """What another hospital's machine and projection change in a film (issue 17's candidate, ``--augment
+    acquisition``), on top of :func:`train_augmentation`: the exposure curve (gamma) and contrast of another
+    detector and its processing (local contrast, edge enhancement), its blur and resolution, its noise, other
+    collimation (crops and rescales), and the geometry of an AP film (supine, source closer: a wider heart and
+    mediastinum, the film taken at an angle)."""
+    s = strength
+    return [
+        A.RandomResizedCrop(size=(image_size, image_size), scale=(1 - 0.35 * s, 1.0), ratio=(0.8, 1.25), p=0.5),
+        A.Perspective(scale=(0.01, 0.01 + 0.05 * s), fit_output=False, border_mode=cv2.BORDER_CONSTANT, fill=0,
+                      p=0.3),
+        A.Affine(scale={"x": (1 - 0.1 * s, 1 + 0.1 * s), "y": (1 - 0.06 * s, 1 + 0.06 * s)},
+                 border_mode=cv2.BORDER_CONSTANT, fill=0, p=0.4),  # anisotropic: AP magnification
+        A.RandomGamma(gamma_limit=(int(100 - 45 * s), int(100 + 60 * s)), p=0.5),
+        A.OneOf([A.CLAHE(clip_limit=(1.0, 1.0 + 3.0 * s), tile_grid_size=(8, 8)),
+                 A.Sharpen(alpha=(0.1, 0.1 + 0.3 * s), lightness=(0.9, 1.1)),
+                 A.Equalize()], p=0.3),
+        A.OneOf([A.GaussianBlur(blur_limit=(3, 5), sigma_limit=(0.2, 0.2 + 1.2 * s)),
+                 A.Downscale(scale_range=(1 - 0.6 * s, 0.9), interpolation_pair={"downscale": cv2.INTER_AREA,
+                                                                                "upscale": cv2.INTER_LINEAR})],
+                p=0.4),
+        A.GaussNoise(std_range=(0.01, 0.01 + 0.06 * s), p=0.3),
+    ]
+
+
+def train_augmentation(strength: float = 1.0, erase_borders: float = 0.0, acquisition: bool = False,
+                       image_size: int | None = None) -> A.Compose:
     """Geometry and exposure changes a radiograph plausibly has; ``strength`` scales all of them."""
     s = strength
     steps = [
@@ -66,6 +92,10 @@ def train_augmentation(strength: float = 1.0, erase_borders: float = 0.0) -> A.C
         A.RandomGamma(gamma_limit=(int(100 - 30 * s), int(100 + 30 * s)), p=0.3),
         A.GaussNoise(std_range=(0.01, 0.01 + 0.04 * s), p=0.3),
     ]
+    if acquisition:
+        if image_size is None:
+            raise ValueError("acquisition augmentation needs the image size (its crops are resized back to it)")
+        steps = steps[:1] + acquisition_augmentation(image_size, strength) + steps[1:]
     if erase_borders > 0:
         steps.append(BorderErasing(p=erase_borders))
     return A.Compose(steps)
@@ -79,9 +109,9 @@ class TrainTransform:
     """
 
     def __init__(self, config: PreprocessConfig, strength: float = 1.0, erase_borders: float = 0.0,
-                 seed: int | None = None):
+                 seed: int | None = None, acquisition: bool = False):
         self.config = config
-        self.augment = train_augmentation(strength, erase_borders)
+        self.augment = train_augmentation(strength, erase_borders, acquisition, config.image_size)
         self.augment.set_random_seed(seed)
 
     def reseed(self, seed: int) -> None:

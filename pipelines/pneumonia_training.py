@@ -1,4 +1,6 @@
-"""The ``pneumonia-training`` pipeline: preprocess -> train (``num_gpus`` GPUs) -> evaluate -> register.
+"""The ``pneumonia-training`` pipeline: [lung_segmentation] -> preprocess -> train (``num_gpus`` GPUs) -> evaluate
+-> register. The lung_segmentation step is optional: it trains the lung U-Net only when ``lung_masks_uri`` is
+set, and preprocess (``lung_crop``) and evaluate (the bundle, the CAM lung share) use its model when it did.
 
 ``build_pipeline(image)`` returns the pipeline for one container image; ``compile_pipeline`` writes
 the YAML that is checked in as ``pipelines/pneumonia_training.yaml`` (default image).
@@ -35,6 +37,7 @@ S3_SECRET_KEYS = {k: k for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "
 
 # (cpu request, cpu limit, memory request, memory limit) per step.
 RESOURCES = {
+    "lung_segmentation": ("4", "8", "8Gi", "16Gi"),
     "preprocess": ("4", "8", "8Gi", "16Gi"),
     "train": ("8", "16", "24Gi", "48Gi"),
     "evaluate": ("4", "8", "8Gi", "16Gi"),
@@ -52,7 +55,7 @@ def _resources(task: dsl.PipelineTask, step: str) -> dsl.PipelineTask:
 
 
 def build_pipeline(image: str = DEFAULT_IMAGE, retries: bool = True):
-    """The pipeline whose four steps run in ``image``. ``retries=False`` for kfp.local, which honours
+    """The pipeline whose steps run in ``image``. ``retries=False`` for kfp.local, which honours
     retry policies too: a deterministic failure on a laptop should not wait out the back-off."""
     steps = build_components(image)
 
@@ -81,14 +84,26 @@ def build_pipeline(image: str = DEFAULT_IMAGE, retries: bool = True):
         num_gpus: int = 1,
         exclude_blurred: bool = False,
         mask_text: bool = False,
+        lung_masks_uri: str = "",
+        lung_crop: str = "none",
+        external_data_uri: str = "",
     ) -> NamedTuple("Outputs", [("model_uri", str), ("version", str), ("registration", str)]):
         """0 for epochs, learning_rate, batch_size, image_size: the profile's value. limit_per_class 0:
         every image. mlflow_uri empty: MLFLOW_TRACKING_URI of the image. num_gpus: the train step's GPU
-        limit and its torchrun --nproc-per-node (batch_size is the global batch)."""
-        prep = steps.preprocess(data_uri=data_uri, profile=profile, image_size=image_size,
-                                val_fraction=val_fraction, holdout_fraction=holdout_fraction, seed=seed,
-                                limit_per_class=limit_per_class, exclude_blurred=exclude_blurred,
-                                mask_text=mask_text)
+        limit and its torchrun --nproc-per-node (batch_size is the global batch). lung_masks_uri: films with
+        lung masks (lung_masks_256's layout) to train the lung U-Net on; empty: no lung model (lung_crop must
+        then stay none). external_data_uri: an external VALIDATION set (labels.csv), scored, never fitted on."""
+        lungs = steps.lung_segmentation(lung_masks_uri=lung_masks_uri, seed=seed)
+        _resources(lungs, "lung_segmentation")
+        lungs.set_caching_options(enable_caching=False)  # its input is a URI, as preprocess's
+        if retries:
+            lungs.set_retry(num_retries=1, backoff_duration="30s")
+        kubernetes.use_secret_as_env(lungs, S3_SECRET, S3_SECRET_KEYS, optional=True)
+
+        prep = steps.preprocess(data_uri=data_uri, lung_model=lungs.outputs["lung_model"], profile=profile,
+                                image_size=image_size, val_fraction=val_fraction,
+                                holdout_fraction=holdout_fraction, seed=seed, limit_per_class=limit_per_class,
+                                exclude_blurred=exclude_blurred, mask_text=mask_text, lung_crop=lung_crop)
         _resources(prep, "preprocess").set_env_variable("PNEUMOSCOPE_WORKERS", PREPROCESS_WORKERS)
         prep.set_caching_options(enable_caching=False)
         if retries:
@@ -107,9 +122,11 @@ def build_pipeline(image: str = DEFAULT_IMAGE, retries: bool = True):
         kubernetes.set_timeout(fit, TRAIN_TIMEOUT_S)
 
         ev = steps.evaluate(dataset=prep.outputs["dataset"], checkpoint=fit.outputs["checkpoint"],
-                            model_name=model_name, threshold_method=threshold_method,
-                            target_sensitivity=target_sensitivity, n_bootstrap=n_bootstrap, int8=int8)
+                            lung_model=lungs.outputs["lung_model"], model_name=model_name,
+                            threshold_method=threshold_method, target_sensitivity=target_sensitivity,
+                            n_bootstrap=n_bootstrap, int8=int8, external_data_uri=external_data_uri)
         _resources(ev, "evaluate")
+        kubernetes.use_secret_as_env(ev, S3_SECRET, S3_SECRET_KEYS, optional=True)  # an s3:// external set
         ev.set_caching_options(enable_caching=True)
         if retries:
             ev.set_retry(num_retries=1, backoff_duration="30s")

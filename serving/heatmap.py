@@ -42,9 +42,16 @@ def upsample(heat: np.ndarray, width: int, height: int) -> np.ndarray:
     return np.asarray(image.resize((width, height), Image.Resampling.BILINEAR), dtype=np.float32)
 
 
-def heatmap(cam: np.ndarray, width: int, height: int) -> np.ndarray:
-    """Low-resolution CAM -> [0, 1] heatmap of the image's size."""
-    return np.clip(upsample(normalise_cam(cam), width, height), 0.0, 1.0)
+def heatmap(cam: np.ndarray, width: int, height: int, box=None) -> np.ndarray:
+    """Low-resolution CAM -> [0, 1] heatmap of the image's size. ``box`` (top, left, bottom, right fractions:
+    the predictor's ``input_box``) is the part of the image the model saw, and so the CAM covers; 0 elsewhere."""
+    if box is None or tuple(float(b) for b in box) == (0.0, 0.0, 1.0, 1.0):
+        return np.clip(upsample(normalise_cam(cam), width, height), 0.0, 1.0)
+    top, left = int(np.floor(box[0] * height)), int(np.floor(box[1] * width))
+    bottom, right = max(top + 1, int(np.ceil(box[2] * height))), max(left + 1, int(np.ceil(box[3] * width)))
+    out = np.zeros((height, width), dtype=np.float32)
+    out[top:bottom, left:right] = np.clip(upsample(normalise_cam(cam), right - left, bottom - top), 0.0, 1.0)
+    return out
 
 
 def fit(width: int, height: int, max_side: int) -> tuple[int, int]:
@@ -52,7 +59,7 @@ def fit(width: int, height: int, max_side: int) -> tuple[int, int]:
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def render_overlay(gray: np.ndarray, cam: np.ndarray, max_side: int = 512, alpha: float = 0.55) -> bytes:
+def render_overlay(gray: np.ndarray, cam: np.ndarray, max_side: int = 512, alpha: float = 0.55, box=None) -> bytes:
     """PNG of the grayscale X-ray with the heatmap blended in (hot regions opaque, cold ones clear)."""
     height, width = gray.shape
     out_w, out_h = fit(width, height, max_side)
@@ -60,7 +67,7 @@ def render_overlay(gray: np.ndarray, cam: np.ndarray, max_side: int = 512, alpha
     if (out_w, out_h) != (width, height):
         base = base.resize((out_w, out_h), Image.Resampling.BILINEAR)
     base_rgb = np.repeat(np.asarray(base, dtype=np.float32)[..., None], 3, axis=2)
-    heat = heatmap(cam, out_w, out_h)
+    heat = heatmap(cam, out_w, out_h, box)
     colour = TURBO[np.round(heat * 255.0).astype(np.uint8)].astype(np.float32)
     weight = (alpha * heat)[..., None]
     blended = np.round(base_rgb * (1.0 - weight) + colour * weight).astype(np.uint8)

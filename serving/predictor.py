@@ -3,8 +3,9 @@
 It owns the version: stage 2 of ``model.preprocessing`` (squash-resize to the version's size,
 normalise with its mean/std), the engine, calibration (temperature + logit bias), the operating
 threshold, and the decision (:class:`model.intended_use.DecisionRule`: the refer band, the
-out-of-distribution detector of :mod:`model.ood` and the age limit). The transformer in front of it knows no version; so whichever transformer sends a
-request, the answer is computed entirely by this version, and names it.
+out-of-distribution detector of :mod:`model.ood` and the age limit). The transformer in front of it knows
+no version; so whichever transformer sends a request, the answer is computed entirely by this version,
+and names it.
 
 Open Inference Protocol v2 (REST or gRPC), see :mod:`serving.protocol`:
 
@@ -20,6 +21,13 @@ Open Inference Protocol v2 (REST or gRPC), see :mod:`serving.protocol`:
 
 The out-of-distribution score comes from the graph's third output (layer1's channel statistics): one
 [N,512] x [512,512] product per batch, no second inference.
+
+Where the evidence falls (:mod:`model.lung_fields`): ``lung_share`` FP32 [N] (the share of the positive CAM
+mass inside the lungs; -1 when the CAM has none), ``lung_mask`` UINT8 [N,128,128] (1 on the lungs, in the
+stage-1 image squashed to a square: row r covers rows r*H/128.. of the image), ``lung_mask_source`` BYTES [N]
+(``segmentation`` from the bundle's U-Net, or ``ellipse_prior`` for a bundle without one) and ``input_box``
+FP32 [N,4] (top, left, bottom, right, fractions of the stage-1 image: what the model input, and so the CAM,
+covers; [0,0,1,1] unless the version crops to the lungs).
 
 Concurrent requests are batched server-side (:mod:`serving.batching`). Ready only after a warm-up
 inference. No torch.
@@ -40,9 +48,11 @@ import numpy as np
 from kserve import Model
 from kserve.protocol.infer_type import InferRequest, InferResponse, to_http_parameters
 
+from model.bundle import BundleError
 from model.intended_use import DecisionRule
+from model.lung_fields import SEGMENTATION_SIZE, LungSegmenter, crop, lung_share, resize_mask
 from model.ood import OodDetector
-from model.preprocessing import DECODED_MAX_SIDE, PREPROCESSING_VERSION, normalize, resize
+from model.preprocessing import DECODED_MAX_SIDE, PREPROCESSING_VERSION, field_mask, lung_view, normalize
 from model.registry import fetch_model
 from serving import engine_choice
 from serving.admission import deadline
@@ -98,6 +108,7 @@ class PneumoniaPredictor(Model):
         self.rule: DecisionRule | None = None
         self.detector = None
         self.intended_use_json = "{}"
+        self.lungs = None  # the bundle's lung segmenter (model.lung_fields.LungSegmenter), if it has one
 
     # -- loading -------------------------------------------------------------------------------
     def load(self) -> bool:
@@ -115,6 +126,11 @@ class PneumoniaPredictor(Model):
         if self.detector is None:
             log.warning("model version %s carries no out-of-distribution detector (exported before it existed): every "
                         "answer is REFER, reason intended_use_unknown; re-export the model", self.model_version)
+        # One thread: it runs per image, beside the engine's threads, in the same call as the classifier.
+        self.lungs = LungSegmenter.from_bundle(self.bundle, threads=1)
+        if self.config.lung_crop != "none" and self.lungs is None:
+            raise BundleError(f"version {self.model_version} was trained on lung-cropped films "
+                              f"({self.config.lung_crop}) but its bundle holds no lung segmentation model")
         # Engine x precision: gated for accuracy and timed on this machine (serving.engine_selection). Under
         # load, single-threaded runs go side by side on the narrow engine.
         self.engine = select_engine(self.bundle, s, self.name, self.model_version,
@@ -185,7 +201,11 @@ class PneumoniaPredictor(Model):
                 {"name": "decision", "datatype": "BYTES", "shape": [-1]},
                 {"name": "ood_score", "datatype": "FP32", "shape": [-1]},
                 {"name": "in_intended_use", "datatype": "BOOL", "shape": [-1]},
-                {"name": "refer_reasons", "datatype": "BYTES", "shape": [-1]}]
+                {"name": "refer_reasons", "datatype": "BYTES", "shape": [-1]},
+                {"name": "lung_share", "datatype": "FP32", "shape": [-1]},
+                {"name": "lung_mask", "datatype": "UINT8", "shape": [-1, SEGMENTATION_SIZE, SEGMENTATION_SIZE]},
+                {"name": "lung_mask_source", "datatype": "BYTES", "shape": [-1]},
+                {"name": "input_box", "datatype": "FP32", "shape": [-1, 4]}]
 
     # -- request checks ------------------------------------------------------------------------
     def limits(self) -> tuple[int, int]:
@@ -252,7 +272,29 @@ class PneumoniaPredictor(Model):
     # -- inference -----------------------------------------------------------------------------
     def model_input(self, images: list[np.ndarray]) -> np.ndarray:
         """Stage 2 of the preprocessing, with this version's parameters: float32 [N,1,S,S]."""
-        return np.ascontiguousarray(normalize(np.stack([resize(im, self.config) for im in images]), self.config))
+        return self.model_inputs(images)[0]
+
+    def model_inputs(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Stage 2 (``model.preprocessing.lung_view``, lung crop included) and the lung masks: (float32 [N,1,S,S],
+        bool lung masks [N,s,s] at the segmenter's size in each stage-1 image's squashed frame, input boxes [N,4])."""
+        if self.lungs is not None:
+            masks = np.stack([self.lungs.mask(im) for im in images])
+        else:
+            masks = np.broadcast_to(field_mask(SEGMENTATION_SIZE, SEGMENTATION_SIZE, "ellipse"),
+                                    (len(images), SEGMENTATION_SIZE, SEGMENTATION_SIZE))
+        views = [lung_view(im, self.config, mask if self.lungs is not None else None)
+                 for im, mask in zip(images, masks)]
+        x = np.ascontiguousarray(normalize(np.stack([pixels for pixels, _ in views]), self.config))
+        return x, masks, np.array([box for _, box in views], dtype=np.float32)
+
+    @property
+    def lung_mask_source(self) -> str:
+        return "segmentation" if self.lungs is not None else "ellipse_prior"
+
+    def lung_shares(self, cams: np.ndarray, masks: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+        """The CAM lung share of each image, in the model input's frame (the mask cropped to the input box)."""
+        return np.array([lung_share(cam, crop(mask, tuple(float(b) for b in box)))
+                         for cam, mask, box in zip(cams, masks, boxes)], dtype=np.float32)
 
     def calibrate(self, logits: np.ndarray) -> tuple[np.ndarray, list[str]]:
         probs = self.bundle.probability(logits).astype(np.float32)
@@ -275,11 +317,13 @@ class PneumoniaPredictor(Model):
         self._check_preprocessing(payload)
         images = self._images(payload)
         ages = self._ages(payload, len(images))
-        if len(images) > INLINE_RESIZE_IMAGES:
-            x = await asyncio.to_thread(self.model_input, images)
+        if len(images) > INLINE_RESIZE_IMAGES or self.lungs is not None:
+            x, masks, boxes = await asyncio.to_thread(self.model_inputs, images)
         else:
-            x = self.model_input(images)
+            x, masks, boxes = self.model_inputs(images)
         logits, cams, features = await self.batcher.submit(x, deadline())
+        # -1: no positive CAM mass to place (JSON has no NaN)
+        shares = np.nan_to_num(self.lung_shares(cams, masks, boxes), nan=-1.0)
         if self.settings.test_delay_ms:
             await asyncio.sleep(self.settings.test_delay_ms / 1000.0)
         probs, labels = self.calibrate(logits)
@@ -294,7 +338,13 @@ class PneumoniaPredictor(Model):
                    tensor_output("ood_score", "FP32", scores),
                    tensor_output("in_intended_use", "BOOL", np.array([v.in_intended_use for v in verdicts])),
                    tensor_output("refer_reasons", "BYTES", np.array(
-                       [json.dumps(v.reasons_json(), separators=(",", ":")) for v in verdicts], dtype=np.object_))]
+                       [json.dumps(v.reasons_json(), separators=(",", ":")) for v in verdicts], dtype=np.object_)),
+                   tensor_output("lung_share", "FP32", shares),
+                   tensor_output("lung_mask", "UINT8", np.stack([resize_mask(m, SEGMENTATION_SIZE, SEGMENTATION_SIZE)
+                                                                 for m in masks]).astype(np.uint8)),
+                   tensor_output("lung_mask_source", "BYTES",
+                                 np.array([self.lung_mask_source] * len(images), dtype=np.object_)),
+                   tensor_output("input_box", "FP32", boxes)]
         # The bundle's digest names exactly what computed the answer (the DICOM SR's algorithm identification).
         return InferResponse(response_id=payload.id or str(uuid.uuid4()), model_name=self.name,
                              model_version=self.model_version, infer_outputs=outputs,

@@ -42,6 +42,8 @@ OUTPUT_NAMES = ("probability", "label", "threshold", "logit", "cam")
 UNKNOWN_USE_REASON = {"code": "intended_use_unknown", "text": "The model server that answered does not check the "
                       "intended use (older software), so nothing tells whether the film lies within it."}
 
+LUNG_OUTPUT_NAMES = ("lung_share", "lung_mask", "lung_mask_source", "input_box")
+
 
 @dataclass
 class Answer:
@@ -59,6 +61,11 @@ class Answer:
     in_intended_use: list[bool] = field(default_factory=list)
     refer_reasons: list[list[dict]] = field(default_factory=list)  # per image: [{"code", "text"}, ...]
     intended_use: dict = field(default_factory=dict)  # the version's summary (profile, figures, ...)
+    # Where the evidence falls (serving.predictor): absent from a predictor revision that predates them.
+    lung_share: np.ndarray | None = None  # float32 [N], -1 where the CAM has no positive mass
+    lung_mask: np.ndarray | None = None  # uint8 [N, 128, 128]
+    lung_mask_source: list[str] | None = None
+    input_box: np.ndarray | None = None  # float32 [N, 4]: what the CAM covers, in fractions of the image
 
 
 def _read_decision(answer: Answer, response: InferResponse, n: int) -> None:
@@ -95,6 +102,24 @@ def parse_rest_response(content: bytes, header_length: str | None) -> InferRespo
         version = json.loads(content[:length]).get("model_version")
         response.model_version = None if version is None else str(version)
     return response
+
+
+def _lung_outputs(answer: Answer, response: InferResponse, n: int) -> None:
+    """The optional lung outputs onto ``answer``, checked (all four or none)."""
+    got = {name: response.get_output_by_name(name) for name in LUNG_OUTPUT_NAMES}
+    if all(v is None for v in got.values()):
+        return
+    if any(v is None for v in got.values()):
+        raise ValueError(f"lung outputs {[k for k, v in got.items() if v is not None]} without the others")
+    answer.lung_share = got["lung_share"].as_numpy().astype(np.float32).reshape(-1)
+    answer.lung_mask = got["lung_mask"].as_numpy().astype(np.uint8)
+    answer.lung_mask_source = [v.decode() if isinstance(v, bytes) else str(v)
+                               for v in got["lung_mask_source"].as_numpy()]
+    answer.input_box = got["input_box"].as_numpy().astype(np.float32)
+    if (answer.lung_share.shape != (n,) or answer.lung_mask.ndim != 3 or len(answer.lung_mask) != n
+            or len(answer.lung_mask_source) != n or answer.input_box.shape != (n, 4)):
+        raise ValueError(f"lung outputs shaped {answer.lung_share.shape}, {answer.lung_mask.shape}, "
+                         f"{answer.input_box.shape} for {n} images")
 
 
 class PredictorClient:
@@ -169,6 +194,7 @@ class PredictorClient:
                 raise ValueError(f"shapes probability {answer.probability.shape}, cam {answer.cam.shape}, "
                                  f"version {answer.model_version!r} for {n} images")
             _read_decision(answer, response, n)
+            _lung_outputs(answer, response, n)
         except (AttributeError, ValueError, TypeError, UnicodeDecodeError) as exc:
             PREDICTOR_ERRORS.labels(cause="bad_response").inc()
             log.error("malformed predictor response: %s", exc)

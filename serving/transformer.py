@@ -22,6 +22,10 @@ instance), which wins. It travels to the predictor, whose version applies its ow
 
 ``intended_use`` and ``model_sha256`` (the served bundle's digest, when the predictor names it) are response
 parameters (v1: fields of the response and of each prediction respectively).
+Where the evidence falls: ``lung_share`` FP32 [N]: the share of the positive CAM mass inside the lungs (-1: no positive mass), with
+  ``lung_mask_source`` BYTES [N] (``segmentation`` or ``ellipse_prior``); with ``heatmap: true`` also
+  ``lung_mask`` UINT8 [N,128,128] (1 on the lungs, the film squashed to a square) and ``input_box`` FP32 [N,4]
+  (top, left, bottom, right fractions: the part of the film the CAM covers). Passed through from the predictor.
 
 The transformer is version-agnostic: it runs stage 1 of ``model.preprocessing`` (decode to bounded
 grayscale, with bounded cost) and the X-ray gate of :mod:`serving.inputs`, sends the pixels of all
@@ -58,7 +62,7 @@ log = logging.getLogger(__name__)
 
 INPUT = "image"
 OUTPUTS = ("probability", "label", "threshold", "heatmap_png", "cam", "quality_flags", "decision", "ood_score",
-           "in_intended_use", "refer_reasons")
+           "in_intended_use", "refer_reasons", "lung_share", "lung_mask_source", "lung_mask", "input_box")
 #: The request parameter (v1: also per instance) giving the patient's age: years, or a DICOM age string.
 AGE_PARAMETER = "patient_age"
 _RAW_IMAGE_TYPES = ("image/", "application/dicom")
@@ -143,7 +147,11 @@ class PneumoniaTransformer(Model):
                 {"name": "decision", "datatype": "BYTES", "shape": [-1]},
                 {"name": "ood_score", "datatype": "FP32", "shape": [-1]},
                 {"name": "in_intended_use", "datatype": "BOOL", "shape": [-1]},
-                {"name": "refer_reasons", "datatype": "BYTES", "shape": [-1]}]
+                {"name": "refer_reasons", "datatype": "BYTES", "shape": [-1]},
+                {"name": "lung_share", "datatype": "FP32", "shape": [-1]},
+                {"name": "lung_mask_source", "datatype": "BYTES", "shape": [-1]},
+                {"name": "lung_mask", "datatype": "UINT8", "shape": [-1, 128, 128]},
+                {"name": "input_box", "datatype": "FP32", "shape": [-1, 4]}]
 
     # -- request checks before kserve copies a gRPC request ----------------------------------------
     def precheck_grpc(self, request) -> None:
@@ -235,7 +243,7 @@ class PneumoniaTransformer(Model):
             if wanted.name not in OUTPUTS:
                 raise reject("invalid_request", f"unknown output {str(wanted.name)[:64]!r}; this model returns "
                                                 f"{list(OUTPUTS)}")
-            heatmap = heatmap or wanted.name in ("heatmap_png", "cam")
+            heatmap = heatmap or wanted.name in ("heatmap_png", "cam", "lung_mask", "input_box")
         if len(request.inputs) != 1 or request.inputs[0].name != INPUT:
             raise reject("invalid_tensor", f"expected exactly one input named {INPUT!r}, got "
                                            f"{[str(i.name)[:64] for i in request.inputs][:4]}")
@@ -276,7 +284,7 @@ class PneumoniaTransformer(Model):
         pngs = cams = None
         if prepared.heatmap:
             pngs = await asyncio.get_running_loop().run_in_executor(self.decoders, self._render, prepared.images,
-                                                                    answer.cam)
+                                                                    answer.cam, answer.input_box)
             cams = np.stack([heatmaps.normalise_cam(c) for c in answer.cam]).astype(np.float32)
         if prepared.protocol == "v1":
             predictions = []
@@ -291,6 +299,11 @@ class PneumoniaTransformer(Model):
                     item[MODEL_DIGEST_PARAMETER] = answer.model_sha256
                 if pngs is not None:
                     item["heatmap_png"] = pngs[i]
+                if answer.lung_share is not None:
+                    item["lung_share"] = float(answer.lung_share[i])
+                    item["lung_mask_source"] = answer.lung_mask_source[i]
+                    if pngs is not None:
+                        item["input_box"] = [float(b) for b in answer.input_box[i]]
                 predictions.append(item)
             return {"predictions": predictions, "intended_use": answer.intended_use}
         outputs = [tensor_output("probability", "FP32", answer.probability),
@@ -306,6 +319,13 @@ class PneumoniaTransformer(Model):
             outputs.append(tensor_output("cam", "FP32", cams))
         outputs.append(tensor_output("quality_flags", "BYTES",
                                      np.array([json.dumps(f) for f in prepared.quality], dtype=np.object_)))
+        if answer.lung_share is not None:
+            outputs.append(tensor_output("lung_share", "FP32", answer.lung_share))
+            outputs.append(tensor_output("lung_mask_source", "BYTES",
+                                         np.array(answer.lung_mask_source, dtype=np.object_)))
+            if pngs is not None:
+                outputs.append(tensor_output("lung_mask", "UINT8", answer.lung_mask))
+                outputs.append(tensor_output("input_box", "FP32", answer.input_box))
         request = prepared.request
         digest = {MODEL_DIGEST_PARAMETER: answer.model_sha256} if answer.model_sha256 else None
         return InferResponse(response_id=request.id or str(uuid.uuid4()), model_name=self.name,
@@ -314,7 +334,9 @@ class PneumoniaTransformer(Model):
                              parameters={INTENDED_USE_PARAMETER: json.dumps(answer.intended_use, separators=(",", ":"),
                                                                             sort_keys=True), **(digest or {})})
 
-    def _render(self, images: list[PreparedImage], cams: np.ndarray) -> list[str]:
-        """The predictor's CAM over the stage-1 pixels this transformer already decoded (no second decode)."""
-        return [base64.b64encode(heatmaps.render_overlay(img.pixels, cam, self.settings.heatmap_max_side)
-                                 ).decode("ascii") for img, cam in zip(images, cams)]
+    def _render(self, images: list[PreparedImage], cams: np.ndarray, boxes: np.ndarray | None = None) -> list[str]:
+        """The predictor's CAM over the stage-1 pixels this transformer already decoded (no second decode), placed
+        on the part of the film the model saw (``input_box``)."""
+        boxes = [None] * len(images) if boxes is None else boxes
+        return [base64.b64encode(heatmaps.render_overlay(img.pixels, cam, self.settings.heatmap_max_side, box=box)
+                                 ).decode("ascii") for img, cam, box in zip(images, cams, boxes)]

@@ -165,9 +165,22 @@ def _parse(reply: dict, seconds: float) -> InferenceResult:
         extra={k: v for k, v in extra.items() if v is not None},
         decision=decision, refer_reasons=reasons, ood_score=ood_score, in_intended_use=in_intended_use,
         model_info=model_info,
-        cam=_grid(outputs.get("cam"), shapes.get("cam")), lung_mask=_grid(outputs.get("lung_mask"),
-                                                                            shapes.get("lung_mask")),
-        cam_lung_share=float(outputs["cam_lung_share"][0]) if outputs.get("cam_lung_share") else None)
+        cam=_grid(outputs.get("cam"), shapes.get("cam")), **_served_lungs(outputs, shapes))
+
+
+def _served_lungs(outputs: dict, shapes: dict) -> dict:
+    """The lung mask and CAM lung share the model server measured with its lung segmentation model
+    (serving.predictor: ``lung_share``, ``lung_mask``, ``lung_mask_source``); nothing when it used only its
+    elliptical prior, so that the web app measures with its own lung-field prior and says so."""
+    if outputs.get("cam_lung_share"):
+        return {"cam_lung_share": float(outputs["cam_lung_share"][0]),
+                "lung_mask": _grid(outputs.get("lung_mask"), shapes.get("lung_mask"))}
+    source = outputs.get("lung_mask_source")
+    if not source or str(source[0]) != "segmentation" or not outputs.get("lung_share"):
+        return {}
+    share = float(outputs["lung_share"][0])
+    return {"cam_lung_share": share if 0.0 <= share <= 1.0 else None,  # -1: the CAM had no positive mass
+            "lung_mask": _grid(outputs.get("lung_mask"), shapes.get("lung_mask"))}
 
 
 def _json_element(data):

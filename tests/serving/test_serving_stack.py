@@ -172,7 +172,10 @@ def test_rest_v1_predict_and_explain(served, images, within):
     assert len(predictions) == 2
     for p in predictions:
         assert set(p) == {"probability", "label", "threshold", "decision", "ood_score", "in_intended_use",
-                          "refer_reasons", "model_name", "model_version", "quality_flags"}
+                          "refer_reasons", "model_name", "model_version", "quality_flags", "lung_share",
+                          "lung_mask_source"}
+        # the test bundle has no lung model: the share is measured with the elliptical prior (-1: no positive CAM)
+        assert p["lung_mask_source"] == "ellipse_prior" and (0 <= p["lung_share"] <= 1 or p["lung_share"] == -1)
         assert 0 <= p["probability"] <= 1 and p["label"] in ("NORMAL", "PNEUMONIA") and p["model_version"] == "1"
         assert p["label"] == ("PNEUMONIA" if p["probability"] >= p["threshold"] else "NORMAL")
     explained = v1(served, images[-1], verb="explain").json()["predictions"][0]
@@ -223,8 +226,11 @@ def test_v2_metadata_describes_inputs_and_outputs(served):
                                    {"name": "sizes", "datatype": "INT32", "shape": [-1, 2]},
                                    {"name": "ages", "datatype": "FP32", "shape": [-1]}]
     assert [o["name"] for o in predictor["outputs"]] == ["probability", "label", "threshold", "logit", "cam",
-                                                         "decision", "ood_score", "in_intended_use", "refer_reasons"]
-    assert predictor["outputs"][4]["shape"] == [-1, 4, 4]
+                                                         "decision", "ood_score", "in_intended_use", "refer_reasons",
+                                                         "lung_share", "lung_mask", "lung_mask_source", "input_box"]
+    by_name = {o["name"]: o for o in predictor["outputs"]}
+    assert by_name["cam"]["shape"] == [-1, 4, 4] and by_name["lung_mask"]["shape"] == [-1, 128, 128]
+    assert by_name["input_box"] == {"name": "input_box", "datatype": "FP32", "shape": [-1, 4]}
     assert described["decision"]["datatype"] == "BYTES" and described["in_intended_use"]["datatype"] == "BOOL"
 
 
@@ -297,7 +303,10 @@ def test_grpc_with_kserve_client(served, images, within):
     assert within(probs, rest, slice(0, 2))
     assert [o.name for o in second.outputs] == ["probability", "label", "threshold", "decision", "ood_score",
                                                 "in_intended_use", "refer_reasons", "heatmap_png", "cam",
-                                                "quality_flags"]
+                                                "quality_flags", "lung_share", "lung_mask_source", "lung_mask",
+                                                "input_box"]
+    assert second.get_output_by_name("lung_mask").as_numpy().shape == (1, 128, 128)
+    np.testing.assert_array_equal(second.get_output_by_name("input_box").as_numpy(), [[0, 0, 1, 1]])
     assert within(second.get_output_by_name("probability").as_numpy()[:1], rest[:1], [0])
 
 
