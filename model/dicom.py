@@ -110,7 +110,7 @@ def patient_age_years(data: bytes) -> float | None:
     from model.intended_use import InvalidAge, parse_age
 
     try:
-        if _transfer_syntax(data) not in ALLOWED_SYNTAXES:
+        if transfer_syntax(data) not in ALLOWED_SYNTAXES:
             return None  # the decoder refuses the file with its own message
         ds = pydicom.dcmread(io.BytesIO(data), force=True, stop_before_pixels=True, specific_tags=["PatientAge"])
         return parse_age(str(ds.get("PatientAge", "") or ""))

@@ -172,8 +172,8 @@ def test_rest_v1_predict_and_explain(served, images, within):
     assert len(predictions) == 2
     for p in predictions:
         assert set(p) == {"probability", "label", "threshold", "decision", "ood_score", "in_intended_use",
-                          "refer_reasons", "model_name", "model_version", "quality_flags", "lung_share",
-                          "lung_mask_source"}
+                          "refer_reasons", "model_name", "model_version", "model_sha256", "quality_flags",
+                          "lung_share", "lung_mask_source"}
         # the test bundle has no lung model: the share is measured with the elliptical prior (-1: no positive CAM)
         assert p["lung_mask_source"] == "ellipse_prior" and (0 <= p["lung_share"] <= 1 or p["lung_share"] == -1)
         assert 0 <= p["probability"] <= 1 and p["label"] in ("NORMAL", "PNEUMONIA") and p["model_version"] == "1"
