@@ -47,6 +47,7 @@ CLUSTER_ONLY = {
     "pneumoscope pipeline submit": "a Kubeflow Pipelines server",
     "docker push": "a container registry",
     "make images": "a container registry (it builds the images and pushes them)",
+    "pneumoscope export-modelcar": "a container registry (it builds the modelcar image and pushes it)",
 }
 SYNOPSIS = re.compile(r"\[-|\|\s*[a-z]|[a-z]\|[a-z]|<[a-z][a-z ]*>|\.\.\.")
 NOT_RUN = re.compile(r"<!--\s*not-run:\s*(.*?)\s*-->")

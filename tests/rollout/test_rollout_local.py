@@ -358,7 +358,8 @@ def test_a_canary_that_failed_to_start_leaves_nothing_that_breaks_the_next_one(t
 def test_a_canary_that_stops_without_having_started_leaves_the_state_alone(tmp_path):
     """``serve --traffic-split`` refused (another canary runs, a bad version) still stops its LocalCanary: that
     must neither write a state file nor mark the canary that does run as stopped."""
-    from rollout.local import LocalCanary, owner, process_start_time
+    from rollout.local import owner, process_start_time
+    from rollout.local_canary import LocalCanary
 
     LocalCanary(tmp_path / "fresh", _free_pair()).stop()
     assert not (tmp_path / "fresh" / "rollout" / "local.json").exists()
@@ -387,7 +388,7 @@ def _free_pair() -> int:
 NGINX_OWNER = """
 import sys, time
 from pathlib import Path
-from rollout.local import Nginx
+from rollout.local_canary import Nginx
 
 nginx = Nginx(Path(sys.argv[1]), int(sys.argv[2]))
 nginx.configure({"stable": (int(sys.argv[2]) + 2, int(sys.argv[2]) + 3)}, None)
@@ -398,7 +399,8 @@ time.sleep(600)
 
 def test_nginx_does_not_outlive_a_killed_canary(tmp_path):
     """SIGKILL on the canary's process: its nginx goes too, or it would hold the ports of the next canary."""
-    from rollout.local import _alive, nginx_binary
+    from rollout.local import _alive
+    from rollout.local_canary import nginx_binary
 
     nginx_binary()
     port = _free_pair()
