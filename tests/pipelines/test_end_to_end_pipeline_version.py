@@ -219,7 +219,9 @@ def _nan_on_blank_bundle(dest: Path, source: Path) -> Path:
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(dest / "model.onnx"))
     # No engine gate set (its images were the good graph's): served as a bundle from before the gate, so the
     # warm-up is what must catch it.
-    keep = {k: v for k, v in meta.items() if k not in ("files", "bundle_sha256", "format", "engine_gate")}
+    # Nor an out-of-distribution detector or a lung model: their files were the good bundle's.
+    keep = {k: v for k, v in meta.items()
+            if k not in ("files", "bundle_sha256", "format", "engine_gate", "intended_use", "lung_segmentation")}
     keep["int8"] = {"accepted": False, "reason": "test"}
     write_bundle(dest, keep)
     return dest
