@@ -46,24 +46,22 @@ from pathlib import Path
 
 import numpy as np
 from kserve import Model
-from kserve.protocol.infer_type import InferRequest, InferResponse, to_http_parameters
+from kserve.protocol.infer_type import InferRequest, InferResponse
 
 from model.bundle import BundleError
 from model.intended_use import DecisionRule
 from model.lung_fields import SEGMENTATION_SIZE, LungSegmenter, crop, lung_share, resize_mask
 from model.ood import OodDetector
-from model.preprocessing import DECODED_MAX_SIDE, PREPROCESSING_VERSION, field_mask, lung_view, normalize
+from model.preprocessing import DECODED_MAX_SIDE, field_mask, lung_view, normalize
 from model.registry import fetch_model
 from serving import engine_choice
 from serving.admission import deadline
 from serving.batching import DynamicBatcher
 from serving.engine_selection import select_engine
-from serving.errors import RequestRejected, ServiceError
+from serving import predictor_inputs
 from serving.metrics import (DECISIONS, OOD_SCORE, PREDICTIONS, PROBABILITY, REFER_REASONS, WARMUP_SECONDS,
-                             reject_count, set_model_info, set_reference)
-from serving.protocol import (AGES, INTENDED_USE_PARAMETER, MODEL_DIGEST_PARAMETER, PIXELS, PREPROCESSING_PARAMETER,
-                              SIZES, tensor_output,
-                              unpack_images)
+                             set_model_info, set_reference)
+from serving.protocol import AGES, INTENDED_USE_PARAMETER, MODEL_DIGEST_PARAMETER, PIXELS, SIZES, tensor_output
 from serving.settings import ServingSettings
 
 log = logging.getLogger(__name__)
@@ -71,21 +69,6 @@ log = logging.getLogger(__name__)
 LABELS = ("NORMAL", "PNEUMONIA")
 #: Above this many images, stage 2 (resize + normalise) runs in a worker thread, off the event loop.
 INLINE_RESIZE_IMAGES = 4
-
-
-def _refuse(message: str) -> RequestRejected:
-    reject_count("invalid_tensor")
-    return RequestRejected("invalid_tensor", message)
-
-
-class IncompatibleTransformer(ServiceError):
-    """Pixels from another stage-1 definition: a deployment error, not the client's (409 / FAILED_PRECONDITION)."""
-
-    status = 409
-    grpc_code = "FAILED_PRECONDITION"
-
-    def __init__(self, message: str):
-        super().__init__("incompatible_preprocessing", message)
 
 
 class PneumoniaPredictor(Model):
@@ -213,61 +196,17 @@ class PneumoniaPredictor(Model):
         return max(self.settings.max_images_per_request, self.settings.max_batch_size), DECODED_MAX_SIDE
 
     def precheck_grpc(self, request) -> None:
-        """Before kserve copies a gRPC request into Python lists: tensors travel raw, and are small."""
-        if len(request.inputs) > 3:
-            raise _refuse(f"expected the inputs {PIXELS!r}, {SIZES!r} and {AGES!r}, got {len(request.inputs)} inputs")
-        for tensor in request.inputs:
-            contents = tensor.contents
-            values = (len(contents.uint_contents) + len(contents.int_contents) + len(contents.fp32_contents) +
-                      len(contents.bytes_contents) + len(contents.int64_contents) + len(contents.uint64_contents) +
-                      len(contents.fp64_contents) + len(contents.bool_contents))
-            if values > 4096:
-                raise _refuse(f"input {tensor.name!r}: send image tensors as raw_input_contents, not {values} "
-                              "typed values")
+        predictor_inputs.precheck_grpc(request)
 
     def _check_preprocessing(self, request: InferRequest) -> None:
-        parameters = to_http_parameters(request.parameters) if request.parameters else {}
-        declared = parameters.get(PREPROCESSING_PARAMETER)
-        if declared is None:
-            raise _refuse(f"the request parameter {PREPROCESSING_PARAMETER!r} is missing: it names the stage-1 "
-                          f"preprocessing of the pixels (this version needs {PREPROCESSING_VERSION})")
-        if isinstance(declared, bool) or declared != PREPROCESSING_VERSION:
-            raise IncompatibleTransformer(f"the pixels come from preprocessing {declared!r}; model version "
-                                          f"{self.model_version} needs {PREPROCESSING_VERSION}")
+        predictor_inputs.check_preprocessing(request, self.model_version)
 
     def _images(self, request: InferRequest) -> list[np.ndarray]:
-        by_name = {}
-        for tensor in request.inputs:
-            if tensor.name not in (PIXELS, SIZES, AGES) or tensor.name in by_name:
-                raise _refuse(f"expected the inputs {PIXELS!r} and optionally {SIZES!r} and {AGES!r}, got "
-                              f"{[t.name for t in request.inputs]}")
-            by_name[tensor.name] = tensor
-        if PIXELS not in by_name:
-            raise _refuse(f"the input {PIXELS!r} (UINT8 [N,H,W]) is missing")
-        most, side = self.limits()
-        pixels = _array(by_name[PIXELS], "UINT8", np.uint8, 3)
-        n, height, width = pixels.shape
-        if not (1 <= n <= most and 1 <= height <= side and 1 <= width <= side):
-            raise _refuse(f"input {PIXELS!r} must be [N,H,W] with 1 <= N <= {most} and 1 <= H, W <= {side}, got "
-                          f"{list(pixels.shape)}")
-        if SIZES in by_name:
-            sizes = _array(by_name[SIZES], "INT32", np.int32, 2)
-            if sizes.shape != (n, 2) or (sizes < 1).any() or (sizes > np.array([height, width])).any():
-                raise _refuse(f"input {SIZES!r} must be [N,2] of heights <= {height} and widths <= {width}, each >= 1")
-        else:
-            sizes = np.tile(np.array([height, width], dtype=np.int32), (n, 1))
-        return unpack_images(pixels, sizes)
+        return predictor_inputs.read_images(request, *self.limits())
 
     @staticmethod
     def _ages(request: InferRequest, n: int) -> np.ndarray:
-        """Each image's patient age in years from the optional input ``ages`` (NaN where unknown or not sent)."""
-        tensor = next((t for t in request.inputs if t.name == AGES), None)
-        if tensor is None:
-            return np.full(n, np.nan)
-        given = _array(tensor, "FP32", np.float32, 1).astype(np.float64)
-        if given.shape != (n,) or not np.isfinite(given).all():
-            raise _refuse(f"input {AGES!r} must be [N] finite ages in years (negative: unknown)")
-        return np.where(given < 0, np.nan, given)
+        return predictor_inputs.read_ages(request, n)
 
     # -- inference -----------------------------------------------------------------------------
     def model_input(self, images: list[np.ndarray]) -> np.ndarray:
@@ -313,7 +252,7 @@ class PneumoniaPredictor(Model):
 
     async def predict(self, payload, headers=None, response_headers=None) -> InferResponse:
         if not isinstance(payload, InferRequest):
-            raise _refuse("the predictor speaks Open Inference Protocol v2 (REST /v2/... or gRPC) only")
+            raise predictor_inputs.refuse("the predictor speaks Open Inference Protocol v2 (REST /v2/... or gRPC) only")
         self._check_preprocessing(payload)
         images = self._images(payload)
         ages = self._ages(payload, len(images))
@@ -376,26 +315,3 @@ def wait_for_model_folder(model_uri: str, timeout_s: float) -> None:
     if not folder.exists():
         log.warning("the model folder %s did not appear within %.0f s (MODEL_INIT_MODE=async)", folder, timeout_s)
 
-
-def _array(tensor, datatype: str, dtype, ndim: int) -> np.ndarray:
-    """A v2 input as a numpy array of ``dtype``, checked against its declared shape before any copy."""
-    if tensor.datatype != datatype:
-        raise _refuse(f"input {tensor.name!r} must be {datatype}, not {tensor.datatype}")
-    shape = tensor.shape
-    if (not isinstance(shape, (list, tuple)) or len(shape) != ndim
-            or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= 1 << 20 for d in shape)):
-        raise _refuse(f"input {tensor.name!r} must have {ndim} non-negative integer dimensions, got {shape}")
-    count = int(np.prod(shape, dtype=np.int64))
-    raw = getattr(tensor, "_raw_data", None)
-    if raw is not None:
-        if len(raw) != count * np.dtype(dtype).itemsize:
-            raise _refuse(f"input {tensor.name!r}: {len(raw)} bytes do not hold {datatype} {list(shape)}")
-        return np.frombuffer(raw, dtype=dtype).reshape(shape)
-    data = tensor.data
-    if not isinstance(data, list) or len(data) != count:
-        raise _refuse(f"input {tensor.name!r}: {len(data) if isinstance(data, list) else 'no'} values for shape "
-                      f"{list(shape)}")
-    info = np.iinfo(dtype)
-    if not all(isinstance(v, int) and not isinstance(v, bool) and info.min <= v <= info.max for v in data):
-        raise _refuse(f"input {tensor.name!r} must hold integers in {info.min}..{info.max}")
-    return np.asarray(data, dtype=dtype).reshape(shape)

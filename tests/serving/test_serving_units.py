@@ -703,3 +703,25 @@ def test_guard_frees_the_slot_before_the_answer_goes_out():
 
     assert _asgi_call(RequestGuard(ok, 100, admission, 5.0), on_send=watch)[0] == 200
     assert in_flight_as_answer_leaves == [0] and admission.inflight == 0
+
+
+def test_ages_sent_as_json_numbers_are_read_and_malformed_ones_refused():
+    """``ages`` in a JSON v2 body arrives as a list of numbers, not raw bytes: read as years, negative = unknown;
+    a bool, a string, a non-finite value or the wrong count is a 400 with one line, never a 500."""
+    from kserve.protocol.infer_type import InferInput, InferRequest
+
+    from serving.errors import RequestRejected
+    from serving.predictor_inputs import read_ages
+
+    def request(data, datatype="FP32", shape=None):
+        ages = InferInput("ages", [len(data)] if shape is None else shape, datatype, data)
+        return InferRequest("pneumonia", infer_inputs=[ages])
+
+    ages = read_ages(request([4, 45.5, -1]), 3)
+    assert ages[:2].tolist() == [4.0, 45.5] and np.isnan(ages[2])
+    assert np.isnan(read_ages(InferRequest("pneumonia", infer_inputs=[]), 2)).all()
+    for bad, why in (([True, 3], "numbers"), (["45", 3], "numbers"), ([4], "[N]"), ([1, 2], "FP64"),
+                     ([float("inf"), 2], "finite")):
+        with pytest.raises(RequestRejected) as refused:
+            read_ages(request(bad, "FP64" if why == "FP64" else "FP32"), 2)
+        assert refused.value.reason == "invalid_tensor" and why in str(refused.value), (bad, str(refused.value))
