@@ -5,7 +5,7 @@ At load (before the predictor reports ready):
 1. Candidates: every installed engine (``PNEUMOSCOPE_ENGINE=auto``) or the one forced, times every precision
    the bundle allows (fp32; int8 when its graph passed the int8 export gate; bf16 on OpenVINO where the CPU has
    native bf16) or the one forced with ``PNEUMOSCOPE_PRECISION``.
-2. Timing: the candidates run the load the predictor sees under saturation (``streams`` parallel
+2. Timing (:mod:`serving.engine_timing`): the candidates run the load the predictor sees under saturation (``streams`` parallel
    single-threaded calls, or all threads on one call with one stream) for a bounded ``engine_timing_s``
    each, in interleaved rounds so that a neighbour's burst on a shared machine hits them all alike; the
    median round counts. A candidate under half the fastest's rate after the first round is not timed further,
@@ -32,8 +32,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import statistics
-import threading
 import time
 from dataclasses import dataclass, field
 
@@ -42,6 +40,7 @@ import numpy as np
 from model.bundle import Bundle
 from model.engine_gate import GateResult, GateSet, check
 from serving.engine_choice import Choice
+from serving.engine_timing import time_candidates, timing_batch, timing_batch_size
 from serving.engine import ENGINES, PLATFORMS, Engine, EngineError, create_engine, installed, native_bf16, require
 from serving.metrics import (ENGINE_CANDIDATE_ELIGIBLE, ENGINE_CANDIDATE_SPEED, ENGINE_INFO, ENGINE_SELECTION_SECONDS,
                              ENGINE_TIMING_SECONDS)
@@ -50,9 +49,6 @@ from serving.settings import ServingSettings
 log = logging.getLogger(__name__)
 
 GRAPHS = {"fp32": "model.onnx", "int8": "model.int8.onnx", "bf16": "model.onnx"}
-TIMING_ROUNDS = 3
-#: after the first round, candidates under this share of the fastest's rate are not timed further
-DROP_BELOW = 0.5
 
 
 @dataclass
@@ -161,7 +157,7 @@ def select_engine(bundle: Bundle, settings: ServingSettings, model_name: str = "
         if (wide or streams == 1) and c.wide is None:
             c.wide = factory(c.engine, path, c.precision, threads, 1, settings.spinning)
 
-    batch = _timing_batch_size(settings.max_batch_size)
+    batch = timing_batch_size(settings.max_batch_size)
     if choice is not None and gate is not None and len(candidates) > 1:
         reused = _reuse(choice, candidates, build, gate, bundle, settings, batch, started)
         if reused is not None:
@@ -189,7 +185,7 @@ def select_engine(bundle: Bundle, settings: ServingSettings, model_name: str = "
         built.append(c)
     timing_started = time.perf_counter()
     if len(built) > 1:
-        built = _time(built, _timing_batch(gate, bundle, batch), streams, settings.engine_timing_s)
+        built = time_candidates(built, timing_batch(gate, bundle, batch), streams, settings.engine_timing_s)
     timing_seconds = time.perf_counter() - timing_started
 
     # Fastest first; the first that passes the gate serves, and nothing slower needs gating.
@@ -278,13 +274,6 @@ def _ungated(bundle: Bundle, settings: ServingSettings, candidates: list[Candida
     return kept or [Candidate(engine, precision)]
 
 
-def _timing_batch_size(max_batch_size: int) -> int:
-    """Per-call batch of the timing runs: what a stream gets under load on a small CPU (the predictor measured
-    2.1 images per engine call at 16 in flight on 2 cores), and small enough that one call of a slow candidate
-    does not outlast a timing round (batching gains little on a CPU)."""
-    return max(1, min(max_batch_size, 2))
-
-
 def _run_gate(c: Candidate, gate: GateSet, bundle: Bundle, batch: int, narrow_batch: int) -> GateResult:
     """The wide engine on every gate image; the narrow one (same graph, one thread) on the first few images,
     at the batch size it will be timed with (so the timing does not pay for a first call)."""
@@ -308,83 +297,6 @@ def _run_gate(c: Candidate, gate: GateSet, bundle: Bundle, batch: int, narrow_ba
                           nan)
 
 
-def _timing_batch(gate: GateSet | None, bundle: Bundle, batch: int) -> np.ndarray:
-    size = bundle.preprocess.image_size
-    if gate is not None:
-        x = gate.tensors(bundle.preprocess)
-        return np.ascontiguousarray(np.resize(x, (batch, 1, size, size)))
-    return np.zeros((batch, 1, size, size), np.float32)
-
-
-def _time(candidates: list[Candidate], x: np.ndarray, streams: int, seconds: float) -> list[Candidate]:
-    """Images/s of each candidate under the predictor's saturated load, median of interleaved rounds.
-
-    Returns the candidates that ran; one that fails here is out (its status says why)."""
-    rates: dict[str, list[float]] = {c.key: [] for c in candidates}
-    running = list(candidates)
-
-    def timed(c: Candidate, budget: float, record: bool = True) -> None:
-        try:
-            rate = _burst(c, x, streams, budget)
-            if record:
-                rates[c.key].append(rate)
-        except Exception as exc:  # an engine that breaks under load is no candidate
-            log.warning("engine %s failed while timed: %s", c.key, exc)
-            c.status, c.wide, c.narrow = f"failed while timed: {str(exc).splitlines()[0][:160]}", None, None
-            running.remove(c)
-
-    for c in list(running):  # the first call of a shape allocates (and, for OpenVINO, specialises) the graph
-        timed(c, 0.0, record=False)
-    budget = max(0.05, seconds / TIMING_ROUNDS)
-    dropped = []
-    for r in range(TIMING_ROUNDS):
-        shift = r % max(1, len(running))  # a different candidate leads each round
-        for c in running[shift:] + running[:shift]:
-            if c in running:
-                timed(c, budget)
-        if r == 0 and len(running) > 1:
-            # A candidate at under half the fastest's rate will not catch up: no more time on it (a first start
-            # with five candidates then times two or three).
-            best = max(rates[c.key][-1] for c in running)
-            for c in [c for c in running if rates[c.key][-1] < DROP_BELOW * best]:
-                running.remove(c)
-                dropped.append(c)
-    for c in running + dropped:
-        c.img_per_s = statistics.median(rates[c.key])
-    return running + dropped
-
-
-def _burst(c: Candidate, x: np.ndarray, streams: int, seconds: float) -> float:
-    """``streams`` threads calling the narrow engine (or one calling the wide one) for ``seconds``; img/s."""
-    engine, workers = (c.narrow, streams) if c.narrow is not None else (c.wide, 1)
-    counts, errors = [0] * workers, []
-    barrier = threading.Barrier(workers + 1)
-    deadline = [0.0]
-
-    def work(k: int) -> None:
-        barrier.wait()
-        try:
-            while True:
-                engine.run(x)
-                counts[k] += len(x)
-                if time.perf_counter() >= deadline[0]:
-                    return
-        except Exception as exc:  # reported to the caller below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=work, args=(k,), daemon=True) for k in range(workers)]
-    for t in threads:
-        t.start()
-    deadline[0] = time.perf_counter() + seconds
-    started = time.perf_counter()
-    barrier.wait()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-    return sum(counts) / max(time.perf_counter() - started, 1e-9)
-
-
 def _report(selection: Selection, candidates: list[Candidate], model_name: str, model_version: str, threads: int,
             streams: int, settings: ServingSettings) -> None:
     lines = [f"{'engine':<12} {'precision':<9} {'img/s':>8} {'|dlogit|':>9} {'AUC drop':>9} {'CAM r':>6} "
@@ -403,7 +315,7 @@ def _report(selection: Selection, candidates: list[Candidate], model_name: str, 
                      + (f" ({g.reason})" if g is not None and not g.passed else ""))
     log.info("engine selection (%s; timed: %d streams x %d threads, batches of %d; %.1f s in all, %.1f s of "
              "timing):\n%s", selection.mode, streams if streams > 1 else 1, 1 if streams > 1 else threads,
-             _timing_batch_size(settings.max_batch_size), selection.seconds, selection.timing_seconds,
+             timing_batch_size(settings.max_batch_size), selection.seconds, selection.timing_seconds,
              "\n".join(lines))
     log.info("serving with %s %s", selection.engine, selection.precision)
     ENGINE_INFO.labels(model_name=model_name, model_version=str(model_version), engine=selection.engine,

@@ -422,7 +422,8 @@ def test_engine_settings_from_environment(monkeypatch):
 
 
 def test_an_engine_that_breaks_while_timed_drops_out():
-    from serving.engine_selection import Candidate, _time
+    from serving.engine_selection import Candidate
+    from serving.engine_timing import time_candidates
 
     class Breaks:
         def run(self, x):
@@ -433,7 +434,7 @@ def test_an_engine_that_breaks_while_timed_drops_out():
             return np.zeros(len(x), np.float32), np.zeros((len(x), 4, 4), np.float32), np.zeros((len(x), 0), np.float32)
 
     broken, fine = Candidate("openvino", "int8", wide=Breaks()), Candidate("onnxruntime", "fp32", wide=Works())
-    assert _time([broken, fine], np.zeros((2, 1, 8, 8), np.float32), streams=1, seconds=0.05) == [fine]
+    assert time_candidates([broken, fine], np.zeros((2, 1, 8, 8), np.float32), streams=1, seconds=0.05) == [fine]
     assert broken.status == "failed while timed: device lost" and broken.wide is None
     assert fine.img_per_s > 0
 
@@ -508,7 +509,8 @@ def test_first_openvino_calls_from_several_threads_at_once_do_not_hang(tmp_path)
 
 
 def test_a_candidate_far_behind_after_the_first_round_is_not_timed_further():
-    from serving.engine_selection import Candidate, _time
+    from serving.engine_selection import Candidate
+    from serving.engine_timing import time_candidates
 
     class Counting:
         def __init__(self, seconds_per_call):
@@ -522,7 +524,7 @@ def test_a_candidate_far_behind_after_the_first_round_is_not_timed_further():
     fast, close, slow = Counting(0.002), Counting(0.0025), Counting(0.02)  # slow: a tenth of the fastest's rate
     candidates = [Candidate("openvino", "int8", wide=fast), Candidate("onnxruntime", "int8", wide=close),
                   Candidate("openvino", "fp32", wide=slow)]
-    timed = _time(candidates, np.zeros((2, 1, 8, 8), np.float32), streams=1, seconds=0.6)
+    timed = time_candidates(candidates, np.zeros((2, 1, 8, 8), np.float32), streams=1, seconds=0.6)
     assert {c.key for c in timed} == {c.key for c in candidates}  # all keep their measured rate
     rates = {c.key: c.img_per_s for c in timed}
     assert rates["openvino/fp32"] < 0.5 * rates["openvino/int8"]
