@@ -33,7 +33,7 @@ from gateway.worker import run_passes
 from webapp.db import transaction
 from webapp.field_encryption import FieldCipher
 from webapp.models import Study, utcnow
-from webapp.report import render_pdf
+from webapp.report import study_pdf
 from webapp.storage import ImageStore
 from webapp.studies import LEASE_MARGIN_S, StudyService
 
@@ -129,11 +129,11 @@ class Scorer:
         original = originals.restore(self.cipher.decrypt(study.pacs_original))
         facts = facts_from(study, extra)
         heatmap = self.store.get(study.heatmap_key()) if study.has_heatmap else None
-        preview = self.store.get(study.preview_key()) if study.has_preview else self.store.get(study.image_key())
+        identity = self.cipher.decrypt(study.identity) if study.identity else {}
         manufacturer = self.settings.manufacturer
         sr_uid, sc_uid, pdf_uid = hd.UID(), hd.UID(), hd.UID()
         builds = {"sr": (sr_uid, lambda: build_sr(original, facts, hd.UID(), sr_uid, manufacturer, self.device_uid)),
-                  "pdf": (pdf_uid, lambda: build_encapsulated_pdf(original, facts, render_pdf(study, preview, heatmap),
+                  "pdf": (pdf_uid, lambda: build_encapsulated_pdf(original, facts, study_pdf(study, self.store, identity),
                                                                   hd.UID(), pdf_uid, manufacturer))}
         if heatmap is not None:
             builds["sc"] = (sc_uid, lambda: build_secondary_capture(original, facts, heatmap, hd.UID(), sc_uid,

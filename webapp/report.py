@@ -276,6 +276,21 @@ class _Pdf:
         self.pdf.ln(1.5)
 
 
+def study_pdf(study: Study, store, identity: dict | None = None, version=None) -> bytes:
+    """The report PDF of a stored study as the web app and the DICOM gateway send it: the film it shows, the
+    model's CAM drawn over it as the viewer draws it (or, for a result from before the CAM was kept, the
+    transformer's heatmap), the patient block ``identity`` and the report ``version`` (None: not reported)."""
+    from webapp import heatmap
+
+    film = store.get(study.shown_key())
+    overlay = scale = None
+    if study.cam:
+        overlay, scale = heatmap.overlay_png(film, study.cam), heatmap.colour_scale_png()
+    elif study.has_heatmap:
+        overlay = store.get(study.heatmap_key())
+    return render_pdf(study, film, identity, version, overlay, scale, heatmap.DEFAULT_CUTOFF)
+
+
 def render_pdf(study: Study, film: bytes, identity: dict | None = None, version=None, overlay: bytes | None = None,
                scale: bytes | None = None, cutoff: float | None = None) -> bytes:
     """One A4 page: header, patient block, AI finding, film and heatmap (as large as the page allows), the

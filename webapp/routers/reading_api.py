@@ -19,7 +19,7 @@ from webapp import audit, heatmap, report_versions
 from webapp.dependencies import Principal, api_principal, client_address, ctx, db_session
 from webapp.errors import AppError, Conflict, NotFound
 from webapp.models import Study, User
-from webapp.report import render_pdf
+from webapp.report import study_pdf
 from webapp.routers.studies_api import owned_study, read_study
 from webapp.studies import StudyConflict, study_json
 from webapp.uploads import thumbnail
@@ -202,17 +202,7 @@ async def report_pdf(request: Request, db: Session, user: User, study: Study,
     identity = cipher.decrypt(version.patient) if version is not None and version.patient else \
         ctx(request).service.identity_of(study)
 
-    def build() -> bytes:
-        film = store.get(study.shown_key())
-        overlay = scale = None
-        if study.cam:
-            overlay = heatmap.overlay_png(film, study.cam)
-            scale = heatmap.colour_scale_png()
-        elif study.has_heatmap:
-            overlay = store.get(study.heatmap_key())  # a result from before the CAM was kept
-        return render_pdf(study, film, identity, version, overlay, scale, heatmap.DEFAULT_CUTOFF)
-
-    pdf = await asyncio.to_thread(build)
+    pdf = await asyncio.to_thread(study_pdf, study, store, identity, version)
     audit.record(db, "exported", user, study.id, client_address(request),
                  "report PDF" + (f" v{version.version}" if version is not None else ""))
     db.commit()
