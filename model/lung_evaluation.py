@@ -14,15 +14,16 @@ import numpy as np
 
 from model.bundle import run_images
 from model.lung_fields import SEGMENTATION_SIZE, LungSegmenter, lung_shares
-from model.preprocessing import PreprocessConfig, field_mask
+from model.preprocessing import PreprocessConfig
+from model.quality import lung_fields
 
 SOURCE_SEGMENTATION, SOURCE_ELLIPSE = "segmentation", "ellipse_prior"
 
 
 def input_masks(images: np.ndarray, segmenter: LungSegmenter | None) -> tuple[np.ndarray, str]:
     """bool [N, s, s] lung masks of model-input images and where they come from."""
-    if segmenter is None:
-        return field_mask(SEGMENTATION_SIZE, SEGMENTATION_SIZE, "ellipse")[None].repeat(len(images), 0), SOURCE_ELLIPSE
+    if segmenter is None:  # the lung-field prior the web app measures with too: two ellipses, no mediastinum
+        return lung_fields(SEGMENTATION_SIZE, SEGMENTATION_SIZE)[None].repeat(len(images), 0), SOURCE_ELLIPSE
     return np.stack([segmenter.mask(np.asarray(im)) for im in images]), SOURCE_SEGMENTATION
 
 

@@ -25,7 +25,8 @@ The out-of-distribution score comes from the graph's third output (layer1's chan
 Where the evidence falls (:mod:`model.lung_fields`): ``lung_share`` FP32 [N] (the share of the positive CAM
 mass inside the lungs; -1 when the CAM has none), ``lung_mask`` UINT8 [N,128,128] (1 on the lungs, in the
 stage-1 image squashed to a square: row r covers rows r*H/128.. of the image), ``lung_mask_source`` BYTES [N]
-(``segmentation`` from the bundle's U-Net, or ``ellipse_prior`` for a bundle without one) and ``input_box``
+(``segmentation`` from the bundle's U-Net, or ``ellipse_prior``: the two lung-field ellipses of
+:func:`model.quality.lung_fields` for a bundle without one) and ``input_box``
 FP32 [N,4] (top, left, bottom, right, fractions of the stage-1 image: what the model input, and so the CAM,
 covers; [0,0,1,1] unless the version crops to the lungs).
 
@@ -52,7 +53,8 @@ from model.bundle import BundleError
 from model.intended_use import DecisionRule
 from model.lung_fields import SEGMENTATION_SIZE, LungSegmenter, crop, lung_share, resize_mask
 from model.ood import OodDetector
-from model.preprocessing import DECODED_MAX_SIDE, field_mask, lung_view, normalize
+from model.preprocessing import DECODED_MAX_SIDE, lung_view, normalize
+from model.quality import lung_fields
 from model.registry import fetch_model
 from serving import engine_choice
 from serving.admission import deadline
@@ -92,6 +94,8 @@ class PneumoniaPredictor(Model):
         self.detector = None
         self.intended_use_json = "{}"
         self.lungs = None  # the bundle's lung segmenter (model.lung_fields.LungSegmenter), if it has one
+        # without one, the lung-field prior of model.quality (the web app's too): two ellipses, no mediastinum
+        self._prior = lung_fields(SEGMENTATION_SIZE, SEGMENTATION_SIZE)
 
     # -- loading -------------------------------------------------------------------------------
     def load(self) -> bool:
@@ -219,8 +223,7 @@ class PneumoniaPredictor(Model):
         if self.lungs is not None:
             masks = np.stack([self.lungs.mask(im) for im in images])
         else:
-            masks = np.broadcast_to(field_mask(SEGMENTATION_SIZE, SEGMENTATION_SIZE, "ellipse"),
-                                    (len(images), SEGMENTATION_SIZE, SEGMENTATION_SIZE))
+            masks = np.broadcast_to(self._prior, (len(images), SEGMENTATION_SIZE, SEGMENTATION_SIZE))
         views = [lung_view(im, self.config, mask if self.lungs is not None else None)
                  for im, mask in zip(images, masks)]
         x = np.ascontiguousarray(normalize(np.stack([pixels for pixels, _ in views]), self.config))

@@ -84,7 +84,7 @@ def plain_bundle(tmp_path_factory) -> Path:
 def test_the_predictor_returns_the_lung_mask_and_share(plain_bundle, tmp_path, with_lungs):
     from model.bundle import Bundle
     from model.lung_fields import LungSegmenter, crop, lung_share, resize_mask
-    from model.preprocessing import field_mask
+    from model.quality import lung_fields
     from serving.inputs import decode_upload
     from serving.predictor import PneumoniaPredictor
     from serving.predictor_client import PredictorClient
@@ -110,7 +110,7 @@ def test_the_predictor_returns_the_lung_mask_and_share(plain_bundle, tmp_path, w
         expected = [segmenter.mask(u) for u in uploads]
         assert answer.lung_mask_source == ["segmentation"] * len(uploads)
     else:
-        expected = [field_mask(128, 128, "ellipse")] * len(uploads)
+        expected = [lung_fields(128, 128)] * len(uploads)
         assert answer.lung_mask_source == ["ellipse_prior"] * len(uploads)
     for got, mask, cam, share, box in zip(answer.lung_mask, expected, answer.cam, answer.lung_share,
                                           answer.input_box):
