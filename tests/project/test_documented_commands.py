@@ -66,7 +66,21 @@ class Command:
 
 
 def documents() -> list[Path]:
-    return [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
+    """The README, then the docs in the site's reading order (mkdocs.yml's nav: data before training before
+    evaluation, as a user runs them), then any page the nav does not list."""
+    import yaml
+
+    def pages(node) -> list[str]:
+        if isinstance(node, str):
+            return [node]
+        if isinstance(node, dict):
+            return [p for value in node.values() for p in pages(value)]
+        return [p for item in node or [] for p in pages(item)]
+
+    nav = pages(yaml.safe_load((REPO / "mkdocs.yml").read_text().split("\nnav:", 1)[1].join(["nav:", ""]))["nav"])
+    ordered = [REPO / "docs" / page for page in nav if (REPO / "docs" / page).is_file()]
+    rest = [p for p in sorted((REPO / "docs").rglob("*.md")) if p not in ordered]
+    return [REPO / "README.md", *ordered, *rest]
 
 
 def discover() -> list[Command]:
