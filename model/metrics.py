@@ -149,8 +149,14 @@ def choose_threshold(labels: np.ndarray, probs: np.ndarray, method: str = "youde
 
 def paired_bootstrap_auc(labels: np.ndarray, probs_new: np.ndarray, probs_old: np.ndarray,
                          n_boot: int = 1000, seed: int = 0) -> dict:
-    """Does the new model's AUC beat the old one's on the same cases? One-sided bootstrap p-value."""
+    """Does the new model's AUC beat the old one's on the same cases? One-sided bootstrap p-value.
+
+    ``n_boot`` < 1 (``--n-bootstrap 0``): no resampling, so no evidence: no interval and p = 1."""
     labels = np.asarray(labels).astype(int)
+    if n_boot < 1:
+        return {"auc_new": auc(labels, probs_new), "auc_old": auc(labels, probs_old),
+                "delta": float(auc(labels, probs_new) - auc(labels, probs_old)), "delta_ci95": None,
+                "p_value": 1.0, "n": int(len(labels))}
     rng = np.random.default_rng(seed)
     pos, neg = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
     deltas = np.empty(n_boot)

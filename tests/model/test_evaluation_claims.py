@@ -180,6 +180,10 @@ def test_paired_bootstrap_swapped_models_flip_the_verdict():
     same = paired_bootstrap_auc(labels, good, good, n_boot=100)
     assert same["p_value"] == pytest.approx(1.0, abs=FLOAT64_SAME_FORMULA) and same["delta"] == 0.0
     assert same["n"] == 120
+    # no resamples (--n-bootstrap 0): the point estimates, no interval, and no evidence to promote on
+    unsampled = paired_bootstrap_auc(labels, good, worse, n_boot=0)
+    assert unsampled["delta"] == forward["delta"] and unsampled["delta_ci95"] is None
+    assert unsampled["p_value"] == 1.0
 
 
 def test_roc_points_are_a_thinned_monotone_curve():
