@@ -234,7 +234,11 @@ def dicom_from_image(data: bytes) -> bytes:
     meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image
     meta.MediaStorageSOPInstanceUID = generate_uid()
     ds = FileDataset("xray.dcm", {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.Modality, ds.PhotometricInterpretation, ds.SamplesPerPixel = "DX", "MONOCHROME2", 1
+    # the identifiers any DICOM sender needs (storescu refuses a file without its SOP class and instance)
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Modality, ds.BodyPartExamined = "DX", "CHEST"
+    ds.PhotometricInterpretation, ds.SamplesPerPixel = "MONOCHROME2", 1
     ds.Rows, ds.Columns = pixels.shape
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
     ds.WindowCenter, ds.WindowWidth = 128, 256

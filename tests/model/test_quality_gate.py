@@ -220,7 +220,9 @@ def test_the_transformer_reports_flags_beside_an_unchanged_decision(shared_224):
     batch = [plain, blurred(plain), stamped(plain, "R", "right-lung")]
     probability = np.array([0.88, 0.12, 0.57], dtype=np.float32)  # the predictor's answer, flags or not
     answer = Answer(probability, ["PNEUMONIA", "NORMAL", "PNEUMONIA"], np.full(3, 0.5, np.float32),
-                    np.log(probability / (1 - probability)), np.zeros((3, 2, 2), np.float32), "1")
+                    np.log(probability / (1 - probability)), np.zeros((3, 2, 2), np.float32), "1",
+                    decision=["PNEUMONIA", "NORMAL", "PNEUMONIA"], ood_score=np.full(3, 0.5, np.float32),
+                    in_intended_use=[True] * 3, refer_reasons=[[], [], []])
 
     def respond(payload):
         prepared = asyncio.run(transformer.preprocess(payload))
