@@ -436,11 +436,19 @@ def cam_grid(rows: int, cols: int, hot: dict[tuple[int, int], float]) -> dict:
 
 
 def store_result(env: dict, study_id: int, **fields) -> None:
-    """Give a study a result through the storage layer (``StudyService.record_result``), as the transformer's
-    answer would: for the fields this branch's transformer does not send yet (REFER, the reasons, the intended
-    use, the model's description) and for CAMs with known hot spots. ``fields`` override a plain NORMAL answer."""
-    from webapp.db import make_engine, session_factory
+    """Give a study a whole result of the test's making through the storage layer
+    (``StudyService.record_result``), as the transformer's answer would: a REFER with known reasons, a film
+    outside the intended use, a CAM with known hot spots. ``fields`` override a plain NORMAL answer; every
+    other result field (decision, reasons, OOD score, intended use, model description, CAM, lung mask and
+    share) is stored as "no value", so nothing of the answer the real model server gave at upload remains.
+
+    The study is put back to pending first: a study already scored keeps its first result (a late duplicate
+    answer is dropped, ``StudyService._mark_done``), and uploads in tests are scored inline."""
+    from sqlalchemy import update
+
+    from webapp.db import make_engine, session_factory, transaction
     from webapp.inference import InferenceResult
+    from webapp.models import Study
     from webapp.settings import WebSettings
     from webapp.storage import ImageStore
     from webapp.studies import StudyService
@@ -451,8 +459,14 @@ def store_result(env: dict, study_id: int, **fields) -> None:
     answer = {"probability": 0.1, "label": "NORMAL", "threshold": 0.5, "model_name": "pneumonia",
               "model_version": "7", "heatmap_png": None, **fields}
     try:
-        StudyService(settings, session_factory(engine), ImageStore(settings.resolved_image_store()), None) \
+        factory = session_factory(engine)
+        with transaction(factory) as db:
+            db.execute(update(Study).where(Study.id == study_id).values(status="pending"))
+        stored = StudyService(settings, factory, ImageStore(settings.resolved_image_store()), None) \
             .record_result(study_id, InferenceResult(**answer))
+        # a dropped answer would leave the served one in place and a test would check the wrong result
+        assert (stored.probability, stored.decision) == (answer["probability"], answer.get("decision")), \
+            f"study {study_id} kept another result"
     finally:
         engine.dispose()
 

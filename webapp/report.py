@@ -29,6 +29,9 @@ REFER_MEANING = ("REFER means the model gives no finding for this film: a radiol
 OUTSIDE_MEANING = ("Outside the intended use means the film is unlike the films the model was trained and tested on "
                    "(for example an adult's film for a model made on children's, a lateral view, or another kind of "
                    "image). Its probability is shown but cannot be trusted.")
+#: The out-of-distribution score above which the predictor finds a film outside the intended use: scores are the
+#: detector's distance divided by its cut-off, fitted on validation films (model.ood, model.intended_use).
+OOD_LIMIT = 1.0
 DEMONSTRATION = ("Demonstration model: trained on small images to show how the system works. It is not validated "
                  "for patient care; do not use its findings clinically.")
 PATIENT_LABELS = {"patient_ref": "Patient reference", "accession": "Accession number", "view": "View",
@@ -166,6 +169,19 @@ def patient_rows(identity: dict | None) -> list[tuple[str, str]]:
     return [(label, identity.get(key) or "-") for key, label in PATIENT_LABELS.items()]
 
 
+def intended_use_text(study: Study) -> str:
+    """Whether the film was within the model's intended use, with the out-of-distribution score and its limit,
+    so that a printed report says how unlike the training films this film was (the study page shows both)."""
+    if study.in_intended_use is None:
+        text = "not checked by this model version"
+    else:
+        text = "within the model's intended use" if study.in_intended_use else "OUTSIDE the model's intended use"
+    if study.ood_score is not None:
+        text += (f" (out-of-distribution score {study.ood_score:.2f}; above {OOD_LIMIT:.2f}: unlike the "
+                 "training films)")
+    return text
+
+
 def finding_rows(study: Study) -> list[tuple[str, str]]:
     rows = [("Study", f"#{study.id}"), ("Uploaded", when(study.created_at))]
     if study.status != "done":
@@ -177,9 +193,9 @@ def finding_rows(study: Study) -> list[tuple[str, str]]:
         rows.append(("Refer band", f"{percent(band[0])} to {percent(band[1])}"))
     reasons = why_refer(study)
     if reasons:
-        rows.append(("Why referred" if study.shown_decision() == "REFER" else "Intended use", " ".join(reasons)))
-    if study.in_intended_use is not None:
-        rows.append(("Within the intended use", "yes" if study.in_intended_use else "no"))
+        rows.append(("Why referred" if study.shown_decision() == "REFER" else "Reasons given", " ".join(reasons)))
+    if study.in_intended_use is not None or study.ood_score is not None:
+        rows.append(("Intended use", intended_use_text(study)))
     model = f"{study.model_name} version {study.model_version}"
     if model_profile(study):
         model += f", profile {model_profile(study)}"

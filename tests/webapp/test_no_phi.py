@@ -19,6 +19,7 @@ import re
 import subprocess
 import threading
 from pathlib import Path
+from urllib.parse import urlparse
 
 import httpx
 import pytest
@@ -196,7 +197,8 @@ def browse(web: str, originals: Path, uploads: dict) -> None:
             page.wait_for_url(re.compile(r".*/studies/\d+$"), timeout=120_000)
             page.wait_for_selector("#state-done", state="visible", timeout=120_000)
             study_url = page.url
-            page.click("text=Open printable report")
+            # the study page's link to the printable report ("Write the report" until it is signed)
+            page.click(f"a[href='{urlparse(study_url).path}/report']")
             page.wait_for_selector("#print-button")
             page.goto(study_url)
             page.check("#verdict-confirmed")

@@ -2,10 +2,11 @@
 encrypted at rest, the DICOM display copy, the worklist's triage order, and the report's versions and PDF; the
 migration that adds them, up and down, on SQLite and PostgreSQL.
 
-The app runs in-process (FastAPI's TestClient) in front of the real serving stack (``web_stack``). Results the
-transformer of this branch does not send yet (REFER, refer reasons, the intended use, the model's description)
-are given to a study through the storage layer (``store_result``), exactly as the app stores an answer; one
-test waits for the real fields (marked: it needs the intended-use work merged).
+The app runs in-process (FastAPI's TestClient) in front of the real serving stack (``web_stack``), which answers
+the decision, its reasons, the intended use and the model's description. Results with known values (a REFER and
+its reasons, CAMs with known hot spots, a worklist's probabilities) replace the served answer through the storage
+layer (``store_result``), exactly as the app stores an answer; the served fields themselves are checked on real
+answers.
 """
 
 from __future__ import annotations

@@ -245,6 +245,17 @@ def test_an_s3_image_store_that_refuses_or_cuts_uploads_gets_retries_then_503_an
         listed = s3.list_objects_v2(Bucket="faults", Prefix="studies/")
         return {o["Key"] for o in listed.get("Contents", [])}
 
+    def by_study(keys: set[str]) -> dict[str, set[str]]:
+        """{study's storage prefix: its object names}, from keys studies/<prefix>/<name>."""
+        out: dict[str, set[str]] = {}
+        for key in keys:
+            _, prefix, name = key.split("/", 2)
+            out.setdefault(prefix, set()).add(name)
+        return out
+
+    #: What one JPEG upload stores: the film and the worklist's thumbnail, nothing else
+    one_study = {"image.jpg", "thumbnail.png"}
+
     film = full_res_xrays(1, offset=30)[0]
     with FaultProxy(int(moto_endpoint.rsplit(":", 1)[1])) as proxy, tempfile.TemporaryDirectory() as home:
         for key, value in s3_environment(proxy.url).items():
@@ -263,7 +274,7 @@ def test_an_s3_image_store_that_refuses_or_cuts_uploads_gets_retries_then_503_an
             first = upload()
             assert first.status_code == 202, first.text
             kept = objects()
-            assert len(kept) == 1
+            assert list(by_study(kept).values()) == [one_study], kept  # one study, stored once
             for mode, cut_after in (("refuse", 0), ("cut", 64 * 1024)):  # down; every PUT cut after 64 KiB
                 proxy.set(mode, cut_after)
                 before, started = proxy.connections, time.monotonic()
@@ -278,12 +289,15 @@ def test_an_s3_image_store_that_refuses_or_cuts_uploads_gets_retries_then_503_an
             assert set(rows(f"sqlite:///{home}/webapp.db")) == {first.json()["id"]}
             back = upload()
             assert back.status_code == 202, back.text
-            assert len(objects()) == 2
             stored = rows(f"sqlite:///{home}/webapp.db")
-            assert {key.split("/")[1] for key in objects()} == {prefix for prefix, *_ in stored.values()}
-            for key in objects():  # stored whole: what S3 holds is what was uploaded (metadata stripped)
+            assert by_study(objects()) == {prefix: one_study for prefix, *_ in stored.values()}
+            assert len(stored) == 2
+            for key in objects():
                 body = s3.get_object(Bucket="faults", Key=key)["Body"].read()
-                assert hashlib.sha256(body).hexdigest() in {digest for _, _, digest, _ in stored.values()}
+                if key.endswith("/thumbnail.png"):
+                    assert body.startswith(b"\x89PNG"), key
+                else:  # stored whole: what S3 holds is what was uploaded (metadata stripped)
+                    assert hashlib.sha256(body).hexdigest() in {digest for _, _, digest, _ in stored.values()}
         s3fs.S3FileSystem.clear_instance_cache()
 
 
