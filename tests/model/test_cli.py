@@ -87,10 +87,13 @@ def test_prepare_train_resume_evaluate(tmp_path, shared_224):
     stored = json.loads((bundle / "pneumoscope.json").read_text())
     assert metrics["threshold"] == stored["threshold"]  # the threshold chosen on val, never on test
     # the engine accuracy gate travels with the model, hashed, and the fp32 graph passes it
-    from model.bundle import Bundle, make_session
+    from model.bundle import OUTPUT_NAMES, Bundle, make_session
     from model.engine_gate import GateSet, check
 
     assert stored["engine_gate"]["n"] > 0 and "gate.npz" in stored["files"]
     gate = GateSet.load(Bundle.load(bundle))
     x = gate.tensors(Bundle.load(bundle).preprocess)
-    assert check(gate, *make_session(bundle / "model.onnx").run(["logit", "cam"], {"image": x})).passed
+    # logit, cam and the OOD detector's features: the gate compares the detector's scores too
+    gated = check(gate, *make_session(bundle / "model.onnx").run(list(OUTPUT_NAMES), {"image": x}))
+    assert gated.passed, gated.reason
+    assert gated.max_ood_score_diff >= 0  # the bundle's detector was scored (nan without one)

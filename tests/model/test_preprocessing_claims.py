@@ -254,7 +254,13 @@ def test_augmentation_differs_from_the_eval_transform_and_stays_within_bounds():
     slack = 8 * U32 * 255
     assert as_pixels.min() >= -slack and as_pixels.max() <= 255 + slack
     means = as_pixels.mean(axis=(1, 2, 3))
-    assert abs(means.mean() - pixels.mean()) < 0.08 * pixels.mean(), "augmentation shifts the average exposure"
+    # The exposure steps are symmetric; the geometry's black fill (Affine, p=0.8: zoom-out, shift, rotation)
+    # darkens this phantom's frame by about 6 %, within the 8 % allowed. `means.mean()` is itself a 200-draw
+    # sample (sd of one draw's mean about 35 grey levels), so the bound adds 4 standard errors of that mean:
+    # without them 4 of 25 unseeded trial runs failed on sampling noise alone.
+    standard_error = means.std(ddof=1) / np.sqrt(len(means))
+    shift = abs(means.mean() - pixels.mean())
+    assert shift < 0.08 * pixels.mean() + 4 * standard_error, f"augmentation shifts the average exposure by {shift:.1f}"
     assert 15 < means.std() < 50, f"exposure varies by {means.std():.1f} grey levels (sd) between draws"
     contrast = as_pixels.std(axis=(1, 2, 3)) / pixels.std()
     assert np.percentile(contrast, 2) > 0.5 and np.percentile(contrast, 98) < 2.6, np.percentile(contrast, [2, 98])

@@ -97,13 +97,23 @@ def test_pipeline_version_over_rest_and_grpc_matches_the_pyfunc_model(stacks, im
     import mlflow.pyfunc
     import pandas as pd
 
+    # models:/ resolves through the registry URI, which MLflow keeps apart from the tracking URI: an earlier
+    # in-process model.registry.connect() (another test's store) leaves it set, and models:/pneumonia/1 would
+    # then be that store's version 1. Pin both to this pipeline's store, and put both back afterwards.
+    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri(), os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = stacks["tracking_uri"]
     try:
         mlflow.set_tracking_uri(stacks["tracking_uri"])
+        mlflow.set_registry_uri(stacks["tracking_uri"])
         pyfunc = mlflow.pyfunc.load_model(VERSION_URI)
         expected = [p["probability"] for p in pyfunc.predict(pd.DataFrame({"image": images}))]
     finally:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
+        mlflow.set_tracking_uri(previous[0])
+        mlflow.set_registry_uri(previous[1])
+        if previous[2] is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous[2]
     # Both stacks serve fp32 (ONNX Runtime or OpenVINO, chosen by timing), the pyfunc model ONNX Runtime with
     # other threads and batches: float32 rounding apart, at most (tests/numerics.py).
     allowed = _fp32_probability_bound(stacks, images, np.array(expected))

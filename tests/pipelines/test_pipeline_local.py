@@ -71,7 +71,12 @@ def test_two_local_runs_register_versions_with_metrics_params_tags_and_aliases(p
         {"displayName": "NORMAL"}, {"displayName": "PNEUMONIA"}]
     assert "val_auc" in evaluate["metrics"]["artifacts"][0]["metadata"]
     report = home / "pipeline_root" / first["pipeline_run_name"] / "evaluate" / "report"
-    assert report.read_text().count("data:image/png;base64,") == 3
+    # every plot the evaluation draws (ROC, confusion matrix, calibration, risk-coverage), inlined once each
+    from components.runtime import PLOTS
+
+    page = report.read_text()
+    assert page.count("data:image/png;base64,") == len(PLOTS) == page.count("<figcaption>")
+    assert all(f"<figcaption>{title}</figcaption>" in page for _, title in PLOTS)
     assert not list((home / "pipeline_root").rglob("last.pt")), "the resume state is not kept as an artifact"
 
     second = run_pipeline(capsys, "--mlflow-uri", uri, "--seed", "7")

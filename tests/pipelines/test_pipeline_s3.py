@@ -90,16 +90,20 @@ def test_prepare_with_parallel_workers_reads_s3(bucket, tmp_path):
 
 
 def test_the_preprocess_step_reads_s3_with_parallel_workers(bucket, tmp_path, monkeypatch):
-    from kfp.dsl import Dataset
+    from kfp.dsl import Dataset, Model
 
-    from components.steps import preprocess
+    from components.steps import lung_segmentation, preprocess
 
     monkeypatch.setenv("PNEUMOSCOPE_WORKERS", "2")
     uri, uploaded = bucket
     dataset = Dataset(name="dataset", uri=str(tmp_path / "dataset"))
+    # the pipeline's lung_segmentation step without lung_masks_uri: an empty artifact, no lung crop
+    lung_model = Model(name="lung_model", uri=str(tmp_path / "lung_model"))
+    lung_segmentation(lung_model=lung_model)
+    assert lung_model.metadata["enabled"] is False
     try:
-        preprocess(data_uri=uri, dataset=dataset, profile="smoke", image_size=64, val_fraction=0.2,
-                   holdout_fraction=0.0)
+        preprocess(data_uri=uri, dataset=dataset, lung_model=lung_model, profile="smoke", image_size=64,
+                   val_fraction=0.2, holdout_fraction=0.0)
     finally:
         import multiprocessing
 
