@@ -393,7 +393,14 @@ class StudyService:
             raise ValueError(f"verdict must be one of {', '.join(VERDICTS)}, not {verdict!r}")
         if study.status != "done":
             raise StudyConflict(f"study {study_id} has no result yet (status: {study.status}); feedback needs one")
-        if verdict == "confirmed":
+        if study.shown_decision() == "REFER":
+            # The model gave no finding, so there is nothing to confirm: the review is the doctor's reading, stored
+            # as agreeing ("confirmed") or not ("corrected") with the label under the referral.
+            if verdict == "confirmed" or label not in LABELS:
+                raise ValueError("the model referred this film and gave no finding: send your reading as "
+                                 f"'corrected' with the label, one of {', '.join(LABELS)}")
+            verdict = "confirmed" if label == study.label else "corrected"
+        elif verdict == "confirmed":
             if label not in (None, "", study.label):
                 raise ValueError(f"a confirmation keeps the model's label {study.label}; send 'corrected' to "
                                  f"change it")

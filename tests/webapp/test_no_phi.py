@@ -147,7 +147,10 @@ def test_no_marker_of_the_patient_reaches_a_log_a_row_a_file_an_artifact_or_a_la
             study = response.json()["id"]
             for path in ("", "/image", "/image?variant=display", "/report"):
                 assert api.get(f"/api/studies/{study}{path}").status_code == 200
-            api.post(f"/api/studies/{study}/feedback", json={"verdict": "confirmed"})
+            result = api.get(f"/api/studies/{study}").json()["result"]
+            review = ({"verdict": "corrected", "label": result["label"]} if (result or {}).get("decision") == "REFER"
+                      else {"verdict": "confirmed"})  # a referred film is reviewed by the doctor's reading
+            assert api.post(f"/api/studies/{study}/feedback", json=review).status_code == 200
         exported = pneumoscope("studies", "export", str(tmp_path / "export"), env=sqlite_env)
         assert exported.returncode == 0, exported.stderr
 
@@ -201,7 +204,10 @@ def browse(web: str, originals: Path, uploads: dict) -> None:
             page.click(f"a[href='{urlparse(study_url).path}/report']")
             page.wait_for_selector("#print-button")
             page.goto(study_url)
-            page.check("#verdict-confirmed")
+            if page.query_selector("#refer-review") is None:
+                page.check("#verdict-confirmed")
+            else:  # a REFER page asks for the doctor's reading
+                page.select_option("#correct-label", "NORMAL")
             page.click("text=Save review")
             page.wait_for_selector("text=Your review was saved.")
             page.goto(f"{web}/studies")

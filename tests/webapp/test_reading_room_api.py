@@ -206,6 +206,24 @@ def test_refer_and_its_reasons_are_stored_and_served(reading):
     assert [s["id"] for s in listing["items"]] == [study["id"]]
 
 
+def test_a_referred_film_is_reviewed_by_the_doctors_reading(reading):
+    """REFER gives no finding to confirm: the review is the doctor's reading, stored as agreeing with the label
+    under the referral or not; "confirmed" is refused with a reason, and the page asks for the reading."""
+    study = upload(reading, "alice", full_res_xrays(1, offset=36)[0])
+    store_result(reading["env"], study["id"], probability=0.52, label="PNEUMONIA", decision="REFER",
+                 refer_reasons=[{"code": "uncertain", "text": "In the refer band."}])
+    api = reading["api"]("alice")
+    confirmed = api.post(f"/api/studies/{study['id']}/feedback", json={"verdict": "confirmed"})
+    assert confirmed.status_code == 400 and "gave no finding" in confirmed.json()["error"]
+    page = api.get(f"/studies/{study['id']}")
+    assert 'id="refer-review"' in page.text and 'id="verdict-confirmed"' not in page.text
+    agree = api.post(f"/api/studies/{study['id']}/feedback", json={"verdict": "corrected", "label": "PNEUMONIA"})
+    assert agree.status_code == 200 and agree.json()["feedback"]["verdict"] == "confirmed", agree.text
+    other = api.post(f"/api/studies/{study['id']}/feedback", json={"verdict": "corrected", "label": "NORMAL"})
+    assert other.status_code == 200, other.text
+    assert (other.json()["feedback"]["verdict"], other.json()["feedback"]["label"]) == ("corrected", "NORMAL")
+
+
 # -- identity --------------------------------------------------------------------------------------------------
 
 def _database_bytes(root: Path) -> bytes:
@@ -239,7 +257,11 @@ def test_patient_fields_are_encrypted_at_rest_and_shown_only_to_owner_and_admin(
     # exports carry no identity
     from webapp.studies import export_reviewed
 
-    reading["api"]("alice").post(f"/api/studies/{study['id']}/feedback", json={"verdict": "confirmed"})
+    served = reading["api"]("alice").get(f"/api/studies/{study['id']}").json()["result"]
+    review = ({"verdict": "corrected", "label": served["label"]} if served["decision"] == "REFER"
+              else {"verdict": "confirmed"})  # a referred film gets the doctor's reading
+    reviewed = reading["api"]("alice").post(f"/api/studies/{study['id']}/feedback", json=review)
+    assert reviewed.status_code == 200, reviewed.text
     export_reviewed(reading["app"].state.ctx.factory, reading["app"].state.ctx.store, tmp_path / "export")
     exported = b"".join(p.read_bytes() for p in (tmp_path / "export").rglob("*") if p.is_file())
     assert all(value.encode() not in exported for value in DISTINCT)

@@ -169,9 +169,11 @@ def test_keyboard_only_upload_result_heatmap_report_and_feedback(browser, web_st
         study_id = study_url.rsplit("/", 1)[1]
         model_label = page.request.get(f"{web_stack.web}/api/studies/{study_id}").json()["result"]["label"]
         right = "NORMAL" if model_label == "PNEUMONIA" else "PNEUMONIA"
-        tab_to(page, "verdict-confirmed")
-        page.keyboard.press("ArrowDown")  # radio group: the arrow moves to "No, I correct it"
-        assert page.is_checked("#verdict-corrected")
+        if page.query_selector("#refer-review") is None:
+            tab_to(page, "verdict-confirmed")
+            page.keyboard.press("ArrowDown")  # radio group: the arrow moves to "No, I correct it"
+            assert page.is_checked("#verdict-corrected")
+        # (a REFER page asks only for the doctor's reading: the label)
         tab_to(page, "correct-label")
         page.select_option("#correct-label", right)
         tab_to(page, "review-note")
@@ -233,9 +235,20 @@ def test_drop_upload_then_a_pending_study_updates_without_reload(browser, web_st
         page.click("text=Write the report")
         page.wait_for_selector("#print-button")
         page.go_back()
-        page.check("#verdict-confirmed")
+        agree_with_the_model(page)
         page.click("text=Save review")
         page.wait_for_selector("text=Your review was saved.")
         assert "confirmed" in page.inner_text("#current-review")
     finally:
         context.close()
+
+
+def agree_with_the_model(page) -> None:
+    """Fill the review so that it agrees with the model: confirm its finding, or, on a REFER page (no finding to
+    confirm), give the label under the referral as the doctor's reading."""
+    if page.query_selector("#refer-review") is None:
+        page.check("#verdict-confirmed")
+        return
+    study_id = page.url.rstrip("/").rsplit("/", 1)[1]
+    web = page.url.split("/studies/")[0]
+    page.select_option("#correct-label", page.request.get(f"{web}/api/studies/{study_id}").json()["result"]["label"])

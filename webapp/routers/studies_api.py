@@ -254,7 +254,8 @@ def give_feedback(request: Request, principal: Principal, db: Session, study_id:
     try:
         study = ctx(request).service.give_feedback(db, principal.user, study_id, verdict, label, note)
         # verdict is one of the two review actions here: the service refused anything else
-        audit.record(db, verdict, principal.user, study.id, client_address(request), f"label {study.feedback_label}")
+        audit.record(db, study.feedback, principal.user, study.id, client_address(request),
+                     f"label {study.feedback_label}")
     except StudyNotFound:
         raise NotFound(f"study {study_id} not found") from None
     except StudyConflict as exc:
