@@ -150,7 +150,9 @@ def _parse(reply: dict, seconds: float) -> InferenceResult:
             {k: parameters[k] for k in MODEL_INFO_KEYS if k in parameters} or None)
     in_use = outputs.get("in_intended_use")
     reasons = _reasons(reasons)
-    ood_score = float(outputs["ood_score"][0]) if outputs.get("ood_score") else None
+    # null: a version without a detector (its NaN travels as JSON null); its answers are REFER, reason given
+    ood_score = float(outputs["ood_score"][0]) if outputs.get("ood_score") and outputs["ood_score"][0] is not None \
+        else None
     in_intended_use = _boolean(in_use[0]) if in_use else None
     digest = (reply.get("parameters") or {}).get("model_sha256")
     # what the DICOM gateway repeats in its structured report (gateway.result_facts), absent fields left out

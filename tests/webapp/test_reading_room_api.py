@@ -148,6 +148,10 @@ def test_the_answer_parser_keeps_every_field_the_transformer_sends():
     assert result.model_info == {"model_profile": "gpu", "heldout": {"auc": 0.93}, "refer_band": [0.3, 0.7]}
     assert result.cam == {"rows": 2, "cols": 3, "values": [0, 0.5, 1, 0, 0, 0.25]}
     assert result.lung_mask["values"] == [0, 1, 1, 0, 1, 1] and result.cam_lung_share == pytest.approx(0.8)
+    # a version exported without an out-of-distribution detector: its NaN score travels as JSON null
+    no_detector = json.loads(json.dumps(reply))
+    next(o for o in no_detector["outputs"] if o["name"] == "ood_score")["data"] = [None]
+    assert _parse(no_detector, 0.1).ood_score is None
     assert result.quality_flags == ["object_over_lungs"]
     older = _parse({**reply, "parameters": {}, "outputs": reply["outputs"][:3]}, 0.1)
     assert older.decision is None and older.cam is None and older.model_info is None
