@@ -133,7 +133,8 @@ class Scorer:
         manufacturer = self.settings.manufacturer
         sr_uid, sc_uid, pdf_uid = hd.UID(), hd.UID(), hd.UID()
         builds = {"sr": (sr_uid, lambda: build_sr(original, facts, hd.UID(), sr_uid, manufacturer, self.device_uid)),
-                  "pdf": (pdf_uid, lambda: build_encapsulated_pdf(original, facts, study_pdf(study, self.store, identity),
+                  "pdf": (pdf_uid, lambda: build_encapsulated_pdf(original, facts,
+                                                                  study_pdf(study, self.store, identity),
                                                                   hd.UID(), pdf_uid, manufacturer))}
         if heatmap is not None:
             builds["sc"] = (sc_uid, lambda: build_secondary_capture(original, facts, heatmap, hd.UID(), sc_uid,
