@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import DataError, DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -183,6 +183,14 @@ def install_error_handlers(app: FastAPI) -> None:
     # Down, restarting, refusing connections, full, or out of pooled connections: the request can succeed later.
     for unavailable in (OperationalError, InterfaceError, PoolTimeout):
         app.add_exception_handler(unavailable, database_down)
+
+    @app.exception_handler(DataError)
+    async def value_the_database_refuses(request: Request, exc: DataError):
+        # The client's value, not the server: PostgreSQL refuses text with a NUL character (SQLite stores it) and
+        # numbers out of a column's range. The value itself is not logged (it may be a patient's).
+        log.info("database refused a value on %s %s: %s", request.method, request.url.path, type(exc.orig).__name__)
+        return error_response(request, 422, "invalid request: a value the database cannot store (text with a NUL "
+                              "character, or a number out of range)", "invalid_request")
 
     @app.exception_handler(DBAPIError)
     async def database_error(request: Request, exc: DBAPIError):

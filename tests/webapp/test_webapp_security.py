@@ -252,6 +252,15 @@ def study_routes(app) -> list[tuple[str, str]]:
                   for method in methods - {"HEAD", "OPTIONS"})
 
 
+def test_a_value_the_database_cannot_store_is_refused_with_a_reason_not_a_500(app_backend):
+    """schemathesis found it on PostgreSQL: a NUL character in a search parameter (PostgreSQL text cannot hold it)
+    made the list and the audit log answer 500. It is the client's value: 422 with the reason (SQLite stores it)."""
+    for user, path in (("alice", "/api/studies?q=a%00b"), ("chief", "/api/audit?actor=a%00b")):
+        response = app_backend.api(user).get(path)
+        assert response.status_code in (200, 422), (path, response.status_code, response.text[:200])
+        assert response.status_code == 200 or "cannot store" in response.json()["error"], response.text[:200]
+
+
 def test_every_route_that_takes_a_study_id_answers_404_for_another_users_study(app_backend, alices_study):
     routes = study_routes(app_backend.app)
     assert len(routes) >= 8, routes  # 5 API reads, API feedback, the study and report pages, the review form
