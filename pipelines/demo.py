@@ -26,10 +26,10 @@ from typing import Callable, TextIO
 
 #: From the start to READY, the first install excluded: 3 min 55 s on 2 cores of an AMD EPYC Zen 5 (native bf16)
 #: shared with other work (load average 2.7). A CPU without native bf16 trains in fp32, about 2.5x slower.
-EXPECTED_MINUTES = 4
+EXPECTED_MINUTES = 3
 TAIL_LINES = 25
 NAME_WIDTH, WHAT_WIDTH = 15, 56  # with the time: 78 columns
-BOX_WIDTH, LABEL_WIDTH = 76, 12  # inside the borders
+BOX_WIDTH, LABEL_WIDTH = 76, 15  # inside the borders; the label column fits "DICOM gateway"
 #: kfp.local's own lines around each step (colour codes stripped first).
 STEP_STARTED = re.compile(r"Executing task '([\w-]+)'")
 STEP_FINISHED = re.compile(r"Task '([\w-]+)' finished with status (\w+)")
