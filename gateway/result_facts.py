@@ -51,7 +51,11 @@ def flag_names(flags) -> list[str]:
 
 def facts_from(study, extra: dict | None = None) -> ResultFacts:
     """The facts of a scored study row, with the answer's fields the row has no column for (``extra``)."""
-    extra = extra or {}
+    # The row keeps the decision fields (migration 0002): they outlive a restart, when ``extra`` is gone.
+    row = {"decision": study.decision, "ood_score": study.ood_score, "in_intended_use": study.in_intended_use,
+           "refer_reasons": [f"{r['code']}: {r['text']}" if r.get("text") else r.get("code", "")
+                             for r in study.refer_reasons or [] if isinstance(r, dict)] or None}
+    extra = {**(extra or {}), **{k: v for k, v in row.items() if v is not None}}
     reasons = extra.get("refer_reasons") or []
     if isinstance(reasons, str):
         reasons = [reasons]
