@@ -217,3 +217,31 @@ def test_studies_from_the_pacs_belong_to_the_service_user_and_only_admins_see_th
             db.get(Study, study_id).pacs_original = None  # what the outbox does once every result is stored
         body = client.get(f"/api/studies/{study_id}", headers={"authorization": f"Bearer {tokens['chief']}"}).json()
         assert "pacs" not in body
+
+
+def test_a_wake_during_a_pass_starts_the_next_pass_at_once():
+    """A film accepted while the scorer is busy with another must not wait for the poll interval."""
+    import asyncio
+    import time
+
+    from gateway.worker import run_passes
+
+    async def scenario() -> list[float]:
+        stop, wake = asyncio.Event(), asyncio.Event()
+        passes: list[float] = []
+
+        async def one_pass() -> bool:
+            passes.append(time.perf_counter())
+            if len(passes) == 1:
+                await asyncio.sleep(0.05)
+                wake.set()  # woken while this pass runs
+            elif len(passes) == 2:
+                stop.set()
+            return False
+
+        started = time.perf_counter()
+        await asyncio.wait_for(run_passes("test", one_pass, stop, wake, interval_s=30.0), timeout=10)
+        return [t - started for t in passes]
+
+    passes = asyncio.run(scenario())
+    assert len(passes) == 2 and passes[1] < 1.0, passes  # not after the 30 s interval
