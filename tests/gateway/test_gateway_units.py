@@ -245,3 +245,28 @@ def test_a_wake_during_a_pass_starts_the_next_pass_at_once():
 
     passes = asyncio.run(scenario())
     assert len(passes) == 2 and passes[1] < 1.0, passes  # not after the 30 s interval
+
+
+@pytest.mark.parametrize("decision, label, headline", [("REFER", "PNEUMONIA", "Refer: no automated decision"),
+                                                       ("REFER", "NORMAL", "Refer: no automated decision"),
+                                                       ("PNEUMONIA", "PNEUMONIA", "Pneumonia suspected"),
+                                                       ("NORMAL", "NORMAL", "No pneumonia detected"),
+                                                       (None, "PNEUMONIA", "Pneumonia suspected")])
+def test_the_secondary_captures_caption_and_the_srs_finding_follow_the_served_decision(decision, label, headline):
+    """A REFER above the threshold (the model unsure, or the film outside its intended use) is captioned 'Refer',
+    never 'Pneumonia suspected', and its SR's finding is indeterminate; the decision comes from the study row."""
+    from types import SimpleNamespace
+
+    from gateway.result_facts import facts_from
+    from gateway.secondary_capture_writer import caption
+
+    row = SimpleNamespace(probability=0.999, label=label, threshold=0.998, model_name="pneumonia", model_version="7",
+                          scored_at=datetime(2026, 12, 6, 19, 0, tzinfo=timezone.utc), quality_flags=[],
+                          decision=decision, ood_score=3.0 if decision == "REFER" else None,
+                          in_intended_use=False if decision == "REFER" else None,
+                          refer_reasons=[{"code": "out_of_distribution", "text": ""}] if decision == "REFER" else None)
+    facts = facts_from(row, {})  # as after a restart: nothing but the row
+    assert caption(facts)[1] == f"{headline}: probability 99.9% (threshold 99.8%)"
+    sr = pydicom.dcmread(io.BytesIO(build_sr(_original(), facts, "1.2.3.4", "1.2.3.5", "pneumoscope", "1.2.3.6")))
+    assert _codes(sr)["233604007"] == [{"REFER": "Indeterminate", "NORMAL": "Absent"}.get(decision or label,
+                                                                                           "Present")]
