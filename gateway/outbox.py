@@ -2,7 +2,10 @@
 
 A result is written whole before it is queued: its DICOM file, encrypted with the field key (it repeats the
 patient and study modules), in the image store under its study's prefix, then its row, in the same transaction
-that moves the film to ``sending``. A sender claims due rows with a lease (a conditional update, so gateway
+that moves the film to ``sending``. The results still being built when the first one is queued (the SR goes as
+soon as it is made; the Secondary Capture and the PDF take longer) are reserved in that transaction as
+``building`` rows, with their SOP Instance UIDs and a build lease: they keep the film open, are queued when built,
+and are built again by the scorer if the lease runs out first (the gateway stopped in between). A sender claims due rows with a lease (a conditional update, so gateway
 replicas and a restarted gateway never send one row at once), sends, and marks it sent; a failure that may pass
 is tried again with exponential back-off (jittered, capped), across restarts, for as long as it takes. A resend
 after a crash carries the same SOP Instance UID, so the PACS keeps one copy. A refusal for good (STOW-RS 409, a
@@ -15,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import secrets
 from datetime import timedelta
 from typing import Protocol
 
@@ -36,6 +40,9 @@ log = logging.getLogger(__name__)
 LEASE_MARGIN_S = 15.0
 #: Results claimed per pass.
 BATCH = 8
+#: How long a reserved result may stay unbuilt before a scorer (this one after a restart, or a replica) builds it
+#: again: far above a build's time (well under a second).
+BUILD_LEASE_S = 60.0
 
 
 class SendFailed(Exception):
@@ -66,9 +73,12 @@ class Outbox:
         self.loop: asyncio.AbstractEventLoop | None = None  # the workers' loop, once it runs
 
     # -- queueing ------------------------------------------------------------------------------------
-    def put(self, instance_id: int, prefix: str, objects: list[tuple[str, str, bytes]]) -> bool:
-        """Queue ``objects`` ((kind, SOP Instance UID, DICOM file)) for one film in state ``scoring``; False when
-        another worker queued its results first (this one's files are removed)."""
+    def put(self, instance_id: int, prefix: str, objects: list[tuple[str, str, bytes]],
+            later: list[tuple[str, str]] = ()) -> dict[str, int] | None:
+        """Queue ``objects`` ((kind, SOP Instance UID, DICOM file)) for one film in state ``scoring``, and reserve
+        ``later`` ((kind, SOP Instance UID): results still being built, queued with :meth:`complete`). Returns the
+        reserved rows' ids by kind, or None when another worker queued the film's results first (this one's files
+        are removed)."""
         keys = []
         try:
             for kind, sop_instance_uid, data in objects:
@@ -86,13 +96,68 @@ class Outbox:
                     db.add(OutboxItem(instance_id=instance_id, kind=kind, sop_instance_uid=sop_instance_uid,
                                       blob_key=key, state="waiting", attempts=0, created_at=now,
                                       next_attempt_at=now - timedelta(seconds=1)))
+                reserved = {kind: OutboxItem(instance_id=instance_id, kind=kind, sop_instance_uid=sop_instance_uid,
+                                             blob_key=f"{prefix}/outbox/{sop_instance_uid}.{kind}.enc",
+                                             state="building", attempts=0, created_at=now, next_attempt_at=None,
+                                             lease_until=now + timedelta(seconds=BUILD_LEASE_S))
+                            for kind, sop_instance_uid in later}
+                db.add_all(reserved.values())
+                db.flush()
+                ids = {kind: row.id for kind, row in reserved.items()}
         except _Lost:
             self._remove(keys)
-            return False
+            return None
         except BaseException:
             self._remove(keys)
             raise
+        return ids
+
+    def complete(self, item_id: int, data: bytes) -> bool:
+        """Queue the built object of a reserved (``building``) row; False when another scorer built it first (its
+        lease ran out), and this copy is dropped. Each build writes its own file, so neither removes the other's."""
+        with self.factory() as db:
+            item = db.get(OutboxItem, item_id)
+            if item is None or item.state != "building":
+                return False
+            key = f"{item.blob_key.removesuffix('.enc')}.{secrets.token_hex(4)}.enc"
+        self.store.put(key, self.cipher.encrypt_bytes(data))
+        try:
+            with transaction(self.factory) as db:
+                moved = db.execute(update(OutboxItem).where(OutboxItem.id == item_id, OutboxItem.state == "building")
+                                   .values(state="waiting", blob_key=key, lease_until=None,
+                                           next_attempt_at=utcnow() - timedelta(seconds=1))).rowcount
+        except BaseException:
+            self._remove([key])
+            raise
+        if moved != 1:
+            self._remove([key])
+            return False
         return True
+
+    def claim_unbuilt(self, limit: int) -> list[tuple[int, int, str, str]]:
+        """Reserved results whose build lease ran out (the gateway stopped while building them), claimed for a new
+        build: (item id, study id, kind, SOP Instance UID)."""
+        now = utcnow()
+        free = or_(OutboxItem.lease_until.is_(None), OutboxItem.lease_until < now)
+        claimed = []
+        with transaction(self.factory) as db:
+            due = db.execute(select(OutboxItem.id, GatewayInstance.study_id, OutboxItem.kind,
+                                    OutboxItem.sop_instance_uid)
+                             .join(GatewayInstance, GatewayInstance.id == OutboxItem.instance_id)
+                             .where(OutboxItem.state == "building", free).order_by(OutboxItem.id).limit(limit)).all()
+            for item_id, study_id, kind, sop_instance_uid in due:
+                won = db.execute(update(OutboxItem).where(OutboxItem.id == item_id, OutboxItem.state == "building",
+                                                          free)
+                                 .values(lease_until=now + timedelta(seconds=BUILD_LEASE_S))).rowcount
+                if won == 1:
+                    claimed.append((item_id, study_id, kind, sop_instance_uid))
+        return claimed
+
+    def give_up_build(self, item_id: int, message: str) -> None:
+        """A reserved result that cannot be built any more (its study is gone): kept as failed, with the reason."""
+        with transaction(self.factory) as db:
+            db.execute(update(OutboxItem).where(OutboxItem.id == item_id, OutboxItem.state == "building")
+                       .values(state="failed", last_error=message[:1000], lease_until=None))
 
     def _remove(self, keys: list[str]) -> None:
         for key in keys:
@@ -187,9 +252,10 @@ class Outbox:
         log.info("film %d: every result stored in the PACS %.2f s after receipt", instance_id, seconds)
 
     def retry_failed(self) -> int:
-        """Queue every refused result again (after an admin fixed the cause); returns how many."""
+        """Queue every refused result again (after an admin fixed the cause); returns how many. A result that
+        could never be built (its study was deleted first) has no file to send, and stays failed."""
         with transaction(self.factory) as db:
-            count = db.execute(update(OutboxItem).where(OutboxItem.state == "failed")
+            count = db.execute(update(OutboxItem).where(OutboxItem.state == "failed", OutboxItem.attempts > 0)
                                .values(state="waiting", next_attempt_at=utcnow(), lease_until=None)).rowcount
         if count:
             log.info("%d refused results queued again", count)

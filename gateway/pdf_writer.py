@@ -1,5 +1,6 @@
-"""The printable report as an Encapsulated PDF (PS3.3 A.45.1): the web app's own PDF (``webapp.report``), with
-the original's patient and study modules around it, so that the PACS files it in the film's study.
+"""The printable report as an Encapsulated PDF (PS3.3 A.45.1): the web app's own PDF (``webapp.report``, with its
+images at most ``REPORT_IMAGE_SIDE`` px), with the original's patient and study modules around it, so that the
+PACS files it in the film's study.
 
 The PDF itself names no patient (it shows the web app's study number); the DICOM header around it does.
 """
@@ -13,6 +14,9 @@ from gateway.result_facts import NOT_FOR_DIAGNOSTIC_USE, ResultFacts
 from gateway.sr_writer import write
 
 ENCAPSULATED_PDF_STORAGE = "1.2.840.10008.5.1.4.1.1.104.1"
+#: Longest side of the film and of the heatmap over it in the report sent to the PACS: a printed A4 page shows
+#: them about 9 cm wide, so 1,024 px is 280 dpi; the film itself is in the PACS at full resolution.
+REPORT_IMAGE_SIDE = 1024
 SERIES_NUMBER = 9903
 SERIES_DESCRIPTION = f"pneumoscope report - {NOT_FOR_DIAGNOSTIC_USE}"
 #: Patient and General Study module attributes copied from the original (Type 2 ones are written empty if absent).

@@ -16,8 +16,9 @@ from webapp.models import Base, Study, UTCDateTime, utcnow
 #: (its results wait in the outbox), done (every result stored in the PACS), rejected (the transformer refused
 #: the image: nothing to send), recorded (scored, no PACS to send to).
 INSTANCE_STATES = ("ignored", "scoring", "sending", "done", "rejected", "recorded")
-#: A result waiting to be sent: waiting (due at next_attempt_at), sent, failed (the PACS refused it for good).
-OUTBOX_STATES = ("waiting", "sent", "failed")
+#: A result: building (reserved while it is built, with a build lease in lease_until; the film stays open),
+#: waiting (due at next_attempt_at), sent, failed (the PACS refused it for good, or it could not be built).
+OUTBOX_STATES = ("building", "waiting", "sent", "failed")
 RESULT_KINDS = ("sr", "sc", "pdf")
 
 

@@ -4,28 +4,33 @@ Scoring is the web app's (``webapp.studies.StudyService.score``: the transformer
 endpoint, the heatmap, the study row updated, a retry with back-off while the transformer is away). This worker
 claims the gateway's due studies with the same lease the web app's retry worker uses, so replicas and restarts
 share them. A scored film's results (SR, Secondary Capture, PDF) are built from the study row, the answer's extra
-fields and the encrypted original modules, and queued in the outbox in one step; a film the transformer refuses
-(not a chest X-ray) is kept as ``rejected``, and its original modules are forgotten. A film found scored but
-without results (the gateway stopped in between) gets them on the next pass.
+fields and the encrypted original modules. The SR is queued in the outbox as soon as it is built, with the other
+two reserved in the same step (so the film stays open until they are sent too); they are built meanwhile and
+queued when done. A film the transformer refuses (not a chest X-ray) is kept as ``rejected``, and its original
+modules are forgotten. A film found scored but without results, or with a reserved result never built (the
+gateway stopped in between), gets them on a later pass.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import timedelta
 
 import highdicom as hd
+from pydicom.dataset import Dataset
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from gateway import originals
 from gateway.metrics import SCORED
-from gateway.outbox import Outbox
-from gateway.pdf_writer import build_encapsulated_pdf
+from gateway.outbox import BUILD_LEASE_S, Outbox
+from gateway.pdf_writer import REPORT_IMAGE_SIDE, build_encapsulated_pdf
 from gateway.records import RESULT_KINDS, GatewayInstance
-from gateway.result_facts import facts_from
+from gateway.result_facts import ResultFacts, facts_from
 from gateway.secondary_capture_writer import build_secondary_capture
 from gateway.settings import GatewaySettings
 from gateway.sr_writer import build_sr
@@ -40,6 +45,17 @@ from webapp.studies import LEASE_MARGIN_S, StudyService
 log = logging.getLogger(__name__)
 
 BATCH = 4
+
+
+@dataclass
+class _Inputs:
+    """What a film's results are built from."""
+
+    study: Study
+    original: Dataset  # the kept patient and study modules
+    facts: ResultFacts
+    heatmap: bytes | None
+    identity: dict
 
 
 class Scorer:
@@ -100,6 +116,8 @@ class Scorer:
                     self.outbox.wake.set()
             else:
                 await asyncio.to_thread(self.reject, study_id, "the transformer refused the image")
+        if self.send and await asyncio.to_thread(self.rebuild_unbuilt):
+            self.outbox.wake.set()
         return len(claimed)
 
     def reject(self, study_id: int, message: str) -> None:
@@ -112,7 +130,11 @@ class Scorer:
             log.warning("study %d: the transformer refused the film (%s); nothing is sent back", study_id, message)
 
     def build_results(self, study_id: int, extra: dict) -> bool:
-        """Build and queue the film's results; True when queued here (False: nothing to do, or another did it)."""
+        """Build and queue the film's results; True when queued here (False: nothing to do, or another did it).
+
+        The SR is queued (and the outbox woken) as soon as it is built, with the Secondary Capture and the PDF
+        reserved beside it; those two are built meanwhile, side by side, and queued when done."""
+        started = time.perf_counter()
         with self.factory() as db:
             study = db.get(Study, study_id)
             instance = db.scalar(select(GatewayInstance).where(GatewayInstance.study_id == study_id))
@@ -126,26 +148,68 @@ class Scorer:
                 db.execute(update(Study).where(Study.id == study_id).values(pacs_original=None))
             log.info("study %d scored; no PACS to send results to (set --send-to)", study_id)
             return False
-        original = originals.restore(self.cipher.decrypt(study.pacs_original))
-        facts = facts_from(study, extra)
-        heatmap = self.store.get(study.heatmap_key()) if study.has_heatmap else None
-        identity = self.cipher.decrypt(study.identity) if study.identity else {}
-        manufacturer = self.settings.manufacturer
-        sr_uid, sc_uid, pdf_uid = hd.UID(), hd.UID(), hd.UID()
-        builds = {"sr": (sr_uid, lambda: build_sr(original, facts, hd.UID(), sr_uid, manufacturer, self.device_uid)),
-                  "pdf": (pdf_uid, lambda: build_encapsulated_pdf(original, facts,
-                                                                  study_pdf(study, self.store, identity),
-                                                                  hd.UID(), pdf_uid, manufacturer))}
-        if heatmap is not None:
-            builds["sc"] = (sc_uid, lambda: build_secondary_capture(original, facts, heatmap, hd.UID(), sc_uid,
-                                                                    manufacturer))
-        # Side by side: the image work (Pillow, the PDF's JPEGs) runs outside the GIL while the SR is built.
-        futures = {kind: self._builders.submit(build) for kind, (_, build) in builds.items()}
-        objects = [(kind, builds[kind][0], futures[kind].result()) for kind in RESULT_KINDS if kind in builds]
-        if not self.outbox.put(instance.id, study.storage_prefix, objects):
+        inputs = self._inputs(study, extra)
+        uids = {kind: hd.UID() for kind in RESULT_KINDS}
+        later = [kind for kind in ("sc", "pdf") if kind != "sc" or inputs.heatmap is not None]
+        # The image work (Pillow, the PDF's JPEGs) runs outside the GIL while the SR is built and queued.
+        futures = {kind: self._builders.submit(self._build, kind, inputs, uids[kind]) for kind in later}
+        sr = self._build("sr", inputs, uids["sr"])
+        built_sr = time.perf_counter()
+        reserved = self.outbox.put(instance.id, study.storage_prefix, [("sr", uids["sr"], sr)],
+                                   [(kind, uids[kind]) for kind in later])
+        if reserved is None:
             return False
-        log.info("study %d: %s queued for the PACS", study_id, ", ".join(kind for kind, _, _ in objects))
+        self.outbox.wake_soon()
+        queued_sr = time.perf_counter()
+        for kind in later:
+            try:
+                data = futures[kind].result()
+            except Exception:
+                log.exception("study %d: the %s could not be built; it is built again in %.0f s", study_id, kind,
+                              BUILD_LEASE_S)
+                continue
+            if self.outbox.complete(reserved[kind], data):
+                self.outbox.wake_soon()
+        log.info("study %d: %s queued for the PACS", study_id, ", ".join(["sr", *later]))
+        log.debug("study %d: SR built in %.0f ms and queued in %.0f ms; all queued after %.0f ms", study_id,
+                  (built_sr - started) * 1000, (queued_sr - built_sr) * 1000, (time.perf_counter() - started) * 1000)
         return True
+
+    def rebuild_unbuilt(self) -> int:
+        """Build the reserved results whose build lease ran out (the gateway stopped while building them), with
+        the SOP Instance UIDs they were given; returns how many were queued."""
+        queued = 0
+        for item_id, study_id, kind, sop_instance_uid in self.outbox.claim_unbuilt(BATCH):
+            with self.factory() as db:
+                study = db.get(Study, study_id) if study_id is not None else None
+            if study is None or study.pacs_original is None or study.status != "done":
+                log.error("result %d (%s): its study is gone; it cannot be built", item_id, kind)
+                self.outbox.give_up_build(item_id, "the study was deleted before this result was built")
+                continue
+            inputs = self._inputs(study, {})
+            if kind == "sc" and inputs.heatmap is None:
+                self.outbox.give_up_build(item_id, "the study has no heatmap")
+                continue
+            if self.outbox.complete(item_id, self._build(kind, inputs, sop_instance_uid)):
+                log.info("study %d: %s built again and queued for the PACS", study_id, kind)
+                queued += 1
+        return queued
+
+    def _inputs(self, study: Study, extra: dict) -> "_Inputs":
+        return _Inputs(study=study, original=originals.restore(self.cipher.decrypt(study.pacs_original)),
+                       facts=facts_from(study, extra),
+                       heatmap=self.store.get(study.heatmap_key()) if study.has_heatmap else None,
+                       identity=self.cipher.decrypt(study.identity) if study.identity else {})
+
+    def _build(self, kind: str, inputs: "_Inputs", sop_instance_uid: str) -> bytes:
+        manufacturer = self.settings.manufacturer
+        if kind == "sr":
+            return build_sr(inputs.original, inputs.facts, hd.UID(), sop_instance_uid, manufacturer, self.device_uid)
+        if kind == "sc":
+            return build_secondary_capture(inputs.original, inputs.facts, inputs.heatmap, hd.UID(), sop_instance_uid,
+                                           manufacturer)
+        pdf = study_pdf(inputs.study, self.store, inputs.identity, max_side=REPORT_IMAGE_SIDE)
+        return build_encapsulated_pdf(inputs.original, inputs.facts, pdf, hd.UID(), sop_instance_uid, manufacturer)
 
     async def run(self, stop: asyncio.Event) -> None:
         await run_passes("scorer", self._full_pass, stop, self.wake, self.settings.worker_poll_s)

@@ -24,6 +24,13 @@ SERIES_DESCRIPTION = f"pneumoscope heatmap - {NOT_FOR_DIAGNOSTIC_USE}"
 DEFAULT_ORIENTATION = ("L", "F")
 
 
+def caption(facts: ResultFacts) -> list[str]:
+    """The two lines burned in: what the image is, and the served decision (never the label alone: a REFER says
+    refer, whatever side of the threshold the probability fell)."""
+    return [f"{NOT_FOR_DIAGNOSTIC_USE} - pneumoscope {facts.model_name} v{facts.model_version}",
+            f"{facts.headline()}: probability {facts.probability * 100:.1f}% (threshold {facts.threshold * 100:.1f}%)"]
+
+
 def annotated(heatmap_png: bytes, facts: ResultFacts) -> np.ndarray:
     """The heatmap as RGB uint8 with two lines of text burned in over a dark band at the top."""
     with Image.open(io.BytesIO(heatmap_png)) as image:
@@ -37,8 +44,7 @@ def annotated(heatmap_png: bytes, facts: ResultFacts) -> np.ndarray:
         font = ImageFont.load_default(size=size)
     except TypeError:  # Pillow without FreeType
         font = ImageFont.load_default()
-    lines = [f"{NOT_FOR_DIAGNOSTIC_USE} - pneumoscope {facts.model_name} v{facts.model_version}",
-             f"{facts.headline()}: probability {facts.probability * 100:.1f}% (threshold {facts.threshold * 100:.1f}%)"]
+    lines = caption(facts)
     band = int(size * 2.9)
     draw.rectangle((0, 0, picture.width, band), fill=(0, 0, 0))
     for i, line in enumerate(lines):

@@ -76,6 +76,15 @@ def overlay_png(film: bytes, cam: dict, colormap: str = DEFAULT_COLORMAP, cutoff
     cut-off up, transparent below it; ``mask`` keeps only the regions inside it (the lung-restricted view)."""
     with Image.open(io.BytesIO(film)) as image:
         gray = image.convert("L")
+    out = io.BytesIO()
+    overlay_image(gray, cam, colormap, cutoff, mask, max_side, opacity).save(out, format="PNG", compress_level=1)
+    return out.getvalue()
+
+
+def overlay_image(film: Image.Image, cam: dict, colormap: str = DEFAULT_COLORMAP, cutoff: float = DEFAULT_CUTOFF,
+                  mask: dict | None = None, max_side: int = 1200, opacity: float = 0.6) -> Image.Image:
+    """:func:`overlay_png` on a film already decoded (``film`` is not changed): an RGB image, no PNG round trip."""
+    gray = film.convert("L") if film.mode != "L" else film.copy()
     gray.thumbnail((max_side, max_side))
     width, height = gray.size
     heat = np.clip(upsample(grid_array(cam), width, height), 0.0, 1.0)
@@ -85,9 +94,7 @@ def overlay_png(film: bytes, cam: dict, colormap: str = DEFAULT_COLORMAP, cutoff
     alpha = np.where(heat >= cutoff, opacity, 0.0)[..., None]
     base = np.repeat(np.asarray(gray, dtype=np.float32)[..., None], 3, axis=2)
     blended = np.round(base * (1 - alpha) + colours * alpha).astype(np.uint8)
-    out = io.BytesIO()
-    Image.fromarray(blended).save(out, format="PNG", compress_level=1)
-    return out.getvalue()
+    return Image.fromarray(blended)
 
 
 def colour_scale_png(colormap: str = DEFAULT_COLORMAP, cutoff: float = DEFAULT_CUTOFF, width: int = 512,

@@ -225,11 +225,19 @@ def sign_off_text(version) -> str:
 
 # -- the PDF ----------------------------------------------------------------------------------------------
 
-def _jpeg(image_bytes: bytes, max_side: int = 1400) -> io.BytesIO:
-    """A modest JPEG for the PDF (a full-resolution PNG would make a 20 MB report)."""
+#: Longest side of the film in the web app's PDF (the overlay is drawn at ``OVERLAY_SIDE``, as the page's viewer).
+FILM_SIDE, OVERLAY_SIDE = 1400, 1200
+
+
+def _jpeg(image, max_side: int = FILM_SIDE) -> io.BytesIO:
+    """A modest JPEG for the PDF (a full-resolution PNG would make a 20 MB report). ``image``: a file's bytes or a
+    decoded Pillow image (left unchanged)."""
     from PIL import Image
 
-    with Image.open(io.BytesIO(image_bytes)) as image:
+    if isinstance(image, (bytes, bytearray)):
+        with Image.open(io.BytesIO(image)) as opened:
+            image = opened.convert("RGB") if opened.mode not in ("L", "RGB") else opened.copy()
+    else:
         image = image.convert("RGB") if image.mode not in ("L", "RGB") else image.copy()
     image.thumbnail((max_side, max_side))
     out = io.BytesIO()
@@ -292,39 +300,56 @@ class _Pdf:
         self.pdf.ln(1.5)
 
 
-def study_pdf(study: Study, store, identity: dict | None = None, version=None) -> bytes:
+def study_pdf(study: Study, store, identity: dict | None = None, version=None, max_side: int | None = None) -> bytes:
     """The report PDF of a stored study as the web app and the DICOM gateway send it: the film it shows, the
     model's CAM drawn over it as the viewer draws it (or, for a result from before the CAM was kept, the
-    transformer's heatmap), the patient block ``identity`` and the report ``version`` (None: not reported)."""
+    transformer's heatmap), the patient block ``identity`` and the report ``version`` (None: not reported).
+    ``max_side``: the longest side of the film and the overlay in the PDF (default: the web app's, 1,400 and
+    1,200 px); the film is decoded once, whatever the size."""
+    from PIL import Image
+
     from webapp import heatmap
 
-    film = store.get(study.shown_key())
+    with Image.open(io.BytesIO(store.get(study.shown_key()))) as image:
+        film = image.convert("RGB") if image.mode not in ("L", "RGB") else image.copy()
+    film_side, overlay_side = (max_side, max_side) if max_side else (FILM_SIDE, OVERLAY_SIDE)
+    aspect = film.height / film.width
+    film.thumbnail((film_side, film_side))
     overlay = scale = None
     if study.cam:
-        overlay, scale = heatmap.overlay_png(film, study.cam), heatmap.colour_scale_png()
+        overlay = heatmap.overlay_image(film, study.cam, max_side=overlay_side)
+        scale = heatmap.colour_scale_png()
     elif study.has_heatmap:
         overlay = store.get(study.heatmap_key())
-    return render_pdf(study, film, identity, version, overlay, scale, heatmap.DEFAULT_CUTOFF)
+    return render_pdf(study, film, identity, version, overlay, scale, heatmap.DEFAULT_CUTOFF, aspect=aspect,
+                      max_side=film_side)
 
 
-def render_pdf(study: Study, film: bytes, identity: dict | None = None, version=None, overlay: bytes | None = None,
-               scale: bytes | None = None, cutoff: float | None = None) -> bytes:
+def render_pdf(study: Study, film, identity: dict | None = None, version=None, overlay=None,
+               scale: bytes | None = None, cutoff: float | None = None, aspect: float | None = None,
+               max_side: int = FILM_SIDE) -> bytes:
     """One A4 page: header, patient block, AI finding, film and heatmap (as large as the page allows), the
-    doctor's impression and sign-off, the statement. ``version``: the report version shown (None: not reported);
-    ``overlay``/``scale``: the heatmap over the film and its colour scale (``webapp.heatmap``).
+    doctor's impression and sign-off, the statement. ``film``, ``overlay``: a file's bytes or a decoded Pillow
+    image; ``version``: the report version shown (None: not reported); ``overlay``/``scale``: the heatmap over
+    the film and its colour scale (``webapp.heatmap``); ``aspect``: the film's height / width, when known.
 
     Laid out twice: once to measure the text, then with the images grown (or shrunk) into the room left."""
     from PIL import Image
 
-    with Image.open(io.BytesIO(film)) as image:
-        aspect = image.height / image.width
-    film_jpeg, overlay_jpeg = _jpeg(film), _jpeg(overlay) if overlay else None
+    if aspect is None:
+        if isinstance(film, (bytes, bytearray)):
+            with Image.open(io.BytesIO(film)) as image:
+                aspect = image.height / image.width
+        else:
+            aspect = film.height / film.width
+    film_jpeg = _jpeg(film, max_side)
+    overlay_jpeg = _jpeg(overlay, max_side) if overlay is not None else None
     smallest = 45.0
     doc, end = _layout(study, film_jpeg, aspect, identity, version, overlay_jpeg, scale, cutoff, smallest)
     room = doc.pdf.h - doc.pdf.b_margin - end - 2
     if doc.pdf.page > 1:  # the text alone overflows: measure how much from the second page's end
         room = -(end - doc.pdf.t_margin + 8)
-    column = (doc.width - 6) / 2 if overlay else doc.width
+    column = (doc.width - 6) / 2 if overlay is not None else doc.width
     height = max(25.0, min(smallest + room, column * aspect))
     if height != smallest:
         film_jpeg.seek(0)

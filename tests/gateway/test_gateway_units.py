@@ -217,3 +217,124 @@ def test_studies_from_the_pacs_belong_to_the_service_user_and_only_admins_see_th
             db.get(Study, study_id).pacs_original = None  # what the outbox does once every result is stored
         body = client.get(f"/api/studies/{study_id}", headers={"authorization": f"Bearer {tokens['chief']}"}).json()
         assert "pacs" not in body
+
+
+def test_a_wake_during_a_pass_starts_the_next_pass_at_once():
+    """A film accepted while the scorer is busy with another must not wait for the poll interval."""
+    import asyncio
+    import time
+
+    from gateway.worker import run_passes
+
+    async def scenario() -> list[float]:
+        stop, wake = asyncio.Event(), asyncio.Event()
+        passes: list[float] = []
+
+        async def one_pass() -> bool:
+            passes.append(time.perf_counter())
+            if len(passes) == 1:
+                await asyncio.sleep(0.05)
+                wake.set()  # woken while this pass runs
+            elif len(passes) == 2:
+                stop.set()
+            return False
+
+        started = time.perf_counter()
+        await asyncio.wait_for(run_passes("test", one_pass, stop, wake, interval_s=30.0), timeout=10)
+        return [t - started for t in passes]
+
+    passes = asyncio.run(scenario())
+    assert len(passes) == 2 and passes[1] < 1.0, passes  # not after the 30 s interval
+
+
+def test_results_reserved_while_built_keep_the_film_open_and_are_built_again_when_their_lease_runs_out(tmp_path):
+    """The SR is queued before the Secondary Capture and the PDF are built: their rows are reserved beside it, the
+    film is not done when the SR alone is sent, and a reserved row whose builder stopped is claimed again."""
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from gateway.outbox import Outbox
+    from gateway.records import GatewayInstance, OutboxItem
+    from webapp.db import make_engine, session_factory, transaction, upgrade
+    from webapp.models import Study, utcnow
+    from webapp.settings import WebSettings
+    from webapp.storage import ImageStore
+
+    settings = WebSettings(home=tmp_path, secret_key="test", inference_url="http://127.0.0.1:9")
+    engine = make_engine(settings.resolved_database_url())
+    upgrade(engine)
+    factory = session_factory(engine)
+    store = ImageStore(settings.resolved_image_store())
+    cipher = settings.field_cipher()
+
+    class Sent:
+        def __init__(self):
+            self.uids = []
+
+        def send(self, data, sop_instance_uid):
+            self.uids.append(sop_instance_uid)
+
+    sender = Sent()
+    outbox = Outbox(GatewaySettings(), factory, store, cipher, sender)
+    with transaction(factory) as db:
+        from webapp import accounts
+
+        owner = accounts.add_user(db, "pacs-gateway", "a-long-random-password")
+        study = Study(owner_id=owner.id, source="PACS", pacs_original="token", storage_prefix="p1",
+                      image_format="dicom", image_sha256="0" * 64, image_bytes=1, status="done")
+        db.add(study)
+        db.flush()
+        instance = GatewayInstance(fingerprint="f" * 64, state="scoring", calling_ae="PACS", study_id=study.id)
+        db.add(instance)
+        db.flush()
+        instance_id, study_id = instance.id, study.id
+
+    reserved = outbox.put(instance_id, "p1", [("sr", "1.2.3.1", b"SR")], [("sc", "1.2.3.2"), ("pdf", "1.2.3.3")])
+    assert set(reserved) == {"sc", "pdf"}
+    assert outbox.put(instance_id, "p1", [("sr", "1.2.3.9", b"SR")]) is None  # queued once only
+    assert outbox.claim_unbuilt(8) == []  # their builder holds the lease
+    assert [outbox.send_one(i) for i in outbox.claim_due(8)] == ["stored"] and sender.uids == ["1.2.3.1"]
+    with factory() as db:
+        assert db.get(GatewayInstance, instance_id).state == "sending"  # the SC and the PDF are still to come
+        assert db.get(Study, study_id).pacs_original == "token"  # kept to build them
+
+    assert outbox.complete(reserved["sc"], b"SC")
+    assert not outbox.complete(reserved["sc"], b"SC again")  # built once
+    with transaction(factory) as db:  # the PDF's builder stopped: its lease runs out
+        db.execute(update(OutboxItem).where(OutboxItem.id == reserved["pdf"])
+                   .values(lease_until=utcnow() - timedelta(seconds=1)))
+    assert outbox.claim_unbuilt(8) == [(reserved["pdf"], study_id, "pdf", "1.2.3.3")]
+    assert outbox.claim_unbuilt(8) == []  # claimed by one builder only
+    assert outbox.complete(reserved["pdf"], b"PDF")
+    assert sorted(outbox.send_one(i) for i in outbox.claim_due(8)) == ["stored", "stored"]
+    assert sorted(sender.uids) == ["1.2.3.1", "1.2.3.2", "1.2.3.3"]  # each sent once
+    with factory() as db:
+        assert db.get(GatewayInstance, instance_id).state == "done"
+        assert db.get(Study, study_id).pacs_original is None
+    assert (tmp_path / "studies" / "p1").is_dir() and not list((tmp_path / "studies").rglob("*.enc"))  # removed
+
+
+@pytest.mark.parametrize("decision, label, headline", [("REFER", "PNEUMONIA", "Refer: no automated decision"),
+                                                       ("REFER", "NORMAL", "Refer: no automated decision"),
+                                                       ("PNEUMONIA", "PNEUMONIA", "Pneumonia suspected"),
+                                                       ("NORMAL", "NORMAL", "No pneumonia detected"),
+                                                       (None, "PNEUMONIA", "Pneumonia suspected")])
+def test_the_secondary_captures_caption_and_the_srs_finding_follow_the_served_decision(decision, label, headline):
+    """A REFER above the threshold (the model unsure, or the film outside its intended use) is captioned 'Refer',
+    never 'Pneumonia suspected', and its SR's finding is indeterminate; the decision comes from the study row."""
+    from types import SimpleNamespace
+
+    from gateway.result_facts import facts_from
+    from gateway.secondary_capture_writer import caption
+
+    row = SimpleNamespace(probability=0.999, label=label, threshold=0.998, model_name="pneumonia", model_version="7",
+                          scored_at=datetime(2026, 12, 6, 19, 0, tzinfo=timezone.utc), quality_flags=[],
+                          decision=decision, ood_score=3.0 if decision == "REFER" else None,
+                          in_intended_use=False if decision == "REFER" else None,
+                          refer_reasons=[{"code": "out_of_distribution", "text": ""}] if decision == "REFER" else None)
+    facts = facts_from(row, {})  # as after a restart: nothing but the row
+    assert caption(facts)[1] == f"{headline}: probability 99.9% (threshold 99.8%)"
+    sr = pydicom.dcmread(io.BytesIO(build_sr(_original(), facts, "1.2.3.4", "1.2.3.5", "pneumoscope", "1.2.3.6")))
+    assert _codes(sr)["233604007"] == [{"REFER": "Indeterminate", "NORMAL": "Absent"}.get(decision or label,
+                                                                                           "Present")]

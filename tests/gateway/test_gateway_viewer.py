@@ -74,12 +74,17 @@ def test_the_heatmap_shows_in_orthancs_web_viewer_and_the_sr_states_the_result(t
         tags = httpx.get(f"{pacs.url}/instances/{sr_id}/tags?simplify", timeout=30).json()
         content = _content(tags["ContentSequence"], {})
         with closing(sqlite3.connect(tmp_path / "home" / "webapp.db")) as db:
-            probability, threshold, label, version = db.execute(
-                "SELECT probability, threshold, label, model_version FROM studies WHERE source = 'PACS'").fetchone()
+            probability, threshold, label, decision, version = db.execute(
+                "SELECT probability, threshold, label, decision, model_version FROM studies WHERE source = 'PACS'"
+            ).fetchone()
         assert tags["VerificationFlag"] == "UNVERIFIED"
         assert content["P-PROB"] == pytest.approx(probability, abs=1e-6)
         assert content["P-THR"] == pytest.approx(threshold, abs=1e-6)
-        assert content["233604007"] == {"PNEUMONIA": "Present", "NORMAL": "Absent"}[label]  # finding: pneumonia
+        # finding: pneumonia, as the served decision has it (a REFER is indeterminate, whatever the label)
+        served = decision or label
+        assert content["233604007"] == {"PNEUMONIA": "Present", "NORMAL": "Absent", "REFER": "Indeterminate"}[served]
+        if decision:
+            assert content["P-DEC"] == decision
         assert content["111001"] == "pneumonia" and content["111003"] == version  # algorithm name and version
         from model.bundle import Bundle
         from serving_fixtures import shared_bundle
