@@ -109,25 +109,42 @@ def sharpness(pixels: np.ndarray) -> float:
 
 def _components(mask: np.ndarray, reach: int = 2) -> list[tuple[np.ndarray, np.ndarray]]:
     """Connected components of a sparse boolean mask; pixels up to ``reach`` apart join (one glyph with a
-    broken stroke, or one short word, is one component). A flood fill over the set pixels only."""
+    broken stroke, or one short word, is one component).
+
+    Vectorised over the set pixels only (the serving image has no scipy): the pairs of set pixels within
+    ``reach`` of each other, found through an index image, then the smallest index spread along those pairs
+    with pointer jumping, a few passes even for a long stroke. It runs on every upload in the transformer,
+    where the flood fill in Python it replaces cost about 0.7 ms per film."""
     ys, xs = np.nonzero(mask)
-    remaining = set(zip(ys.tolist(), xs.tolist()))
-    offsets = [(dy, dx) for dy in range(-reach, reach + 1) for dx in range(-reach, reach + 1) if dy or dx]
-    components = []
-    while remaining:
-        stack = [remaining.pop()]
-        members = list(stack)
-        while stack:
-            y, x = stack.pop()
-            for dy, dx in offsets:
-                neighbour = (y + dy, x + dx)
-                if neighbour in remaining:
-                    remaining.remove(neighbour)
-                    stack.append(neighbour)
-                    members.append(neighbour)
-        coords = np.array(members)
-        components.append((coords[:, 0], coords[:, 1]))
-    return components
+    count = len(ys)
+    if count == 0:
+        return []
+    height, width = mask.shape
+    index = np.full((height + 2 * reach, width + 2 * reach), -1, dtype=np.int64)
+    index[ys + reach, xs + reach] = np.arange(count)
+    firsts, seconds = [], []
+    for dy in range(reach + 1):  # half of the neighbourhood: each pair once
+        for dx in range(-reach, reach + 1):
+            if dy == 0 and dx <= 0:
+                continue
+            other = index[ys + reach + dy, xs + reach + dx]
+            found = other >= 0
+            firsts.append(np.flatnonzero(found))
+            seconds.append(other[found])
+    first, second = np.concatenate(firsts), np.concatenate(seconds)
+    label = np.arange(count)
+    while True:
+        lowest = np.minimum(label[first], label[second])
+        spread = label.copy()
+        np.minimum.at(spread, first, lowest)
+        np.minimum.at(spread, second, lowest)
+        spread = spread[spread]  # pointer jumping: each pixel takes its label's label
+        if np.array_equal(spread, label):
+            break
+        label = spread
+    order = np.argsort(label, kind="stable")
+    groups = np.split(order, np.flatnonzero(np.diff(label[order])) + 1)
+    return [(ys[group], xs[group]) for group in groups]
 
 
 @functools.lru_cache(maxsize=4)
@@ -140,14 +157,20 @@ def lung_fields(height: int, width: int) -> np.ndarray:
     return inside
 
 
-def _bright_blobs(pixels: np.ndarray, region: np.ndarray, min_brightness: int, min_local_contrast: float,
-                  min_contrast: float, max_background: float, t: QualityThresholds
-                  ) -> list[tuple[float, float, float, float]]:
-    """Bounding boxes (relative y0, x0, y1, x1) of bright, small, compact blobs inside ``region`` that stand out
-    from their 15-px neighbourhood and from the ring around them."""
-    size = pixels.shape[0]
+def local_contrast(pixels: np.ndarray) -> np.ndarray:
+    """Each pixel minus the mean of its 15-px neighbourhood (float32)."""
     local_mean = np.asarray(Image.fromarray(pixels).filter(ImageFilter.BoxBlur(7)), dtype=np.float32)
-    contrast = pixels.astype(np.float32) - local_mean
+    return pixels.astype(np.float32) - local_mean
+
+
+def _bright_blobs(pixels: np.ndarray, region: np.ndarray, min_brightness: int, min_local_contrast: float,
+                  min_contrast: float, max_background: float, t: QualityThresholds,
+                  contrast: np.ndarray | None = None) -> list[tuple[float, float, float, float]]:
+    """Bounding boxes (relative y0, x0, y1, x1) of bright, small, compact blobs inside ``region`` that stand out
+    from their 15-px neighbourhood and from the ring around them (``contrast``: :func:`local_contrast`, when the
+    caller has it already)."""
+    size = pixels.shape[0]
+    contrast = local_contrast(pixels) if contrast is None else contrast
     candidates = region & (pixels >= min_brightness) & (contrast >= min_local_contrast)
     if not candidates.any() or candidates.sum() > MAX_CANDIDATES:  # bounded cost on any input
         return []
@@ -167,29 +190,31 @@ def _bright_blobs(pixels: np.ndarray, region: np.ndarray, min_brightness: int, m
     return boxes
 
 
-def text_components(pixels: np.ndarray, t: QualityThresholds = QualityThresholds()
-                    ) -> list[tuple[float, float, float, float]]:
+def text_components(pixels: np.ndarray, t: QualityThresholds = QualityThresholds(),
+                    contrast: np.ndarray | None = None) -> list[tuple[float, float, float, float]]:
     """Markers and text: bright, small, high-contrast blobs on the dark background of the border band."""
     size = pixels.shape[0]
     band = int(round(t.border_band * size))
     border = np.ones(pixels.shape, dtype=bool)
     border[band:size - band, band:size - band] = False
-    return _bright_blobs(pixels, border, t.min_brightness, t.min_local_contrast, t.min_contrast, t.max_background, t)
+    return _bright_blobs(pixels, border, t.min_brightness, t.min_local_contrast, t.min_contrast, t.max_background, t,
+                         contrast)
 
 
-def objects_over_lungs(pixels: np.ndarray, t: QualityThresholds = QualityThresholds()
-                       ) -> list[tuple[float, float, float, float]]:
+def objects_over_lungs(pixels: np.ndarray, t: QualityThresholds = QualityThresholds(),
+                       contrast: np.ndarray | None = None) -> list[tuple[float, float, float, float]]:
     """Text or objects over the lung fields: blobs far brighter than the lung around them."""
     region = lung_fields(*pixels.shape)
     return _bright_blobs(pixels, region, t.lung_min_brightness, t.lung_min_local_contrast, t.lung_min_contrast,
-                         255.0, t)
+                         255.0, t, contrast)
 
 
 def assess(gray: np.ndarray, thresholds: QualityThresholds = QualityThresholds()) -> QualityReport:
     """Sharpness, what was found (markers, objects over the lungs) and the warnings of one gray image (any size)."""
     pixels = analysis_pixels(gray)
-    report = QualityReport(sharpness(pixels), text_components(pixels, thresholds),
-                           objects_over_lungs(pixels, thresholds))
+    contrast = local_contrast(pixels)  # once for both searches
+    report = QualityReport(sharpness(pixels), text_components(pixels, thresholds, contrast),
+                           objects_over_lungs(pixels, thresholds, contrast))
     if report.sharpness < thresholds.min_sharpness:
         report.flags.append(FLAG_BLURRED)
     if report.lung_boxes:

@@ -344,6 +344,55 @@ def test_dynamic_batcher_streams_wide_when_alone_narrow_in_parallel_under_load()
     assert sum(n for _, n in modes) == 9
 
 
+def test_occupancy_is_a_time_weighted_mean_that_decays():
+    from serving.batching import Occupancy
+
+    now = [0.0]
+    occupancy = Occupancy(0.5, clock=lambda: now[0])
+    occupancy.add(3)
+    now[0] += 2.0  # four time constants with three requests in
+    assert 2.9 < occupancy.recent() <= 3.0
+    occupancy.add(-3)
+    now[0] += 2.0
+    assert occupancy.recent() < 0.1
+
+
+def test_dynamic_batcher_runs_narrow_while_a_closed_loop_keeps_it_busy_and_wide_again_once_quiet():
+    """Behind a transformer the engine is often idle at the instant a request arrives although two clients keep
+    it busy: those requests run narrow, side by side, not one after another on all threads."""
+    from serving.batching import WIDE_BELOW_OCCUPANCY, DynamicBatcher, Occupancy
+
+    modes = []
+
+    def engine(mode, seconds):
+        def run(x):
+            modes.append(mode)
+            time.sleep(seconds)
+            return (x[:, 0],)
+        return run
+
+    async def client(batcher, rounds):
+        for _ in range(rounds):
+            await batcher.submit(np.zeros((1, 1), np.float32))
+            await asyncio.sleep(0.008)  # the next film being decoded
+
+    async def scenario():
+        batcher = DynamicBatcher(engine("narrow", 0.02), max_batch_size=4, streams=2,
+                                 run_wide=engine("wide", 0.01))
+        batcher.occupancy = Occupancy(0.1)
+        await asyncio.gather(client(batcher, 25), client(batcher, 25))
+        busy = list(modes)
+        await asyncio.sleep(0.6)  # six time constants of quiet
+        assert batcher.occupancy.recent() < WIDE_BELOW_OCCUPANCY
+        await batcher.submit(np.zeros((1, 1), np.float32))
+        batcher.close()
+        return busy, modes[-1]
+
+    busy, lone = asyncio.run(scenario())
+    assert busy[-30:].count("narrow") >= 27, busy
+    assert lone == "wide"
+
+
 def test_dynamic_batcher_delay_and_errors():
     from serving.batching import DynamicBatcher
 
