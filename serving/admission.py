@@ -16,13 +16,17 @@ The policy (Little's law, as a deadline-aware queue does it; Triton's queue poli
 
 - service rate X: requests completed per second of busy time (time with at least one request in flight),
   over the last :data:`RATE_WINDOW` completions;
-- budget B: ``latency_budget_s`` when set; otherwise, with ``auto_budget``, twice the median latency of the
-  last requests that found the process idle (its unloaded latency, so that under overload an accepted
-  request waits about as long as it is served); otherwise none (the predictor: the transformers in front of
-  it bound their queues already, and it needs a queue to batch);
-- limit = max(``min_inflight``, floor(X x B)), never above ``max_inflight`` (a hard bound for memory). While
-  the limit binds, X is the rate at that depth: if deeper queues serve faster (batching), the limit grows;
-  once the engine is saturated, X stops growing and the limit settles where the wait equals B;
+- budget B, for the 99th percentile of the accepted requests' latency: ``latency_budget_s`` when set;
+  otherwise, with ``auto_budget``, twice the 99th percentile of the latencies of the last requests served alone
+  (they found the process idle and no other request came in before they left: its unloaded latency), so that
+  under overload an accepted request's p99 is at most twice the unloaded one; otherwise none (the predictor: the transformers in
+  front of it bound their queues already, and it needs a queue to batch);
+- spread S: the 99th percentile of the recent accepted latencies over their mean (1 to :data:`MAX_SPREAD`;
+  1 until :data:`MIN_SPREAD_SAMPLES` are known). By Little's law a queue held at depth L has a mean latency of
+  L / X, and its 99th percentile about S times that;
+- limit = max(``min_inflight``, floor(X x B / S)), never above ``max_inflight`` (a hard bound for memory).
+  While the limit binds, X is the rate at that depth: if deeper queues serve faster (batching), the limit
+  grows; once the engine is saturated, X stops growing and the limit settles where the p99 meets B;
 - deadline-aware: a request whose own deadline is shorter than its expected time (in flight + 1) / X is
   refused at once, rather than accepted and timed out;
 - until X is measured (fewer than :data:`MIN_RATE_SAMPLES` completions) it is taken as ``min_inflight`` requests
@@ -86,9 +90,13 @@ def timeout_from_headers(headers, default_s: float) -> float:
 #: completions the service rate is measured over (about a second at the served rates)
 RATE_WINDOW = 32
 MIN_RATE_SAMPLES = 8
-#: latencies of requests that found the process idle, whose median is the unloaded latency
-UNLOADED_WINDOW = 16
-#: the automatic budget, in unloaded latencies: an accepted request waits about as long as it is served
+#: latencies of requests served alone: their median is the unloaded latency, their 99th percentile its tail
+UNLOADED_WINDOW = 128
+#: accepted latencies the spread (p99 / mean) is measured over, and how many it needs
+SPREAD_WINDOW = 256
+MIN_SPREAD_SAMPLES = 64
+MAX_SPREAD = 3.0
+#: the automatic budget, in unloaded 99th percentiles: an accepted request waits about as long as it is served
 AUTO_BUDGET_FACTOR = 2.0
 
 
@@ -100,7 +108,8 @@ class ServiceEstimate:
         self.busy_clock = 0.0  # seconds with at least one request in flight
         self._last_event = clock()
         self._completions: deque[float] = deque(maxlen=RATE_WINDOW)  # busy_clock at each completion
-        self._unloaded: deque[float] = deque(maxlen=UNLOADED_WINDOW)  # latencies of requests that found it idle
+        self._unloaded: deque[float] = deque(maxlen=UNLOADED_WINDOW)  # latencies of requests served alone
+        self._latencies: deque[float] = deque(maxlen=SPREAD_WINDOW)  # latencies of every accepted request
 
     def tick(self, inflight_before: int) -> float:
         now = self.clock()
@@ -109,10 +118,12 @@ class ServiceEstimate:
         self._last_event = now
         return now
 
-    def completed(self, latency_s: float | None, found_idle: bool) -> None:
+    def completed(self, latency_s: float | None, alone: bool) -> None:
         self._completions.append(self.busy_clock)
-        if found_idle and latency_s is not None:
-            self._unloaded.append(latency_s)
+        if latency_s is not None:
+            self._latencies.append(latency_s)
+            if alone:
+                self._unloaded.append(latency_s)
 
     def rate(self) -> float | None:
         """Requests per busy second over the recent completions, None until there are enough."""
@@ -123,6 +134,22 @@ class ServiceEstimate:
 
     def unloaded_latency(self) -> float | None:
         return statistics.median(self._unloaded) if self._unloaded else None
+
+    def unloaded_p99(self) -> float | None:
+        return _quantile(self._unloaded, 0.99) if self._unloaded else None
+
+    def spread(self) -> float:
+        """The recent accepted latencies' 99th percentile over their mean (1 until enough are known)."""
+        if len(self._latencies) < MIN_SPREAD_SAMPLES:
+            return 1.0
+        p99, mean = _quantile(self._latencies, 0.99), statistics.fmean(self._latencies)
+        return min(MAX_SPREAD, max(1.0, p99 / mean)) if mean > 0 else 1.0
+
+
+def _quantile(values, q: float) -> float:
+    """The ``q`` quantile of a non-empty collection (nearest rank)."""
+    ordered = sorted(values)
+    return ordered[max(0, min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1))]
 
 
 class Admission:
@@ -142,7 +169,8 @@ class Admission:
         self.inflight = 0
         self.draining = False
         self.estimate = ServiceEstimate(clock)
-        self._admitted: dict = {}  # task -> (admitted at, found idle)
+        self._admitted: dict = {}  # task -> (admitted at, admission number if it found the process idle)
+        self._admissions = 0
         self._tasks: set[asyncio.Task] = set()
         self._idle: asyncio.Event | None = None
 
@@ -152,8 +180,8 @@ class Admission:
         if self.latency_budget_s is not None:
             return self.latency_budget_s
         if self.auto_budget:
-            unloaded = self.estimate.unloaded_latency()
-            return None if unloaded is None else AUTO_BUDGET_FACTOR * unloaded
+            tail = self.estimate.unloaded_p99()
+            return None if tail is None else AUTO_BUDGET_FACTOR * tail
         return None
 
     def rate(self) -> float | None:
@@ -174,7 +202,8 @@ class Admission:
             return self.min_inflight if self.auto_budget else self.max_inflight
         if rate is None:  # nothing measured: an operator's budget trusts the hard bound, an automatic one the floor
             return self.max_inflight if self.latency_budget_s is not None else self.min_inflight
-        return max(self.min_inflight, min(self.max_inflight, math.floor(rate * budget + 1e-9)))
+        depth = rate * budget / self.estimate.spread()
+        return max(self.min_inflight, min(self.max_inflight, math.floor(depth + 1e-9)))
 
     def expected_wait(self) -> float | None:
         """Seconds a request admitted now would take, at the measured rate (None before it is known)."""
@@ -204,7 +233,9 @@ class Admission:
             reject_count(refused.reason)
             raise refused
         now = self.estimate.tick(self.inflight)
-        self._admitted[task if task is not None else object()] = (now, self.inflight == 0)
+        self._admissions += 1
+        self._admitted[task if task is not None else object()] = (now, self._admissions if self.inflight == 0
+                                                                  else None)
         self.inflight += 1
         INFLIGHT.set(self.inflight)
         if task is not None:
@@ -218,8 +249,9 @@ class Admission:
             key = next((k for k in self._admitted if not isinstance(k, asyncio.Task)), None)
             admitted = self._admitted.pop(key) if key is not None else None
         if admitted is not None:
-            started, found_idle = admitted
-            self.estimate.completed(now - started, found_idle)
+            started, number = admitted
+            # alone: it found the process idle and nothing was admitted after it (its latency is the unloaded one)
+            self.estimate.completed(now - started, number is not None and number == self._admissions)
         self.inflight = max(0, self.inflight - 1)
         INFLIGHT.set(self.inflight)
         self._publish()

@@ -126,7 +126,7 @@ class PneumoniaTransformer(Model):
         self.decoders = ThreadPoolExecutor(max_workers=s.decoders(), thread_name_prefix="decode")
         log.info("transformer ready: predictor %s over %s (any model version), %d decode threads, admission within "
                  "a latency budget (%s), %d to %d requests in flight", self.predictor_host, self.protocol, s.decoders(),
-                 f"{s.latency_budget_ms:.0f} ms" if s.latency_budget_ms else "2x the unloaded latency",
+                 f"{s.latency_budget_ms:.0f} ms" if s.latency_budget_ms else "2x the unloaded p99",
                  s.min_inflight(), s.inflight_limit())
         self.ready = True
         return True

@@ -665,6 +665,52 @@ def test_admission_budget_follows_the_unloaded_latency_and_bounds_memory():
     assert admission.limit == 6  # 200 x 1 s, bounded by max_inflight
 
 
+def test_unloaded_latency_comes_only_from_requests_served_alone():
+    from serving.admission import Admission
+
+    clock = FakeClock()
+    admission = Admission(16, min_inflight=2, auto_budget=True, clock=clock)
+    for _ in range(5):  # alone: 20 ms each
+        admission.enter()
+        clock.now += 0.02
+        admission.leave()
+        clock.now += 0.1
+    assert admission.budget() == pytest.approx(0.04)
+    for _ in range(20):  # each found the process idle, but another came in behind it and slowed it to 90 ms
+        first = object()
+        admission.enter(first)
+        clock.now += 0.01
+        admission.enter()
+        clock.now += 0.08
+        admission.leave(first)
+        clock.now += 0.01
+        admission.leave()
+        clock.now += 0.1
+    assert admission.budget() == pytest.approx(0.04)  # still twice the unloaded 20 ms
+
+
+def test_admission_keeps_the_p99_not_the_mean_within_the_budget():
+    from serving.admission import MIN_SPREAD_SAMPLES, Admission
+
+    clock = FakeClock()
+    admission = Admission(64, min_inflight=1, latency_budget_s=0.1, clock=clock)
+    admission.enter()
+    for _ in range(40):  # 50 per busy second, all alike: the limit is rate x budget
+        clock.now += 0.02
+        admission.leave()
+        admission.enter()
+    assert admission.estimate.spread() == 1.0 and admission.limit == 5
+    for k in range(2 * MIN_SPREAD_SAMPLES):  # same rate, but one latency in ten three times the others
+        slow = k % 10 == 0
+        clock.now += 0.02
+        admission.leave()
+        admission.enter()
+        admission.estimate._latencies[-1] = 0.06 if slow else 0.02
+    spread = admission.estimate.spread()
+    assert 2.0 < spread < 3.0  # p99 60 ms over a mean of 24 ms
+    assert admission.limit == int(50 * 0.1 / spread)  # so that the slow tail, not the mean, meets 100 ms
+
+
 def test_guard_answers_unexpected_errors_with_a_generic_500_logged_once(caplog):
     from serving.admission import Admission
     from serving.rest_server import RequestGuard
