@@ -110,6 +110,7 @@ class ServiceEstimate:
         self._completions: deque[float] = deque(maxlen=RATE_WINDOW)  # busy_clock at each completion
         self._unloaded: deque[float] = deque(maxlen=UNLOADED_WINDOW)  # latencies of requests served alone
         self._latencies: deque[float] = deque(maxlen=SPREAD_WINDOW)  # latencies of every accepted request
+        self._spread: float | None = None  # computed once per completion, not on every admission decision
 
     def tick(self, inflight_before: int) -> float:
         now = self.clock()
@@ -122,6 +123,7 @@ class ServiceEstimate:
         self._completions.append(self.busy_clock)
         if latency_s is not None:
             self._latencies.append(latency_s)
+            self._spread = None
             if alone:
                 self._unloaded.append(latency_s)
 
@@ -142,8 +144,10 @@ class ServiceEstimate:
         """The recent accepted latencies' 99th percentile over their mean (1 until enough are known)."""
         if len(self._latencies) < MIN_SPREAD_SAMPLES:
             return 1.0
-        p99, mean = _quantile(self._latencies, 0.99), statistics.fmean(self._latencies)
-        return min(MAX_SPREAD, max(1.0, p99 / mean)) if mean > 0 else 1.0
+        if self._spread is None:
+            p99, mean = _quantile(self._latencies, 0.99), statistics.fmean(self._latencies)
+            self._spread = min(MAX_SPREAD, max(1.0, p99 / mean)) if mean > 0 else 1.0
+        return self._spread
 
 
 def _quantile(values, q: float) -> float:
