@@ -87,7 +87,7 @@ class ServingSettings(BaseSettings):
         "auto", description="auto: every precision the bundle allows (int8 when it passed its export gate; bf16 on "
         "OpenVINO where the CPU has native bf16), chosen with the engine")
     engine_timing_s: float = Field(0.5, ge=0, description="seconds of timing per engine x precision candidate at load "
-                                   "(a third of it for one under half the fastest's rate after the first round). "
+                                   "(a ninth of it for one under half the fastest's rate after the first, screening round). "
                                    "Only the first replica on a kind of machine times (engine_choice); 0.5 s keeps "
                                    "it under 6 s from container start to ready on 2 cores, and tells apart "
                                    "candidates more than a few per cent apart (three interleaved rounds, median)")
