@@ -5,9 +5,10 @@ patient and study modules), in the image store under its study's prefix, then it
 that moves the film to ``sending``. The results still being built when the first one is queued (the SR goes as
 soon as it is made; the Secondary Capture and the PDF take longer) are reserved in that transaction as
 ``building`` rows, with their SOP Instance UIDs and a build lease: they keep the film open, are queued when built,
-and are built again by the scorer if the lease runs out first (the gateway stopped in between). A sender claims due rows with a lease (a conditional update, so gateway
-replicas and a restarted gateway never send one row at once), sends, and marks it sent; a failure that may pass
-is tried again with exponential back-off (jittered, capped), across restarts, for as long as it takes. A resend
+and are built again by the scorer if the lease runs out first (the gateway stopped in between). A sender claims
+due rows with a lease (a conditional update, so gateway replicas and a restarted gateway never send one row at
+once), sends, and marks it sent; a failure that may pass is tried again with exponential back-off (jittered,
+capped), across restarts, for as long as it takes. A resend
 after a crash carries the same SOP Instance UID, so the PACS keeps one copy. A refusal for good (STOW-RS 409, a
 C-STORE failure status) is kept as ``failed`` with the PACS's reason, counted, and never resent by itself.
 When every result of a film is stored, the encrypted original modules and the encrypted files are deleted.

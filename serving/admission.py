@@ -19,8 +19,8 @@ The policy (Little's law, as a deadline-aware queue does it; Triton's queue poli
 - budget B, for the 99th percentile of the accepted requests' latency: ``latency_budget_s`` when set;
   otherwise, with ``auto_budget``, twice the 99th percentile of the latencies of the last requests served alone
   (they found the process idle and no other request came in before they left: its unloaded latency), so that
-  under overload an accepted request's p99 is at most twice the unloaded one; otherwise none (the predictor: the transformers in
-  front of it bound their queues already, and it needs a queue to batch);
+  under overload an accepted request's p99 is at most twice the unloaded one; otherwise none (the predictor:
+  the transformers in front of it bound their queues already, and it needs a queue to batch);
 - spread S: the 99th percentile of the recent accepted latencies over their mean (1 to :data:`MAX_SPREAD`;
   1 until :data:`MIN_SPREAD_SAMPLES` are known). By Little's law a queue held at depth L has a mean latency of
   L / X, and its 99th percentile about S times that;

@@ -1,7 +1,8 @@
 """Timing the engine candidates on THIS machine: the load the predictor sees under saturation (``streams``
 parallel single-threaded calls, or all threads on one call with one stream), in interleaved rounds so that a
 neighbour's burst on a shared machine hits them all alike; the median round counts, and a candidate under half
-the fastest's rate after the first round (a shorter screening round) is not timed further. Used by :mod:`serving.engine_selection`."""
+the fastest's rate after the first round (a shorter screening round) is not timed further. Used by
+:mod:`serving.engine_selection`."""
 
 from __future__ import annotations
 

@@ -251,8 +251,8 @@ class _Pdf:
 
     def __init__(self, title: str, fonts: dict | None = None):
         """``fonts``: the parsed fonts of an earlier layout of the same report (fpdf2's ``FPDF.fonts``), taken over
-        instead of parsing the two TTF files again (45 ms for both on a 2-core Zen 5). Only for a layout of the same text: the
-        fonts keep the glyphs used, which the written file embeds."""
+        instead of parsing the two TTF files again (45 ms for both on a 2-core Zen 5). Only for a layout of the
+        same text: the fonts keep the glyphs used, which the written file embeds."""
         from fpdf import FPDF
 
         self.pdf = pdf = FPDF(format="A4")
