@@ -41,9 +41,6 @@ log = logging.getLogger(__name__)
 LEASE_MARGIN_S = 15.0
 #: Results claimed per pass.
 BATCH = 8
-#: How long a reserved result may stay unbuilt before a scorer (this one after a restart, or a replica) builds it
-#: again: far above a build's time (well under a second).
-BUILD_LEASE_S = 60.0
 
 
 class SendFailed(Exception):
@@ -100,7 +97,7 @@ class Outbox:
                 reserved = {kind: OutboxItem(instance_id=instance_id, kind=kind, sop_instance_uid=sop_instance_uid,
                                              blob_key=f"{prefix}/outbox/{sop_instance_uid}.{kind}.enc",
                                              state="building", attempts=0, created_at=now, next_attempt_at=None,
-                                             lease_until=now + timedelta(seconds=BUILD_LEASE_S))
+                                             lease_until=now + timedelta(seconds=self.settings.build_lease_s))
                             for kind, sop_instance_uid in later}
                 db.add_all(reserved.values())
                 db.flush()
@@ -149,7 +146,7 @@ class Outbox:
             for item_id, study_id, kind, sop_instance_uid in due:
                 won = db.execute(update(OutboxItem).where(OutboxItem.id == item_id, OutboxItem.state == "building",
                                                           free)
-                                 .values(lease_until=now + timedelta(seconds=BUILD_LEASE_S))).rowcount
+                                 .values(lease_until=now + timedelta(seconds=self.settings.build_lease_s))).rowcount
                 if won == 1:
                     claimed.append((item_id, study_id, kind, sop_instance_uid))
         return claimed

@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from gateway import originals
 from gateway.metrics import SCORED
-from gateway.outbox import BUILD_LEASE_S, Outbox
+from gateway.outbox import Outbox
 from gateway.pdf_writer import REPORT_IMAGE_SIDE, build_encapsulated_pdf
 from gateway.records import RESULT_KINDS, GatewayInstance
 from gateway.result_facts import ResultFacts, facts_from
@@ -166,7 +166,7 @@ class Scorer:
                 data = futures[kind].result()
             except Exception:
                 log.exception("study %d: the %s could not be built; it is built again in %.0f s", study_id, kind,
-                              BUILD_LEASE_S)
+                              self.settings.build_lease_s)
                 continue
             if self.outbox.complete(reserved[kind], data):
                 self.outbox.wake_soon()
@@ -203,6 +203,8 @@ class Scorer:
 
     def _build(self, kind: str, inputs: "_Inputs", sop_instance_uid: str) -> bytes:
         manufacturer = self.settings.manufacturer
+        if kind != "sr" and self.settings.test_build_delay_s:
+            time.sleep(self.settings.test_build_delay_s)
         if kind == "sr":
             return build_sr(inputs.original, inputs.facts, hd.UID(), sop_instance_uid, manufacturer, self.device_uid)
         if kind == "sc":

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from model.settings_cli import Cli
 
 #: Real 16-bit CR/DX files are 10-30 MB (a 3,520 x 4,280 CR plate is 30 MB); the transformer admits 64 MB.
 DEFAULT_MAX_OBJECT_BYTES = 60_000_000
@@ -97,6 +99,12 @@ class GatewaySettings(BaseSettings):
     service_user: str = Field("pacs-gateway", description="web app user that owns the studies received from the "
                                                           "PACS (made at start when missing; admins see them)")
     worker_poll_s: float = Field(1.0, gt=0, description="how often the workers look for due work when not woken")
+    build_lease_s: float = Field(60.0, gt=0, description="how long the Secondary Capture and the PDF of a film may "
+                                 "stay unbuilt after its SR was queued before they are built again (the gateway "
+                                 "stopped while building them): far above a build's time, well under a second")
+    test_build_delay_s: Annotated[float, Cli(env_only=True)] = Field(
+        0.0, ge=0, description="TESTS ONLY: the Secondary Capture and the PDF wait this long before they are built "
+        "(a test stops the gateway in between); never set it in production")
 
     # --- operations ---
     metrics_host: str = Field("127.0.0.1", description="listen address of /metrics, /healthz and /readyz")

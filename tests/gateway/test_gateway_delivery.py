@@ -53,6 +53,35 @@ def test_results_wait_while_the_pacs_is_down_and_across_a_gateway_restart(transf
             gateway.stop()
 
 
+def test_a_gateway_killed_while_it_builds_the_sc_and_the_pdf_builds_them_after_a_restart(transformer_url, tmp_path):
+    """SIGKILL after the SR is stored and while the other two are being built (slowed down by a test-only delay):
+    the restarted gateway builds them again with their reserved UIDs once the build lease runs out; each result is
+    in the PACS once."""
+    import os
+    import signal
+
+    home = tmp_path / "gateway-home"
+    with running_orthanc() as pacs:
+        gateway = start_gateway(home, transformer_url, send_to=pacs.dicomweb, build_lease_s=3,
+                                test_build_delay_s=30)
+        try:
+            study = _send(gateway, tmp_path, offset=12)
+            pacs.wait_for_classes(study, {SR})
+            assert set(pacs.sop_classes(study)) == {SR}  # the SC and the PDF are still being built
+        finally:
+            os.kill(gateway.process.pid, signal.SIGKILL)
+            gateway.process.wait(timeout=30)
+        gateway = start_gateway(home, transformer_url, send_to=pacs.dicomweb, build_lease_s=3)
+        try:
+            pacs.wait_for_classes(study, {SR, SC, PDF})
+            wait_until(lambda: gateway.metric("pneumoscope_gateway_waiting", queue="to_send") == 0,
+                       what="an empty outbox")
+            assert sorted(pacs.sop_classes(study)) == sorted([SR, SC, PDF]), "each result once"
+            assert "built again and queued for the PACS" in gateway.log_text()
+        finally:
+            assert gateway.stop() == 0
+
+
 @pytest.fixture(scope="module")
 def faulty(tmp_path_factory):
     with running_orthanc() as pacs:
