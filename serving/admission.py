@@ -44,6 +44,8 @@ import statistics
 import time
 from collections import deque
 
+import numpy as np
+
 from serving.errors import Overloaded, RequestRejected, ShuttingDown
 from serving.metrics import ADMISSION_BUDGET, ADMISSION_LIMIT, INFLIGHT, SERVICE_RATE, reject_count
 
@@ -110,7 +112,9 @@ class ServiceEstimate:
         self._completions: deque[float] = deque(maxlen=RATE_WINDOW)  # busy_clock at each completion
         self._unloaded: deque[float] = deque(maxlen=UNLOADED_WINDOW)  # latencies of requests served alone
         self._latencies: deque[float] = deque(maxlen=SPREAD_WINDOW)  # latencies of every accepted request
-        self._spread: float | None = None  # computed once per completion, not on every admission decision
+        # derived from the windows once per completion, not on every admission decision (refusals included)
+        self._spread: float | None = None
+        self._unloaded_p99: float | None = None
 
     def tick(self, inflight_before: int) -> float:
         now = self.clock()
@@ -126,6 +130,7 @@ class ServiceEstimate:
             self._spread = None
             if alone:
                 self._unloaded.append(latency_s)
+                self._unloaded_p99 = None
 
     def rate(self) -> float | None:
         """Requests per busy second over the recent completions, None until there are enough."""
@@ -138,22 +143,23 @@ class ServiceEstimate:
         return statistics.median(self._unloaded) if self._unloaded else None
 
     def unloaded_p99(self) -> float | None:
-        return _quantile(self._unloaded, 0.99) if self._unloaded else None
+        if self._unloaded_p99 is None and self._unloaded:
+            self._unloaded_p99 = _p99(self._unloaded)
+        return self._unloaded_p99
 
     def spread(self) -> float:
         """The recent accepted latencies' 99th percentile over their mean (1 until enough are known)."""
         if len(self._latencies) < MIN_SPREAD_SAMPLES:
             return 1.0
         if self._spread is None:
-            p99, mean = _quantile(self._latencies, 0.99), statistics.fmean(self._latencies)
+            p99, mean = _p99(self._latencies), statistics.fmean(self._latencies)
             self._spread = min(MAX_SPREAD, max(1.0, p99 / mean)) if mean > 0 else 1.0
         return self._spread
 
 
-def _quantile(values, q: float) -> float:
-    """The ``q`` quantile of a non-empty collection (nearest rank)."""
-    ordered = sorted(values)
-    return ordered[max(0, min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1))]
+def _p99(values) -> float:
+    """The 99th percentile, nearest rank (one of the values)."""
+    return float(np.quantile(np.fromiter(values, dtype=np.float64), 0.99, method="inverted_cdf"))
 
 
 class Admission:
