@@ -24,8 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, TextIO
 
-#: From the start to READY, the first install excluded: 3 min 55 s on 2 cores of an AMD EPYC Zen 5 (native bf16)
-#: shared with other work (load average 2.7). A CPU without native bf16 trains in fp32, about 2.5x slower.
+#: From the start to READY, the first install excluded: 2 min 31 s on 2 idle cores of an AMD EPYC Zen 5 (native
+#: bf16; load average 0.2), 3 min 55 s shared with other work (load 2.7). A CPU without native bf16 trains in fp32,
+#: about 2.5x slower.
 EXPECTED_MINUTES = 3
 TAIL_LINES = 25
 NAME_WIDTH, WHAT_WIDTH = 15, 56  # with the time: 78 columns
