@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import textwrap
@@ -113,6 +114,16 @@ class Progress:
             self.out.flush()
 
 
+_terminated = False
+
+
+def _stop_on_sigterm(signum, frame) -> None:
+    """SIGTERM stops the demo as Ctrl-C does, the running phase's command included."""
+    global _terminated
+    _terminated = True
+    raise KeyboardInterrupt
+
+
 def run_phase(phase: Phase, progress: Progress, on_ready: Callable[[str], None] | None = None) -> list[str]:
     """Run ``phase.argv`` with its output in ``phase.log``; returns the output's lines. Raises PhaseFailed for a
     non-zero exit status.
@@ -135,7 +146,11 @@ def run_phase(phase: Phase, progress: Progress, on_ready: Callable[[str], None] 
                 if on_ready is not None and line.startswith(READY) and progress.open:
                     progress.end()
                     on_ready(line[len(READY):])
-        except KeyboardInterrupt:  # Ctrl-C reached the whole process group: the command stops itself
+        except KeyboardInterrupt:
+            # Ctrl-C reached the whole process group: the command stops itself. A SIGTERM reached this process only
+            # (a closed session, a supervisor): pass it on, or the servers would outlive the demo.
+            if _terminated:
+                process.terminate()
             process.wait()
             raise
         returncode = process.wait()
@@ -296,4 +311,5 @@ def _last_json(lines: list[str]) -> dict:
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     sys.exit(main())

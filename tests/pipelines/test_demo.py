@@ -136,3 +136,32 @@ def test_kfp_local_executor_input_is_dropped_and_everything_else_passes():
     assert out.getvalue().splitlines() == ["    [KFP Executor 12:00 INFO]: Loading KFP component",
                                            "    [KFP Executor 12:01 INFO]: found 5232 images",
                                            "    not JSON: kept", "a last line without its newline"]
+
+
+def test_a_sigterm_to_the_demo_stops_the_server_it_started(tmp_path):
+    """Ctrl-C reaches the whole process group; a SIGTERM reaches the demo only (a closed session, a supervisor):
+    it must pass it on, or the servers outlive the demo."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pid_file = tmp_path / "server.pid"
+    server = ("import os, sys, time; open(sys.argv[1], 'w').write(str(os.getpid())); print('READY {}', flush=True); "
+              "time.sleep(120)")
+    driver = (f"import signal, sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r}); "
+              "from pathlib import Path; from pipelines import demo; "
+              "signal.signal(signal.SIGTERM, demo._stop_on_sigterm); "
+              f"phase = demo.Phase('serve', 'a server', [sys.executable, '-c', {server!r}, {str(pid_file)!r}], "
+              f"Path({str(tmp_path / 'serve.log')!r})); "
+              "demo.run_phase(phase, demo.Progress(sys.stdout), on_ready=lambda _: print('up', flush=True))")
+    process = subprocess.Popen([sys.executable, "-c", driver], stdout=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not pid_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    child = int(pid_file.read_text())
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=30)
+    time.sleep(0.5)
+    assert not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2], \
+        "the server outlived the demo"
