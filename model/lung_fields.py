@@ -17,6 +17,7 @@ folder with ``lung.onnx`` + ``lung.json`` (:data:`LUNG_ONNX`, :data:`LUNG_META`)
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -110,15 +111,31 @@ def upsample_cam(cam: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.asarray(image.resize((width, height), Image.Resampling.BILINEAR), dtype=np.float32)
 
 
+@functools.lru_cache(maxsize=256)
+def bilinear_weights(n: int, m: int) -> np.ndarray:
+    """(m, n) float64, read-only: :func:`upsample_cam`'s resampling of one axis from n to m samples as a matrix.
+    Read from Pillow itself (the identity resized along that axis) so that it is exactly the heatmap's resampling."""
+    identity = Image.fromarray(np.eye(n, dtype=np.float32))
+    weights = np.asarray(identity.resize((m, n), Image.Resampling.BILINEAR), dtype=np.float64).T.copy()
+    weights.flags.writeable = False
+    return weights
+
+
 def lung_share(cam: np.ndarray, mask: np.ndarray) -> float:
     """Share of the positive CAM mass inside the lung mask: sum(up(relu(cam)) * mask) / sum(up(relu(cam))), with
-    the CAM upsampled to the mask's size. NaN when the CAM has no positive mass (nothing to place)."""
+    the CAM upsampled to the mask's size (:func:`upsample_cam`). NaN when the CAM has no positive mass.
+
+    The upsampling is linear (up(p) = Rh p Rw^T), so both sums are taken on the CAM's own grid against the mask
+    projected onto it (Rh^T mask Rw): the same number without building the upsampled image, which cost the
+    predictor a tenth of its own time per request."""
     mask = np.asarray(mask, dtype=bool)
-    heat = upsample_cam(cam, *mask.shape)
-    total = float(heat.sum(dtype=np.float64))
+    positive = np.maximum(np.asarray(cam, dtype=np.float64), 0.0)
+    rows, cols = bilinear_weights(positive.shape[0], mask.shape[0]), bilinear_weights(positive.shape[1], mask.shape[1])
+    total = float(rows.sum(axis=0) @ positive @ cols.sum(axis=0))
     if total <= 0.0:
         return float("nan")
-    return float(heat[mask].sum(dtype=np.float64) / total)
+    inside = float(np.sum(positive * (rows.T @ mask.astype(np.float64) @ cols)))
+    return min(1.0, max(0.0, inside / total))
 
 
 def lung_shares(cams: np.ndarray, masks: np.ndarray) -> np.ndarray:

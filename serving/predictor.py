@@ -105,6 +105,7 @@ class PneumoniaPredictor(Model):
         self.bundle, info = fetch_model(self.model_uri, dest, s.mlflow_tracking_uri, expected_sha256=s.model_sha256,
                                         require_digest=True)
         self.model_version, self.pinned_uri = str(info["version"]), info["uri"]
+        self.model_digest = self.bundle.sha256  # checked against the expected digest just now; not hashed per answer
         self.config = self.bundle.preprocess  # BundleError (one line at start) for an unusable version
         self.threshold = self.bundle.threshold
         self.rule = DecisionRule.from_meta(self.bundle.meta)
@@ -121,7 +122,7 @@ class PneumoniaPredictor(Model):
         # Engine x precision: gated for accuracy and timed on this machine (serving.engine_selection). Under
         # load, single-threaded runs go side by side on the narrow engine.
         self.engine = select_engine(self.bundle, s, self.name, self.model_version,
-                                    choice=engine_choice.for_bundle(s, self.pinned_uri, self.bundle.sha256))
+                                    choice=engine_choice.for_bundle(s, self.pinned_uri, self.model_digest))
         self.precision, self.platform = self.engine.precision, self.engine.platform
         self.session, self.narrow = self.engine.wide, self.engine.narrow
         self.image_size = self.config.image_size
@@ -129,7 +130,7 @@ class PneumoniaPredictor(Model):
                                       s.max_batch_delay_ms / 1000.0, streams=s.streams(),
                                       run_wide=self.run_engine if self.narrow else None)
         self._warm_up()
-        set_model_info(self.name, self.model_version, self.pinned_uri, self.bundle.sha256, "predictor", self.precision)
+        set_model_info(self.name, self.model_version, self.pinned_uri, self.model_digest, "predictor", self.precision)
         set_reference(self.name, self.model_version, self.bundle.meta.get("reference"))
         log.info("predictor ready: %s (version %s, %s %s, %d px, threshold %.4f, refer band %.4f-%.4f, age limit %g "
                  "years, out-of-distribution detector %s; %d threads, %d streams, batches of up to %d, delay %.1f ms)",
@@ -293,7 +294,7 @@ class PneumoniaPredictor(Model):
                              use_binary_outputs=payload.use_binary_outputs,
                              requested_outputs=payload.request_outputs,
                              parameters={INTENDED_USE_PARAMETER: self.intended_use_json,
-                                         MODEL_DIGEST_PARAMETER: self.bundle.sha256})
+                                         MODEL_DIGEST_PARAMETER: self.model_digest})
 
     def _count(self, probs: np.ndarray, labels: list[str], scores: np.ndarray, verdicts: list) -> None:
         version = dict(model_name=self.name, model_version=self.model_version)
