@@ -107,7 +107,8 @@ class ServingSettings(BaseSettings):
         None, ge=1, description="parallel single-threaded engine runs under load (default: = threads); a lone "
         "request still uses all threads. 1 = one engine run at a time with all threads")
     spinning: bool = Field(False, description="let ORT threads busy-wait between ops (steals CPU from the servers)")
-    max_batch_size: int = Field(8, ge=1, description="dynamic batching: most images per engine call")
+    max_batch_size: int = Field(8, ge=1, description="dynamic batching: most images per engine call on one stream, or with a delay (side-by-side "
+                                "single-threaded streams take one request each: a batch gains nothing there)")
     max_batch_delay_ms: float = Field(
         0.0, ge=0, description="dynamic batching: how long the first queued request may wait for company; "
         "0 = no waiting, batch whatever queued up while the engine was busy")

@@ -340,7 +340,8 @@ def test_dynamic_batcher_streams_wide_when_alone_narrow_in_parallel_under_load()
     alone, burst = asyncio.run(scenario())
     assert modes[0] == ("wide", 1) and alone[0][0] == 100  # a lone request gets all threads
     assert [float(b[0][0]) % 100 for b in burst] == list(range(8))  # every caller gets its own row
-    assert peak[0] == 2 and ("narrow", 4) in modes  # under load: two narrow runs side by side
+    assert peak[0] == 2  # under load: two narrow runs side by side,
+    assert {n for mode, n in modes if mode == "narrow"} == {1}  # one request each (a batch gains nothing there)
     assert sum(n for _, n in modes) == 9
 
 
