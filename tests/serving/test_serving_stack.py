@@ -624,7 +624,7 @@ def _metric(text: str, name: str, **labels) -> float:
     return total
 
 
-def test_dynamic_batching_groups_concurrent_requests(served, images):
+def test_concurrent_requests_queue_and_run_side_by_side_one_per_stream(served, images):
     from serving.inputs import decode_upload
     from serving.predictor_client import PredictorClient
     from serving.settings import ServingSettings
@@ -643,14 +643,19 @@ def test_dynamic_batching_groups_concurrent_requests(served, images):
                                    "inference-header-content-length": str(length)})
 
     before = httpx.get(url).text
-    # 32 requests in flight against 2 engine streams: requests must queue, and queued ones share a call.
+    # 32 requests in flight against 2 single-threaded engine streams (PNEUMOSCOPE_THREADS=2): they queue, and each
+    # stream takes one at a time (serving.batching: a batch gains nothing on a single-threaded CPU stream).
     with ThreadPoolExecutor(32) as pool:
         replies = list(pool.map(infer, range(32)))
     assert all(r.status_code == 200 for r in replies), replies[0].text
     after = httpx.get(url).text
     calls = _metric(after, "pneumoscope_batch_size_count") - _metric(before, "pneumoscope_batch_size_count")
     rows = _metric(after, "pneumoscope_batch_size_sum") - _metric(before, "pneumoscope_batch_size_sum")
-    assert rows == 32 and calls < 32, f"32 concurrent requests took {calls:.0f} engine calls"
+    narrow = (_metric(after, "pneumoscope_engine_runs_total", mode="narrow")
+              - _metric(before, "pneumoscope_engine_runs_total", mode="narrow"))
+    assert rows == 32 and calls == 32, f"32 concurrent requests took {calls:.0f} engine calls for {rows:.0f} images"
+    # (the first ones may run wide, on both threads, while the batcher's recent occupancy is still below one)
+    assert narrow >= 1, "no queued request ran on the side-by-side streams"
 
 
 def test_metrics_on_both_processes(served, images, served_precision):
