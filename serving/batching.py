@@ -235,12 +235,12 @@ class DynamicBatcher:
         started = time.perf_counter()
         for it in items:
             BATCH_WAIT.observe(started - it.queued)
-        x = items[0].x if len(items) == 1 else np.concatenate([it.x for it in items])
-        BATCH_SIZE.observe(len(x))
-        try:
+        try:  # whatever fails here, the stream's thread lives on: a dead stream would leave requests hanging
+            x = items[0].x if len(items) == 1 else np.concatenate([it.x for it in items])
+            BATCH_SIZE.observe(len(x))
             outputs = (self.run_wide if wide else self.run)(x)
         except Exception as exc:  # the engine failed: every waiting request learns why
-            log.exception("engine call failed for a batch of %d", len(x))
+            log.exception("engine call failed for a batch of %d requests", len(items))
             for it in items:
                 it.fail(exc)
             return

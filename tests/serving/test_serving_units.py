@@ -422,6 +422,29 @@ def test_dynamic_batcher_delay_and_errors():
     assert calls[0] == 3
 
 
+def test_a_batch_that_cannot_be_formed_fails_its_requests_and_the_stream_lives_on():
+    """Each stream is a thread: an error before the engine runs (rows that do not stack) must fail those requests
+    with the reason, not end the thread and leave every later request hanging."""
+    from serving.batching import DynamicBatcher
+
+    def engine(x):
+        time.sleep(0.02)
+        return (x[:, 0],)
+
+    async def scenario():
+        batcher = DynamicBatcher(engine, max_batch_size=8, max_delay_s=0.05)  # one stream, waits for company
+        mismatched = await asyncio.wait_for(asyncio.gather(
+            batcher.submit(np.ones((1, 3), np.float32)), batcher.submit(np.ones((1, 4), np.float32)),
+            return_exceptions=True), timeout=5)
+        later = await asyncio.wait_for(batcher.submit(np.full((1, 2), 7, np.float32)), timeout=5)
+        batcher.close()
+        return mismatched, later
+
+    mismatched, later = asyncio.run(scenario())
+    assert all(isinstance(r, ValueError) for r in mismatched), mismatched
+    assert later[0][0] == 7
+
+
 def test_dynamic_batcher_drops_late_and_abandoned_requests_and_fails_the_rest_on_close():
     from serving.batching import DynamicBatcher
     from serving.errors import DeadlineExceeded, ShuttingDown
