@@ -428,19 +428,22 @@ def test_a_batch_that_cannot_be_formed_fails_its_requests_and_the_stream_lives_o
     from serving.batching import DynamicBatcher
 
     def engine(x):
-        time.sleep(0.02)
+        time.sleep(0.02 if x[0, 0] != 9 else 0.5)
         return (x[:, 0],)
 
     async def scenario():
-        batcher = DynamicBatcher(engine, max_batch_size=8, max_delay_s=0.05)  # one stream, waits for company
+        batcher = DynamicBatcher(engine, max_batch_size=8)  # one stream: it takes whatever waits, as one batch
+        busy = asyncio.ensure_future(batcher.submit(np.full((1, 2), 9, np.float32)))
+        await asyncio.sleep(0.05)  # the stream is busy for half a second: the next two queue and go together
         mismatched = await asyncio.wait_for(asyncio.gather(
             batcher.submit(np.ones((1, 3), np.float32)), batcher.submit(np.ones((1, 4), np.float32)),
             return_exceptions=True), timeout=5)
         later = await asyncio.wait_for(batcher.submit(np.full((1, 2), 7, np.float32)), timeout=5)
         batcher.close()
-        return mismatched, later
+        return await busy, mismatched, later
 
-    mismatched, later = asyncio.run(scenario())
+    busy, mismatched, later = asyncio.run(scenario())
+    assert busy[0][0] == 9
     assert all(isinstance(r, ValueError) for r in mismatched), mismatched
     assert later[0][0] == 7
 
