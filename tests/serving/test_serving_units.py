@@ -406,7 +406,7 @@ def test_dynamic_batcher_delay_and_errors():
         return (x[:, 0],)
 
     async def scenario():
-        batcher = DynamicBatcher(engine, max_batch_size=8, max_delay_s=0.05)
+        batcher = DynamicBatcher(engine, max_batch_size=8, max_delay_s=0.3)  # room for a slow loop
         first = asyncio.ensure_future(batcher.submit(np.ones((1, 1), np.float32)))
         await asyncio.sleep(0.01)  # arrives within the delay: shares the first engine call
         second = await batcher.submit(np.ones((2, 1), np.float32))
