@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from load import HeldRequest, closed_loop, open_loop, summarize, v2_request  # noqa: E402
-from serving_throughput import build_bundle, cpu_info, load_images, log, write_report  # noqa: E402
+from serving_throughput import build_bundle, cpu_info, load_images, log, stack_arguments, write_report  # noqa: E402
 
 FULL_RESOLUTION = ROOT.parent / "shared" / "data" / "chest_xray_full" / "train" / "PNEUMONIA"
 
@@ -119,14 +119,10 @@ def main() -> int:
     parser.add_argument("--factor", type=float, default=4.0)
     parser.add_argument("--unloaded-seconds", type=float, default=20.0)
     parser.add_argument("--refusals", type=int, default=1000)
-    parser.add_argument("--images", type=int, default=32)
     parser.add_argument("--full-resolution", action="store_true",
                         help="send the originals of chest_xray_full (up to 2 MB; the client's own cost grows with "
                              "them) instead of the 224 px copies")
-    parser.add_argument("--bundle", default=str(ROOT / ".pneumoscope" / "bench" / "bundle224"))
-    parser.add_argument("--log-dir", default=str(ROOT / "runs" / "bench-logs"))
-    parser.add_argument("--port", type=int, default=23400)
-    parser.add_argument("--out")
+    stack_arguments(parser, port=23400)
     args = parser.parse_args()
 
     encoded_224, _ = load_images(args.images)

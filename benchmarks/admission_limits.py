@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from admission import metric, ok_per_s, start  # noqa: E402
 from load import closed_loop, summarize, v2_request  # noqa: E402
-from serving_throughput import build_bundle, cpu_info, load_images, log, write_report  # noqa: E402
+from serving_throughput import build_bundle, cpu_info, load_images, log, stack_arguments, write_report  # noqa: E402
 
 
 def main() -> int:
@@ -31,11 +31,7 @@ def main() -> int:
     parser.add_argument("--limits", default="2,3,4,6")
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--images", type=int, default=32)
-    parser.add_argument("--bundle", default=str(ROOT / ".pneumoscope" / "bench" / "bundle224"))
-    parser.add_argument("--log-dir", default=str(ROOT / "runs" / "bench-logs"))
-    parser.add_argument("--port", type=int, default=23600)
-    parser.add_argument("--out")
+    stack_arguments(parser, port=23600)
     args = parser.parse_args()
 
     encoded, _ = load_images(args.images)

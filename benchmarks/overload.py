@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from load import RssSampler, closed_loop, open_loop, summarize, v2_request  # noqa: E402
-from serving_throughput import build_bundle, cpu_info, load_images, log, write_report  # noqa: E402
+from serving_throughput import build_bundle, cpu_info, load_images, log, stack_arguments, write_report  # noqa: E402
 
 
 def one_limit(bundle_dir: Path, payloads, limit: int, args, port: int) -> dict:
@@ -85,11 +85,7 @@ def main() -> int:
     parser.add_argument("--unloaded-seconds", type=float, default=20.0)
     parser.add_argument("--saturation-seconds", type=float, default=20.0)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--images", type=int, default=64)
-    parser.add_argument("--bundle", default=str(ROOT / ".pneumoscope" / "bench" / "bundle224"))
-    parser.add_argument("--log-dir", default=str(ROOT / "runs" / "bench-logs"))
-    parser.add_argument("--port", type=int, default=23300)
-    parser.add_argument("--out")
+    stack_arguments(parser, port=23300, images=64)
     args = parser.parse_args()
 
     encoded, _ = load_images(args.images)

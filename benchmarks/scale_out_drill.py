@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from load import closed_loop, percentiles, v2_request  # noqa: E402
-from serving_throughput import build_bundle, cpu_info, load_images, log, write_report  # noqa: E402
+from serving_throughput import build_bundle, cpu_info, load_images, log, stack_arguments, write_report  # noqa: E402
 
 FULL_RESOLUTION = ROOT.parent / "shared" / "data" / "chest_xray_full" / "train" / "PNEUMONIA"
 
@@ -72,11 +72,7 @@ def main() -> int:
     parser.add_argument("--replicas", type=int, default=3, help="replicas after the burst")
     parser.add_argument("--steady-seconds", type=float, default=30.0)
     parser.add_argument("--after-seconds", type=float, default=30.0)
-    parser.add_argument("--images", type=int, default=32)
-    parser.add_argument("--bundle", default=str(ROOT / ".pneumoscope" / "bench" / "bundle224"))
-    parser.add_argument("--port", type=int, default=23600)
-    parser.add_argument("--log-dir", default=str(ROOT / "runs" / "bench-logs"))
-    parser.add_argument("--out")
+    stack_arguments(parser, port=23600)
     args = parser.parse_args()
 
     from model.bundle import Bundle

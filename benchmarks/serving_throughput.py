@@ -47,6 +47,17 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
+def stack_arguments(parser, port: int, images: int | None = 32) -> None:
+    """The options every benchmark of a local stack shares: its films (``images`` None: no such option), the
+    benchmark bundle, the servers' logs, the first port and the report file."""
+    if images is not None:
+        parser.add_argument("--images", type=int, default=images)
+    parser.add_argument("--bundle", default=str(ROOT / ".pneumoscope" / "bench" / "bundle224"))
+    parser.add_argument("--log-dir", default=str(ROOT / "runs" / "bench-logs"))
+    parser.add_argument("--port", type=int, default=port)
+    parser.add_argument("--out")
+
+
 def write_report(report: dict, out: str | Path | None, indent: int = 2) -> None:
     """Print the JSON report, and keep it at ``out`` when given (folders made)."""
     text = json.dumps(report, indent=indent)

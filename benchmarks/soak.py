@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from load import RssSampler, closed_loop, percentiles, v2_request  # noqa: E402
-from serving_throughput import build_bundle, cpu_info, load_images, log, write_report  # noqa: E402
+from serving_throughput import build_bundle, cpu_info, load_images, log, stack_arguments, write_report  # noqa: E402
 
 FULL = Path(os.environ.get("PNEUMOSCOPE_SHARED_DATA") or ROOT.parent / "shared" / "data") / "chest_xray_full"
 
@@ -33,10 +33,7 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--bundle", default=str(ROOT / ".pneumoscope" / "bench" / "bundle224"))
-    parser.add_argument("--log-dir", default=str(ROOT / "runs" / "bench-logs"))
-    parser.add_argument("--port", type=int, default=23310)
-    parser.add_argument("--out")
+    stack_arguments(parser, port=23310, images=None)
     args = parser.parse_args()
 
     from model.bundle import Bundle

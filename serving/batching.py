@@ -107,12 +107,13 @@ class _Item:
         return True
 
     def fail(self, exc: BaseException) -> None:
-        self._settle(None, exc)
+        self._post(None, exc)
 
     def answer(self, outputs: tuple[np.ndarray, ...]) -> None:
-        self._settle(outputs, None)
+        self._post(outputs, None)
 
-    def _settle(self, outputs, exc: BaseException | None) -> None:
+    def _post(self, outputs, exc: BaseException | None) -> None:
+        """From an engine thread to the caller's event loop."""
         try:
             self.loop.call_soon_threadsafe(_settle, self.future, outputs, exc)
         except RuntimeError:  # the loop is closed: nobody waits for this answer any more

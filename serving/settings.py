@@ -86,11 +86,11 @@ class ServingSettings(BaseSettings):
     precision: Literal["auto", "fp32", "int8", "bf16"] = Field(
         "auto", description="auto: every precision the bundle allows (int8 when it passed its export gate; bf16 on "
         "OpenVINO where the CPU has native bf16), chosen with the engine")
-    engine_timing_s: float = Field(0.5, ge=0, description="seconds of timing per engine x precision candidate at load "
-                                   "(a ninth of it for one under half the fastest's rate after the first, screening round). "
-                                   "Only the first replica on a kind of machine times (engine_choice); 0.5 s keeps "
-                                   "it under 6 s from container start to ready on 2 cores, and tells apart "
-                                   "candidates more than a few per cent apart (three interleaved rounds, median)")
+    engine_timing_s: float = Field(
+        0.5, ge=0, description="seconds of timing per engine x precision candidate at load (a ninth of it for one "
+        "under half the fastest's rate after the first, screening round). Only the first replica on a kind of "
+        "machine times (engine_choice); 0.5 s keeps it under 6 s from container start to ready on 2 cores, and "
+        "tells apart candidates more than a few per cent apart (three interleaved rounds, median)")
     engine_choice: Literal["reuse", "refresh", "off"] = Field(
         "reuse", description="the engine choice per kind of machine (bundle digest, CPU model and flags, engine "
         "versions): reuse = a replica that finds a recorded choice for its key only gates it, one that times records "
@@ -107,8 +107,9 @@ class ServingSettings(BaseSettings):
         None, ge=1, description="parallel single-threaded engine runs under load (default: = threads); a lone "
         "request still uses all threads. 1 = one engine run at a time with all threads")
     spinning: bool = Field(False, description="let ORT threads busy-wait between ops (steals CPU from the servers)")
-    max_batch_size: int = Field(8, ge=1, description="dynamic batching: most images per engine call on one stream, or with a delay (side-by-side "
-                                "single-threaded streams take one request each: a batch gains nothing there)")
+    max_batch_size: int = Field(
+        8, ge=1, description="dynamic batching: most images per engine call on one stream, or with a delay "
+        "(side-by-side single-threaded streams take one request each: a batch gains nothing there)")
     max_batch_delay_ms: float = Field(
         0.0, ge=0, description="dynamic batching: how long the first queued request may wait for company; "
         "0 = no waiting, batch whatever queued up while the engine was busy")
