@@ -101,7 +101,35 @@ class PneumoniaPredictor(Model):
     def load(self) -> bool:
         s = self.settings
         wait_for_model_folder(self.model_uri, s.model_wait_s)
-        dest = s.model_cache or tempfile.mkdtemp(prefix="pneumoscope-predictor-")
+        if s.model_cache:
+            self._read_model(s.model_cache)
+        else:
+            # Every file is in memory (graphs, statistics) once read: a download folder of our own goes at once, so
+            # a container that restarts does not pile up one copy of the model per start in its /tmp.
+            with tempfile.TemporaryDirectory(prefix="pneumoscope-predictor-") as dest:
+                self._read_model(dest)
+        self.precision, self.platform = self.engine.precision, self.engine.platform
+        self.session, self.narrow = self.engine.wide, self.engine.narrow
+        self.image_size = self.config.image_size
+        self.batcher = DynamicBatcher(self.run_narrow if self.narrow else self.run_engine, s.max_batch_size,
+                                      s.max_batch_delay_ms / 1000.0, streams=s.streams(),
+                                      run_wide=self.run_engine if self.narrow else None)
+        self._warm_up()
+        set_model_info(self.name, self.model_version, self.pinned_uri, self.model_digest, "predictor", self.precision)
+        set_reference(self.name, self.model_version, self.bundle.meta.get("reference"))
+        log.info("predictor ready: %s (version %s, %s %s, %d px, threshold %.4f, refer band %.4f-%.4f, age limit %g "
+                 "years, out-of-distribution detector %s; %d threads, %d streams, batches of up to %d, delay %.1f ms)",
+                 self.pinned_uri, self.model_version, self.engine.engine, self.precision, self.image_size,
+                 self.threshold, self.rule.band_low, self.rule.band_high, self.rule.age_limit_years,
+                 "on" if self.detector is not None else "absent", s.engine_threads(), s.streams(), s.max_batch_size,
+                 s.max_batch_delay_ms)
+        self.ready = True
+        return self.ready
+
+    def _read_model(self, dest: str) -> None:
+        """Fetch the version into ``dest`` (a registry URI; a folder is read where it is) and build from its files
+        everything the predictor serves with: decision rule, detector, lung segmenter, engines."""
+        s = self.settings
         self.bundle, info = fetch_model(self.model_uri, dest, s.mlflow_tracking_uri, expected_sha256=s.model_sha256,
                                         require_digest=True)
         self.model_version, self.pinned_uri = str(info["version"]), info["uri"]
@@ -123,23 +151,6 @@ class PneumoniaPredictor(Model):
         # load, single-threaded runs go side by side on the narrow engine.
         self.engine = select_engine(self.bundle, s, self.name, self.model_version,
                                     choice=engine_choice.for_bundle(s, self.pinned_uri, self.model_digest))
-        self.precision, self.platform = self.engine.precision, self.engine.platform
-        self.session, self.narrow = self.engine.wide, self.engine.narrow
-        self.image_size = self.config.image_size
-        self.batcher = DynamicBatcher(self.run_narrow if self.narrow else self.run_engine, s.max_batch_size,
-                                      s.max_batch_delay_ms / 1000.0, streams=s.streams(),
-                                      run_wide=self.run_engine if self.narrow else None)
-        self._warm_up()
-        set_model_info(self.name, self.model_version, self.pinned_uri, self.model_digest, "predictor", self.precision)
-        set_reference(self.name, self.model_version, self.bundle.meta.get("reference"))
-        log.info("predictor ready: %s (version %s, %s %s, %d px, threshold %.4f, refer band %.4f-%.4f, age limit %g "
-                 "years, out-of-distribution detector %s; %d threads, %d streams, batches of up to %d, delay %.1f ms)",
-                 self.pinned_uri, self.model_version, self.engine.engine, self.precision, self.image_size,
-                 self.threshold, self.rule.band_low, self.rule.band_high, self.rule.age_limit_years,
-                 "on" if self.detector is not None else "absent", s.engine_threads(), s.streams(), s.max_batch_size,
-                 s.max_batch_delay_ms)
-        self.ready = True
-        return self.ready
 
     def _warm_up(self) -> None:
         """Run the batch sizes we will see first, so the first client does not pay for allocation."""

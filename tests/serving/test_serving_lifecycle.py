@@ -1,7 +1,8 @@
 """Serving under pressure, on real processes: admission by latency budget and deadline, within a hard bound
 (503 + Retry-After / RESOURCE_EXHAUSTED at once, before the body is read), deadlines, draining on SIGTERM
 (readiness first, then intake, then in-flight work), and a stack stopped
-under load: zero hung requests, zero 500s, exit 0, the transformer before the predictor.
+under load: zero hung requests, zero 500s, exit 0, the transformer before the predictor. A predictor's own download
+folder goes once the model is loaded.
 
 Requests are held in flight deterministically: a client that has sent its headers and half its body is
 admitted and stays so until it sends the rest (no timing assumptions about how fast the server is).
@@ -285,3 +286,36 @@ def test_stopping_the_stack_under_load_hangs_nothing_and_answers_no_500(bundle, 
     pids = stack.info["pids"]
     drained = [line for line in log.splitlines() if "shutting down (signal" in line]
     assert [int(line.split()[2]) for line in drained] == [pids["transformer"], pids["predictor"]], drained
+
+
+def test_a_registry_download_leaves_no_folder_behind_and_a_model_cache_keeps_it(bundle, tmp_path, monkeypatch):
+    """Without a model cache the predictor downloads the version into a temporary folder of its own and removes it
+    once everything is read into memory (a restarted container would otherwise keep one copy per start in its
+    /tmp); it serves on from memory. With a cache folder, the download stays there."""
+    import tempfile
+
+    import numpy as np
+
+    from serving.predictor import PneumoniaPredictor
+    from serving.settings import ServingSettings
+    from serving_fixtures import register
+
+    path, digest = bundle
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    version = register(path, uri)
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    for cache in (None, tmp_path / "cache"):
+        settings = ServingSettings(threads=2, max_batch_size=2, engine="onnxruntime", mlflow_tracking_uri=uri,
+                                   model_cache=str(cache) if cache else None)
+        predictor = PneumoniaPredictor("pneumonia", f"models:/pneumonia/{version}", settings)
+        assert predictor.load() and predictor.model_digest == digest
+        try:
+            assert sorted(p.name for p in temp.iterdir()) == []
+            size = predictor.image_size
+            logits, _, _ = predictor.run_engine(np.zeros((1, 1, size, size), dtype=np.float32))
+            assert np.isfinite(logits).all()
+        finally:
+            predictor.stop()
+    assert {p.name for p in (tmp_path / "cache").rglob("*") if p.is_file()} >= {"pneumoscope.json", "model.onnx"}
