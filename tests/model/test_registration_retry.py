@@ -31,15 +31,16 @@ FAST_CLIENT = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACK
                "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
 
 
-def register_step(tiny_model, tracking_uri: str):
+def register_step(tiny_model, tracking_uri: str, where: Path):
     """The register component's function, on the tiny model's artifacts, as kfp.local would call it (the train
-    step's output folder holds the history and the resolved training settings beside the checkpoint)."""
+    step's output folder, made under ``where``, holds the history and the resolved training settings beside the
+    checkpoint)."""
     import shutil
-    import tempfile
 
     from components import steps
 
-    trained = Path(tempfile.mkdtemp(prefix="pneumoscope-trained-"))
+    trained = where / f"trained-{len(list(where.glob('trained-*')))}"
+    trained.mkdir()
     shutil.copy(tiny_model.train_dir / "history.json", trained / "history.json")
     (trained / "params.json").write_text(json.dumps({"profile": "smoke", "epochs": 1, "image_size": 32}))
     dataset = SimpleNamespace(path=str(tiny_model.cache), metadata={"limit_per_class": 0})
@@ -68,7 +69,7 @@ def test_mlflow_down_at_the_end_of_training_keeps_the_run_and_register_retry_fin
     server.start()
     server.kill()  # down when the register step reaches it (and its workers with it: killed by process group)
     with pytest.raises(Exception, match="does not answer"):
-        register_step(tiny_model, server.url)
+        register_step(tiny_model, server.url, tmp_path)
     kept = home / "registrations" / RUN
     assert {p.name for p in kept.iterdir()} >= {"bundle", "report.json", "history.json", "params.json", "plots",
                                                 "val_images.npy", "registration.json"}
@@ -107,7 +108,7 @@ def test_mlflow_down_at_the_end_of_training_keeps_the_run_and_register_retry_fin
         again = pneumoscope("register", "--retry", RUN, env=env)
         assert again.returncode == 2 and "no kept registration" in again.stderr
         # the pipeline's own retry of the same run (its step again) finishes nothing twice
-        assert register_step(tiny_model, server.url)[1] == "1"
+        assert register_step(tiny_model, server.url, tmp_path)[1] == "1"
         assert len(versions(server.url)) == 1
     finally:
         server.stop()
@@ -142,7 +143,7 @@ def test_s3_gone_halfway_through_the_artifact_upload_leaves_no_partial_objects_a
             monkeypatch.setattr(mlflow.pyfunc, "log_model", s3_goes_away_then_log_model)
             before = proxy.connections
             with pytest.raises(Exception):
-                register_step(tiny_model, server.url)
+                register_step(tiny_model, server.url, tmp_path)
             assert proxy.connections - before >= 3, "the server retried the upload"
             partial = objects()
             assert partial, "the first artifacts reached S3 before it went away"
