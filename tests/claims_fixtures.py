@@ -106,6 +106,7 @@ def tiny_model(tmp_path_factory) -> TinyModel:
     data = synthetic_kaggle(root / "data", {"NORMAL": 36, "PNEUMONIA": 36}, official={"test": 12, "val": 4})
     prepare(str(data), root / "cache", TINY_SIZE, SplitFractions(val=0.2, holdout=0.2, seed=0), workers=1)
     train(root / "cache", root / "train", tiny_profile(), seed=0, device="cpu")
+    (root / "train" / "last.pt").unlink()  # the resume state (4x the checkpoint): no test resumes this run
     report = evaluate_checkpoint(root / "train" / "checkpoint.pt", root / "cache", root / "eval",
                                  EvalSettings(n_bootstrap=200, int8=False))
     return TinyModel(data, root / "cache", root / "train", root / "eval", report)

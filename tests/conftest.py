@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -83,3 +84,30 @@ def pipeline_first_run(tmp_path_factory) -> dict:
 
 # int8 quantisation (~10 s a run here) is left to model's tests; the pipeline exposes it as a parameter.
 PIPELINE_SMOKE = ["--profile", "smoke", "--limit-per-class", "40", "--n-bootstrap", "200", "--no-int8"]
+
+
+# Free disk where the tests write (tmp_path, servers' folders, the Docker engine here), in the run's last lines: a
+# run that fills the disk fails everywhere at once, and this says so.
+_DISK: dict = {}
+
+
+def _free_gib() -> float:
+    return shutil.disk_usage(tempfile.gettempdir()).free / 2**30
+
+
+def pytest_sessionstart(session):
+    _DISK.update(start=_free_gib(), lowest=_free_gib(), at="the start")
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "call":  # the test's folders are still there
+        free = _free_gib()
+        if free < _DISK.get("lowest", free + 1):
+            _DISK.update(lowest=free, at=report.nodeid)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _DISK:
+        terminalreporter.write_line(f"disk: {_DISK['start']:.1f} GiB free under {tempfile.gettempdir()} at the "
+                                    f"start, {_DISK['lowest']:.1f} GiB at the lowest (after {_DISK['at']}), "
+                                    f"{_free_gib():.1f} GiB at the end")

@@ -88,7 +88,8 @@ def reference_run(cache, tmp_path_factory):
         result = train(cache, out, tiny_profile(**PROFILE), seed=11, device="cpu")
     finally:
         monkeypatch.undo()
-    return result, recorder, out
+    yield result, recorder, out
+    shutil.rmtree(out, ignore_errors=True)  # half a GB of checkpoints that no other module reads
 
 
 def _same(a: list[torch.Tensor], b: list[torch.Tensor], bound: list[torch.Tensor] | None = None) -> bool:
