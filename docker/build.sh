@@ -4,7 +4,8 @@
 #   docker/build.sh [--registry REGISTRY] [--tag TAG] [--base-image IMAGE] [--push] [--build-arg K=V]... IMAGE...
 #
 # Images are tagged REGISTRY/NAME:TAG (default ghcr.io/pneumoscope/NAME:<package version>). The host's CA
-# bundle and pip index settings go in as BuildKit secrets (never into a layer or the image history).
+# bundle and pip index settings go in as BuildKit secrets (never into a layer or the image history). A rebuild
+# removes the image it untagged, unless a container still uses it.
 # Prints one line per image: name, size, build seconds. Exits non-zero with one line when the Docker
 # engine is missing or a build fails.
 set -euo pipefail
@@ -75,6 +76,7 @@ for name in "${IMAGES[@]}"; do
     args=(--build-arg "VERSION=$TAG" --build-arg "GIT_COMMIT=$commit")
     [ -z "$BASE_IMAGE" ] || args+=(--build-arg "BASE_IMAGE=$BASE_IMAGE")
     start=$(date +%s)
+    previous=$("$DOCKER" image inspect -f '{{.Id}}' "$ref" 2>/dev/null || true)
     if ! DOCKER_BUILDKIT=1 "$DOCKER" build --progress=plain -f "docker/$name.Dockerfile" -t "$ref" \
             "${args[@]}" "${EXTRA[@]}" "${SECRET_ARGS[@]}" . >"$secrets/build.log" 2>&1; then
         tail -n 30 "$secrets/build.log" >&2
@@ -82,6 +84,11 @@ for name in "${IMAGES[@]}"; do
         exit 1
     fi
     size=$("$DOCKER" image inspect -f '{{.Size}}' "$ref")
+    # A rebuild moves the tag: the image it leaves untagged (half a GB each) goes, unless something still uses it.
+    if [ -n "$previous" ] && [ "$previous" != "$("$DOCKER" image inspect -f '{{.Id}}' "$ref")" ] &&
+            [ -z "$("$DOCKER" image inspect -f '{{join .RepoTags ""}}' "$previous" 2>/dev/null)" ]; then
+        "$DOCKER" image rm "$previous" >/dev/null 2>&1 || true
+    fi
     echo "built $ref  $((size / 1000000)) MB  $(( $(date +%s) - start )) s"
     if [ "$PUSH" = 1 ]; then
         host=${REGISTRY%%/*}

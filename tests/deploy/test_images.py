@@ -138,6 +138,26 @@ def test_serving_image_is_small_labelled_non_root_and_has_no_torch(serving_image
     assert probe.stdout.strip() == "[]"
 
 
+def test_a_rebuild_removes_the_image_that_it_untagged(serving_image, base_image):
+    """Every change to the tree rebuilds the images under the same tag; the replaced ones (half a GB each) would
+    otherwise pile up untagged on a developer's or CI machine's disk."""
+    ref, ids = "pneumoscope-test/serving:rebuild", []
+    try:
+        for _ in range(2):  # another revision label each time: a new image on the cached layers
+            result = subprocess.run([str(REPO / "docker" / "build.sh"), "--registry", "pneumoscope-test", "--tag",
+                                     "rebuild", "--base-image", base_image, "--build-arg",
+                                     f"GIT_COMMIT={uuid.uuid4().hex}", "serving"],
+                                    capture_output=True, text=True, timeout=1800)
+            assert result.returncode == 0, result.stderr[-3000:]
+            ids.append(docker("image", "inspect", "-f", "{{.Id}}", ref).stdout.strip())
+        assert ids[0] != ids[1]
+        gone = docker("image", "inspect", ids[0], check=False)
+        assert gone.returncode != 0, "the image that the rebuild untagged is still there"
+        assert docker("image", "inspect", serving_image, check=False).returncode == 0  # others' images stay
+    finally:
+        docker("image", "rm", ref, check=False)
+
+
 def test_make_images_without_a_docker_engine_says_so_in_one_line():
     env = dict(os.environ, DOCKER="/nonexistent/docker")
     result = subprocess.run(["make", "--no-print-directory", "images", "BASE_IMAGE=python:3.11.14-slim-bookworm"],
