@@ -96,18 +96,18 @@ def _free_gib() -> float:
 
 
 def pytest_sessionstart(session):
-    _DISK.update(start=_free_gib(), lowest=_free_gib(), at="the start")
+    free = _free_gib()
+    _DISK.update(start=free, lowest=free, at="the start")
 
 
 def pytest_runtest_logreport(report):
     if report.when == "call":  # the test's folders are still there
         free = _free_gib()
-        if free < _DISK.get("lowest", free + 1):
+        if free < _DISK["lowest"]:
             _DISK.update(lowest=free, at=report.nodeid)
 
 
 def pytest_terminal_summary(terminalreporter):
-    if _DISK:
-        terminalreporter.write_line(f"disk: {_DISK['start']:.1f} GiB free under {tempfile.gettempdir()} at the "
-                                    f"start, {_DISK['lowest']:.1f} GiB at the lowest (after {_DISK['at']}), "
-                                    f"{_free_gib():.1f} GiB at the end")
+    terminalreporter.write_line(f"disk: {_DISK['start']:.1f} GiB free under {tempfile.gettempdir()} at the "
+                                f"start, {_DISK['lowest']:.1f} GiB at the lowest (after {_DISK['at']}), "
+                                f"{_free_gib():.1f} GiB at the end")

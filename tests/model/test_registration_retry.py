@@ -36,11 +36,11 @@ def register_step(tiny_model, tracking_uri: str, where: Path):
     step's output folder, made under ``where``, holds the history and the resolved training settings beside the
     checkpoint)."""
     import shutil
+    import tempfile
 
     from components import steps
 
-    trained = where / f"trained-{len(list(where.glob('trained-*')))}"
-    trained.mkdir()
+    trained = Path(tempfile.mkdtemp(prefix="trained-", dir=where))
     shutil.copy(tiny_model.train_dir / "history.json", trained / "history.json")
     (trained / "params.json").write_text(json.dumps({"profile": "smoke", "epochs": 1, "image_size": 32}))
     dataset = SimpleNamespace(path=str(tiny_model.cache), metadata={"limit_per_class": 0})
