@@ -7,7 +7,6 @@ flag > environment variable > default, and a new setting is one line here. MLflo
 
 from __future__ import annotations
 
-import os
 from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field
@@ -39,8 +38,8 @@ class ServingSettings(BaseSettings):
     max_dicom_bytes: int = Field(256 * 1024 * 1024, gt=0, description="largest DICOM pixel data as declared: Rows x "
                                  "Columns x frames x samples x bytes per sample")
     max_images_per_request: int = Field(32, gt=0, description="largest N of one request")
-    decode_threads: int | None = Field(None, ge=1, description="images decoded at once (default: CPU cores); "
-                                       "bounds decoding memory to about this many images")
+    decode_threads: int | None = Field(None, ge=1, description="images decoded at once (default: the CPUs the "
+                                       "process may use); bounds decoding memory to about this many images")
     max_colourfulness: float = Field(
         12.0, ge=0, description="mean |R-G|+|G-B| above which an upload is a colour picture, not an X-ray "
         "(every real X-ray in the shared data measures 0)")
@@ -102,7 +101,8 @@ class ServingSettings(BaseSettings):
     engine_choice_dir: str | None = Field(
         None, description="a writable folder for the engine choice when no registry version keeps it (e.g. a "
         "volume the replicas share); default: none")
-    threads: int | None = Field(None, ge=1, description="engine intra-op threads of one call (default: all cores)")
+    threads: int | None = Field(None, ge=1, description="engine intra-op threads of one call (default: the CPUs the "
+                                 "process may use: its CPU limit and affinity)")
     engine_streams: int | None = Field(
         None, ge=1, description="parallel single-threaded engine runs under load (default: = threads); a lone "
         "request still uses all threads. 1 = one engine run at a time with all threads")
@@ -128,13 +128,19 @@ class ServingSettings(BaseSettings):
     access_log: bool = Field(False, description="log every HTTP request")
 
     def engine_threads(self) -> int:
-        return self.threads or os.cpu_count() or 1
+        """The engine's threads: ``threads``, else the CPUs this process may use (a pod's CPU limit and the
+        affinity, not the node's count: 64 threads on a 2-CPU limit would thrash)."""
+        from model.settings import available_cpus
+
+        return self.threads or available_cpus()
 
     def streams(self) -> int:
         return self.engine_streams or self.engine_threads()
 
     def decoders(self) -> int:
-        return self.decode_threads or os.cpu_count() or 1
+        from model.settings import available_cpus
+
+        return self.decode_threads or available_cpus()
 
     def inflight_limit(self) -> int:
         return self.max_inflight or 64

@@ -49,6 +49,16 @@ def test_settings_from_environment(monkeypatch):
         ServingSettings()
 
 
+def test_engine_threads_and_decoders_default_to_the_cpus_the_process_may_use():
+    """A pod's CPU limit or a CPU set, not the node's count: a predictor on a 64-core node with a limit of 2 CPUs
+    must not start 64 engine threads. Run in a child pinned to one CPU (affinity is per process)."""
+    code = ("import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+            "from serving.settings import ServingSettings as S; s = S(); "
+            "print(s.engine_threads(), s.streams(), s.decoders(), S(threads=3).engine_threads())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.split() == ["1", "1", "1", "3"], out.stdout + out.stderr
+
+
 def test_a_stacks_own_environment_wins_over_the_shared_settings(monkeypatch):
     """One side of a local canary is given its own variables (the slower-canary test's delay); the settings
     every side shares are written into the children's environment too, and must not overwrite them."""
