@@ -91,18 +91,34 @@ class _RawConnections:
         self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
 
     async def request(self, raw: bytes, timeout_s: float) -> str:
+        """Send ``raw`` and read the answer; its HTTP status, or ``error``. A kept-alive connection that the server
+        closed (nginx closes its idle ones when it reloads, as when the drill adds a replica) is replaced, and a
+        request that found it closed without a byte of answer is sent once more on a new one, as HTTP clients do
+        (RFC 9112, 9.3.1): the server never read it."""
+        while self.idle:
+            reader, writer = self.idle.pop()
+            if not (reader.at_eof() or writer.is_closing()):
+                status = await self._exchange(reader, writer, raw, timeout_s)
+                if status != "closed":
+                    return status
+                break
+            writer.close()
         try:
-            reader, writer = self.idle.pop() if self.idle else await asyncio.wait_for(
-                asyncio.open_connection(self.host, self.port), timeout_s)
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.port), timeout_s)
         except (OSError, asyncio.TimeoutError):
             return "error"
-        keep = False
+        status = await self._exchange(reader, writer, raw, timeout_s)
+        return "error" if status == "closed" else status
+
+    async def _exchange(self, reader, writer, raw: bytes, timeout_s: float) -> str:
+        """One request on one connection: its status, ``closed`` when the connection ended before any answer."""
+        keep = answered = False
         try:
             writer.write(raw)
             status_line = await asyncio.wait_for(reader.readline(), timeout_s)
             if not status_line:
-                return "error"
-            length, keep = 0, True
+                return "closed"
+            length, keep, answered = 0, True, True
             while (line := await reader.readline()) not in (b"\r\n", b""):
                 name, _, value = line.decode("latin-1").partition(":")
                 if name.strip().lower() == "content-length":
@@ -111,6 +127,9 @@ class _RawConnections:
                     keep = False
             await reader.readexactly(length)
             return status_line.split()[1].decode()
+        except ConnectionResetError:
+            keep = False
+            return "error" if answered else "closed"
         except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, IndexError, ValueError):
             keep = False
             return "error"

@@ -25,6 +25,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,7 +64,8 @@ def window(results, start: float, stop: float) -> dict:
     span = max(stop - start, 1e-9)
     return {"seconds": round(stop - start, 1), "answered": len(ok), "img_per_s": round(len(ok) / span, 2),
             "p50_ms": p50, "p99_ms": p99, "refused_503": sum(r.status == "503" for r in inside),
-            "failed": sum(r.status not in ("200", "503") for r in inside)}
+            "failed": sum(r.status not in ("200", "503") for r in inside),
+            "failed_statuses": dict(Counter(r.status for r in inside if r.status not in ("200", "503")))}
 
 
 def main() -> int:
