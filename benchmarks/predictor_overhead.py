@@ -29,8 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from serving_throughput import (AsyncGrpcLoad, AsyncPredictorLoad, build_bundle, cpu_info, load_images, log,  # noqa: E402
-                                write_report)
+from serving_throughput import (AsyncGrpcLoad, AsyncPredictorLoad, build_bundle, cpu_info,  # noqa: E402
+                                load_images, log, write_report)
 
 #: run as the predictor's entry point: serving.predictor_main with the engine's runs answered from memory
 INSTANT_ENGINE = """

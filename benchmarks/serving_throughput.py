@@ -13,8 +13,9 @@
    admission as shipped) with the engine ``auto`` chose at load (and any engine/precision forced with
    ``--served``), clients sending one encoded JPEG per request over REST v2 (binary extension) and gRPC v2
    (each request serialised once, all in flight on one asyncio loop; ``--load-generator libraries`` sends
-   them from one thread each through httpx and tritonclient instead), at concurrency 1, 4 and 16; img/s, p50/p99, the predictor's dynamic-batch sizes, and
-   refusals (503 / RESOURCE_EXHAUSTED, retried after a pause as a client honouring Retry-After would).
+   them from one thread each through httpx and tritonclient instead), at concurrency 1, 4 and 16; img/s,
+   p50/p99, the predictor's dynamic-batch sizes, and refusals (503 / RESOURCE_EXHAUSTED, retried after a pause as
+   a client honouring Retry-After would).
    And the predictor alone: its gRPC port fed stage-1 pixels (decoded once, as the transformer sends them),
    16 in flight, against the raw engine's best point for the same engine x precision.
 4. With ``--split-cores``: the cluster's layout on one machine, the predictor on half the CPUs and the transformer
@@ -596,8 +597,8 @@ def served(bundle_dir: Path, encoded: list[bytes], tensors: np.ndarray, args, ta
                 cpu0 = cpu_seconds(info["pids"])
                 point = load(lambda: predictor_client(info["predictor_grpc"]), encoded, 16, args.seconds)
                 cpu1 = cpu_seconds(info["pids"])
-                point["cpu_ms_per_image"] = {k: round(1000 * (cpu1[k] - cpu0[k]) / max(1, point["images"]), 2)
-                                             for k in ("client", "predictor") if k in cpu0}
+                point["cpu_ms_per_image"] = {role: round(1000 * (cpu1[role] - cpu0[role]) / max(1, point["images"]), 2)
+                                             for role in ("client", "predictor") if role in cpu0}
                 point["raw_best_same_run"] = best_raw
                 point["over_raw_best"] = round(point["img_per_s"] / best_raw["img_per_s"], 3)
                 rounds.append(point)
@@ -606,7 +607,7 @@ def served(bundle_dir: Path, encoded: list[bytes], tensors: np.ndarray, args, ta
                     f"{best_raw['mode']}); CPU ms/img {point['cpu_ms_per_image']}")
             median = sorted(rounds, key=lambda p: p["over_raw_best"])[len(rounds) // 2]
             results["predictor_alone_grpc_c16"] = dict(median, rounds=[
-                {k: p[k] for k in ("img_per_s", "p50_ms", "p99_ms", "over_raw_best", "cpu_ms_per_image")}
+                {key: p[key] for key in ("img_per_s", "p50_ms", "p99_ms", "over_raw_best", "cpu_ms_per_image")}
                 | {"raw_best_img_per_s": p["raw_best_same_run"]["img_per_s"]} for p in rounds])
         for name, make in (("rest_v2", lambda: rest_client(info["rest"])), ("grpc", lambda: grpc_client(info["grpc"]))):
             if name not in args.protocols:
@@ -704,7 +705,8 @@ def split_cores(bundle_dir: Path, encoded: list[bytes], tensors: np.ndarray, arg
                     point["raw_same_cpus"] = {x: raw[x] for x in ("img_per_s", "p50_ms", "mode", "cpu_ms_per_image")}
                     point["over_raw"] = round(point["img_per_s"] / raw["img_per_s"], 3)
                     results.setdefault(name, []).append(point)
-                    log(f"split cores (engine on {sorted(engine_cpus)}, transformer and client on {sorted(front_cpus)}), "
+                    log(f"split cores (engine on {sorted(engine_cpus)}, transformer and client on "
+                        f"{sorted(front_cpus)}), "
                         f"{name} c=16, round {k + 1}/{args.rounds}: {point['img_per_s']} img/s = {point['over_raw']} x "
                         f"the raw engine on the same CPUs ({raw['img_per_s']} img/s, {raw['mode']}); CPU ms/img "
                         f"{point['cpu_ms_per_image']}")

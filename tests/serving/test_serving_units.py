@@ -51,7 +51,7 @@ def test_settings_from_environment(monkeypatch):
 
 def test_engine_threads_and_decoders_default_to_the_cpus_the_process_may_use():
     """A pod's CPU limit or a CPU set, not the node's count: a predictor on a 64-core node with a limit of 2 CPUs
-    must not start 64 engine threads. Run in a child pinned to one CPU (affinity is per process)."""
+    must not start 64 engine threads. Run in a child pinned to one CPU, so the pinning stays there."""
     code = ("import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
             "from serving.settings import ServingSettings as S; s = S(); "
             "print(s.engine_threads(), s.streams(), s.decoders(), S(threads=3).engine_threads())")
