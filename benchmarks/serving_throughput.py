@@ -396,12 +396,26 @@ class AsyncRestLoad:
         return (f"POST /v2/models/pneumonia/infer HTTP/1.1\r\nHost: {self.netloc}\r\nContent-Length: {len(body)}\r\n"
                 f"{fields}\r\n").encode() + body
 
-    async def __call__(self, prepared: bytes) -> float:
+    async def _connection(self):
         import asyncio
 
-        reader, writer = self.idle.pop() if self.idle else await asyncio.open_connection(self.host, self.port)
+        while self.idle:  # one the server closed while idle (keep-alive timeout) is replaced
+            reader, writer = self.idle.pop()
+            if not (reader.at_eof() or writer.is_closing()):
+                return reader, writer
+            writer.close()
+        return await asyncio.open_connection(self.host, self.port)
+
+    async def __call__(self, prepared: bytes) -> float:
+        reader, writer = await self._connection()
         writer.write(prepared)
-        status = int((await reader.readline()).split()[1])
+        status_line = await reader.readline()
+        if not status_line:  # closed before a byte of answer: the server never read it; once more, on a new one
+            writer.close()
+            reader, writer = await self._connection()
+            writer.write(prepared)
+            status_line = await reader.readline()
+        status = int(status_line.split()[1])
         length = 0
         while (line := await reader.readline()) not in (b"\r\n", b""):
             name, _, value = line.decode("latin-1").partition(":")
