@@ -80,8 +80,8 @@ class RssSampler:
         self._thread.join()
 
 
-class _RawConnections:
-    """Keep-alive HTTP/1.1 connections for the open loop: one request at a time on each, pre-encoded, the
+class RawConnections:
+    """Keep-alive HTTP/1.1 connections for the load generators: one request at a time on each, pre-encoded, the
     answer read by its status line and Content-Length only. A fraction of a millisecond of CPU per request,
     where an httpx client costs a millisecond or more: at four times the saturation rate on the servers' own
     2 cores, httpx fell seconds behind its schedule and measured its own queue, not the server's."""
@@ -91,33 +91,42 @@ class _RawConnections:
         self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
 
     async def request(self, raw: bytes, timeout_s: float) -> str:
-        """Send ``raw`` and read the answer; its HTTP status, or ``error``. A kept-alive connection that the server
-        closed (nginx closes its idle ones when it reloads, as when the drill adds a replica) is replaced, and a
-        request that found it closed without a byte of answer is sent once more on a new one, as HTTP clients do
-        (RFC 9112, 9.3.1): the server never read it."""
+        """Send ``raw``: the answer's HTTP status, or ``error``."""
+        return (await self.fetch(raw, timeout_s))[0]
+
+    async def fetch(self, raw: bytes, timeout_s: float) -> tuple[str, bytes]:
+        """Send ``raw`` and read the answer: (its HTTP status or ``error``, its body). A kept-alive connection that
+        the server closed (nginx closes its idle ones when it reloads, as when the drill adds a replica) is
+        replaced, and a request that found it closed without a byte of answer is sent once more on a new one, as
+        HTTP clients do (RFC 9112, 9.3.1): the server never read it."""
         while self.idle:
             reader, writer = self.idle.pop()
             if not (reader.at_eof() or writer.is_closing()):
-                status = await self._exchange(reader, writer, raw, timeout_s)
+                status, body = await self._exchange(reader, writer, raw, timeout_s)
                 if status != "closed":
-                    return status
+                    return status, body
                 break
             writer.close()
         try:
             reader, writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.port), timeout_s)
         except (OSError, asyncio.TimeoutError):
-            return "error"
-        status = await self._exchange(reader, writer, raw, timeout_s)
-        return "error" if status == "closed" else status
+            return "error", b""
+        status, body = await self._exchange(reader, writer, raw, timeout_s)
+        return ("error" if status == "closed" else status), body
 
-    async def _exchange(self, reader, writer, raw: bytes, timeout_s: float) -> str:
-        """One request on one connection: its status, ``closed`` when the connection ended before any answer."""
+    def close(self) -> None:
+        for _, writer in self.idle:
+            writer.close()
+        self.idle.clear()
+
+    async def _exchange(self, reader, writer, raw: bytes, timeout_s: float) -> tuple[str, bytes]:
+        """One request on one connection: (its status, body); ``closed`` when it ended before any answer."""
         keep = answered = False
         try:
             writer.write(raw)
             status_line = await asyncio.wait_for(reader.readline(), timeout_s)
             if not status_line:
-                return "closed"
+                return "closed", b""
             length, keep, answered = 0, True, True
             while (line := await reader.readline()) not in (b"\r\n", b""):
                 name, _, value = line.decode("latin-1").partition(":")
@@ -125,14 +134,14 @@ class _RawConnections:
                     length = int(value)
                 elif name.strip().lower() == "connection" and value.strip().lower() == "close":
                     keep = False
-            await reader.readexactly(length)
-            return status_line.split()[1].decode()
+            body = await reader.readexactly(length)
+            return status_line.split()[1].decode(), body
         except ConnectionResetError:
             keep = False
-            return "error" if answered else "closed"
+            return ("error" if answered else "closed"), b""
         except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, IndexError, ValueError):
             keep = False
-            return "error"
+            return "error", b""
         finally:
             if keep:
                 self.idle.append((reader, writer))
@@ -140,7 +149,7 @@ class _RawConnections:
                 writer.close()
 
 
-def _raw_requests(url: str, payloads: list[tuple[bytes, dict]]) -> list[bytes]:
+def raw_requests(url: str, payloads: list[tuple[bytes, dict]]) -> list[bytes]:
     """Each (body, headers) as the bytes of one HTTP/1.1 POST to ``url``."""
     from urllib.parse import urlsplit
 
@@ -171,11 +180,11 @@ def open_loop(url: str, payloads: list[tuple[bytes, dict]], rate_per_s: float, s
     from urllib.parse import urlsplit
 
     parts = urlsplit(url)
-    raws = _raw_requests(url, payloads)
+    raws = raw_requests(url, payloads)
 
     async def run() -> list[Result]:
         out: list[Result] = []
-        connections = _RawConnections(parts.hostname, parts.port or 80)
+        connections = RawConnections(parts.hostname, parts.port or 80)
 
         async def one(n: int, due: float, t0: float) -> None:
             status = await connections.request(raws[n % len(raws)], timeout_s)
@@ -190,8 +199,7 @@ def open_loop(url: str, payloads: list[tuple[bytes, dict]], rate_per_s: float, s
             tasks.append(asyncio.ensure_future(one(n, due, t0)))
             n += 1
         await asyncio.gather(*tasks)
-        for _, writer in connections.idle:
-            writer.close()
+        connections.close()
         return out
 
     return _run(run())
@@ -205,11 +213,11 @@ def closed_loop(url: str, payloads: list[tuple[bytes, dict]], clients: int, seco
 
     All of them on one event loop, each with its own kept-alive connection and pre-encoded requests: the
     generator shares the cores with the servers, and 16 httpx threads spent about 2 ms of CPU per request there
-    (the same cost that made the open loop fall behind, :class:`_RawConnections`)."""
+    (the same cost that made the open loop fall behind, :class:`RawConnections`)."""
     from urllib.parse import urlsplit
 
     parts = urlsplit(url)
-    raws = _raw_requests(url, payloads)
+    raws = raw_requests(url, payloads)
 
     async def run() -> list[Result]:
         out: list[Result] = []
@@ -217,7 +225,7 @@ def closed_loop(url: str, payloads: list[tuple[bytes, dict]], clients: int, seco
         stop_at = t0 + seconds
 
         async def client(k: int) -> None:
-            connection = _RawConnections(parts.hostname, parts.port or 80)
+            connection = RawConnections(parts.hostname, parts.port or 80)
             i = k * 13
             while time.perf_counter() < stop_at and not (stop is not None and stop.is_set()):
                 sent = time.perf_counter()
@@ -229,8 +237,7 @@ def closed_loop(url: str, payloads: list[tuple[bytes, dict]], clients: int, seco
                 if status == "503":
                     await asyncio.sleep(retry_pause_s)
                 i += 1
-            for _, writer in connection.idle:
-                writer.close()
+            connection.close()
 
         await asyncio.gather(*(client(k) for k in range(clients)))
         return out

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -53,12 +52,6 @@ def load(self):
 PneumoniaPredictor.load = load
 sys.exit(predictor_main.main())
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cpu_ms(pid: int, tid: int | None = None) -> float:
@@ -98,8 +91,10 @@ def measure(pid: int, target: str, payloads: list[bytes], seconds: float, concur
 def serve(bundle: Path, engine: str, log_file: Path):
     """(process, gRPC target) of a predictor on free ports, once ready."""
     from model.bundle import Bundle
+    from serving.stack import free_port
 
-    http, grpc_port = free_port(), free_port()
+    http = free_port()
+    grpc_port = free_port({http})
     env = dict(os.environ, PNEUMOSCOPE_ENGINE="openvino", PNEUMOSCOPE_PRECISION="int8",
                PNEUMOSCOPE_MODEL_SHA256=Bundle.load(bundle, verify=False).sha256)
     entry = ["-c", INSTANT_ENGINE] if engine == "instant" else ["-m", "serving.predictor_main"]

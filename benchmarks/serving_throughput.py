@@ -372,60 +372,35 @@ class AsyncPredictorLoad(AsyncGrpcLoad):
 
 
 class AsyncRestLoad:
-    """The REST requests of :class:`RestV2Client`, pre-encoded with their HTTP/1.1 header and sent on one
-    kept-alive connection per in-flight request (asyncio streams); the answer's JSON is parsed for
+    """The REST requests of :class:`RestV2Client`, pre-encoded with their HTTP/1.1 header and sent on kept-alive
+    connections (``load.RawConnections``, one per request in flight); the answer's JSON is parsed for
     ``probability``. httpx threads cost about 2 ms of CPU per request on the servers' cores."""
 
     def __init__(self, url: str):
         from urllib.parse import urlsplit
 
+        from load import RawConnections
+
         parts = urlsplit(url)
-        self.host, self.port, self.netloc = parts.hostname, parts.port or 80, parts.netloc
-        self.idle: list = []
+        self.url = f"{url}/v2/models/pneumonia/infer"
+        self.connections = RawConnections(parts.hostname, parts.port or 80)
 
     async def open(self) -> None:
         pass
 
     async def close(self) -> None:
-        for _, writer in self.idle:
-            writer.close()
+        self.connections.close()
 
     def payload(self, data: bytes) -> bytes:
-        body, headers = RestV2Client.payload(self, data)
-        fields = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-        return (f"POST /v2/models/pneumonia/infer HTTP/1.1\r\nHost: {self.netloc}\r\nContent-Length: {len(body)}\r\n"
-                f"{fields}\r\n").encode() + body
+        from load import raw_requests
 
-    async def _connection(self):
-        import asyncio
-
-        while self.idle:  # one the server closed while idle (keep-alive timeout) is replaced
-            reader, writer = self.idle.pop()
-            if not (reader.at_eof() or writer.is_closing()):
-                return reader, writer
-            writer.close()
-        return await asyncio.open_connection(self.host, self.port)
+        return raw_requests(self.url, [RestV2Client.payload(self, data)])[0]
 
     async def __call__(self, prepared: bytes) -> float:
-        reader, writer = await self._connection()
-        writer.write(prepared)
-        status_line = await reader.readline()
-        if not status_line:  # closed before a byte of answer: the server never read it; once more, on a new one
-            writer.close()
-            reader, writer = await self._connection()
-            writer.write(prepared)
-            status_line = await reader.readline()
-        status = int(status_line.split()[1])
-        length = 0
-        while (line := await reader.readline()) not in (b"\r\n", b""):
-            name, _, value = line.decode("latin-1").partition(":")
-            if name.strip().lower() == "content-length":
-                length = int(value)
-        content = await reader.readexactly(length)
-        self.idle.append((reader, writer))
-        if status == 503 and json.loads(content).get("reason") == "overloaded":
+        status, content = await self.connections.fetch(prepared, 120)
+        if status == "503" and json.loads(content).get("reason") == "overloaded":
             raise Refused()
-        if status != 200:
+        if status != "200":
             raise RuntimeError(f"HTTP {status}: {content[:200]!r}")
         return json.loads(content)["outputs"][0]["data"][0]
 
@@ -471,11 +446,7 @@ def drive_async(make_client, encoded: list[bytes], concurrency: int, seconds: fl
         await asyncio.gather(*(worker(k, started + seconds, True) for k in range(concurrency)))
         wall = time.perf_counter() - started
         await client.close()
-        result = dict(stats(latencies, len(latencies), wall), concurrency=concurrency, refused=refused[0])
-        if errors:
-            result["errors"] = len(errors)
-            result["first_error"] = errors[0]
-        return result
+        return closed_loop_result(latencies, wall, concurrency, refused[0], errors)
 
     return asyncio.run(run())
 
@@ -523,12 +494,28 @@ def drive(make_client, encoded: list[bytes], concurrency: int, seconds: float, w
     for t in threads:
         t.join()
     wall = time.perf_counter() - started
-    flat = [x for lat in latencies for x in lat]
-    result = dict(stats(flat, len(flat), wall), concurrency=concurrency, refused=refused[0])
+    return closed_loop_result([x for lat in latencies for x in lat], wall, concurrency, refused[0], errors)
+
+
+def closed_loop_result(latencies: list[float], wall: float, concurrency: int, refused: int, errors: list[str]) -> dict:
+    result = dict(stats(latencies, len(latencies), wall), concurrency=concurrency, refused=refused)
     if errors:
         result["errors"] = len(errors)
         result["first_error"] = errors[0]
     return result
+
+
+def measured_point(args, make_client, encoded: list[bytes], concurrency: int, pids: dict,
+                   roles: tuple[str, ...] | None = None, digits: int = 1) -> dict:
+    """One closed-loop point driven by ``--load-generator``'s driver, with the CPU milliseconds per image of this
+    process (``client``) and of the servers (``roles``: all of them by default)."""
+    drive_points = drive_async if args.load_generator == "asyncio" else drive
+    cpu0 = cpu_seconds(pids)
+    point = drive_points(make_client, encoded, concurrency, args.seconds)
+    cpu1 = cpu_seconds(pids)
+    point["cpu_ms_per_image"] = {role: round(1000 * (cpu1[role] - cpu0[role]) / max(1, point["images"]), digits)
+                                 for role in (roles or cpu0) if role in cpu0}
+    return point
 
 
 def cpu_seconds(pids: dict) -> dict:
@@ -600,7 +587,6 @@ def served(bundle_dir: Path, encoded: list[bytes], tensors: np.ndarray, args, ta
                "start_to_ready_s": round(time.perf_counter() - started, 1), "log": str(log_file)}
     rest_client, grpc_client, predictor_client = LOAD_GENERATORS[args.load_generator]
     results["load_generator"] = args.load_generator
-    load = drive_async if args.load_generator == "asyncio" else drive
     try:
         if "predictor" in args.protocols:  # the predictor alone, fed stage-1 pixels over gRPC, 16 in flight
             # A virtual CPU's speed drifts by several per cent from one 10-s window to the next: the raw engine's
@@ -608,11 +594,8 @@ def served(bundle_dir: Path, encoded: list[bytes], tensors: np.ndarray, args, ta
             rounds = []
             for k in range(args.rounds):
                 best_raw = max(raw_best_points(bundle_dir, chosen, tensors, args), key=lambda p: p["img_per_s"])
-                cpu0 = cpu_seconds(info["pids"])
-                point = load(lambda: predictor_client(info["predictor_grpc"]), encoded, 16, args.seconds)
-                cpu1 = cpu_seconds(info["pids"])
-                point["cpu_ms_per_image"] = {role: round(1000 * (cpu1[role] - cpu0[role]) / max(1, point["images"]), 2)
-                                             for role in ("client", "predictor") if role in cpu0}
+                point = measured_point(args, lambda: predictor_client(info["predictor_grpc"]), encoded, 16,
+                                       info["pids"], roles=("client", "predictor"), digits=2)
                 point["raw_best_same_run"] = best_raw
                 point["over_raw_best"] = round(point["img_per_s"] / best_raw["img_per_s"], 3)
                 rounds.append(point)
@@ -631,13 +614,9 @@ def served(bundle_dir: Path, encoded: list[bytes], tensors: np.ndarray, args, ta
                 # The machine may be shared: time the bare engine right before each served point.
                 paired = raw_engine(bundle_dir, chosen, tensors, 1, args.seconds / 2, args.threads, args.spinning)
                 calls0, rows0 = batch_histogram(info["predictor_rest"])
-                cpu0 = cpu_seconds(info["pids"])
-                point = load(make, encoded, concurrency, args.seconds)
-                cpu1 = cpu_seconds(info["pids"])
+                point = measured_point(args, make, encoded, concurrency, info["pids"])
                 calls1, rows1 = batch_histogram(info["predictor_rest"])
                 point["mean_engine_batch"] = round((rows1 - rows0) / max(1.0, calls1 - calls0), 2)
-                point["cpu_ms_per_image"] = {k: round(1000 * (cpu1[k] - cpu0[k]) / max(1, point["images"]), 1)
-                                             for k in cpu0}
                 point["paired_raw_b1"] = {k: paired[k] for k in ("img_per_s", "p50_ms", "p99_ms", "cpu_ms_per_image")}
                 point["over_paired_raw_b1"] = round(point["img_per_s"] / paired["img_per_s"], 3)
                 results[name][f"c{concurrency}"] = point
@@ -698,7 +677,6 @@ def split_cores(bundle_dir: Path, encoded: list[bytes], tensors: np.ndarray, arg
         os.sched_setaffinity(0, own)
     results = {"engine_cpus": sorted(engine_cpus), "front_cpus": sorted(front_cpus), "log": str(log_file)}
     rest_client, grpc_client, _ = LOAD_GENERATORS[args.load_generator]
-    load = drive_async if args.load_generator == "asyncio" else drive
     try:
         pin(info["pids"]["transformer"], front_cpus)
         chosen, _ = engine_choice(info["predictor_rest"])
@@ -711,11 +689,7 @@ def split_cores(bundle_dir: Path, encoded: list[bytes], tensors: np.ndarray, arg
                                    ("grpc", lambda: grpc_client(info["grpc"]))):
                     if name not in args.protocols:
                         continue
-                    cpu0 = cpu_seconds(info["pids"])
-                    point = load(make, encoded, 16, args.seconds)
-                    cpu1 = cpu_seconds(info["pids"])
-                    point["cpu_ms_per_image"] = {r: round(1000 * (cpu1[r] - cpu0[r]) / max(1, point["images"]), 2)
-                                                 for r in cpu0}
+                    point = measured_point(args, make, encoded, 16, info["pids"], digits=2)
                     point["raw_same_cpus"] = {x: raw[x] for x in ("img_per_s", "p50_ms", "mode", "cpu_ms_per_image")}
                     point["over_raw"] = round(point["img_per_s"] / raw["img_per_s"], 3)
                     results.setdefault(name, []).append(point)
