@@ -209,11 +209,14 @@ def objects_over_lungs(pixels: np.ndarray, t: QualityThresholds = QualityThresho
                          255.0, t, contrast)
 
 
-def assess(gray: np.ndarray, thresholds: QualityThresholds = QualityThresholds()) -> QualityReport:
-    """Sharpness, what was found (markers, objects over the lungs) and the warnings of one gray image (any size)."""
+def assess(gray: np.ndarray, thresholds: QualityThresholds = QualityThresholds(), find_text: bool = True
+           ) -> QualityReport:
+    """Sharpness, what was found (markers, objects over the lungs) and the warnings of one gray image (any size).
+    ``find_text=False`` skips the search for markers near the border (``text_boxes`` stays empty): they are never
+    a warning, and on a 224 px film the search cost about half of the assessment."""
     pixels = analysis_pixels(gray)
     contrast = local_contrast(pixels)  # once for both searches
-    report = QualityReport(sharpness(pixels), text_components(pixels, thresholds, contrast),
+    report = QualityReport(sharpness(pixels), text_components(pixels, thresholds, contrast) if find_text else [],
                            objects_over_lungs(pixels, thresholds, contrast))
     if report.sharpness < thresholds.min_sharpness:
         report.flags.append(FLAG_BLURRED)
@@ -225,7 +228,7 @@ def assess(gray: np.ndarray, thresholds: QualityThresholds = QualityThresholds()
 def quality_flags(gray: np.ndarray, thresholds: QualityThresholds = QualityThresholds()) -> list[str]:
     """The warnings: ``["blurred", "object_over_lungs"]``, either, or nothing: what the transformer returns beside
     a prediction. Side markers and corner labels are not among them."""
-    return assess(gray, thresholds).flags
+    return assess(gray, thresholds, find_text=False).flags
 
 
 def sharpness_cutoff(values: np.ndarray, z: float = BLUR_Z) -> float:

@@ -107,6 +107,17 @@ def test_text_over_a_lung_field_is_a_warning_with_advice(shared_224, text):
     assert "repeat the film" in quality.ADVICE[quality.FLAG_BLURRED][1].lower()
 
 
+@pytest.mark.parametrize("text, where", [("R", "top-left"), ("AP 10:42", "right-lung")])
+def test_the_served_flags_skip_the_marker_search_and_match_the_full_assessment(shared_224, text, where):
+    """The transformer calls ``quality_flags`` on every upload: it leaves out the search for border markers (never a
+    warning), and its flags are the full assessment's."""
+    for f in real_xrays(shared_224, 3):
+        gray = gray_of(stamped(f.read_bytes(), text, where))
+        full = quality.assess(gray)
+        assert quality.quality_flags(gray) == full.flags, f.name
+        assert quality.assess(gray, find_text=False).text_boxes == [] and full.detections, full
+
+
 def test_at_most_one_film_in_ten_gets_a_warning(shared_224, shared_full):
     """The issue's bound on ordinary films, on a sample of both development sets (BENCHMARKS.md has every film)."""
     files = [f for cls in ("NORMAL", "PNEUMONIA") for f in sorted((shared_224 / "train" / cls).iterdir())[:100]]
