@@ -103,20 +103,29 @@ def _read_checked(data: bytes, max_pixels: int, max_bytes: int):
     return ds
 
 
-def patient_age_years(data: bytes) -> float | None:
-    """Patient's Age (0010,1010) in years, read from the header alone; None when absent or malformed.
+def header_facts(data: bytes) -> tuple[float | None, str]:
+    """(Patient's Age (0010,1010) in years, View Position (0018,5101) upper-cased) from the header alone, one read;
+    None / "" where absent or malformed.
 
-    Read before anything else touches the file (a de-identified copy no longer has it). Never logged."""
+    Read before anything else touches the file (a de-identified copy no longer has the age). Never logged."""
     from model.intended_use import InvalidAge, parse_age
 
     try:
         if transfer_syntax(data) not in ALLOWED_SYNTAXES:
-            return None  # the decoder refuses the file with its own message
-        ds = pydicom.dcmread(io.BytesIO(data), force=True, stop_before_pixels=True, specific_tags=["PatientAge"])
-        return parse_age(str(ds.get("PatientAge", "") or ""))
-    except (InvalidAge, InvalidImageError, InvalidDicomError, OSError, ValueError, EOFError, KeyError, IndexError,
-            TypeError):
-        return None
+            return None, ""  # the decoder refuses the file with its own message
+        ds = pydicom.dcmread(io.BytesIO(data), force=True, stop_before_pixels=True,
+                             specific_tags=["PatientAge", "ViewPosition"])
+    except (InvalidImageError, InvalidDicomError, OSError, ValueError, EOFError, KeyError, IndexError, TypeError):
+        return None, ""
+    try:
+        age = parse_age(str(ds.get("PatientAge", "") or ""))
+    except (InvalidAge, ValueError, TypeError):
+        age = None
+    try:
+        view = " ".join(str(ds.get("ViewPosition", "") or "").split()).upper()[:16]
+    except (ValueError, TypeError):
+        view = ""
+    return age, view
 
 
 def declared_pixels(data: bytes) -> int:

@@ -12,10 +12,13 @@ REFER, with one reason per cause (code + a sentence a clinician can read):
 - ``out_of_distribution``: ``ood_score`` above 1 (the film is unlike the training films);
 - ``age_over_limit``: the patient's age (DICOM Patient's Age, 0010,1010, or the request's ``patient_age``) is above
   the version's limit;
-- ``intended_use_unknown``: the version was exported before the detector existed, so nothing can vouch for it.
+- ``intended_use_unknown``: the version was exported before the detector existed, so nothing can vouch for it;
+- ``view_not_frontal``: the film's DICOM header names a lateral, decubitus or oblique view (View Position,
+  0018,5101). Every version reads upright frontal films (PA or AP), so the transformer says it
+  (:func:`view_reason`), whatever version answered. Without the attribute (a JPEG, a header that leaves it empty)
+  nothing is claimed: no image check tells a lateral film from a frontal one, and the detector is the safety net.
 
-``in_intended_use`` is false for the last three; ``label`` (PNEUMONIA/NORMAL at the threshold) never changes.
-No view check: nothing in the data tells a lateral film from a frontal one, so none is claimed.
+``in_intended_use`` is false for all but ``uncertain``; ``label`` (PNEUMONIA/NORMAL at the threshold) never changes.
 
 numpy-free and torch-free: the transformer parses ages with it, the predictor decides with it.
 """
@@ -76,6 +79,24 @@ def parse_age(value) -> float | None:
 class Reason:
     code: str
     text: str
+
+
+#: View Position (0018,5101) of an upright frontal chest film.
+FRONTAL_VIEWS = frozenset({"PA", "AP"})
+#: The standard's defined terms for the other views of a chest film (PS3.3 C.8.11.5.1.1: lateral, lateral
+#: decubitus, oblique), and the spelled-out words some modalities write instead.
+NON_FRONTAL_VIEWS = frozenset({"LL", "RL", "LLD", "RLD", "LLO", "RLO", "LAT", "LATERAL", "DECUBITUS", "OBLIQUE"})
+
+
+def view_reason(view_position: str | None) -> Reason | None:
+    """The ``view_not_frontal`` reason when ``view_position`` names a view no version reads; None for PA, AP, an
+    empty value, or one that is not a known term (then nothing is claimed)."""
+    view = " ".join(str(view_position or "").split()).upper()
+    if view in FRONTAL_VIEWS or view not in NON_FRONTAL_VIEWS:
+        return None
+    return Reason("view_not_frontal", f"The film's DICOM header gives its view as {view} (View Position): the model "
+                  "reads upright frontal chest films (PA or AP) only, so its result is not reliable here. Read the "
+                  "frontal film of the study.")
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from model.dicom import patient_age_years
+from model.dicom import header_facts
 from model.errors import InvalidImageError
 from model.preprocessing import DecodedImage, decode, is_dicom
 from serving.errors import RequestRejected
@@ -73,6 +73,7 @@ class PreparedImage:
     source_format: str
     original_size: tuple[int, int]
     age_years: float | None = None  # DICOM Patient's Age, read before anything else; never logged
+    view_position: str = ""  # DICOM View Position (PA, AP, LL, ...), "" where the file does not say
 
 
 def check_xray(image: DecodedImage, settings: ServingSettings, where: str) -> None:
@@ -97,7 +98,7 @@ def decode_upload(data: bytes, settings: ServingSettings, where: str = "the imag
     """Encoded JPEG/PNG/DICOM -> bounded grayscale through stage 1 of the training code path, then the gate."""
     if len(data) > settings.max_payload_bytes:
         raise reject("too_large", f"{where} is {len(data)} bytes; at most {settings.max_payload_bytes} are accepted")
-    age = patient_age_years(data) if is_dicom(data) else None
+    age, view = header_facts(data) if is_dicom(data) else (None, "")
     try:
         image = decode(data, max_pixels=settings.max_image_pixels, max_dicom_bytes=settings.max_dicom_bytes)
     except InvalidImageError as exc:
@@ -108,4 +109,4 @@ def decode_upload(data: bytes, settings: ServingSettings, where: str = "the imag
         log.info("decoder failure on %s: %s", where, type(exc).__name__)
         raise reject("corrupt", f"{where} could not be decoded ({type(exc).__name__})") from None
     check_xray(image, settings, where)
-    return PreparedImage(image.pixels, image.source_format, image.original_size, age)
+    return PreparedImage(image.pixels, image.source_format, image.original_size, age, view)

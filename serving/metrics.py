@@ -18,7 +18,8 @@ PROBABILITY = Histogram("pneumoscope_probability", "calibrated pneumonia probabi
 DECISIONS = Counter("pneumoscope_decisions_total", "answers by model version and decision (PNEUMONIA, NORMAL, REFER)",
                     ["model_name", "model_version", "decision"])
 REFER_REASONS = Counter("pneumoscope_refer_reasons_total", "reasons for REFER decisions (uncertain, "
-                        "out_of_distribution, age_over_limit, intended_use_unknown)",
+                        "out_of_distribution, age_over_limit, intended_use_unknown: the predictor's; "
+                        "view_not_frontal: the transformer's)",
                         ["model_name", "model_version", "reason"])
 OOD_SCORE = Histogram("pneumoscope_ood_score", "out-of-distribution score of classified images (above 1: outside "
                       "the intended use)", ["model_name", "model_version"],

@@ -20,6 +20,11 @@ The patient's age: a DICOM file's Patient's Age (0010,1010), read from the heade
 the request parameter ``patient_age`` (years, or a DICOM age string like ``045Y``; v1: ``parameters`` or per
 instance), which wins. It travels to the predictor, whose version applies its own age limit; it is never logged.
 
+The view: a DICOM file whose View Position (0018,5101) names a lateral, decubitus or oblique view is answered
+REFER, ``in_intended_use`` false, with the reason ``view_not_frontal`` added here, whatever version answered (every
+version reads frontal films only); the probability is still the version's. A file without the attribute, and
+every JPEG or PNG, is taken as the frontal film the caller sends.
+
 ``intended_use`` and ``model_sha256`` (the served bundle's digest, when the predictor names it) are response
 parameters (v1: fields of the response and of each prediction respectively).
 Where the evidence falls: ``lung_share`` FP32 [N]: the share of the positive CAM mass inside the lungs (-1: no positive mass), with
@@ -48,12 +53,13 @@ import numpy as np
 from kserve import Model
 from kserve.protocol.infer_type import InferInput, InferRequest, InferResponse, to_http_parameters
 
-from model.intended_use import InvalidAge, parse_age
+from model.intended_use import REFER, InvalidAge, parse_age, view_reason
 from model.preprocessing import declared_pixels
 from model.quality import quality_flags
 from model.wire_format import WireFormatError, decode_bytes_elements
 from serving import heatmap as heatmaps
 from serving.inputs import PreparedImage, decode_upload, element_bytes, reject
+from serving.metrics import REFER_REASONS
 from serving.predictor_client import Answer, PredictorClient
 from serving.protocol import INTENDED_USE_PARAMETER, MODEL_DIGEST_PARAMETER, tensor_output
 from serving.settings import ServingSettings
@@ -285,7 +291,19 @@ class PneumoniaTransformer(Model):
     # -- predict / explain ------------------------------------------------------------------------
     async def predict(self, prepared: Prepared, headers=None, response_headers=None) -> Scored:
         answer = await self.client.infer([im.pixels for im in prepared.images], headers, prepared.patient_ages())
+        self._refer_other_views(answer, prepared.images)
         return Scored(prepared, answer)
+
+    def _refer_other_views(self, answer: Answer, images: list[PreparedImage]) -> None:
+        """REFER, outside the intended use, for a film whose DICOM header names a lateral, decubitus or oblique view,
+        whatever the version decided: every version reads frontal films only (``model.intended_use.view_reason``)."""
+        for i, image in enumerate(images):
+            reason = view_reason(image.view_position)
+            if reason is None:
+                continue
+            answer.decision[i], answer.in_intended_use[i] = REFER, False
+            answer.refer_reasons[i] = [*answer.refer_reasons[i], {"code": reason.code, "text": reason.text}]
+            REFER_REASONS.labels(model_name=self.name, model_version=answer.model_version, reason=reason.code).inc()
 
     async def explain(self, prepared: Prepared, headers=None) -> Scored:
         prepared.heatmap = True

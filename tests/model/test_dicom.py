@@ -15,7 +15,8 @@ from model.preprocessing import decode, is_dicom
 
 
 def make_dicom(pixels: np.ndarray | None, photometric: str = "MONOCHROME2", bits_stored: int | None = None,
-               window: tuple[float, float] | None = None, rescale: tuple[float, float] | None = None) -> bytes:
+               window: tuple[float, float] | None = None, rescale: tuple[float, float] | None = None,
+               **tags) -> bytes:
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image
     meta.MediaStorageSOPInstanceUID = generate_uid()
@@ -25,6 +26,8 @@ def make_dicom(pixels: np.ndarray | None, photometric: str = "MONOCHROME2", bits
     ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
     ds.Modality = "DX"
     ds.PatientID = "ANON"
+    for key, value in tags.items():
+        setattr(ds, key, value)
     if pixels is not None:
         bits_allocated = 8 if pixels.dtype == np.uint8 else 16
         ds.Rows, ds.Columns = pixels.shape
@@ -128,3 +131,14 @@ def test_the_display_copy_without_a_window_uses_the_pixels_and_marks_monochrome1
     assert meta["window_center"] == pytest.approx((low + high) / 2, abs=1e-3)
     with pytest.raises(InvalidImageError):
         display_copy(make_dicom(ramp(12), bits_stored=12), max_pixels=100)  # the decoder's cost bound holds
+
+
+def test_the_header_gives_the_age_and_the_view_in_one_read():
+    from model.dicom import header_facts
+
+    pixels = ramp(8)
+    assert header_facts(make_dicom(pixels, PatientAge="045Y", ViewPosition="ll ")) == (45.0, "LL")
+    assert header_facts(make_dicom(pixels, PatientAge="030M")) == (2.5, "")
+    # a malformed age loses the age only; the view is still read
+    assert header_facts(make_dicom(pixels, PatientAge="old", ViewPosition="PA")) == (None, "PA")
+    assert header_facts(b"\xff\xd8\xff not a DICOM file") == (None, "")

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from model.intended_use import DecisionRule, InvalidAge, answer_summary, parse_age
+from model.intended_use import DecisionRule, InvalidAge, answer_summary, parse_age, view_reason
 
 RULE = DecisionRule(threshold=0.6, band_low=0.4, band_high=0.8, age_limit_years=18.0)
 
@@ -78,3 +78,14 @@ def test_the_rule_and_summary_come_from_the_bundle_metadata():
     assert summary["registered"]["ece_ci95"] == [0.01, None]  # JSON for every client: no NaN
     with pytest.raises(ValueError, match="must contain the threshold"):
         DecisionRule(threshold=0.9, band_low=0.1, band_high=0.5)
+
+
+@pytest.mark.parametrize("view, referred", [("PA", False), ("AP", False), (" pa ", False), ("", False), (None, False),
+                                            ("XYZ", False), ("LL", True), ("rl", True), ("LLD", True), ("RLO", True),
+                                            ("LATERAL", True)])
+def test_only_a_view_the_standard_names_as_not_frontal_is_a_reason_to_refer(view, referred):
+    reason = view_reason(view)
+    assert (reason is not None) == referred
+    if referred:
+        assert reason.code == "view_not_frontal" and "frontal" in reason.text
+        assert " ".join(str(view).split()).upper() in reason.text

@@ -364,13 +364,15 @@ def test_cli_predict_all_protocols(served, images, tmp_path, capsys, within):
 DECISION_FIELDS = ("decision", "ood_score", "in_intended_use", "refer_reasons")
 
 
-def dicom_with_age(data: bytes, age: str | None) -> bytes:
-    """The image as a DICOM file whose Patient's Age (0010,1010) is ``age``."""
+def dicom_with_age(data: bytes, age: str | None, **tags) -> bytes:
+    """The image as a DICOM file whose Patient's Age (0010,1010) is ``age`` (and ``tags``, e.g. ViewPosition)."""
     import pydicom
 
     dataset = pydicom.dcmread(io.BytesIO(dicom_from_image(data)))
     if age is not None:
         dataset.PatientAge = age
+    for key, value in tags.items():
+        setattr(dataset, key, value)
     buffer = io.BytesIO()
     dataset.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
@@ -527,6 +529,34 @@ def test_a_patient_over_the_age_limit_is_referred_on_every_protocol(served, imag
     # no age reaches a log
     log = served.log.read_text()
     assert "045Y" not in log and "030Y" not in log and "forty-one" not in log
+
+
+def test_a_lateral_film_is_referred_whatever_the_version_decided(served, images):
+    """A DICOM whose View Position names a lateral or decubitus view: REFER, outside the intended use, reason
+    view_not_frontal added by the transformer; the version's probability and its other reasons are kept. PA, an
+    empty view and a JPEG are answered as before."""
+    film = images[-1]
+    lateral, decubitus, frontal, unstated = (dicom_with_age(film, None, ViewPosition=view)
+                                             for view in ("LL", "RLD", "PA", ""))
+    counted = _metric(httpx.get(f"{served.rest}/metrics").text, "pneumoscope_refer_reasons_total",
+                      reason="view_not_frontal")
+    batch = [lateral, decubitus, frontal, unstated, film]
+    answers = v1(served, None, instances=[{"image": {"b64": b64(x)}} for x in batch]).json()["predictions"]
+    plain = answers[3]  # the same DICOM without a view
+    assert "view_not_frontal" not in json.dumps(answers[4]["refer_reasons"])  # a JPEG says nothing of its view
+    for answer in answers[:2]:
+        assert answer["decision"] == "REFER" and answer["in_intended_use"] is False, answer
+        codes = [r["code"] for r in answer["refer_reasons"]]
+        assert codes == [r["code"] for r in plain["refer_reasons"]] + ["view_not_frontal"], codes
+        assert "frontal" in answer["refer_reasons"][-1]["text"]
+        assert answer["probability"] == pytest.approx(plain["probability"], abs=1e-6)
+    assert {k: answers[2][k] for k in DECISION_FIELDS} == {k: plain[k] for k in DECISION_FIELDS}
+    v2 = outputs(v2_binary(served.rest, [lateral, frontal], parameters={"binary_data_output": False}))
+    assert v2["decision"]["data"][0] == "REFER" and v2["in_intended_use"]["data"][0] is False
+    assert "view_not_frontal" in v2["refer_reasons"]["data"][0]
+    assert "view_not_frontal" not in v2["refer_reasons"]["data"][1]
+    assert _metric(httpx.get(f"{served.rest}/metrics").text, "pneumoscope_refer_reasons_total",
+                   reason="view_not_frontal") == counted + 3
 
 
 # ---------------------------------------------------------------------------------------------------
