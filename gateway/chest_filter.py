@@ -1,4 +1,5 @@
-"""Which received objects are scored: chest radiographs only (CR or DX, body part CHEST or empty, one frame).
+"""Which received objects are scored: frontal chest radiographs only (CR or DX, body part CHEST or empty, a view
+that is not lateral, decubitus or oblique, one frame).
 
 Everything else is acknowledged and left alone, counted by the reason (``ignored_<reason>``). Read from the header
 alone: nothing here touches pixel data.
@@ -8,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from model.intended_use import view_reason
+
 SCORED_MODALITIES = ("CR", "DX")
 CHEST_BODY_PARTS = ("", "CHEST")
 
@@ -15,7 +18,7 @@ CHEST_BODY_PARTS = ("", "CHEST")
 @dataclass(frozen=True)
 class Verdict:
     score: bool
-    reason: str = ""  # why not (a metric label: modality, body_part, multiframe)
+    reason: str = ""  # why not (a metric label: modality, body_part, view, multiframe)
     detail: str = ""  # one line for the log, no PHI
 
 
@@ -27,6 +30,10 @@ def classify(header) -> Verdict:
     body_part = str(header.get("BodyPartExamined", "") or "").strip().upper()
     if body_part not in CHEST_BODY_PARTS:
         return Verdict(False, "body_part", f"body part {body_part[:16]} is not CHEST")
+    # A study's lateral film beside its frontal one: no version reads it (an empty View Position is scored)
+    view = " ".join(str(header.get("ViewPosition", "") or "").split()).upper()
+    if view_reason(view) is not None:
+        return Verdict(False, "view", f"view {view[:16]} is not frontal (PA or AP); acknowledged, not scored")
     try:
         frames = int(header.get("NumberOfFrames", 1) or 1)
     except (TypeError, ValueError):

@@ -76,21 +76,23 @@ def _results_after(gateway, pacs, tmp_path, offset: int) -> str:
     return study_uid
 
 
-def test_a_ct_and_a_non_chest_dx_are_acknowledged_counted_and_left_alone(gateway, pacs, tmp_path):
+def test_a_ct_a_non_chest_dx_and_a_lateral_film_are_acknowledged_counted_and_left_alone(gateway, pacs, tmp_path):
     before = {r: gateway.metric("pneumoscope_gateway_received_total", outcome=f"ignored_{r}")
-              for r in ("modality", "body_part")}
+              for r in ("modality", "body_part", "view")}
     studies = study_count(gateway.home)
     ct, hand = chest_dx(side=512, modality="CT"), chest_dx(side=512, body_part="HAND")
-    for name, data in (("ct.dcm", ct), ("hand.dcm", hand)):
+    lateral = chest_dx(side=512, ViewPosition="LL")
+    for name, data in (("ct.dcm", ct), ("hand.dcm", hand), ("lateral.dcm", lateral)):
         sent = storescu(write_film(tmp_path, data, name), gateway.port)
         assert sent.returncode == 0 and "Success" in sent.stderr, sent.stderr  # acknowledged
     after = {r: gateway.metric("pneumoscope_gateway_received_total", outcome=f"ignored_{r}") for r in before}
     assert after == {r: before[r] + 1 for r in before}
     _results_after(gateway, pacs, tmp_path, offset=3)
     assert study_count(gateway.home) == studies + 1, "only the chest film was recorded"
-    for data in (ct, hand):
+    for data in (ct, hand, lateral):
         assert pacs.qido_instances(uids_of(data)[0]) == [], "nothing was sent back for what the gateway ignored"
     assert "modality CT is not CR or DX" in gateway.log_text() and "body part HAND is not CHEST" in gateway.log_text()
+    assert "view LL is not frontal" in gateway.log_text()
 
 
 def test_the_same_film_sent_twice_gives_one_result(gateway, pacs, tmp_path):

@@ -53,8 +53,14 @@ def test_destinations_are_dicomweb_urls_or_dicom_nodes():
     ({}, False, "modality"),
     ({"Modality": "DX", "BodyPartExamined": "HAND"}, False, "body_part"),
     ({"Modality": "DX", "NumberOfFrames": 2}, False, "multiframe"),
+    ({"Modality": "DX", "ViewPosition": "PA"}, True, ""),
+    ({"Modality": "CR", "ViewPosition": "ap "}, True, ""),
+    ({"Modality": "DX", "ViewPosition": "LL"}, False, "view"),
+    ({"Modality": "DX", "BodyPartExamined": "CHEST", "ViewPosition": "RLD"}, False, "view"),
+    ({"Modality": "CR", "ViewPosition": "LATERAL"}, False, "view"),
+    ({"Modality": "DX", "ViewPosition": "XYZ"}, True, ""),  # not a term of the standard: nothing claimed
 ])
-def test_only_single_frame_chest_cr_and_dx_are_scored(tags, score, reason):
+def test_only_single_frame_frontal_chest_cr_and_dx_are_scored(tags, score, reason):
     header = Dataset()
     for key, value in tags.items():
         setattr(header, key, value)
