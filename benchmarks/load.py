@@ -90,6 +90,13 @@ class RawConnections:
         self.host, self.port = host, port
         self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
 
+    @classmethod
+    def for_url(cls, url: str) -> "RawConnections":
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(url)
+        return cls(parts.hostname, parts.port or 80)
+
     async def request(self, raw: bytes, timeout_s: float) -> str:
         """Send ``raw``: the answer's HTTP status, or ``error``."""
         return (await self.fetch(raw, timeout_s))[0]
@@ -177,14 +184,11 @@ def open_loop(url: str, payloads: list[tuple[bytes, dict]], rate_per_s: float, s
               timeout_s: float = 30.0) -> list[Result]:
     """Requests arrive at a fixed rate whatever the answers do (a crowd, not a polite client). Each latency runs
     from the request's scheduled time, so a generator that falls behind shows it (no coordinated omission)."""
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(url)
     raws = raw_requests(url, payloads)
 
     async def run() -> list[Result]:
         out: list[Result] = []
-        connections = RawConnections(parts.hostname, parts.port or 80)
+        connections = RawConnections.for_url(url)
 
         async def one(n: int, due: float, t0: float) -> None:
             status = await connections.request(raws[n % len(raws)], timeout_s)
@@ -214,9 +218,6 @@ def closed_loop(url: str, payloads: list[tuple[bytes, dict]], clients: int, seco
     All of them on one event loop, each with its own kept-alive connection and pre-encoded requests: the
     generator shares the cores with the servers, and 16 httpx threads spent about 2 ms of CPU per request there
     (the same cost that made the open loop fall behind, :class:`RawConnections`)."""
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(url)
     raws = raw_requests(url, payloads)
 
     async def run() -> list[Result]:
@@ -225,7 +226,7 @@ def closed_loop(url: str, payloads: list[tuple[bytes, dict]], clients: int, seco
         stop_at = t0 + seconds
 
         async def client(k: int) -> None:
-            connection = RawConnections(parts.hostname, parts.port or 80)
+            connection = RawConnections.for_url(url)
             i = k * 13
             while time.perf_counter() < stop_at and not (stop is not None and stop.is_set()):
                 sent = time.perf_counter()

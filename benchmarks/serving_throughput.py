@@ -30,6 +30,7 @@ servers, as it would on a 2-core box; its cost is part of the measured served nu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -377,13 +378,10 @@ class AsyncRestLoad:
     ``probability``. httpx threads cost about 2 ms of CPU per request on the servers' cores."""
 
     def __init__(self, url: str):
-        from urllib.parse import urlsplit
-
         from load import RawConnections
 
-        parts = urlsplit(url)
         self.url = f"{url}/v2/models/pneumonia/infer"
-        self.connections = RawConnections(parts.hostname, parts.port or 80)
+        self.connections = RawConnections.for_url(url)
 
     async def open(self) -> None:
         pass
@@ -637,20 +635,26 @@ def pin(pid: int, cpus: set[int]) -> None:
             pass  # a thread that ended meanwhile
 
 
+@contextlib.contextmanager
+def calling_thread_on(cpus: set[int]):
+    """The calling thread on ``cpus`` for the block (the processes it starts inherit them), then back."""
+    own = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, own)
+
+
 def raw_on(cpus: set[int], bundle_dir: Path, combo: str, tensors: np.ndarray, args) -> dict:
     """The raw engine's best point (batch 1 and batched, all of ``cpus``' threads) in a child process started on
     ``cpus``: this process's engine threads keep the affinity they were created with."""
     import multiprocessing
 
-    own = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, cpus)  # the child inherits it from the calling thread
-    try:
-        with multiprocessing.get_context("spawn").Pool(1) as pool:
-            points = [dict(pool.apply(raw_engine, (bundle_dir, combo, tensors, batch, args.seconds / 2, len(cpus),
-                                                    args.spinning)), mode=f"batch {batch}")
-                      for batch in (1, args.max_batch_size)]
-    finally:
-        os.sched_setaffinity(0, own)
+    with calling_thread_on(cpus), multiprocessing.get_context("spawn").Pool(1) as pool:
+        points = [dict(pool.apply(raw_engine, (bundle_dir, combo, tensors, batch, args.seconds / 2, len(cpus),
+                                                args.spinning)), mode=f"batch {batch}")
+                  for batch in (1, args.max_batch_size)]
     return max(points, key=lambda p: p["img_per_s"])
 
 
@@ -669,38 +673,32 @@ def split_cores(bundle_dir: Path, encoded: list[bytes], tensors: np.ndarray, arg
                                model_sha256=Bundle.load(bundle_dir, verify=False).sha256)
     log_file = Path(args.log_dir) / "stack-split-cores.log"
     stack = LocalStack(str(bundle_dir), port, settings, log_file=log_file, restart=False)
-    own = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, engine_cpus)  # both children start there (the predictor sizes its engine from it)
-    try:
+    with calling_thread_on(engine_cpus):  # both children start there (the predictor sizes its engine from it)
         info = stack.start(timeout=600, supervise_in_background=False)
-    finally:
-        os.sched_setaffinity(0, own)
     results = {"engine_cpus": sorted(engine_cpus), "front_cpus": sorted(front_cpus), "log": str(log_file)}
     rest_client, grpc_client, _ = LOAD_GENERATORS[args.load_generator]
     try:
         pin(info["pids"]["transformer"], front_cpus)
         chosen, _ = engine_choice(info["predictor_rest"])
         results["chosen"] = chosen
+        # The load generator beside the transformer; raw_on starts its child on the engine's CPUs all the same.
+        pin(os.getpid(), front_cpus)
         for k in range(args.rounds):
             raw = raw_on(engine_cpus, bundle_dir, chosen, tensors, args)
-            pin(os.getpid(), front_cpus)
-            try:
-                for name, make in (("rest_v2", lambda: rest_client(info["rest"])),
-                                   ("grpc", lambda: grpc_client(info["grpc"]))):
-                    if name not in args.protocols:
-                        continue
-                    point = measured_point(args, make, encoded, 16, info["pids"], digits=2)
-                    point["raw_same_cpus"] = {x: raw[x] for x in ("img_per_s", "p50_ms", "mode", "cpu_ms_per_image")}
-                    point["over_raw"] = round(point["img_per_s"] / raw["img_per_s"], 3)
-                    results.setdefault(name, []).append(point)
-                    log(f"split cores (engine on {sorted(engine_cpus)}, transformer and client on "
-                        f"{sorted(front_cpus)}), "
-                        f"{name} c=16, round {k + 1}/{args.rounds}: {point['img_per_s']} img/s = {point['over_raw']} x "
-                        f"the raw engine on the same CPUs ({raw['img_per_s']} img/s, {raw['mode']}); CPU ms/img "
-                        f"{point['cpu_ms_per_image']}")
-            finally:
-                pin(os.getpid(), own)
+            for name, make in (("rest_v2", lambda: rest_client(info["rest"])),
+                               ("grpc", lambda: grpc_client(info["grpc"]))):
+                if name not in args.protocols:
+                    continue
+                point = measured_point(args, make, encoded, 16, info["pids"], digits=2)
+                point["raw_same_cpus"] = {x: raw[x] for x in ("img_per_s", "p50_ms", "mode", "cpu_ms_per_image")}
+                point["over_raw"] = round(point["img_per_s"] / raw["img_per_s"], 3)
+                results.setdefault(name, []).append(point)
+                log(f"split cores (engine on {sorted(engine_cpus)}, transformer and client on {sorted(front_cpus)}), "
+                    f"{name} c=16, round {k + 1}/{args.rounds}: {point['img_per_s']} img/s = {point['over_raw']} x "
+                    f"the raw engine on the same CPUs ({raw['img_per_s']} img/s, {raw['mode']}); CPU ms/img "
+                    f"{point['cpu_ms_per_image']}")
     finally:
+        pin(os.getpid(), set(cpus))
         stack.stop()
     for name in ("rest_v2", "grpc"):
         if name in results:

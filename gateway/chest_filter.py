@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from model.intended_use import view_reason
+from model.intended_use import view_position, view_reason
 
 SCORED_MODALITIES = ("CR", "DX")
 CHEST_BODY_PARTS = ("", "CHEST")
@@ -31,9 +31,9 @@ def classify(header) -> Verdict:
     if body_part not in CHEST_BODY_PARTS:
         return Verdict(False, "body_part", f"body part {body_part[:16]} is not CHEST")
     # A study's lateral film beside its frontal one: no version reads it (an empty View Position is scored)
-    view = " ".join(str(header.get("ViewPosition", "") or "").split()).upper()
+    view = view_position(header.get("ViewPosition"))
     if view_reason(view) is not None:
-        return Verdict(False, "view", f"view {view[:16]} is not frontal (PA or AP); acknowledged, not scored")
+        return Verdict(False, "view", f"view {view} is not frontal (PA or AP); acknowledged, not scored")
     try:
         frames = int(header.get("NumberOfFrames", 1) or 1)
     except (TypeError, ValueError):

@@ -108,7 +108,7 @@ def header_facts(data: bytes) -> tuple[float | None, str]:
     None / "" where absent or malformed.
 
     Read before anything else touches the file (a de-identified copy no longer has the age). Never logged."""
-    from model.intended_use import InvalidAge, parse_age
+    from model.intended_use import InvalidAge, parse_age, view_position
 
     try:
         if transfer_syntax(data) not in ALLOWED_SYNTAXES:
@@ -122,7 +122,7 @@ def header_facts(data: bytes) -> tuple[float | None, str]:
     except (InvalidAge, ValueError, TypeError):
         age = None
     try:
-        view = " ".join(str(ds.get("ViewPosition", "") or "").split()).upper()[:16]
+        view = view_position(ds.get("ViewPosition"))
     except (ValueError, TypeError):
         view = ""
     return age, view

@@ -88,10 +88,16 @@ FRONTAL_VIEWS = frozenset({"PA", "AP"})
 NON_FRONTAL_VIEWS = frozenset({"LL", "RL", "LLD", "RLD", "LLO", "RLO", "LAT", "LATERAL", "DECUBITUS", "OBLIQUE"})
 
 
-def view_reason(view_position: str | None) -> Reason | None:
-    """The ``view_not_frontal`` reason when ``view_position`` names a view no version reads; None for PA, AP, an
-    empty value, or one that is not a known term (then nothing is claimed)."""
-    view = " ".join(str(view_position or "").split()).upper()
+def view_position(value) -> str:
+    """A View Position as written by any modality (``"ll "``, None) -> its code (``"LL"``, ``""``), at most the
+    16 characters of a DICOM code string."""
+    return " ".join(str(value or "").split()).upper()[:16]
+
+
+def view_reason(value) -> Reason | None:
+    """The ``view_not_frontal`` reason when the View Position ``value`` names a view no version reads; None for
+    PA, AP, an empty value, or one that is not a known term (then nothing is claimed)."""
+    view = view_position(value)
     if view in FRONTAL_VIEWS or view not in NON_FRONTAL_VIEWS:
         return None
     return Reason("view_not_frontal", f"The film's DICOM header gives its view as {view} (View Position): the model "
