@@ -441,7 +441,8 @@ def test_every_protocol_names_the_decision_of_the_served_version(served, images,
     binary = v2_binary(served.rest, images, parameters={"binary_data_output": False})
     check_answers(v2_answers(binary), probs, scores, rule, tolerance)
     for answer, v1_answer in zip(v2_answers(binary), v1_predictions):
-        assert answer["ood_score"] == pytest.approx(v1_answer["ood_score"], abs=1e-6)
+        # another run of the served engine (wide or narrow, another stream): within the gate's score tolerance
+        assert answer["ood_score"] == pytest.approx(v1_answer["ood_score"], abs=tolerance)
         assert [answer[k] for k in ("decision", "in_intended_use", "refer_reasons")] == \
             [v1_answer[k] for k in ("decision", "in_intended_use", "refer_reasons")]
 
@@ -531,7 +532,7 @@ def test_a_patient_over_the_age_limit_is_referred_on_every_protocol(served, imag
     assert "045Y" not in log and "030Y" not in log and "forty-one" not in log
 
 
-def test_a_lateral_film_is_referred_whatever_the_version_decided(served, images):
+def test_a_lateral_film_is_referred_whatever_the_version_decided(served, images, within):
     """A DICOM whose View Position names a lateral or decubitus view: REFER, outside the intended use, reason
     view_not_frontal added by the transformer; the version's probability and its other reasons are kept. PA, an
     empty view and a JPEG are answered as before."""
@@ -549,7 +550,8 @@ def test_a_lateral_film_is_referred_whatever_the_version_decided(served, images)
         codes = [r["code"] for r in answer["refer_reasons"]]
         assert codes == [r["code"] for r in plain["refer_reasons"]] + ["view_not_frontal"], codes
         assert "frontal" in answer["refer_reasons"][-1]["text"]
-        assert answer["probability"] == pytest.approx(plain["probability"], abs=1e-6)
+        # the same pixels in another row of the batch: within the engine's bound for this film, on any CPU
+        assert within([answer["probability"]], [plain["probability"]], [len(images) - 1])
     assert {k: answers[2][k] for k in DECISION_FIELDS} == {k: plain[k] for k in DECISION_FIELDS}
     v2 = outputs(v2_binary(served.rest, [lateral, frontal], parameters={"binary_data_output": False}))
     assert v2["decision"]["data"][0] == "REFER" and v2["in_intended_use"]["data"][0] is False
