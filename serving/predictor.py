@@ -71,6 +71,41 @@ log = logging.getLogger(__name__)
 LABELS = ("NORMAL", "PNEUMONIA")
 #: Above this many images, stage 2 (resize + normalise) runs in a worker thread, off the event loop.
 INLINE_RESIZE_IMAGES = 4
+#: the download folders of predictors started without a model cache, named for their process:
+#: ``pneumoscope-predictor-<pid>-<random>`` in the temporary folder
+DOWNLOAD_PREFIX = "pneumoscope-predictor-"
+
+
+def remove_stale_downloads(parent: str | None = None) -> list[str]:
+    """Remove the download folders of predictors that died while loading (a SIGKILL or an OOM kill runs no
+    ``finally``), so that a container restarting in a /tmp that survives it (an emptyDir) does not pile up one copy
+    of the model per crash. A folder is stale when its process is gone, or when it names this process: a
+    restarted container's predictor is PID 1 again, and this one has made no folder yet. Returns the names
+    removed."""
+    import shutil
+
+    parent = Path(parent or tempfile.gettempdir())
+    removed = []
+    for folder in parent.glob(f"{DOWNLOAD_PREFIX}*-*"):
+        pid = folder.name.removeprefix(DOWNLOAD_PREFIX).split("-", 1)[0]
+        if not pid.isdigit() or not folder.is_dir() or (int(pid) != os.getpid() and _process_exists(int(pid))):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder.name)
+    if removed:
+        log.warning("removed %d download folder(s) left by predictors that died while loading: %s", len(removed),
+                    ", ".join(removed))
+    return removed
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 class PneumoniaPredictor(Model):
@@ -106,7 +141,8 @@ class PneumoniaPredictor(Model):
         else:
             # Every file is in memory (graphs, statistics) once read: a download folder of our own goes at once, so
             # a container that restarts does not pile up one copy of the model per start in its /tmp.
-            with tempfile.TemporaryDirectory(prefix="pneumoscope-predictor-") as dest:
+            remove_stale_downloads()
+            with tempfile.TemporaryDirectory(prefix=f"{DOWNLOAD_PREFIX}{os.getpid()}-") as dest:
                 self._read_model(dest)
         self.precision, self.platform = self.engine.precision, self.engine.platform
         self.session, self.narrow = self.engine.wide, self.engine.narrow

@@ -114,7 +114,8 @@ class ServingSettings(BaseSettings):
         0.0, ge=0, description="dynamic batching: how long the first queued request may wait for company; "
         "0 = no waiting, batch whatever queued up while the engine was busy")
     model_cache: str | None = Field(None, description="where registry models are downloaded and kept (default: a "
-                                       "temporary folder, removed once the model is loaded)")
+                                    "temporary folder of the process, removed once the model is loaded; those of "
+                                    "predictors killed while loading are removed at the next start)")
     model_wait_s: float = Field(60.0, ge=0, description="with MODEL_INIT_MODE=async (KServe's modelcar sidecar, which "
                                 "links the model folder while the predictor starts): how long to wait for the folder")
     test_delay_ms: Annotated[float, Cli(env_only=True)] = Field(

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -291,7 +293,8 @@ def test_stopping_the_stack_under_load_hangs_nothing_and_answers_no_500(bundle, 
 def test_a_registry_download_leaves_no_folder_behind_and_a_model_cache_keeps_it(bundle, tmp_path, monkeypatch):
     """Without a model cache the predictor downloads the version into a temporary folder of its own and removes it
     once everything is read into memory (a restarted container would otherwise keep one copy per start in its
-    /tmp); it serves on from memory. With a cache folder, the download stays there."""
+    /tmp); it serves on from memory, and removes the folders of predictors that died while loading. With a cache
+    folder, the download stays there."""
     import tempfile
 
     import numpy as np
@@ -306,16 +309,27 @@ def test_a_registry_download_leaves_no_folder_behind_and_a_model_cache_keeps_it(
     temp = tmp_path / "tmp"
     temp.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    # folders left by predictors killed while loading: one whose process is gone, one named for this process (a
+    # restarted container's PID 1); a living predictor's download and someone else's folder stay
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    living = subprocess.Popen(["sleep", "60"])
+    stale = [f"pneumoscope-predictor-{gone.pid}-a1", f"pneumoscope-predictor-{os.getpid()}-b2"]
+    kept = [f"pneumoscope-predictor-{living.pid}-c3", "pneumoscope-predictor-notapid", "other-folder"]
+    for name in stale + kept:
+        (temp / name / "model").mkdir(parents=True)
     for cache in (None, tmp_path / "cache"):
         settings = ServingSettings(threads=2, max_batch_size=2, engine="onnxruntime", mlflow_tracking_uri=uri,
                                    model_cache=str(cache) if cache else None)
         predictor = PneumoniaPredictor("pneumonia", f"models:/pneumonia/{version}", settings)
         assert predictor.load() and predictor.model_digest == digest
         try:
-            assert sorted(p.name for p in temp.iterdir()) == []
+            assert sorted(p.name for p in temp.iterdir()) == sorted(kept)
             size = predictor.image_size
             logits, _, _ = predictor.run_engine(np.zeros((1, 1, size, size), dtype=np.float32))
             assert np.isfinite(logits).all()
         finally:
             predictor.stop()
+    living.kill()
+    living.wait()
     assert {p.name for p in (tmp_path / "cache").rglob("*") if p.is_file()} >= {"pneumoscope.json", "model.onnx"}
