@@ -503,10 +503,11 @@ def film_with_marker(source: Path, box: tuple[float, float, float, float], value
     return out.getvalue()
 
 
-def dicom_16bit(source: Path, window: tuple[float, float] | None = None, monochrome1: bool = False) -> bytes:
+def dicom_16bit(source: Path, window: tuple[float, float] | None = None, monochrome1: bool = False,
+                view: str = "PA") -> bytes:
     """A DX DICOM with 12 bits of real content: the film's grey values x 16, constant over each 16-pixel run of a
     row, plus a ramp of 0..15 along the run: detail an 8-bit rendering cannot hold. ``window``: (centre, width)
-    written as the file's own Window Center/Width."""
+    written as the file's own Window Center/Width; ``view``: its View Position."""
     import pydicom
 
     data = make_dicom(source)
@@ -521,7 +522,7 @@ def dicom_16bit(source: Path, window: tuple[float, float] | None = None, monochr
     dataset.PixelData = pixels.tobytes()
     if window is not None:
         dataset.WindowCenter, dataset.WindowWidth = window
-    dataset.ViewPosition = "PA"
+    dataset.ViewPosition = view
     dataset.ReasonForTheRequestedProcedure = "fever and cough for three days"
     out = io.BytesIO()
     dataset.save_as(out, enforce_file_format=True)

@@ -18,6 +18,8 @@ from sqlalchemy import (JSON, Boolean, DateTime, Float, ForeignKey, Integer, Str
                         UniqueConstraint)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from model import intended_use
+
 STATUSES = ("pending", "done", "rejected")
 #: Where a study came from: uploaded in the web app, or received from a PACS by the DICOM gateway.
 SOURCES = ("upload", "PACS")
@@ -25,7 +27,12 @@ LABELS = ("NORMAL", "PNEUMONIA")
 #: A served answer's decision: the label, or REFER (in the indeterminate band fitted on val, or outside the
 #: intended use: a reader must decide without the model).
 DECISIONS = ("PNEUMONIA", "NORMAL", "REFER")
-VIEWS = ("PA", "AP")
+#: The views a doctor sets by hand: the upright frontal films the model reads, PA first as the forms list them.
+FRONTAL_VIEW_CHOICES = tuple(sorted(intended_use.FRONTAL_VIEWS, reverse=True))
+#: Every view a study may carry: a frontal one, or a non-frontal term of View Position (0018,5101) kept from an
+#: uploaded DICOM's header, so that a film referred as not frontal names the view it was taken in. Stored inside
+#: the identity token (``Study.identity``), so a longer term needs no migration.
+VIEWS = (*FRONTAL_VIEW_CHOICES, *sorted(intended_use.NON_FRONTAL_VIEWS))
 REPORT_STATES = ("draft", "signed")
 VERDICTS = ("confirmed", "corrected")
 #: File extension and media type of each stored format.

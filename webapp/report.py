@@ -16,7 +16,8 @@ import io
 from datetime import timezone
 from pathlib import Path
 
-from webapp.models import Study
+from model.intended_use import NON_FRONTAL_VIEWS
+from webapp.models import FRONTAL_VIEW_CHOICES, Study
 
 STATEMENT = ("This result is produced by software to support a radiologist's reading of the X-ray. It does not "
              "replace that reading and is not a diagnosis.")
@@ -164,9 +165,29 @@ def quality_warnings(study: Study) -> list[str]:
     return [item["code"].replace("_", " ") for item in quality_advice(study)]
 
 
+def view_text(view: str | None) -> str:
+    """A study's view in words: a non-frontal one says so ("LL (not frontal)"), since the model reads frontal films
+    only and the result beside it is referred for that reason; "-" when unknown."""
+    if not view:
+        return "-"
+    return f"{view} (not frontal)" if view in NON_FRONTAL_VIEWS else view
+
+
+def view_choices(view: str | None) -> list[tuple[str, str]]:
+    """The report form's View options (value, text): unknown, PA, AP, and the study's own view when its DICOM
+    header named a non-frontal one. That one is offered so that it can be the selected option: without it the
+    browser would post "unknown", and saving the draft would silently erase what the header said. The doctor may
+    still choose PA, AP or unknown; other non-frontal terms come only from a header (or the API)."""
+    choices = [("", "Unknown"), *((frontal, frontal) for frontal in FRONTAL_VIEW_CHOICES)]
+    if view in NON_FRONTAL_VIEWS:
+        choices.append((view, f"{view_text(view)}, from the DICOM header"))
+    return choices
+
+
 def patient_rows(identity: dict | None) -> list[tuple[str, str]]:
     identity = identity or {}
-    return [(label, identity.get(key) or "-") for key, label in PATIENT_LABELS.items()]
+    return [(label, view_text(identity.get(key)) if key == "view" else identity.get(key) or "-")
+            for key, label in PATIENT_LABELS.items()]
 
 
 def intended_use_text(study: Study) -> str:

@@ -23,6 +23,7 @@ from sqlalchemy import case, func, or_, select, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
+from model.intended_use import view_position
 from webapp import audit
 from webapp.db import session_scope, transaction
 from webapp.inference import InferenceClient, InferenceRejected, InferenceResult, InferenceUnavailable
@@ -37,7 +38,10 @@ log = logging.getLogger(__name__)
 
 MAX_NOTE = 2000
 #: The identifying fields a study may carry and their longest values (DICOM's LO is 64 characters).
-IDENTITY_FIELDS = {"patient_ref": 64, "accession": 64, "view": 2, "clinical_question": 500}
+IDENTITY_FIELDS = {"patient_ref": 64, "accession": 64, "view": max(map(len, VIEWS)), "clinical_question": 500}
+#: What the API says of the view field (the upload's form field and the patient block's).
+VIEW_DESCRIPTION = ("PA or AP; a lateral, decubitus or oblique view as a DICOM header's View Position names it "
+                    "(LL, RLD, LATERAL, ...: the film is then referred as not frontal); empty: unknown")
 SORTS = ("time", "suspicion")
 #: The largest id an INTEGER column holds on PostgreSQL (SQLite's holds more): larger ids name no study.
 MAX_ID = 2**31 - 1
@@ -94,7 +98,7 @@ def clean_identity(values: dict | None) -> dict:
             raise ValueError(f"unknown patient field {key!r}; the fields are {', '.join(IDENTITY_FIELDS)}")
         value = " ".join(str(value or "").split())
         if key == "view":
-            value = value.upper()
+            value = view_position(value)
             if value and value not in VIEWS:
                 raise ValueError(f"view must be one of {', '.join(VIEWS)} (or empty), not {value!r}")
         if len(value) > IDENTITY_FIELDS[key]:

@@ -201,19 +201,24 @@ def _check_dicom(data: bytes, deidentify: bool) -> CheckedUpload:
 def dicom_identity(dataset) -> dict:
     """The report's identifying fields from a DICOM header (before de-identification); absent ones are left out.
     The clinical question is the request's reason (0040,1002), directly or in the Request Attributes Sequence."""
+    from model.intended_use import view_position
+    from webapp.models import VIEWS
+
     def text(value) -> str:
         return " ".join(str(value or "").split())
 
     identity = {"patient_ref": text(dataset.get("PatientID")), "accession": text(dataset.get("AccessionNumber")),
-                "view": text(dataset.get("ViewPosition")).upper(),
+                "view": view_position(dataset.get("ViewPosition")),
                 "clinical_question": text(dataset.get("ReasonForTheRequestedProcedure"))}
     if not identity["clinical_question"]:
         for item in dataset.get("RequestAttributesSequence") or []:
             identity["clinical_question"] = text(item.get("ReasonForTheRequestedProcedure"))
             if identity["clinical_question"]:
                 break
-    if identity["view"] not in ("PA", "AP"):
-        identity["view"] = ""  # lateral or unknown: the model reads frontal films; the doctor may set it
+    if identity["view"] not in VIEWS:
+        # a word the standard does not define claims nothing (as model.intended_use.view_reason); a lateral film's
+        # term is kept, so the study names the view the serving stack refers it for
+        identity["view"] = ""
     return {key: value for key, value in identity.items() if value}
 
 

@@ -255,7 +255,7 @@ def test_patient_fields_are_encrypted_at_rest_and_shown_only_to_owner_and_admin(
     # the doctor corrects a field while the report is not signed; a bad value is refused with the reason
     changed = reading["api"]("alice").put(f"/api/studies/{study['id']}/patient", json={**PATIENT, "view": "PA"})
     assert changed.status_code == 200 and changed.json()["patient"]["view"] == "PA"
-    refused = reading["api"]("alice").put(f"/api/studies/{study['id']}/patient", json={"view": "lateral"})
+    refused = reading["api"]("alice").put(f"/api/studies/{study['id']}/patient", json={"view": "sideways"})
     assert refused.status_code == 422 and "view must be one of" in refused.json()["error"]
 
     # exports carry no identity
@@ -295,6 +295,67 @@ def test_dicom_identity_is_read_before_de_identification_and_the_display_copy_ke
     assert display["window_center"] == pytest.approx(1800 - display["offset"]) and display["window_width"] == 2400
     assert reading["api"]("alice").get(f"/api/studies/{upload(reading, 'alice', source)['id']}/pixels") \
         .status_code == 409
+
+
+def signed_in(reading, user: str) -> TestClient:
+    """A browser's session (cookie and CSRF token) instead of a bearer token: what the report form needs."""
+    client = reading["api"](user)
+    del client.headers["authorization"]
+    token = re.search(r'name="csrf_token" value="([^"]+)"', client.get("/login").text).group(1)
+    signed = client.post("/login", data={"username": user, "password": PASSWORD, "csrf_token": token, "next": "/"})
+    assert signed.status_code == 200, signed.text
+    return client
+
+
+def test_a_dicom_headers_non_frontal_view_is_kept_and_shown_as_not_frontal(reading):
+    """A lateral film's View Position (LL) stays the study's view: the JSON keeps the standard's term, the study page,
+    the report form (as the selected option, so saving the draft keeps it) and the PDF say it is not frontal, beside
+    the serving stack's view_not_frontal referral. PA stays PA; a word the standard does not define is left out."""
+    from pypdf import PdfReader
+
+    source = full_res_xrays(1, offset=37)[0]
+    studies = {written: upload(reading, "alice", source, content=dicom_16bit(source, view=written),
+                               mime="application/dicom") for written in ("LL", "PA", "SIDEWAYS")}
+    assert studies["PA"]["patient"]["view"] == "PA"
+    assert "view" not in studies["SIDEWAYS"]["patient"]
+    lateral = studies["LL"]
+    assert lateral["patient"]["view"] == "LL"
+    assert lateral["result"]["decision"] == "REFER"
+    assert "view_not_frontal" in [reason["code"] for reason in lateral["result"]["refer_reasons"]]
+
+    alice = signed_in(reading, "alice")
+    page = alice.get(f"/studies/{lateral['id']}").text
+    assert "view LL (not frontal)" in page
+    assert re.search(r"<dt>View</dt><dd>LL \(not frontal\)</dd>", page)
+    form = alice.get(f"/studies/{lateral['id']}/report").text
+    assert re.findall(r'<option value="([^"]*)" selected>', form) == ["LL"]
+    csrf = re.search(r'name="csrf_token" value="([^"]+)"', form).group(1)
+    saved = alice.post(f"/studies/{lateral['id']}/report", data={  # what the browser posts: the selected option
+        "action": "save", "impression": "Lateral film; read the frontal one.", "view": "LL", "csrf_token": csrf})
+    assert saved.status_code == 200, saved.text
+    assert reading["api"]("alice").get(f"/api/studies/{lateral['id']}").json()["patient"]["view"] == "LL"
+    pdf = PdfReader(io.BytesIO(reading["api"]("alice").get(f"/api/studies/{lateral['id']}/report").content))
+    assert "LL (not frontal)" in pdf.pages[0].extract_text()
+    frontal_form = alice.get(f"/studies/{studies['PA']['id']}/report").text
+    assert re.findall(r'<option value="([^"]*)" selected>', frontal_form) == ["PA"]
+    assert 'value="LL"' not in frontal_form  # a doctor sets PA, AP or unknown by hand
+
+
+def test_the_api_takes_the_standards_non_frontal_views_and_refuses_other_words(reading):
+    study = upload(reading, "alice", full_res_xrays(1, offset=38)[0], {"view": "RLD"})
+    assert study["patient"]["view"] == "RLD"
+    patient = f"/api/studies/{study['id']}/patient"
+    alice = reading["api"]("alice")
+    assert alice.put(patient, json={"view": "LL"}).json()["patient"]["view"] == "LL"
+    assert alice.put(patient, json={"view": " lateral "}).json()["patient"]["view"] == "LATERAL"  # as written
+    refused = alice.put(patient, json={"view": "XX"})
+    assert refused.status_code == 422
+    assert "view must be one of PA, AP" in refused.json()["error"] and "LL" in refused.json()["error"]
+    assert alice.get(f"/api/studies/{study['id']}").json()["patient"]["view"] == "LATERAL"  # unchanged
+    schema = reading["api"]("alice").get("/openapi.json").json()["paths"]["/api/studies"]["post"]["requestBody"]
+    view = schema["content"]["multipart/form-data"]["schema"]["properties"]["view"]
+    assert {"", "PA", "AP", "LL", "RLD", "LATERAL"} <= set(view["enum"]) and "XX" not in view["enum"]
+    assert view["maxLength"] == max(len(term) for term in view["enum"])
 
 
 # -- the worklist ----------------------------------------------------------------------------------------------

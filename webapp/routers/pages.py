@@ -104,6 +104,8 @@ def reading_context(request: Request, db: Session, study: Study) -> dict:
     identity = ctx(request).service.identity_of(study)
     latest = report_versions.latest(db, study)
     return {"study": study, "identity": identity, "patient": report.patient_rows(identity), "report": latest,
+            "view_text": report.view_text(identity.get("view")),
+            "view_choices": report.view_choices(identity.get("view")),
             "sign_off": report.sign_off_text(latest), "why_refer": report.why_refer(study),
             "refer_meaning": report.REFER_MEANING, "outside_meaning": report.OUTSIDE_MEANING,
             "band": report.refer_band(study), "threshold_text": report.threshold_explanation(study),

@@ -21,7 +21,7 @@ from webapp.errors import AppError, Conflict, NotFound
 from webapp.models import Study, User
 from webapp.report import study_pdf
 from webapp.routers.studies_api import owned_study, read_study
-from webapp.studies import StudyConflict, study_json
+from webapp.studies import VIEW_DESCRIPTION, StudyConflict, study_json
 from webapp.uploads import thumbnail
 
 router = APIRouter(prefix="/api/studies", tags=["reading"])
@@ -30,7 +30,7 @@ router = APIRouter(prefix="/api/studies", tags=["reading"])
 class PatientIn(BaseModel):
     patient_ref: str | None = Field(None, max_length=64, description="the hospital's patient reference")
     accession: str | None = Field(None, max_length=64, description="accession number of the examination")
-    view: str | None = Field(None, description="PA or AP (empty: unknown)")
+    view: str | None = Field(None, description=VIEW_DESCRIPTION)
     clinical_question: str | None = Field(None, max_length=500, description="why the film was taken")
 
 

@@ -25,8 +25,8 @@ from webapp.metrics import UPLOADS
 from webapp.models import FORMATS, VIEWS, Study
 from webapp import report_versions
 from webapp.storage import StorageError
-from webapp.studies import (IDENTITY_FIELDS, MAX_PAGE, Scoring, StudyConflict, StudyFilter, StudyNotFound,
-                             clean_identity, clean_note, pacs_summary, study_json)
+from webapp.studies import (IDENTITY_FIELDS, MAX_PAGE, VIEW_DESCRIPTION, Scoring, StudyConflict, StudyFilter,
+                             StudyNotFound, clean_identity, clean_note, pacs_summary, study_json)
 from webapp.uploads import UploadRejected, check_upload
 
 log = logging.getLogger(__name__)
@@ -142,7 +142,7 @@ async def accept_upload(request: Request, principal: Principal, data: bytes, con
 IDENTITY_SCHEMA = {name: {"type": "string", "maxLength": IDENTITY_FIELDS[name], **extra} for name, extra in {
     "patient_ref": {"description": "the hospital's patient reference"},
     "accession": {"description": "accession number of the examination"},
-    "view": {"enum": ["", *VIEWS], "description": "PA or AP (empty: unknown)"},
+    "view": {"enum": ["", *VIEWS], "description": VIEW_DESCRIPTION},
     "clinical_question": {"description": "why the film was taken"}}.items()}
 #: The upload's body as OpenAPI describes it (the route reads the stream itself, to count bytes as they arrive).
 UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
@@ -153,7 +153,7 @@ UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-dat
 
 
 @router.post("", status_code=201, summary="upload an X-ray (multipart field 'file'; optional 'note', 'patient_ref', "
-                                          "'accession', 'view' (PA|AP), 'clinical_question')",
+                                          "'accession', 'view' (PA|AP|a non-frontal term), 'clinical_question')",
              openapi_extra=UPLOAD_BODY,
              responses={201: {"description": "stored and scored"},
                         202: {"description": "stored; the inference service is busy or down, so it is pending"},
