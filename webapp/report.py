@@ -180,7 +180,7 @@ def view_choices(view: str | None) -> list[tuple[str, str]]:
     still choose PA, AP or unknown; other non-frontal terms come only from a header (or the API)."""
     choices = [("", "Unknown"), *((frontal, frontal) for frontal in FRONTAL_VIEW_CHOICES)]
     if view in NON_FRONTAL_VIEWS:
-        choices.append((view, f"{view_text(view)}, from the DICOM header"))
+        choices.append((view, view_text(view)))
     return choices
 
 
