@@ -1,17 +1,17 @@
 """The durable send queue: each result object waits here, encrypted, until the PACS has it.
 
-A result is written whole before it is queued: its DICOM file, encrypted with the field key (it repeats the
-patient and study modules), in the image store under its study's prefix, then its row, in the same transaction
-that moves the film to ``sending``. The results still being built when the first one is queued (the SR goes as
-soon as it is made; the Secondary Capture and the PDF take longer) are reserved in that transaction as
-``building`` rows, with their SOP Instance UIDs and a build lease: they keep the film open, are queued when built,
-and are built again by the scorer if the lease runs out first (the gateway stopped in between). A sender claims
-due rows with a lease (a conditional update, so gateway replicas and a restarted gateway never send one row at
-once), sends, and marks it sent; a failure that may pass is tried again with exponential back-off (jittered,
-capped), across restarts, for as long as it takes. A resend
-after a crash carries the same SOP Instance UID, so the PACS keeps one copy. A refusal for good (STOW-RS 409, a
-C-STORE failure status) is kept as ``failed`` with the PACS's reason, counted, and never resent by itself.
-When every result of a film is stored, the encrypted original modules and the encrypted files are deleted.
+A result is written whole before it is queued: its DICOM file, encrypted with the field key (it repeats the patient
+and study modules), in the image store under its study's prefix, then its row, in the same transaction that moves
+the film to ``sending``. The results still being built when the first one is queued (the SR goes as soon as it is
+made; the Secondary Capture and the PDF take longer) are reserved in that transaction as ``building`` rows, with
+their SOP Instance UIDs and a build lease, renewed while they are built: they keep the film open, are queued when
+built, and are built again by the scorer if the lease runs out first (the gateway stopped in between). A sender
+claims due rows with a lease (a conditional update, so gateway replicas and a restarted gateway never send one row
+at once), sends, and marks it sent; a failure that may pass is tried again with exponential back-off (jittered,
+capped), across restarts, for as long as it takes. A resend after a crash carries the same SOP Instance UID, so the
+PACS keeps one copy. A refusal for good (STOW-RS 409, a C-STORE failure status) is kept as ``failed`` with the
+PACS's reason, counted, and never resent by itself. When every result of a film is stored, the encrypted original
+modules and the encrypted files are deleted.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import logging
 import random
 import secrets
 from datetime import timedelta
+from collections.abc import Collection
 from typing import Protocol
 
 from sqlalchemy import func, or_, select, update
@@ -150,6 +151,16 @@ class Outbox:
                 if won == 1:
                     claimed.append((item_id, study_id, kind, sop_instance_uid))
         return claimed
+
+    def renew_build_leases(self, item_ids: Collection[int]) -> int:
+        """Extend the build lease of those reserved rows still ``building`` (their builds still run), so that a slow
+        build is not claimed by another scorer; rows completed or given up meanwhile are left alone. Returns how
+        many were renewed."""
+        if not item_ids:
+            return 0
+        with transaction(self.factory) as db:
+            return db.execute(update(OutboxItem).where(OutboxItem.id.in_(item_ids), OutboxItem.state == "building")
+                              .values(lease_until=utcnow() + timedelta(seconds=self.settings.build_lease_s))).rowcount
 
     def give_up_build(self, item_id: int, message: str) -> None:
         """A reserved result that cannot be built any more (its study is gone): kept as failed, with the reason."""

@@ -253,39 +253,34 @@ def test_a_wake_during_a_pass_starts_the_next_pass_at_once():
     assert len(passes) == 2 and passes[1] < 1.0, passes  # not after the 30 s interval
 
 
-def test_results_reserved_while_built_keep_the_film_open_and_are_built_again_when_their_lease_runs_out(tmp_path):
-    """The SR is queued before the Secondary Capture and the PDF are built: their rows are reserved beside it, the
-    film is not done when the SR alone is sent, and a reserved row whose builder stopped is claimed again."""
-    from datetime import timedelta
+class _SentUids:
+    """A sender that records the SOP Instance UIDs it was given."""
 
-    from sqlalchemy import update
+    def __init__(self):
+        self.uids = []
 
+    def send(self, data, sop_instance_uid):
+        self.uids.append(sop_instance_uid)
+
+
+def _outbox_with_a_scoring_film(tmp_path, settings: GatewaySettings):
+    """The gateway's real database (migrated SQLite), image store and field cipher under ``tmp_path``, an outbox on
+    them, and one scored PACS film in state ``scoring``: (outbox, session factory, sender, instance id, study id)."""
     from gateway.outbox import Outbox
-    from gateway.records import GatewayInstance, OutboxItem
+    from gateway.records import GatewayInstance
+    from webapp import accounts
     from webapp.db import make_engine, session_factory, transaction, upgrade
-    from webapp.models import Study, utcnow
+    from webapp.models import Study
     from webapp.settings import WebSettings
     from webapp.storage import ImageStore
 
-    settings = WebSettings(home=tmp_path, secret_key="test", inference_url="http://127.0.0.1:9")
-    engine = make_engine(settings.resolved_database_url())
+    web = WebSettings(home=tmp_path, secret_key="test", inference_url="http://127.0.0.1:9")
+    engine = make_engine(web.resolved_database_url())
     upgrade(engine)
     factory = session_factory(engine)
-    store = ImageStore(settings.resolved_image_store())
-    cipher = settings.field_cipher()
-
-    class Sent:
-        def __init__(self):
-            self.uids = []
-
-        def send(self, data, sop_instance_uid):
-            self.uids.append(sop_instance_uid)
-
-    sender = Sent()
-    outbox = Outbox(GatewaySettings(), factory, store, cipher, sender)
+    sender = _SentUids()
+    outbox = Outbox(settings, factory, ImageStore(web.resolved_image_store()), web.field_cipher(), sender)
     with transaction(factory) as db:
-        from webapp import accounts
-
         owner = accounts.add_user(db, "pacs-gateway", "a-long-random-password")
         study = Study(owner_id=owner.id, source="PACS", pacs_original="token", storage_prefix="p1",
                       image_format="dicom", image_sha256="0" * 64, image_bytes=1, status="done")
@@ -295,6 +290,21 @@ def test_results_reserved_while_built_keep_the_film_open_and_are_built_again_whe
         db.add(instance)
         db.flush()
         instance_id, study_id = instance.id, study.id
+    return outbox, factory, sender, instance_id, study_id
+
+
+def test_results_reserved_while_built_keep_the_film_open_and_are_built_again_when_their_lease_runs_out(tmp_path):
+    """The SR is queued before the Secondary Capture and the PDF are built: their rows are reserved beside it, the
+    film is not done when the SR alone is sent, and a reserved row whose builder stopped is claimed again."""
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from gateway.records import GatewayInstance, OutboxItem
+    from webapp.db import transaction
+    from webapp.models import Study, utcnow
+
+    outbox, factory, sender, instance_id, study_id = _outbox_with_a_scoring_film(tmp_path, GatewaySettings())
 
     reserved = outbox.put(instance_id, "p1", [("sr", "1.2.3.1", b"SR")], [("sc", "1.2.3.2"), ("pdf", "1.2.3.3")])
     assert set(reserved) == {"sc", "pdf"}
@@ -319,6 +329,44 @@ def test_results_reserved_while_built_keep_the_film_open_and_are_built_again_whe
         assert db.get(GatewayInstance, instance_id).state == "done"
         assert db.get(Study, study_id).pacs_original is None
     assert (tmp_path / "studies" / "p1").is_dir() and not list((tmp_path / "studies").rglob("*.enc"))  # removed
+
+
+def test_a_running_build_renews_its_lease_and_leaves_a_queued_or_given_up_result_alone(tmp_path):
+    """The heartbeat of a slow build: renewing extends the lease of a reserved row still being built (so no other
+    scorer claims it, even after its first lease ran out), and touches neither a result already queued nor one
+    given up."""
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from gateway.records import OutboxItem
+    from webapp.db import transaction
+    from webapp.models import utcnow
+
+    outbox, factory, _, instance_id, _ = _outbox_with_a_scoring_film(tmp_path, GatewaySettings(build_lease_s=15))
+    reserved = outbox.put(instance_id, "p1", [("sr", "1.2.3.1", b"SR")], [("sc", "1.2.3.2"), ("pdf", "1.2.3.3")])
+    assert outbox.complete(reserved["sc"], b"SC")
+    with transaction(factory) as db:  # the PDF's first lease ran out while its build still runs
+        db.execute(update(OutboxItem).where(OutboxItem.id == reserved["pdf"])
+                   .values(lease_until=utcnow() - timedelta(seconds=1)))
+
+    def row(item_id: int) -> tuple:
+        with factory() as db:
+            item = db.get(OutboxItem, item_id)
+            return item.state, item.lease_until, item.blob_key, item.next_attempt_at
+
+    queued = row(reserved["sc"])
+    before = utcnow()
+    assert outbox.renew_build_leases(list(reserved.values())) == 1
+    state, lease_until, _, _ = row(reserved["pdf"])
+    assert state == "building" and before + timedelta(seconds=15) <= lease_until <= utcnow() + timedelta(seconds=15)
+    assert row(reserved["sc"]) == queued and queued[0] == "waiting" and queued[1] is None  # left alone
+    assert outbox.claim_unbuilt(8) == []  # renewed: no other scorer builds it again
+
+    outbox.give_up_build(reserved["pdf"], "the study was deleted")
+    given_up = row(reserved["pdf"])
+    assert outbox.renew_build_leases([reserved["pdf"]]) == 0 and row(reserved["pdf"]) == given_up
+    assert given_up[0] == "failed" and given_up[1] is None
 
 
 @pytest.mark.parametrize("decision, label, headline", [("REFER", "PNEUMONIA", "Refer: no automated decision"),
