@@ -5,10 +5,10 @@ endpoint, the heatmap, the study row updated, a retry with back-off while the tr
 claims the gateway's due studies with the same lease the web app's retry worker uses, so replicas and restarts
 share them. A scored film's results (SR, Secondary Capture, PDF) are built from the study row, the answer's extra
 fields and the encrypted original modules. The SR is queued in the outbox as soon as it is built, with the other
-two reserved in the same step (so the film stays open until they are sent too); they are built meanwhile and
-queued when done. A film the transformer refuses (not a chest X-ray) is kept as ``rejected``, and its original
-modules are forgotten. A film found scored but without results, or with a reserved result never built (the
-gateway stopped in between), gets them on a later pass.
+two reserved in the same step (so the film stays open until they are sent too); they are built meanwhile, their
+build leases renewed while they run, and queued when done. A film the transformer refuses (not a chest X-ray) is
+kept as ``rejected``, and its original modules are forgotten. A film found scored but without results, or with a
+reserved result never built (the gateway stopped in between), gets them on a later pass.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -161,15 +161,7 @@ class Scorer:
             return False
         self.outbox.wake_soon()
         queued_sr = time.perf_counter()
-        for kind in later:
-            try:
-                data = futures[kind].result()
-            except Exception:
-                log.exception("study %d: the %s could not be built; it is built again in %.0f s", study_id, kind,
-                              self.settings.build_lease_s)
-                continue
-            if self.outbox.complete(reserved[kind], data):
-                self.outbox.wake_soon()
+        self._queue_when_built({futures[kind]: (reserved[kind], study_id, kind) for kind in later})
         log.info("study %d: %s queued for the PACS", study_id, ", ".join(["sr", *later]))
         log.debug("study %d: SR built in %.0f ms and queued in %.0f ms; all queued after %.0f ms", study_id,
                   (built_sr - started) * 1000, (queued_sr - built_sr) * 1000, (time.perf_counter() - started) * 1000)
@@ -178,7 +170,7 @@ class Scorer:
     def rebuild_unbuilt(self) -> int:
         """Build the reserved results whose build lease ran out (the gateway stopped while building them), with
         the SOP Instance UIDs they were given; returns how many were queued."""
-        queued = 0
+        builds = {}
         for item_id, study_id, kind, sop_instance_uid in self.outbox.claim_unbuilt(BATCH):
             with self.factory() as db:
                 study = db.get(Study, study_id) if study_id is not None else None
@@ -190,9 +182,32 @@ class Scorer:
             if kind == "sc" and inputs.heatmap is None:
                 self.outbox.give_up_build(item_id, "the study has no heatmap")
                 continue
-            if self.outbox.complete(item_id, self._build(kind, inputs, sop_instance_uid)):
-                log.info("study %d: %s built again and queued for the PACS", study_id, kind)
-                queued += 1
+            builds[self._builders.submit(self._build, kind, inputs, sop_instance_uid)] = (item_id, study_id, kind)
+        queued = self._queue_when_built(builds)
+        for study_id, kind in queued:
+            log.info("study %d: %s built again and queued for the PACS", study_id, kind)
+        return len(queued)
+
+    def _queue_when_built(self, builds: dict[Future, tuple[int, int, str]]) -> list[tuple[int, str]]:
+        """Queue each reserved result ((item id, study id, kind) by its build) as its build ends; returns (study id,
+        kind) of those queued here. While builds run, their leases are renewed every third of the lease, so that
+        another scorer takes over the builds of a gateway that stopped, never a slow build that still runs."""
+        queued = []
+        running = set(builds)
+        while running:
+            ended, running = wait(running, timeout=self.settings.build_lease_s / 3, return_when=FIRST_COMPLETED)
+            for build in ended:
+                item_id, study_id, kind = builds[build]
+                try:
+                    data = build.result()
+                except Exception:
+                    log.exception("study %d: the %s could not be built; it is built again in %.0f s", study_id, kind,
+                                  self.settings.build_lease_s)
+                    continue
+                if self.outbox.complete(item_id, data):
+                    self.outbox.wake_soon()
+                    queued.append((study_id, kind))
+            self.outbox.renew_build_leases([builds[build][0] for build in running])
         return queued
 
     def _inputs(self, study: Study, extra: dict) -> "_Inputs":

@@ -82,6 +82,45 @@ def test_a_gateway_killed_while_it_builds_the_sc_and_the_pdf_builds_them_after_a
             assert gateway.stop() == 0
 
 
+def test_a_build_slower_than_its_lease_is_not_built_again_while_it_runs(transformer_url, tmp_path):
+    """The SC and the PDF take four build leases to build (a test-only delay): the scorer renews their lease while
+    they are built, so another gateway's claim (an outbox on the same database, in this test) finds nothing to
+    build again the whole time; each result is built once and is in the PACS once."""
+    import time
+
+    from gateway.outbox import Outbox
+    from gateway.settings import GatewaySettings
+    from webapp.db import make_engine, session_factory
+    from webapp.settings import WebSettings
+    from webapp.storage import ImageStore
+
+    home = tmp_path / "gateway-home"
+    lease_s, build_s = 2.0, 8.0
+    with running_orthanc() as pacs:
+        gateway = start_gateway(home, transformer_url, send_to=pacs.dicomweb, build_lease_s=lease_s,
+                                test_build_delay_s=build_s)
+        web = WebSettings(home=home, inference_url=transformer_url)
+        engine = make_engine(web.resolved_database_url())
+        other = Outbox(GatewaySettings(build_lease_s=lease_s), session_factory(engine),
+                       ImageStore(web.resolved_image_store()), web.field_cipher(), sender=None)
+        try:
+            study = _send(gateway, tmp_path, offset=16)
+            pacs.wait_for_classes(study, {SR})
+            claimed, deadline = [], time.monotonic() + build_s + 60
+            while set(pacs.sop_classes(study)) != {SR, SC, PDF} and time.monotonic() < deadline:
+                claimed += other.claim_unbuilt(8)
+                time.sleep(0.25)
+            assert claimed == [], "a build still running was claimed by another gateway"
+            pacs.wait_for_classes(study, {SR, SC, PDF})
+            wait_until(lambda: gateway.metric("pneumoscope_gateway_waiting", queue="to_send") == 0,
+                       what="an empty outbox")
+            assert sorted(pacs.sop_classes(study)) == sorted([SR, SC, PDF]), "each result once"
+            assert "built again" not in gateway.log_text()
+        finally:
+            engine.dispose()
+            assert gateway.stop() == 0
+
+
 @pytest.fixture(scope="module")
 def faulty(tmp_path_factory):
     with running_orthanc() as pacs:
