@@ -99,9 +99,10 @@ class GatewaySettings(BaseSettings):
     service_user: str = Field("pacs-gateway", description="web app user that owns the studies received from the "
                                                           "PACS (made at start when missing; admins see them)")
     worker_poll_s: float = Field(1.0, gt=0, description="how often the workers look for due work when not woken")
-    build_lease_s: float = Field(60.0, gt=0, description="how long the Secondary Capture and the PDF of a film may "
+    build_lease_s: float = Field(15.0, gt=0, description="how long the Secondary Capture and the PDF of a film may "
                                  "stay unbuilt after its SR was queued before they are built again (the gateway "
-                                 "stopped while building them): far above a build's time, well under a second")
+                                 "stopped while building them); the lease is renewed every third of it while a "
+                                 "build runs, so it bounds only the wait after a crash, not a build's time")
     test_build_delay_s: Annotated[float, Cli(env_only=True)] = Field(
         0.0, ge=0, description="TESTS ONLY: the Secondary Capture and the PDF wait this long before they are built "
         "(a test stops the gateway in between); never set it in production")
