@@ -20,8 +20,8 @@ import asyncio
 import logging
 import random
 import secrets
-from datetime import timedelta
 from collections.abc import Collection
+from datetime import timedelta
 from typing import Protocol
 
 from sqlalchemy import func, or_, select, update

@@ -83,7 +83,7 @@ def test_a_gateway_killed_while_it_builds_the_sc_and_the_pdf_builds_them_after_a
 
 
 def test_a_build_slower_than_its_lease_is_not_built_again_while_it_runs(transformer_url, tmp_path):
-    """The SC and the PDF take four build leases to build (a test-only delay): the scorer renews their lease while
+    """The SC and the PDF take three build leases to build (a test-only delay): the scorer renews their lease while
     they are built, so another gateway's claim (an outbox on the same database, in this test) finds nothing to
     build again the whole time; each result is built once and is in the PACS once."""
     import time
@@ -95,7 +95,7 @@ def test_a_build_slower_than_its_lease_is_not_built_again_while_it_runs(transfor
     from webapp.storage import ImageStore
 
     home = tmp_path / "gateway-home"
-    lease_s, build_s = 2.0, 8.0
+    lease_s, build_s = 3.0, 9.0  # renewed every second: a second of slack for a busy machine
     with running_orthanc() as pacs:
         gateway = start_gateway(home, transformer_url, send_to=pacs.dicomweb, build_lease_s=lease_s,
                                 test_build_delay_s=build_s)
