@@ -23,6 +23,7 @@ from datetime import timedelta
 import highdicom as hd
 from pydicom.dataset import Dataset
 from sqlalchemy import or_, select, update
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from gateway import originals
@@ -207,7 +208,12 @@ class Scorer:
                 if self.outbox.complete(item_id, data):
                     self.outbox.wake_soon()
                     queued.append((study_id, kind))
-            self.outbox.renew_build_leases([builds[build][0] for build in running])
+            try:
+                self.outbox.renew_build_leases([builds[build][0] for build in running])
+            except SQLAlchemyError as exc:
+                # the database is out of reach for a moment: the builds go on and are queued when it is back; if a
+                # lease runs out meanwhile, another scorer may build one too, and ``complete`` keeps one copy
+                log.warning("the build leases could not be renewed (%s); the builds go on", type(exc).__name__)
         return queued
 
     def _inputs(self, study: Study, extra: dict) -> "_Inputs":

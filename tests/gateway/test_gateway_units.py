@@ -369,6 +369,50 @@ def test_a_running_build_renews_its_lease_and_leaves_a_queued_or_given_up_result
     assert given_up[0] == "failed" and given_up[1] is None
 
 
+def test_a_build_goes_on_and_is_queued_when_its_lease_cannot_be_renewed_for_a_while(tmp_path, caplog):
+    """The database out of reach while a build runs (its outbox table renamed away under the scorer: every renewal
+    fails for real): the scorer logs it and waits on, and queues the build once the database is back, instead of
+    ending its pass and leaving the result to be built again."""
+    import threading
+    import time
+
+    from sqlalchemy import text
+
+    from gateway.records import OutboxItem
+    from gateway.score import Scorer
+    from webapp.db import transaction
+    from webapp.settings import WebSettings
+    from webapp.storage import ImageStore
+
+    settings = GatewaySettings(build_lease_s=0.3)
+    outbox, factory, _, instance_id, _ = _outbox_with_a_scoring_film(tmp_path, settings)
+    web = WebSettings(home=tmp_path, secret_key="test", inference_url="http://127.0.0.1:9")
+    scorer = Scorer(settings, factory, ImageStore(web.resolved_image_store()), web.field_cipher(), None, outbox,
+                    send=True)
+    reserved = outbox.put(instance_id, "p1", [("sr", "1.2.3.1", b"SR")], [("pdf", "1.2.3.3")])
+    release = threading.Event()
+    build = scorer._builders.submit(lambda: release.wait(30) and b"PDF")
+    queued: list = []
+    waiting = threading.Thread(target=lambda: queued.extend(scorer._queue_when_built(
+        {build: (reserved["pdf"], 1, "pdf")})))
+    with caplog.at_level("WARNING", logger="gateway.score"):
+        with transaction(factory) as db:
+            db.execute(text("ALTER TABLE gateway_outbox RENAME TO gateway_outbox_away"))
+        waiting.start()
+        deadline = time.monotonic() + 10
+        while "could not be renewed" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "could not be renewed (OperationalError)" in caplog.text and waiting.is_alive()
+        with transaction(factory) as db:
+            db.execute(text("ALTER TABLE gateway_outbox_away RENAME TO gateway_outbox"))
+        release.set()
+        waiting.join(10)
+    assert not waiting.is_alive() and queued == [(1, "pdf")]
+    with factory() as db:
+        assert db.get(OutboxItem, reserved["pdf"]).state == "waiting"  # queued, not left to be built again
+    scorer._builders.shutdown()
+
+
 @pytest.mark.parametrize("decision, label, headline", [("REFER", "PNEUMONIA", "Refer: no automated decision"),
                                                        ("REFER", "NORMAL", "Refer: no automated decision"),
                                                        ("PNEUMONIA", "PNEUMONIA", "Pneumonia suspected"),
