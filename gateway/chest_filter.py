@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from model.intended_use import view_position, view_reason
+from model.dicom import header_view
+from model.intended_use import view_reason
 
 SCORED_MODALITIES = ("CR", "DX")
 CHEST_BODY_PARTS = ("", "CHEST")
@@ -30,8 +31,8 @@ def classify(header) -> Verdict:
     body_part = str(header.get("BodyPartExamined", "") or "").strip().upper()
     if body_part not in CHEST_BODY_PARTS:
         return Verdict(False, "body_part", f"body part {body_part[:16]} is not CHEST")
-    # A study's lateral film beside its frontal one: no version reads it (an empty View Position is scored)
-    view = view_position(header.get("ViewPosition"))
+    # A study's lateral film beside its frontal one: no version reads it (a header naming no view is scored)
+    view = header_view(header)
     if view_reason(view) is not None:
         return Verdict(False, "view", f"view {view} is not frontal (PA or AP); acknowledged, not scored")
     try:

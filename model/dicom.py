@@ -13,6 +13,7 @@ The cost is bounded before pixel data is touched:
 
 from __future__ import annotations
 
+import functools
 import io
 
 import numpy as np
@@ -104,28 +105,66 @@ def _read_checked(data: bytes, max_pixels: int, max_bytes: int):
 
 
 def header_facts(data: bytes) -> tuple[float | None, str]:
-    """(Patient's Age (0010,1010) in years, View Position (0018,5101) upper-cased) from the header alone, one read;
-    None / "" where absent or malformed.
+    """(Patient's Age (0010,1010) in years, the film's view as :func:`header_view` reads it) from the header alone,
+    one read; None / "" where absent or malformed.
 
     Read before anything else touches the file (a de-identified copy no longer has the age). Never logged."""
-    from model.intended_use import InvalidAge, parse_age, view_position
+    from model.intended_use import InvalidAge, parse_age
 
     try:
         if transfer_syntax(data) not in ALLOWED_SYNTAXES:
             return None, ""  # the decoder refuses the file with its own message
         ds = pydicom.dcmread(io.BytesIO(data), force=True, stop_before_pixels=True,
-                             specific_tags=["PatientAge", "ViewPosition"])
+                             specific_tags=["PatientAge", "ViewPosition", "ViewCodeSequence"])
     except (InvalidImageError, InvalidDicomError, OSError, ValueError, EOFError, KeyError, IndexError, TypeError):
         return None, ""
     try:
         age = parse_age(str(ds.get("PatientAge", "") or ""))
     except (InvalidAge, ValueError, TypeError):
         age = None
+    return age, header_view(ds)
+
+
+#: View Position terms of the coded views (DICOM CID 4010 "DX View") a chest film may carry; the other concepts of
+#: the group (axial, tangential, cranio-caudal, ...) claim nothing, as an unknown View Position word does.
+CODED_VIEW_TERMS = {"PosteroAnterior": "PA", "AnteroPosterior": "AP", "LeftLateral": "LL", "RightLateral": "RL",
+                    "LateralProjection": "LATERAL", "LateralMedial": "LATERAL", "MedioLateralProjection": "LATERAL"}
+
+
+@functools.cache
+def _coded_views() -> tuple:
+    """(pydicom Code, View Position term) for CID 4010's frontal, lateral and oblique concepts."""
+    from pydicom.sr.codedict import Collection
+
+    views = Collection("CID4010")
+    return (*((getattr(views, name), term) for name, term in CODED_VIEW_TERMS.items()),
+            *((getattr(views, name), "OBLIQUE") for name in views.dir() if "Oblique" in name))
+
+
+def header_view(ds) -> str:
+    """The film's view from a header: View Position (0018,5101) when it is one of the standard's terms; otherwise the
+    first item of View Code Sequence (0054,0220), which modalities write beside or instead of it (SNOMED CT, or the
+    older SNOMED-RT codes, which pydicom's ``Code`` maps), as a View Position term; otherwise View Position as written
+    (empty, or a word that claims nothing)."""
+    from pydicom.sr.coding import Code
+
+    from model.intended_use import FRONTAL_VIEWS, NON_FRONTAL_VIEWS, view_position
+
     try:
-        view = view_position(ds.get("ViewPosition"))
+        written = view_position(ds.get("ViewPosition"))
     except (ValueError, TypeError):
-        view = ""
-    return age, view
+        written = ""
+    if written in FRONTAL_VIEWS or written in NON_FRONTAL_VIEWS:
+        return written
+    try:
+        item = (ds.get("ViewCodeSequence") or [None])[0]
+        if item is None:
+            return written
+        code = Code(str(item.CodeValue).strip(), str(item.CodingSchemeDesignator).strip(),
+                    str(item.get("CodeMeaning", "") or "-"))
+        return next((term for concept, term in _coded_views() if code == concept), written)
+    except (AttributeError, KeyError, IndexError, TypeError, ValueError):
+        return written  # a malformed item claims nothing
 
 
 def declared_pixels(data: bytes) -> int:

@@ -100,7 +100,7 @@ def view_reason(value) -> Reason | None:
     view = view_position(value)
     if view in FRONTAL_VIEWS or view not in NON_FRONTAL_VIEWS:
         return None
-    return Reason("view_not_frontal", f"The film's DICOM header gives its view as {view} (View Position): the model "
+    return Reason("view_not_frontal", f"The film's DICOM header gives its view as {view}: the model "
                   "reads upright frontal chest films (PA or AP) only, so its result is not reliable here. Read the "
                   "frontal film of the study.")
 

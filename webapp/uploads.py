@@ -201,14 +201,14 @@ def _check_dicom(data: bytes, deidentify: bool) -> CheckedUpload:
 def dicom_identity(dataset) -> dict:
     """The report's identifying fields from a DICOM header (before de-identification); absent ones are left out.
     The clinical question is the request's reason (0040,1002), directly or in the Request Attributes Sequence."""
-    from model.intended_use import view_position
+    from model.dicom import header_view
     from webapp.models import VIEWS
 
     def text(value) -> str:
         return " ".join(str(value or "").split())
 
     identity = {"patient_ref": text(dataset.get("PatientID")), "accession": text(dataset.get("AccessionNumber")),
-                "view": view_position(dataset.get("ViewPosition")),
+                "view": header_view(dataset),
                 "clinical_question": text(dataset.get("ReasonForTheRequestedProcedure"))}
     if not identity["clinical_question"]:
         for item in dataset.get("RequestAttributesSequence") or []:

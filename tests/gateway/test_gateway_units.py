@@ -59,10 +59,16 @@ def test_destinations_are_dicomweb_urls_or_dicom_nodes():
     ({"Modality": "DX", "BodyPartExamined": "CHEST", "ViewPosition": "RLD"}, False, "view"),
     ({"Modality": "CR", "ViewPosition": "LATERAL"}, False, "view"),
     ({"Modality": "DX", "ViewPosition": "XYZ"}, True, ""),  # not a term of the standard: nothing claimed
+    ({"Modality": "DX", "ViewCodeSequence": ("399173006", "SCT")}, False, "view"),  # coded left lateral
+    ({"Modality": "DX", "ViewPosition": "", "ViewCodeSequence": ("R-10206", "SRT")}, True, ""),  # coded frontal
 ])
 def test_only_single_frame_frontal_chest_cr_and_dx_are_scored(tags, score, reason):
     header = Dataset()
     for key, value in tags.items():
+        if key == "ViewCodeSequence":
+            item = Dataset()
+            item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = (*value, "a view")
+            value = [item]
         setattr(header, key, value)
     verdict = chest_filter.classify(header)
     assert (verdict.score, verdict.reason) == (score, reason)

@@ -6,7 +6,7 @@ import io
 
 import numpy as np
 import pytest
-from pydicom.dataset import FileDataset, FileMetaDataset
+from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from model.data import SplitFractions, prepare
@@ -142,3 +142,50 @@ def test_the_header_gives_the_age_and_the_view_in_one_read():
     # a malformed age loses the age only; the view is still read
     assert header_facts(make_dicom(pixels, PatientAge="old", ViewPosition="PA")) == (None, "PA")
     assert header_facts(b"\xff\xd8\xff not a DICOM file") == (None, "")
+    # a modality that codes the view instead of writing View Position
+    assert header_facts(make_dicom(pixels, PatientAge="045Y", ViewCodeSequence=[coded_view("399198007", "SCT")])) \
+        == (45.0, "RL")
+
+
+def coded_view(value: str, scheme: str, meaning: str = "a view") -> Dataset:
+    """One item of View Code Sequence (0054,0220)."""
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, scheme, meaning
+    return item
+
+
+@pytest.mark.parametrize("written, coded, view", [
+    ("PA", None, "PA"),
+    ("ll ", None, "LL"),
+    (None, ("399198007", "SCT"), "RL"),  # right lateral, SNOMED CT
+    ("", ("R-10236", "SRT"), "LL"),  # left lateral in the older SNOMED-RT code
+    ("", ("399348003", "SCT"), "AP"),
+    ("", ("272479007", "SCT"), "PA"),
+    ("", ("399038007", "SCT"), "OBLIQUE"),  # right posterior oblique
+    ("FOO", ("399067008", "SCT"), "LATERAL"),  # a word the standard does not define gives way to the code
+    ("PA", ("399198007", "SCT"), "PA"),  # View Position, when it is a term, is what the modality stated first
+    ("", ("399033003", "SCT"), ""),  # "frontal", neither PA nor AP: claims nothing, as an empty View Position
+    ("", ("12345", "99LOCAL"), ""),  # a local code claims nothing
+    ("XYZ", None, "XYZ"),  # kept as written: an unknown word claims nothing downstream
+    (None, None, ""),
+])
+def test_the_view_is_view_position_or_else_the_coded_view(written, coded, view):
+    from model.dicom import header_view
+
+    header = Dataset()
+    if written is not None:
+        header.ViewPosition = written
+    if coded is not None:
+        header.ViewCodeSequence = [coded_view(*coded)]
+    assert header_view(header) == view
+
+
+def test_a_malformed_view_code_claims_nothing():
+    from model.dicom import header_view
+
+    empty_item = Dataset()
+    header = Dataset()
+    header.ViewCodeSequence = [empty_item]
+    assert header_view(header) == ""
+    header.ViewCodeSequence = [coded_view("", "", "")]
+    assert header_view(header) == ""

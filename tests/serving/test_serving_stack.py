@@ -533,19 +533,26 @@ def test_a_patient_over_the_age_limit_is_referred_on_every_protocol(served, imag
 
 
 def test_a_lateral_film_is_referred_whatever_the_version_decided(served, images, within):
-    """A DICOM whose View Position names a lateral or decubitus view: REFER, outside the intended use, reason
-    view_not_frontal added by the transformer; the version's probability and its other reasons are kept. PA, an
-    empty view and a JPEG are answered as before."""
+    """A DICOM whose View Position names a lateral or decubitus view, or whose View Code Sequence codes a lateral
+    one: REFER, outside the intended use, reason view_not_frontal added by the transformer; the version's
+    probability and its other reasons are kept. PA, an empty view and a JPEG are answered as before."""
+    from pydicom.dataset import Dataset
+
     film = images[-1]
     lateral, decubitus, frontal, unstated = (dicom_with_age(film, None, ViewPosition=view)
                                              for view in ("LL", "RLD", "PA", ""))
+    right_lateral = Dataset()
+    right_lateral.CodeValue, right_lateral.CodingSchemeDesignator, right_lateral.CodeMeaning = \
+        "399198007", "SCT", "right lateral"
+    coded = dicom_with_age(film, None, ViewCodeSequence=[right_lateral])
     counted = _metric(httpx.get(f"{served.rest}/metrics").text, "pneumoscope_refer_reasons_total",
                       reason="view_not_frontal")
-    batch = [lateral, decubitus, frontal, unstated, film]
+    batch = [lateral, decubitus, frontal, unstated, film, coded]
     answers = v1(served, None, instances=[{"image": {"b64": b64(x)}} for x in batch]).json()["predictions"]
     plain = answers[3]  # the same DICOM without a view
     assert "view_not_frontal" not in json.dumps(answers[4]["refer_reasons"])  # a JPEG says nothing of its view
-    for answer in answers[:2]:
+    assert "as RL:" in answers[5]["refer_reasons"][-1]["text"]  # the coded view, named as View Position would
+    for answer in [*answers[:2], answers[5]]:
         assert answer["decision"] == "REFER" and answer["in_intended_use"] is False, answer
         codes = [r["code"] for r in answer["refer_reasons"]]
         assert codes == [r["code"] for r in plain["refer_reasons"]] + ["view_not_frontal"], codes
@@ -558,7 +565,7 @@ def test_a_lateral_film_is_referred_whatever_the_version_decided(served, images,
     assert "view_not_frontal" in v2["refer_reasons"]["data"][0]
     assert "view_not_frontal" not in v2["refer_reasons"]["data"][1]
     assert _metric(httpx.get(f"{served.rest}/metrics").text, "pneumoscope_refer_reasons_total",
-                   reason="view_not_frontal") == counted + 3
+                   reason="view_not_frontal") == counted + 4
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -341,6 +341,27 @@ def test_a_dicom_headers_non_frontal_view_is_kept_and_shown_as_not_frontal(readi
     assert 'value="LL"' not in frontal_form  # a doctor sets PA, AP or unknown by hand
 
 
+def test_a_coded_lateral_view_is_kept_and_referred_as_a_written_one(reading):
+    """A modality that codes the view (View Code Sequence, here the older SNOMED-RT code of "left lateral") and
+    leaves View Position empty: the study's view is LL, and the film is referred as not frontal: the coded view
+    survives the de-identification that the serving stack's copy goes through."""
+    import pydicom
+    from pydicom.dataset import Dataset
+
+    source = full_res_xrays(1, offset=39)[0]
+    dataset = pydicom.dcmread(io.BytesIO(dicom_16bit(source, view="")))
+    left_lateral = Dataset()
+    left_lateral.CodeValue, left_lateral.CodingSchemeDesignator, left_lateral.CodeMeaning = \
+        "R-10236", "SRT", "left lateral"
+    dataset.ViewCodeSequence = [left_lateral]
+    coded = io.BytesIO()
+    dataset.save_as(coded, enforce_file_format=True)
+    study = upload(reading, "alice", source, content=coded.getvalue(), mime="application/dicom")
+    assert study["patient"]["view"] == "LL"
+    assert study["result"]["decision"] == "REFER"
+    assert "view_not_frontal" in [reason["code"] for reason in study["result"]["refer_reasons"]]
+
+
 def test_the_api_takes_the_standards_non_frontal_views_and_refuses_other_words(reading):
     study = upload(reading, "alice", full_res_xrays(1, offset=38)[0], {"view": "RLD"})
     assert study["patient"]["view"] == "RLD"
