@@ -150,10 +150,7 @@ def header_view(ds) -> str:
 
     from model.intended_use import FRONTAL_VIEWS, NON_FRONTAL_VIEWS, view_position
 
-    try:
-        written = view_position(ds.get("ViewPosition"))
-    except (ValueError, TypeError):
-        written = ""
+    written = view_position(ds.get("ViewPosition"))
     if written in FRONTAL_VIEWS or written in NON_FRONTAL_VIEWS:
         return written
     try:

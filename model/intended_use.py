@@ -14,9 +14,10 @@ REFER, with one reason per cause (code + a sentence a clinician can read):
   the version's limit;
 - ``intended_use_unknown``: the version was exported before the detector existed, so nothing can vouch for it;
 - ``view_not_frontal``: the film's DICOM header names a lateral, decubitus or oblique view (View Position,
-  0018,5101). Every version reads upright frontal films (PA or AP), so the transformer says it
-  (:func:`view_reason`), whatever version answered. Without the attribute (a JPEG, a header that leaves it empty)
-  nothing is claimed: no image check tells a lateral film from a frontal one, and the detector is the safety net.
+  0018,5101, or the coded view of View Code Sequence: ``model.dicom.header_view``). Every version reads upright
+  frontal films (PA or AP), so the transformer says it (:func:`view_reason`), whatever version answered. Without
+  either (a JPEG, a header that names no view) nothing is claimed: no image check tells a lateral film from a
+  frontal one, and the detector is the safety net.
 
 ``in_intended_use`` is false for all but ``uncertain``; ``label`` (PNEUMONIA/NORMAL at the threshold) never changes.
 
@@ -95,8 +96,9 @@ def view_position(value) -> str:
 
 
 def view_reason(value) -> Reason | None:
-    """The ``view_not_frontal`` reason when the View Position ``value`` names a view no version reads; None for
-    PA, AP, an empty value, or one that is not a known term (then nothing is claimed)."""
+    """The ``view_not_frontal`` reason when the view ``value`` (a View Position term, as ``model.dicom.header_view``
+    reads it) names a view no version reads; None for PA, AP, an empty value, or one that is not a known term (then
+    nothing is claimed)."""
     view = view_position(value)
     if view in FRONTAL_VIEWS or view not in NON_FRONTAL_VIEWS:
         return None

@@ -73,7 +73,7 @@ class PreparedImage:
     source_format: str
     original_size: tuple[int, int]
     age_years: float | None = None  # DICOM Patient's Age, read before anything else; never logged
-    view_position: str = ""  # DICOM View Position (PA, AP, LL, ...), "" where the file does not say
+    view_position: str = ""  # the DICOM header's view as a View Position term (PA, AP, LL, ...), "" if it names none
 
 
 def check_xray(image: DecodedImage, settings: ServingSettings, where: str) -> None:

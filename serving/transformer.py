@@ -20,10 +20,11 @@ The patient's age: a DICOM file's Patient's Age (0010,1010), read from the heade
 the request parameter ``patient_age`` (years, or a DICOM age string like ``045Y``; v1: ``parameters`` or per
 instance), which wins. It travels to the predictor, whose version applies its own age limit; it is never logged.
 
-The view: a DICOM file whose View Position (0018,5101) names a lateral, decubitus or oblique view is answered
-REFER, ``in_intended_use`` false, with the reason ``view_not_frontal`` added here, whatever version answered (every
-version reads frontal films only); the probability is still the version's. A file without the attribute, and
-every JPEG or PNG, is taken as the frontal film the caller sends.
+The view: a DICOM file whose View Position (0018,5101), or else its View Code Sequence, names a lateral, decubitus
+or oblique view (``model.dicom.header_view``) is answered REFER, ``in_intended_use`` false, with the reason
+``view_not_frontal`` added here, whatever version answered (every version reads frontal films only); the
+probability is still the version's. A file that names no view, and every JPEG or PNG, is taken as the frontal film
+the caller sends.
 
 ``intended_use`` and ``model_sha256`` (the served bundle's digest, when the predictor names it) are response
 parameters (v1: fields of the response and of each prediction respectively).

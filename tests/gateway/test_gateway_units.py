@@ -7,6 +7,7 @@ import io
 import tomllib
 from datetime import datetime, timezone
 
+import highdicom as hd
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
@@ -66,9 +67,7 @@ def test_only_single_frame_frontal_chest_cr_and_dx_are_scored(tags, score, reaso
     header = Dataset()
     for key, value in tags.items():
         if key == "ViewCodeSequence":
-            item = Dataset()
-            item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = (*value, "a view")
-            value = [item]
+            value = [hd.sr.CodedConcept(*value, "a view")]
         setattr(header, key, value)
     verdict = chest_filter.classify(header)
     assert (verdict.score, verdict.reason) == (score, reason)

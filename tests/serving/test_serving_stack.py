@@ -536,14 +536,12 @@ def test_a_lateral_film_is_referred_whatever_the_version_decided(served, images,
     """A DICOM whose View Position names a lateral or decubitus view, or whose View Code Sequence codes a lateral
     one: REFER, outside the intended use, reason view_not_frontal added by the transformer; the version's
     probability and its other reasons are kept. PA, an empty view and a JPEG are answered as before."""
-    from pydicom.dataset import Dataset
+    import highdicom as hd
 
     film = images[-1]
     lateral, decubitus, frontal, unstated = (dicom_with_age(film, None, ViewPosition=view)
                                              for view in ("LL", "RLD", "PA", ""))
-    right_lateral = Dataset()
-    right_lateral.CodeValue, right_lateral.CodingSchemeDesignator, right_lateral.CodeMeaning = \
-        "399198007", "SCT", "right lateral"
+    right_lateral = hd.sr.CodedConcept("399198007", "SCT", "right lateral")
     coded = dicom_with_age(film, None, ViewCodeSequence=[right_lateral])
     counted = _metric(httpx.get(f"{served.rest}/metrics").text, "pneumoscope_refer_reasons_total",
                       reason="view_not_frontal")

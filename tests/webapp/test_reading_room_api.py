@@ -345,15 +345,12 @@ def test_a_coded_lateral_view_is_kept_and_referred_as_a_written_one(reading):
     """A modality that codes the view (View Code Sequence, here the older SNOMED-RT code of "left lateral") and
     leaves View Position empty: the study's view is LL, and the film is referred as not frontal: the coded view
     survives the de-identification that the serving stack's copy goes through."""
+    import highdicom as hd
     import pydicom
-    from pydicom.dataset import Dataset
 
     source = full_res_xrays(1, offset=39)[0]
     dataset = pydicom.dcmread(io.BytesIO(dicom_16bit(source, view="")))
-    left_lateral = Dataset()
-    left_lateral.CodeValue, left_lateral.CodingSchemeDesignator, left_lateral.CodeMeaning = \
-        "R-10236", "SRT", "left lateral"
-    dataset.ViewCodeSequence = [left_lateral]
+    dataset.ViewCodeSequence = [hd.sr.CodedConcept("R-10236", "SRT", "left lateral")]
     coded = io.BytesIO()
     dataset.save_as(coded, enforce_file_format=True)
     study = upload(reading, "alice", source, content=coded.getvalue(), mime="application/dicom")
